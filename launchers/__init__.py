@@ -1,0 +1,1 @@
+"""The singa-launch command."""

@@ -1,0 +1,5 @@
+"""SINGA's layers as torch.autograd Functions and drop-in nn.Modules: Triton kernels on CUDA tensors, the
+same math in torch ops on CPU tensors. Each module takes its torch.nn counterpart's arguments and has the
+same state_dict keys."""
+from .convert import convert, register_conversion
+from .dispatch import use_triton

@@ -1,0 +1,38 @@
+"""Which implementation a native layer runs: Triton kernels for CUDA tensors, torch ops for CPU tensors.
+
+SINGA_FORCE_TRITON=1 sends CPU tensors through the Triton kernels too (in Triton's interpreter), which is
+how the kernels are tested on machines without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton_kernels")
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def force_triton() -> bool:
+    return os.environ.get("SINGA_FORCE_TRITON") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the layer should run its Triton kernels on `x`."""
+    if x.is_cuda:
+        return triton_available()
+    return force_triton() and triton_available()
+
+
+def kernels(name: str):
+    """The kernel module `triton_kernels.<name>`, imported on first use (triton is optional on CPU hosts)."""
+    return importlib.import_module(f"triton_kernels.{name}")

@@ -1,0 +1,47 @@
+"""The contract between DistributedOptimizer and a training framework."""
+from __future__ import annotations
+
+import torch
+
+
+class Strategy:
+    """How one framework synchronises training. DistributedOptimizer calls, in this order:
+
+    1. `setup(optimizer, named_parameters, backward_passes_per_step=..., compression=..., op=...)` once;
+    2. `grad_ready(name, param)` from a hook each time a parameter's `.grad` has been accumulated in a
+       backward pass (communication may start here, overlapping the rest of the backward);
+    3. `synchronize()` when the user asks for the synchronised gradients (e.g. to clip them), and
+    4. `step(closure, local_step)` for every optimizer step: `local_step(closure)` runs the wrapped
+       torch optimizer's own update on this process; a parameter-server strategy sends the gradients to
+       the servers and pulls the new values instead.
+    `state_dict()`/`load_state_dict()` carry the strategy's own state (the servers' parameters and
+    optimizer state for a parameter-server strategy) for checkpoints; `close()` releases resources.
+    """
+
+    name = "base"
+
+    def setup(self, optimizer: torch.optim.Optimizer, named_parameters: list[tuple[str, torch.nn.Parameter]],
+              *, backward_passes_per_step: int = 1, compression=None, op=None) -> None:
+        raise NotImplementedError
+
+    def grad_ready(self, name: str, param: torch.nn.Parameter) -> None:
+        """Called after `param.grad` was accumulated in a backward pass. Default: nothing to start early."""
+
+    def synchronize(self) -> None:
+        raise NotImplementedError
+
+    def step(self, closure, local_step):
+        raise NotImplementedError
+
+    def zero_grad_done(self) -> None:
+        """Called after the optimizer's zero_grad()."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"the {self.name} strategy keeps no state, got keys {sorted(state)}")
+
+    def close(self) -> None:
+        """Release communication resources; called by singa_dist.shutdown()."""
