@@ -13,3 +13,5 @@ from .topology import ClusterTopology, ProcessRole, TopologyError
 from .strategies import Strategy
 
 __version__ = "0.1.0"
+from .collectives import Average, ReduceOp, Sum
+from .optimizer import DistributedOptimizer

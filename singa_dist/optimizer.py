@@ -1,0 +1,130 @@
+"""DistributedOptimizer: wraps any torch.optim optimizer so that its steps follow a SINGA training framework.
+
+The wrapper is the user's own optimizer object, re-classed to a subclass of its class (so `isinstance`,
+learning-rate schedulers and `param_groups` keep working) whose gradient hooks hand each gradient to the
+strategy as soon as backward has accumulated it, and whose `step()` lets the strategy finish.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import strategies
+from .collectives import Average
+
+
+class _DistributedOptimizer:
+    """Mixed in front of the user's optimizer class by DistributedOptimizer()."""
+
+    def _singa_setup(self, named_parameters, strategy, compression, backward_passes_per_step, op):
+        if backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be at least 1, got {backward_passes_per_step}")
+        named = _named_parameters(self, named_parameters)
+        self._singa_strategy = strategies.make(strategy)
+        self._singa_named = named
+        self._singa_skip_sync = False
+        self._singa_strategy.setup(self, named, backward_passes_per_step=backward_passes_per_step,
+                                   compression=compression, op=op)
+        self._singa_hooks = []
+        for name, p in named:
+            if p.requires_grad:
+                self._singa_hooks.append(p.register_post_accumulate_grad_hook(
+                    lambda param, name=name: self._singa_strategy.grad_ready(name, param)))
+
+    @property
+    def strategy(self) -> strategies.Strategy:
+        return self._singa_strategy
+
+    def synchronize(self) -> None:
+        """Wait for the gradients' communication; afterwards `.grad` holds the synchronised gradients."""
+        self._singa_strategy.synchronize()
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """Inside this block step() does not synchronise again (call synchronize() before it yourself)."""
+        self._singa_skip_sync = True
+        try:
+            yield
+        finally:
+            self._singa_skip_sync = False
+
+    def step(self, closure=None):
+        parent = super(_DistributedOptimizer, self)
+
+        def local_step(closure=None):
+            return parent.step(closure)
+
+        return self._singa_strategy.step(closure, local_step)
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none=set_to_none)
+        self._singa_strategy.zero_grad_done()
+
+    def state_dict(self):
+        state = super().state_dict()
+        extra = self._singa_strategy.state_dict()
+        if extra:
+            state["singa_strategy"] = extra
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("singa_strategy", {})
+        super().load_state_dict(state_dict)
+        self._singa_strategy.load_state_dict(extra)
+
+    def remove_hooks(self) -> None:
+        for hook in self._singa_hooks:
+            hook.remove()
+        self._singa_hooks = []
+
+
+def _named_parameters(optimizer: torch.optim.Optimizer, named_parameters) -> list[tuple[str, torch.nn.Parameter]]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if named_parameters is None:
+        return [(f"param.{i}", p) for i, p in enumerate(params)]
+    named = list(named_parameters)
+    names = [n for n, _ in named]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"named_parameters has duplicate names: {', '.join(dup)}")
+    given = {id(p) for _, p in named}
+    unnamed = [i for i, p in enumerate(params) if id(p) not in given]
+    if unnamed:
+        raise ValueError(
+            f"named_parameters does not name {len(unnamed)} of the optimizer's parameters (indices {unnamed[:5]}): "
+            "pass model.named_parameters() for the model the optimizer updates")
+    in_opt = {id(p) for p in params}
+    # Keep the optimizer's own order: every rank then walks its parameters identically.
+    by_id = {id(p): n for n, p in named if id(p) in in_opt}
+    return [(by_id[id(p)], p) for p in params]
+
+
+_classes: dict[type, type] = {}
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, strategy=None,
+                         compression=None, backward_passes_per_step: int = 1, op=Average):
+    """Make `optimizer` distributed; returns the same object, now an instance of a subclass of its class.
+
+    strategy: "allreduce", "sandblaster", "downpour", "hogwild", "hybrid", a Strategy object
+              (e.g. sd.AllReduce(bucket_mb=8)), or None for the strategy the launcher was given.
+    compression: gradient compression for strategies that communicate gradients (sd.Compression.*).
+    backward_passes_per_step: gradients are accumulated locally over this many backward passes and
+              communicated once.
+    op: sd.Average (default) or sd.Sum over the workers' gradients.
+    """
+    if isinstance(optimizer, _DistributedOptimizer):
+        raise ValueError("this optimizer is already a DistributedOptimizer")
+    base = type(optimizer)
+    cls = _classes.get(base)
+    if cls is None:
+        cls = _classes[base] = type(base.__name__, (_DistributedOptimizer, base), {"__doc__": base.__doc__})
+    optimizer.__class__ = cls
+    try:
+        optimizer._singa_setup(named_parameters, strategy, compression, backward_passes_per_step, op)
+    except BaseException:
+        optimizer.__class__ = base
+        raise
+    return optimizer
