@@ -1,0 +1,92 @@
+"""Forward and backward time, and peak memory, of each native layer against the torch eager layer.
+
+    python -m benchmarks.layers [--small] [--only NAME] [--dtype float32]
+
+Cases come from the `cases()` functions of benchmarks/layer_cases_*.py; each returns LayerCase objects.
+Prints a ratio table (torch time / native time: above 1 means the native layer is faster) and appends the
+rows to benchmarks/results/layers.csv with the device and versions. Without a GPU it runs the CPU paths
+at small sizes (a smoke run, not a performance figure).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchmarks.common import peak_memory_mb, print_table, time_ms, write_csv
+
+
+@dataclass
+class LayerCase:
+    layer: str  # e.g. "Linear"
+    shape: str  # e.g. "256x4096->4096"
+    make_native: Callable[[], torch.nn.Module]
+    make_torch: Callable[[], torch.nn.Module]
+    make_inputs: Callable[[], tuple]  # fresh inputs; tensors that need gradients have requires_grad set
+    # Reduces the layer's output to the tensor that backward starts from (default: output.sum()).
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Bytes a memory-bound forward must move at least (inputs read once, outputs written once); 0 if not.
+    min_bytes_forward: int = 0
+
+
+def _measure(module: torch.nn.Module, case: LayerCase) -> dict:
+    """Forward (as in training, building the graph), backward alone, and peak memory of both."""
+    inputs = case.make_inputs()
+    reduce = case.reduce or (lambda out: out.sum())
+    loss = reduce(module(*inputs))
+    fwd = time_ms(lambda: module(*inputs))
+    bwd = time_ms(lambda: loss.backward(retain_graph=True))
+    mem = peak_memory_mb(lambda: reduce(module(*case.make_inputs())).backward())
+    return {"forward_ms": fwd, "backward_ms": bwd, "peak_mb": mem}
+
+
+def discover_cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[LayerCase]:
+    cases = []
+    here = Path(__file__).resolve().parent
+    for info in sorted(pkgutil.iter_modules([str(here)]), key=lambda m: m.name):
+        if info.name.startswith("layer_cases_"):
+            module = importlib.import_module(f"benchmarks.{info.name}")
+            cases.extend(module.cases(device, dtype, small))
+    return cases
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="small sizes (default without a GPU)")
+    parser.add_argument("--only", help="run only the layers whose name contains this")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    small = args.small or device.type == "cpu"
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for case in discover_cases(device, dtype, small):
+        if args.only and args.only.lower() not in case.layer.lower():
+            continue
+        native = _measure(case.make_native(), case)
+        ref = _measure(case.make_torch(), case)
+        row = {"layer": case.layer, "shape": case.shape, "dtype": args.dtype,
+               "native_fwd_ms": native["forward_ms"], "torch_fwd_ms": ref["forward_ms"],
+               "fwd_speedup": ref["forward_ms"] / native["forward_ms"],
+               "native_bwd_ms": native["backward_ms"], "torch_bwd_ms": ref["backward_ms"],
+               "bwd_speedup": ref["backward_ms"] / native["backward_ms"],
+               "native_peak_mb": native["peak_mb"], "torch_peak_mb": ref["peak_mb"]}
+        if case.min_bytes_forward and device.type == "cuda":
+            row["fwd_GBps"] = case.min_bytes_forward / native["forward_ms"] / 1e6
+        rows.append(row)
+        print_table([row], list(row))
+    if not rows:
+        raise SystemExit("no benchmark cases found")
+    print()
+    print_table(rows, ["layer", "shape", "dtype", "fwd_speedup", "bwd_speedup", "native_peak_mb", "torch_peak_mb"])
+    path = write_csv("layers", rows)
+    print(f"results appended to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+
+
+if __name__ == "__main__":
+    main()
