@@ -27,3 +27,12 @@ def shard(x: torch.Tensor, y: torch.Tensor, rank: int, size: int):
     """This rank's share of a dataset: every size-th sample starting at rank (equal shares, remainder dropped)."""
     n = (len(x) // size) * size
     return x[rank:n:size], y[rank:n:size]
+
+
+def text_corpus() -> str:
+    """About 43 kB of English prose: the dataset descriptions that ship with scikit-learn."""
+    from importlib import resources
+
+    folder = resources.files("sklearn.datasets") / "descr"
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".rst"))
+    return "\n".join((folder / name).read_text(encoding="utf-8") for name in names)
