@@ -68,7 +68,7 @@ def main(argv=None) -> float:
 
     h = None
     for step in range(args.steps):
-        pos = (starts + step * args.unroll) % (stride - args.unroll - 1) + (starts // stride) * stride
+        pos = starts + (step * args.unroll) % (stride - args.unroll - 1)  # wraps inside each stream's stretch
         idx = pos[:, None] + torch.arange(args.unroll + 1)
         window = train[idx]
         logits, h = model(window[:, :-1], h)
