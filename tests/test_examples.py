@@ -1,0 +1,50 @@
+"""The main job and the model zoo, run as a user runs them: through singa-launch, on real data."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist_harness import run_command
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = [sys.executable, "-m", "launchers.launch"]
+
+
+def _accuracy(output: str) -> float:
+    found = re.findall(r"test accuracy: ([0-9.]+)", output)
+    assert found, f"no accuracy line in the output:\n{output}"
+    return float(found[-1])
+
+
+def test_main_job_reaches_095_with_two_processes():
+    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_mlp.py", "--quiet"],
+                         timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[0] workers=2 strategy=allreduce" in result.stdout
+    assert _accuracy(result.stdout) >= 0.95
+
+
+def test_main_job_progress_bar_only_on_rank_0():
+    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_mlp.py", "--epochs", "2"],
+                         timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout + result.stderr
+    assert re.search(r"\[0\].*train:.*step", text), text
+    assert not re.search(r"\[1\].*train:", text), text
+
+
+def test_rbm_pretraining_then_finetuning():
+    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_rbm.py", "--epochs", "10",
+                                   "--finetune-epochs", "15"], timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _accuracy(result.stdout) >= 0.93
+
+
+def test_char_rnn_learns_the_text():
+    result = run_command([sys.executable, "examples/char_rnn.py", "--steps", "150", "--hidden", "64"],
+                         timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    bits = float(re.findall(r"held-out bits per character: ([0-9.]+)", result.stdout)[-1])
+    # A uniform guess over the text's ~80 symbols costs about 6.3 bits per character.
+    assert bits < 3.6, result.stdout
