@@ -112,6 +112,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, acti
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"conv2d: expected input with {weight.shape[1] * groups} channels (weight "
                          f"{tuple(weight.shape)}, groups={groups}), got input of shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"conv2d: input ({x.dtype}), weight ({weight.dtype}) and bias "
+                        f"({None if bias is None else bias.dtype}) must have the same dtype")
     stride, dilation = _pair(stride), _pair(dilation)
     pads = _paddings(padding, weight.shape[2:], stride, dilation)
     return Conv2dFunction.apply(x, weight, bias, stride, pads, dilation, groups, activation == "relu")

@@ -1,0 +1,179 @@
+"""Conv2d: Triton kernels (interpreter on CPU, or a GPU) against float64 torch, forward and every gradient."""
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import native_layers
+from native_layers import Conv2d, conv2d
+from native_layers.conv import Conv2dFunction
+
+
+def _grads_match(native_fn, ref_fn, tensors, grad_out=None, atol=2e-4, rtol=2e-4):
+    """Run native_fn on `tensors` (None allowed) and ref_fn on float64 copies; compare outputs and gradients."""
+    ins = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    refs = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    y = native_fn(*ins)
+    y_ref = ref_fn(*refs)
+    assert y.shape == y_ref.shape and y.dtype == tensors[0].dtype
+    torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
+    if grad_out is None:
+        grad_out = torch.randn(y_ref.shape, dtype=torch.float64, device=y_ref.device)
+    y.backward(grad_out.to(y.dtype))
+    y_ref.backward(grad_out)
+    for i, (t, r) in enumerate(zip(ins, refs)):
+        if t is not None:
+            torch.testing.assert_close(t.grad.double(), r.grad, atol=atol, rtol=rtol, msg=f"gradient of input {i}")
+
+
+# (kernel, stride, padding, dilation, groups, bias): a sweep over what torch accepts.
+SWEEP = [
+    ((3, 3), 1, 0, 1, 1, True),
+    ((3, 3), 1, 1, 1, 1, False),
+    ((3, 3), 2, 1, 1, 1, True),
+    ((3, 2), (2, 1), (1, 0), (1, 2), 1, True),
+    ((1, 1), 1, 0, 1, 1, True),
+    ((3, 3), 1, 2, 2, 1, True),
+    ((3, 3), (1, 2), (2, 1), (2, 1), 2, True),
+    ((2, 3), 3, 1, 1, 3, False),
+    ((3, 3), 1, 1, 1, 6, True),  # depthwise
+    ((3, 3), 1, "same", 1, 2, True),
+    ((2, 2), 1, "same", (2, 1), 1, True),  # asymmetric 'same'
+    ((3, 3), 2, "valid", 1, 1, True),
+    ((5, 5), 1, 2, 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SWEEP)))
+def test_conv2d_sweep(kernel_device, case):
+    kernel, stride, padding, dilation, groups, bias = SWEEP[case]
+    rng = random.Random(case)
+    torch.manual_seed(case)
+    h, w = rng.choice([5, 7, 9]), rng.choice([5, 7])
+    cin, cout = 6, {1: 5, 2: 4, 3: 6, 6: 6}[groups]
+    x = torch.randn(2, cin, h, w, device=kernel_device)
+    weight = torch.randn(cout, cin // groups, *kernel, device=kernel_device)
+    b = torch.randn(cout, device=kernel_device) if bias else None
+    args = (stride, padding, dilation, groups)
+    _grads_match(lambda x, w, b: conv2d(x, w, b, *args), lambda x, w, b: F.conv2d(x, w, b, *args), [x, weight, b])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv2d_fused_relu(kernel_device, groups):
+    x = torch.randn(2, 4, 7, 5, device=kernel_device)
+    weight = torch.randn(6, 4 // groups, 3, 3, device=kernel_device)
+    b = torch.randn(6, device=kernel_device)
+    _grads_match(lambda x, w, b: conv2d(x, w, b, 2, 1, 1, groups, activation="relu"),
+                 lambda x, w, b: F.relu(F.conv2d(x, w, b, 2, 1, 1, groups)), [x, weight, b])
+
+
+def test_conv2d_non_contiguous(kernel_device):
+    # A strided slice, a permuted weight and a channels-last input: kernels read them through their strides.
+    base = torch.randn(2, 8, 9, 15, device=kernel_device)
+    x = base[:, ::2, 1:, ::2]
+    weight = torch.randn(3, 3, 4, 5, device=kernel_device).permute(3, 2, 0, 1)
+    b = torch.randn(10, device=kernel_device)[::2]  # 5 output channels
+    grad_out = torch.randn(2, 5, 4, 4, dtype=torch.float64, device=kernel_device).transpose(2, 3)
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    _grads_match(lambda x, w, b: conv2d(x, w, b, 2, 1), lambda x, w, b: F.conv2d(x, w, b, 2, 1), [x, weight, b],
+                 grad_out=grad_out)
+    xl = torch.randn(2, 4, 5, 7, device=kernel_device).to(memory_format=torch.channels_last)
+    weight = torch.randn(3, 4, 3, 3, device=kernel_device)
+    _grads_match(lambda x, w: conv2d(x, w, padding=1), lambda x, w: F.conv2d(x, w, padding=1), [xl, weight])
+
+
+def test_conv2d_module_drop_in(kernel_device):
+    torch.manual_seed(0)
+    for mode in ["zeros", "reflect", "circular", "replicate"]:
+        ref = nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(1, 1), padding_mode=mode).to(kernel_device)
+        native = Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(1, 1), padding_mode=mode).to(kernel_device)
+        assert list(native.state_dict()) == list(ref.state_dict())
+        native.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 3, 5, 7, device=kernel_device)
+        torch.testing.assert_close(native(x), ref(x), atol=1e-5, rtol=1e-5)
+    # Unbatched input, as torch.nn.Conv2d takes it.
+    x = torch.randn(3, 5, 7, device=kernel_device)
+    torch.testing.assert_close(native(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_convert_shares_parameters():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding="same", bias=False), nn.ReLU(), nn.Conv2d(4, 2, 1, groups=2))
+    before = [id(p) for p in model.parameters()]
+    x = torch.randn(2, 1, 5, 5)
+    expected = model(x)
+    native_layers.convert(model)
+    assert isinstance(model[0], Conv2d) and isinstance(model[2], Conv2d)
+    assert [id(p) for p in model.parameters()] == before
+    assert model[0].padding == "same" and model[2].groups == 2
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_conv2d_weight_grad_deterministic(kernel_device):
+    # Several split-K partial sums are reduced in a fixed order: repeated runs agree to the bit.
+    x = torch.randn(4, 3, 9, 7, device=kernel_device)
+    weight = torch.randn(5, 3, 3, 3, device=kernel_device, requires_grad=True)
+    b = torch.randn(5, device=kernel_device, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        conv2d(x, weight, b, padding=1).square().sum().backward()
+        grads.append((weight.grad.clone(), b.grad.clone()))
+        weight.grad = b.grad = None
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_conv2d_cpu_path_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for padding, relu in [("same", False), ((1, 0), True)]:
+        pads = ((0, 1), (1, 1)) if padding == "same" else ((1, 1), (0, 0))
+        torch.autograd.gradcheck(lambda x, w, b: Conv2dFunction.apply(x, w, b, (1, 1), pads, (1, 1), 2, relu),
+                                 (x, weight, b))
+    torch.autograd.gradcheck(lambda x, w: conv2d(x, w, None, 2, 1, (2, 1), 2), (x, weight))
+
+
+def test_conv2d_errors():
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(ValueError, match="channels"):
+        conv2d(x, torch.randn(4, 2, 3, 3))
+    with pytest.raises(TypeError, match="dtype"):
+        conv2d(x, torch.randn(4, 3, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="smaller than"):
+        conv2d(x, torch.randn(4, 3, 7, 7))
+    with pytest.raises(ValueError, match="strided"):
+        conv2d(x, torch.randn(4, 3, 3, 3), stride=2, padding="same")
+    with pytest.raises(ValueError, match="activation"):
+        Conv2d(3, 4, 3, activation="tanh")
+
+
+def test_conv2d_dtype_mismatch_triton(kernel_device):
+    with pytest.raises(TypeError, match="dtype"):
+        conv2d(torch.randn(1, 2, 5, 5, device=kernel_device),
+               torch.randn(3, 2, 3, 3, device=kernel_device, dtype=torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv2d_half_gpu(dtype, relu):
+    torch.manual_seed(0)
+    x = torch.randn(8, 32, 17, 15, device="cuda", dtype=dtype)
+    weight = (torch.randn(48, 16, 3, 3, device="cuda") / 12).to(dtype)
+    b = torch.randn(48, device="cuda", dtype=dtype)
+    ref = lambda x, w, b: (F.relu if relu else (lambda t: t))(F.conv2d(x, w, b, 2, 1, 1, 2))
+    tol = 3e-2 if dtype == torch.float16 else 1e-1
+    _grads_match(lambda x, w, b: conv2d(x, w, b, 2, 1, 1, 2, "relu" if relu else None), ref, [x, weight, b],
+                 atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_conv2d_fp32_gpu_resnet_shape(monkeypatch):
+    # fp32 without TF32, on a ResNet-18 stage shape large enough for several tiles and split-K partials.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x = torch.randn(4, 64, 28, 28, device="cuda")
+    weight = torch.randn(128, 64, 3, 3, device="cuda") / 24
+    _grads_match(lambda x, w: conv2d(x, w, None, 2, 1), lambda x, w: F.conv2d(x, w, None, 2, 1), [x, weight],
+                 atol=1e-3, rtol=1e-3)
