@@ -83,6 +83,6 @@ def test_lrn_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_lrn_gpu_dtypes(dtype):
     x = torch.randn(8, 64, 27, 25, device="cuda", dtype=dtype)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 3e-5 if dtype == torch.float32 else 2e-2  # GPU exp/log are approximate to a few ulp
     _grads_match(lambda x: local_response_norm(x, 5, 1e-2, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 5, 1e-2, 0.75, 1.0), x, atol=tol, rtol=tol)
