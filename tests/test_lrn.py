@@ -67,7 +67,8 @@ def test_lrn_drop_in_and_convert():
     assert isinstance(native, nn.LocalResponseNorm) and repr(native) == repr(ref).replace("LocalResponseNorm", "LRN")
     model = nn.Sequential(nn.Identity(), ref)
     native_layers.convert(model)
-    assert isinstance(model[1], LRN) and (model[1].size, model[1].alpha, model[1].beta, model[1].k) == (5, 1e-3, 0.75, 2.0)
+    lrn = model[1]
+    assert isinstance(lrn, LRN) and (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 1e-3, 0.75, 2.0)
     x = torch.randn(2, 8, 3, 3)
     torch.testing.assert_close(model(x), F.local_response_norm(x, 5, 1e-3, 0.75, 2.0))
 

@@ -28,6 +28,9 @@ _GEMM_CONFIGS = _configs([
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
     (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 4, 5), (256, 64, 32, 8, 3),
 ])
+# Below this many channels per group the reduction runs flat over (kh, kw, channel) instead of over
+# (kh, kw) with channel blocks inside, which would be mostly masked padding.
+FLAT_K_BELOW = 16
 _INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}
 
 
@@ -56,7 +59,7 @@ def _conv2d_fwd_kernel(
     N, H, W, OH, OW, C_G, K_G, KH, KW,
     sxn, sxc, sxh, sxw, swk, swc, swh, sww, syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # GEMM view: rows = (n, oh, ow), columns = output channels of the group, reduction = (kh, kw, c).
@@ -74,21 +77,39 @@ def _conv2d_fwd_kernel(
     co = (g * K_G + cols).to(tl.int64)
     x_rows = x_ptr + n * sxn + (g * C_G).to(tl.int64) * sxc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
-        for kw in range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_rows = x_rows + ih * sxh + iw * sxw
-            b_cols = w_ptr + co * swk + kh * swh + kw * sww
-            for c0 in range(0, C_G, BLOCK_K):
-                cs = c0 + tl.arange(0, BLOCK_K)
-                c_ok = cs < C_G
-                a = tl.load(a_rows[:, None] + cs[None, :].to(tl.int64) * sxc, mask=ok[:, None] & c_ok[None, :],
-                            other=0.0)
-                b = tl.load(b_cols[None, :] + cs[:, None].to(tl.int64) * swc, mask=c_ok[:, None] & col_ok[None, :],
-                            other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    if FLAT_K:
+        # Few channels per group (a first layer, depthwise): one flat reduction over (kh, kw, c), so a tile
+        # is not mostly padding channels.
+        R = KH * KW * C_G
+        for r0 in range(0, R, BLOCK_K):
+            r = r0 + tl.arange(0, BLOCK_K)
+            r_ok = r < R
+            c = (r % C_G).to(tl.int64)
+            kh = (r // C_G) // KW
+            kw = (r // C_G) % KW
+            ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
+            iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
+            ok = row_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=ok, other=0.0)
+            b = tl.load(w_ptr + (co * swk)[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    else:
+        for kh in range(KH):
+            ih = oh * stride_h - pad_h + kh * dil_h
+            for kw in range(KW):
+                iw = ow * stride_w - pad_w + kw * dil_w
+                ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_rows = x_rows + ih * sxh + iw * sxw
+                b_cols = w_ptr + co * swk + kh * swh + kw * sww
+                for c0 in range(0, C_G, BLOCK_K):
+                    cs = c0 + tl.arange(0, BLOCK_K)
+                    c_ok = cs < C_G
+                    a = tl.load(a_rows[:, None] + cs[None, :].to(tl.int64) * sxc,
+                                mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(b_cols[None, :] + cs[:, None].to(tl.int64) * swc,
+                                mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
@@ -103,7 +124,7 @@ def _conv2d_dgrad_kernel(
     N, H, W, OH, OW, C_G, K_G, KH, KW,
     sdyn, sdyc, sdyh, sdyw, syn, syc, syh, syw, swk, swc, swh, sww, sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    RELU: tl.constexpr, PRECISION: tl.constexpr,
+    RELU: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # GEMM view: rows = (n, ih, iw), columns = input channels of the group, reduction = (kh, kw, k): each
@@ -122,28 +143,54 @@ def _conv2d_dgrad_kernel(
     ci = (g * C_G + cols).to(tl.int64)
     k_first = (g * K_G).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
-        th = ih + pad_h - kh * dil_h
-        oh = th // stride_h
-        ok_h = (th >= 0) & (th % stride_h == 0) & (oh < OH)
-        for kw in range(KW):
-            tw = iw + pad_w - kw * dil_w
+    if FLAT_K:
+        # Few output channels per group (depthwise): one flat reduction over (kh, kw, k).
+        R = KH * KW * K_G
+        for r0 in range(0, R, BLOCK_K):
+            r = r0 + tl.arange(0, BLOCK_K)
+            r_ok = r < R
+            kk = k_first + r % K_G
+            kh = (r // K_G) // KW
+            kw = (r // K_G) % KW
+            th = (ih + pad_h)[:, None] - (kh * dil_h)[None, :]
+            tw = (iw + pad_w)[:, None] - (kw * dil_w)[None, :]
+            oh = th // stride_h
             ow = tw // stride_w
-            ok = row_ok & ok_h & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
-            dy_rows = dy_ptr + n * sdyn + oh * sdyh + ow * sdyw
-            y_rows = y_ptr + n * syn + oh * syh + ow * syw
-            b_cols = w_ptr + cols.to(tl.int64) * swc + kh * swh + kw * sww
-            for k0 in range(0, K_G, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K_G
-                kk = k_first + ks
-                a_mask = ok[:, None] & k_ok[None, :]
-                a = tl.load(dy_rows[:, None] + (kk * sdyc)[None, :], mask=a_mask, other=0.0)
-                if RELU:
-                    y = tl.load(y_rows[:, None] + (kk * syc)[None, :], mask=a_mask, other=0.0)
-                    a = tl.where(y > 0, a, tl.zeros_like(a))
-                b = tl.load(b_cols[None, :] + (kk * swk)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+            ok = (row_ok[:, None] & r_ok[None, :] & (th >= 0) & (th % stride_h == 0) & (oh < OH)
+                  & (tw >= 0) & (tw % stride_w == 0) & (ow < OW))
+            a = tl.load(dy_ptr + (n * sdyn)[:, None] + (kk * sdyc)[None, :] + oh * sdyh + ow * sdyw, mask=ok,
+                        other=0.0)
+            if RELU:
+                y = tl.load(y_ptr + (n * syn)[:, None] + (kk * syc)[None, :] + oh * syh + ow * syw, mask=ok,
+                            other=0.0)
+                a = tl.where(y > 0, a, tl.zeros_like(a))
+            b = tl.load(w_ptr + (kk * swk + kh * swh + kw * sww)[:, None] + (cols.to(tl.int64) * swc)[None, :],
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    else:
+        for kh in range(KH):
+            th = ih + pad_h - kh * dil_h
+            oh = th // stride_h
+            ok_h = (th >= 0) & (th % stride_h == 0) & (oh < OH)
+            for kw in range(KW):
+                tw = iw + pad_w - kw * dil_w
+                ow = tw // stride_w
+                ok = row_ok & ok_h & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
+                dy_rows = dy_ptr + n * sdyn + oh * sdyh + ow * sdyw
+                y_rows = y_ptr + n * syn + oh * syh + ow * syw
+                b_cols = w_ptr + cols.to(tl.int64) * swc + kh * swh + kw * sww
+                for k0 in range(0, K_G, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < K_G
+                    kk = k_first + ks
+                    a_mask = ok[:, None] & k_ok[None, :]
+                    a = tl.load(dy_rows[:, None] + (kk * sdyc)[None, :], mask=a_mask, other=0.0)
+                    if RELU:
+                        y = tl.load(y_rows[:, None] + (kk * syc)[None, :], mask=a_mask, other=0.0)
+                        a = tl.where(y > 0, a, tl.zeros_like(a))
+                    b = tl.load(b_cols[None, :] + (kk * swk)[:, None], mask=k_ok[:, None] & col_ok[None, :],
+                                other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
     dx = dx_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :]
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -218,8 +265,8 @@ def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-_fwd = _tuned(_conv2d_fwd_kernel, key=["C_G", "K_G", "KH", "KW", "OH", "OW", "stride_h", "HAS_BIAS", "RELU"])
-_dgrad = _tuned(_conv2d_dgrad_kernel, key=["C_G", "K_G", "KH", "KW", "H", "W", "stride_h", "RELU"])
+_fwd = _tuned(_conv2d_fwd_kernel, key=["C_G", "K_G", "KH", "KW", "OH", "OW", "stride_h", "HAS_BIAS", "RELU", "FLAT_K"])
+_dgrad = _tuned(_conv2d_dgrad_kernel, key=["C_G", "K_G", "KH", "KW", "H", "W", "stride_h", "RELU", "FLAT_K"])
 _wgrad = _tuned(_conv2d_wgrad_kernel, key=["C_G", "K_G", "KH", "KW", "OH", "OW", "CHUNK", "RELU", "HAS_BIAS"])
 
 
@@ -275,7 +322,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, out_hw, r
         N, H, W, OH, OW, C_G, K_G, KH, KW,
         *x.stride(), *weight.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        HAS_BIAS=bias is not None, RELU=relu, PRECISION=_precision(x.dtype), **_meta(),
+        HAS_BIAS=bias is not None, RELU=relu, FLAT_K=C_G < FLAT_K_BELOW, PRECISION=_precision(x.dtype), **_meta(),
     )
     return y
 
@@ -296,7 +343,7 @@ def conv2d_input_grad(grad_y, y, weight, x_shape, stride, padding, dilation, gro
         N, H, W, OH, OW, C_G, K // groups, KH, KW,
         *grad_y.stride(), *y.stride(), *weight.stride(), *dx.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        RELU=relu, PRECISION=_precision(grad_y.dtype), **_meta(),
+        RELU=relu, FLAT_K=K // groups < FLAT_K_BELOW, PRECISION=_precision(grad_y.dtype), **_meta(),
     )
     return dx
 
