@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
@@ -65,6 +66,7 @@ class Conv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x, weight, y = ctx.saved_tensors
         stride, pads, dilation, groups, relu, has_bias, triton_path = ctx.conf
@@ -112,9 +114,15 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, acti
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"conv2d: expected input with {weight.shape[1] * groups} channels (weight "
                          f"{tuple(weight.shape)}, groups={groups}), got input of shape {tuple(x.shape)}")
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+    if not torch.is_autocast_enabled(x.device.type) and (
+            x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype)):
         raise TypeError(f"conv2d: input ({x.dtype}), weight ({weight.dtype}) and bias "
                         f"({None if bias is None else bias.dtype}) must have the same dtype")
+    if torch.is_autocast_enabled(x.device.type):
+        # Convolution is on autocast's lower-precision list: run it as torch.nn.Conv2d would under autocast.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     stride, dilation = _pair(stride), _pair(dilation)
     pads = _paddings(padding, weight.shape[2:], stride, dilation)
     return Conv2dFunction.apply(x, weight, bias, stride, pads, dilation, groups, activation == "relu")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from .convert import register_conversion
@@ -35,6 +36,7 @@ class LRNFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x, scale = ctx.saved_tensors
         size, alpha, beta, triton_path = ctx.conf

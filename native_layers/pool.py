@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from .convert import register_conversion
@@ -56,6 +57,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         return y, idx
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, _grad_idx):
         x, idx = ctx.saved_tensors
         kernel, stride, padding, dilation, ceil_mode, triton_path = ctx.conf
@@ -81,6 +83,7 @@ class AvgPool2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         kernel, stride, padding, ceil_mode, count_include_pad, divisor_override, triton_path = ctx.conf

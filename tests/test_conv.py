@@ -251,3 +251,17 @@ def test_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
                          text=True, timeout=240)
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+def test_conv2d_under_autocast():
+    # Autocast lowers convolutions to its dtype; the native layer follows, so mixed-precision loops work.
+    torch.manual_seed(0)
+    ref = nn.Conv2d(3, 4, 3, padding=1)
+    native = Conv2d.from_torch(ref, activation="relu")
+    x = torch.randn(2, 3, 5, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = native(x), torch.relu(ref(x))
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+    y.float().sum().backward()
+    assert ref.weight.grad.dtype == torch.float32

@@ -369,8 +369,10 @@ def conv2d_weight_grad(grad_y, y, x, weight_shape, stride, padding, dilation, gr
     splits = _num_splits(triton.cdiv(K_G, 64) * triton.cdiv(CKK, 64) * groups, P, grad_y.device)
     chunk = triton.cdiv(triton.cdiv(P, splits), 64) * 64
     splits = triton.cdiv(P, chunk) if P else 1
-    dw_part = torch.zeros((splits, K, CKK), device=x.device, dtype=torch.float32)
-    db_part = torch.zeros((splits, K), device=x.device, dtype=torch.float32) if has_bias else dw_part
+    # Every partial is written by exactly one program; only an empty batch leaves them to the allocation.
+    alloc = torch.empty if P else torch.zeros
+    dw_part = alloc((splits, K, CKK), device=x.device, dtype=torch.float32)
+    db_part = alloc((splits, K), device=x.device, dtype=torch.float32) if has_bias else dw_part
     y = y if relu else grad_y
     if P:
         grid = lambda meta: (triton.cdiv(K_G, meta["BLOCK_M"]) * triton.cdiv(CKK, meta["BLOCK_N"]), groups, splits)
