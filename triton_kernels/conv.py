@@ -3,8 +3,9 @@
 Tensors are NCHW as torch gives them; every kernel takes explicit strides, so non-contiguous and
 channels-last inputs need no copy. No im2col buffer is built: each program gathers its tile of the virtual
 im2col matrix straight from the input. The reduction runs over (kh, kw) outside and channel blocks inside,
-so the address of a tile is an outer sum of a row part and a column part. Accumulation is fp32, offsets are
-64-bit. The weight gradient splits its long reduction (batch x output pixels) across programs and writes
+so the address of a tile is an outer sum of a row part and a column part; with fewer than 16 channels per
+group (first layers, depthwise) it runs flat over (kh, kw, channel) instead. Accumulation is fp32, offsets
+are 64-bit. The weight gradient splits its long reduction (batch x output pixels) across programs and writes
 fp32 partial sums that a second kernel adds in a fixed order: deterministic, no atomics.
 """
 from __future__ import annotations
@@ -265,9 +266,12 @@ def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-_fwd = _tuned(_conv2d_fwd_kernel, key=["C_G", "K_G", "KH", "KW", "OH", "OW", "stride_h", "HAS_BIAS", "RELU", "FLAT_K"])
-_dgrad = _tuned(_conv2d_dgrad_kernel, key=["C_G", "K_G", "KH", "KW", "H", "W", "stride_h", "RELU", "FLAT_K"])
-_wgrad = _tuned(_conv2d_wgrad_kernel, key=["C_G", "K_G", "KH", "KW", "OH", "OW", "CHUNK", "RELU", "HAS_BIAS"])
+_fwd = _tuned(_conv2d_fwd_kernel,
+               key=["N", "C_G", "K_G", "KH", "KW", "OH", "OW", "stride_h", "HAS_BIAS", "RELU", "FLAT_K", "PRECISION"])
+_dgrad = _tuned(_conv2d_dgrad_kernel,
+                key=["N", "C_G", "K_G", "KH", "KW", "H", "W", "stride_h", "RELU", "FLAT_K", "PRECISION"])
+_wgrad = _tuned(_conv2d_wgrad_kernel,
+                key=["N", "C_G", "K_G", "KH", "KW", "OH", "OW", "CHUNK", "RELU", "HAS_BIAS", "PRECISION"])
 
 
 def _meta() -> dict:
