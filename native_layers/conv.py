@@ -86,7 +86,7 @@ class Conv2dFunction(torch.autograd.Function):
             xp = _pad_end(x, pads)
             dx, dw, db = torch.ops.aten.convolution_backward(
                 grad_y, xp, weight, [weight.shape[0]] if has_bias else None, list(stride), [pt, pl],
-                list(dilation), False, [0, 0], groups, [need_x, need_w or need_b, need_b and has_bias])
+                list(dilation), False, [0, 0], groups, [need_x, need_w, need_b and has_bias])
             if dx is not None and xp is not x:
                 dx = dx[:, :, :x.shape[2], :x.shape[3]]
         return (dx if need_x else None, dw if need_w else None, db if need_b else None,
