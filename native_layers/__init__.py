@@ -3,3 +3,6 @@ same math in torch ops on CPU tensors. Each module takes its torch.nn counterpar
 same state_dict keys."""
 from .convert import convert, register_conversion
 from .dispatch import use_triton
+from .conv import Conv2d, conv2d
+from .pool import AvgPool2d, MaxPool2d, avg_pool2d, max_pool2d
+from .lrn import LRN, local_response_norm
