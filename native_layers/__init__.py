@@ -3,3 +3,6 @@ same math in torch ops on CPU tensors. Each module takes its torch.nn counterpar
 same state_dict keys."""
 from .convert import convert, register_conversion
 from .dispatch import use_triton
+from .linear import Linear, LinearFunction, linear
+from .activation import Activation, ReLU, Sigmoid, STanh, Tanh, activation
+from .loss import SoftmaxCrossEntropy, softmax_cross_entropy
