@@ -1,0 +1,113 @@
+"""SoftmaxCrossEntropy (nn.CrossEntropyLoss's contract), Softmax and EuclideanLoss against float64 torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import native_layers as nl
+from tests.layer_checks import assert_close, layer_device, leaf64  # noqa: F401
+
+
+def _check_ce(x, target, dtype=torch.float32, **kwargs):
+    out = nl.softmax_cross_entropy(x, target, **kwargs)
+    g = torch.rand_like(out) + 0.5
+    out.backward(g)
+    x64 = leaf64(x)
+    kw = dict(kwargs)
+    if kw.get("weight") is not None:
+        kw["weight"] = kw["weight"].double().cpu()
+    t64 = target.double().cpu() if target.is_floating_point() else target.cpu()
+    ref = F.cross_entropy(x64, t64, **kw)
+    ref.backward(g.double().cpu())
+    assert_close(out, ref, dtype, "loss")
+    assert_close(x.grad, x64.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_class_targets(layer_device, reduction, smoothing, weighted):
+    torch.manual_seed(11)
+    rows, classes = 23, 37
+    x = (torch.randn(rows, classes + 4, device=layer_device) * 3)[:, 2:-2].requires_grad_()  # non-contiguous
+    target = torch.randint(0, classes, (rows,), device=layer_device)
+    target[::5] = -100  # ignored rows
+    weight = torch.rand(classes, device=layer_device) + 0.5 if weighted else None
+    _check_ce(x, target, reduction=reduction, label_smoothing=smoothing, weight=weight)
+
+
+@pytest.mark.parametrize("classes", [1, 5000])  # one class; a row longer than one block (several passes)
+def test_cross_entropy_row_lengths(layer_device, classes):
+    torch.manual_seed(classes)
+    x = torch.randn(3, classes, device=layer_device, requires_grad=True)
+    target = torch.randint(0, classes, (3,), device=layer_device)
+    _check_ce(x, target, label_smoothing=0.1)
+
+
+def test_cross_entropy_custom_ignore_index_and_spatial_input(layer_device):
+    torch.manual_seed(12)
+    x = torch.randn(2, 7, 3, 5, device=layer_device, requires_grad=True)  # (N, C, d1, d2)
+    target = torch.randint(0, 7, (2, 3, 5), device=layer_device)
+    target[0, 1] = 3
+    _check_ce(x, target, ignore_index=3, reduction="none")
+
+
+def test_cross_entropy_probability_targets(layer_device):
+    torch.manual_seed(13)
+    x = torch.randn(9, 11, device=layer_device, requires_grad=True)
+    target = torch.softmax(torch.randn(9, 11, device=layer_device), 1)
+    _check_ce(x, target, label_smoothing=0.2, weight=torch.rand(11, device=layer_device) + 0.5)
+
+
+def test_cross_entropy_single_sample_and_empty_batch(layer_device):
+    torch.manual_seed(14)
+    x = torch.randn(6, device=layer_device, requires_grad=True)
+    _check_ce(x, torch.tensor(4, device=layer_device))
+    empty = torch.randn(0, 6, device=layer_device, requires_grad=True)
+    out = nl.softmax_cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=layer_device), reduction="sum")
+    out.backward()
+    assert out.item() == 0 and empty.grad.shape == (0, 6)
+    # A batch where every row is ignored has no mean: nan, as in torch.
+    all_ignored = torch.full((3,), -100, device=layer_device)
+    assert torch.isnan(nl.softmax_cross_entropy(torch.randn(3, 6, device=layer_device), all_ignored))
+
+
+def test_cross_entropy_errors():
+    x = torch.randn(4, 5)
+    with pytest.raises(IndexError, match="out of bounds"):
+        nl.softmax_cross_entropy(x, torch.tensor([0, 1, 5, 2]))
+    with pytest.raises(ValueError, match="does not match"):
+        nl.softmax_cross_entropy(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="reduction"):
+        nl.SoftmaxCrossEntropy(reduction="avg")(x, torch.tensor([0, 1, 2, 3]))
+
+
+def test_module_is_a_drop_in_cross_entropy_loss():
+    loss = nl.SoftmaxCrossEntropy(label_smoothing=0.1, ignore_index=0)
+    assert isinstance(loss, torch.nn.CrossEntropyLoss)
+    x, t = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    torch.testing.assert_close(loss(x, t), torch.nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=0)(x, t))
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_cross_entropy_cpu_path_gradcheck(probabilities, monkeypatch):
+    monkeypatch.delenv("SINGA_FORCE_TRITON", raising=False)
+    torch.manual_seed(15)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    if probabilities:
+        t = torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1).requires_grad_()
+        fn = lambda x, t: nl.softmax_cross_entropy(x, t, label_smoothing=0.2)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, t))
+    else:
+        t = torch.tensor([0, 3, -100, 1, 2])
+        w = torch.rand(4, dtype=torch.float64) + 0.5
+        fn = lambda x: nl.softmax_cross_entropy(x, t, w, label_smoothing=0.2)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cross_entropy_gpu_dtypes(dtype):
+    torch.manual_seed(16)
+    x = (torch.randn(64, 3001, device="cuda") * 2).to(dtype).requires_grad_()
+    target = torch.randint(0, 3001, (64,), device="cuda")
+    _check_ce(x, target, dtype, label_smoothing=0.1, reduction="sum")
