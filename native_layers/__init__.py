@@ -6,3 +6,4 @@ from .dispatch import use_triton
 from .linear import Linear, LinearFunction, linear
 from .activation import Activation, ReLU, Sigmoid, STanh, Tanh, activation
 from .loss import SoftmaxCrossEntropy, softmax_cross_entropy
+from .dropout import Dropout, dropout
