@@ -4,6 +4,6 @@ same state_dict keys."""
 from .convert import convert, register_conversion
 from .dispatch import use_triton
 from .linear import Linear, LinearFunction, linear
-from .activation import Activation, ReLU, Sigmoid, STanh, Tanh, activation
-from .loss import SoftmaxCrossEntropy, softmax_cross_entropy
+from .activation import Activation, ReLU, Sigmoid, Softmax, STanh, Tanh, activation, softmax
+from .loss import EuclideanLoss, SoftmaxCrossEntropy, euclidean_loss, softmax_cross_entropy
 from .dropout import Dropout, dropout

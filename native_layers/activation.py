@@ -116,3 +116,44 @@ class STanh(nn.Module):
 register_conversion(nn.ReLU, lambda m: ReLU(inplace=m.inplace))
 register_conversion(nn.Sigmoid, lambda m: Sigmoid())
 register_conversion(nn.Tanh, lambda m: Tanh())
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Softmax over the last dimension of a 2-d x; saves only the output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        if use_triton(x):
+            y = kernels("softmax").softmax_forward(x)
+        else:
+            y = torch.softmax(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, -1).to(x.dtype)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        if use_triton(grad_y):
+            return kernels("softmax").softmax_backward(y, grad_y)
+        y32, g32 = (y.float(), grad_y.float()) if y.dtype in (torch.float16, torch.bfloat16) else (y, grad_y)
+        return (y32 * (g32 - (g32 * y32).sum(-1, keepdim=True))).to(y.dtype)
+
+
+def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """exp(x) / sum(exp(x)) along `dim`, computed stably (float32 inside for half precisions)."""
+    if x.dim() == 0:
+        return SoftmaxFunction.apply(x.reshape(1, 1)).reshape(())
+    moved = x.movedim(dim, -1)
+    y = SoftmaxFunction.apply(moved.reshape(-1, moved.shape[-1]))
+    return y.reshape(moved.shape).movedim(-1, dim)
+
+
+class Softmax(nn.Softmax):
+    """nn.Softmax (same `dim` argument, including its legacy choice when dim is None)."""
+
+    def forward(self, x):
+        dim = self.dim if self.dim is not None else nn.functional._get_softmax_dim("softmax", x.dim(), 3)
+        return softmax(x, dim)
+
+
+register_conversion(nn.Softmax, lambda m: Softmax(m.dim))

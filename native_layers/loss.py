@@ -6,6 +6,8 @@ log-probabilities that torch's log_softmax + nll_loss keep.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -158,3 +160,67 @@ def _from_cross_entropy(m: nn.CrossEntropyLoss) -> SoftmaxCrossEntropy:
 
 
 register_conversion(nn.CrossEntropyLoss, _from_cross_entropy)
+
+
+class EuclideanLossFunction(torch.autograd.Function):
+    """Per-row 0.5 * ||x - t||^2 on 2-d x and t, reduced by `reduction`."""
+
+    @staticmethod
+    def forward(ctx, x, t, reduction):
+        if use_triton(x):
+            rows = kernels("euclidean").euclidean_forward(x, t)
+        else:
+            d = (x.float() - t.float()) if x.dtype in (torch.float16, torch.bfloat16) else x - t
+            rows = 0.5 * (d * d).sum(1)
+        ctx.reduction = reduction
+        ctx.save_for_backward(x, t)
+        if reduction == "none":
+            return rows.to(x.dtype)
+        out = rows.sum() if reduction == "sum" else rows.mean()
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, t = ctx.saved_tensors
+        scale = grad_out.float() if grad_out.dtype != torch.float64 else grad_out
+        if ctx.reduction == "mean":
+            scale = scale / x.shape[0]
+        need_x, need_t = ctx.needs_input_grad[:2]
+        if use_triton(x):
+            dx, dt = kernels("euclidean").euclidean_backward(x, t, scale, need_x, need_t)
+        else:
+            d = (x.to(scale.dtype) - t.to(scale.dtype)) * scale.reshape(-1, 1)
+            dx = d.to(x.dtype) if need_x else None
+            dt = (-d).to(t.dtype) if need_t else None
+        return dx, dt, None
+
+
+def euclidean_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """0.5 * ||input_i - target_i||^2 per sample i (the first dimension), averaged ("mean", SINGA's),
+    summed ("sum") or kept per sample ("none")."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"EuclideanLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if input.shape != target.shape:
+        raise ValueError(f"EuclideanLoss: input {tuple(input.shape)} and target {tuple(target.shape)} differ")
+    if input.dim() == 0:
+        raise ValueError("EuclideanLoss: input needs a batch dimension")
+    features = math.prod(input.shape[1:])
+    x2 = input.reshape(input.shape[0], features)
+    t2 = target.reshape(target.shape[0], features)
+    if not target.dtype == input.dtype:
+        t2 = t2.to(input.dtype)
+    return EuclideanLossFunction.apply(x2, t2, reduction)
+
+
+class EuclideanLoss(nn.Module):
+    """SINGA's EuclideanLoss: 0.5 * squared L2 distance per sample, averaged over the batch by default
+    (nn.MSELoss(reduction="sum") / 2 / batch)."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"EuclideanLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return euclidean_loss(input, target, self.reduction)

@@ -111,3 +111,71 @@ def test_cross_entropy_gpu_dtypes(dtype):
     x = (torch.randn(64, 3001, device="cuda") * 2).to(dtype).requires_grad_()
     target = torch.randint(0, 3001, (64,), device="cuda")
     _check_ce(x, target, dtype, label_smoothing=0.1, reduction="sum")
+
+
+@pytest.mark.parametrize("shape,dim", [((7, 37), 1), ((3, 5000), -1), ((4, 6, 5), 1), ((1,), 0), ((0, 9), 1)])
+def test_softmax_matches_reference(layer_device, shape, dim):
+    torch.manual_seed(17)
+    x = (torch.randn(shape, device=layer_device) * 4).requires_grad_()
+    y = nl.Softmax(dim)(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x64 = leaf64(x)
+    ref = torch.softmax(x64, dim)
+    ref.backward(g.double().cpu())
+    assert_close(y, ref, what="softmax")
+    assert_close(x.grad, x64.grad, what="softmax grad")
+
+
+def test_softmax_non_contiguous_and_module(layer_device):
+    torch.manual_seed(18)
+    x = torch.randn(30, 21, device=layer_device).t()[:, ::3].requires_grad_()  # (21, 10), column stride 3
+    y = nl.softmax(x, 1)
+    y.backward(torch.ones_like(y) * torch.arange(10.0, device=layer_device))
+    x64 = leaf64(x)
+    torch.softmax(x64, 1).backward(torch.ones(21, 10, dtype=torch.float64) * torch.arange(10.0).double())
+    assert_close(y, torch.softmax(x64, 1))
+    assert_close(x.grad, x64.grad)
+    assert isinstance(nl.Softmax(1), torch.nn.Softmax)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_euclidean_loss(layer_device, reduction):
+    torch.manual_seed(19)
+    x = torch.randn(9, 3, 47, device=layer_device).transpose(1, 2).requires_grad_()  # non-contiguous
+    t = torch.randn(9, 47, 3, device=layer_device, requires_grad=True)
+    out = nl.EuclideanLoss(reduction)(x, t)
+    g = torch.rand_like(out) + 0.5
+    out.backward(g)
+    x64, t64 = leaf64(x), leaf64(t)
+    rows = 0.5 * ((x64 - t64) ** 2).flatten(1).sum(1)
+    ref = {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
+    ref.backward(g.double().cpu())
+    assert_close(out, ref, what="loss")
+    assert_close(x.grad, x64.grad, what="grad input")
+    assert_close(t.grad, t64.grad, what="grad target")
+
+
+def test_euclidean_loss_edge_cases_and_gradcheck(monkeypatch):
+    one = nl.euclidean_loss(torch.tensor([[3.0]]), torch.tensor([[1.0]]))
+    assert one.item() == 2.0
+    assert torch.isnan(nl.euclidean_loss(torch.zeros(0, 4), torch.zeros(0, 4)))  # mean of nothing
+    with pytest.raises(ValueError, match="differ"):
+        nl.euclidean_loss(torch.zeros(2, 4), torch.zeros(2, 3))
+    monkeypatch.delenv("SINGA_FORCE_TRITON", raising=False)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, t: nl.euclidean_loss(x, t), (x, t))
+    s = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: nl.softmax(s, 1), (s,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softmax_gpu_dtypes(dtype):
+    torch.manual_seed(20)
+    x = (torch.randn(33, 7000, device="cuda") * 3).to(dtype).requires_grad_()
+    y = nl.softmax(x, 1)
+    y.backward(torch.randn_like(y))
+    x64 = leaf64(x)
+    assert_close(y, torch.softmax(x64, 1), dtype)
