@@ -7,3 +7,4 @@ from .linear import Linear, LinearFunction, linear
 from .activation import Activation, ReLU, Sigmoid, Softmax, STanh, Tanh, activation, softmax
 from .loss import EuclideanLoss, SoftmaxCrossEntropy, euclidean_loss, softmax_cross_entropy
 from .dropout import Dropout, dropout
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
