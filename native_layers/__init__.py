@@ -8,3 +8,4 @@ from .activation import Activation, ReLU, Sigmoid, Softmax, STanh, Tanh, activat
 from .loss import EuclideanLoss, SoftmaxCrossEntropy, euclidean_loss, softmax_cross_entropy
 from .dropout import Dropout, dropout
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from .embedding import Embedding, embedding
