@@ -42,9 +42,7 @@ class LinearFunction(torch.autograd.Function):
         if use_triton(x):
             y = kernels("matmul").matmul(x, weight.t(), bias=bias, activation=activation)
         else:
-            z = x @ weight.t()
-            if bias is not None:
-                z = z + bias
+            z = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
             y = _activate(z, activation)
         ctx.activation = activation
         ctx.has_bias = bias is not None
