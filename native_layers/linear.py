@@ -84,6 +84,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"Linear: activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"Linear: input of shape {tuple(x.shape)} does not end in in_features={weight.shape[1]}")
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        # As nn.Linear under autocast: the product runs in the autocast dtype.
+        dt = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
     lead = x.shape[:-1]
     y = LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, activation)
     return y.reshape(*lead, weight.shape[0])

@@ -62,3 +62,8 @@ def test_convert_bare_module_and_training_mode():
     assert loss.ignore_index == 1 and loss.label_smoothing == 0.25 and torch.equal(loss.weight, torch.ones(3))
     relu = nl.convert(nn.ReLU(inplace=True))
     assert isinstance(relu, nl.ReLU) and relu.inplace
+    drop = nl.convert(nn.Dropout(0.3).eval())
+    assert isinstance(drop, nl.Dropout) and drop.p == 0.3 and not drop.training
+    assert isinstance(nl.convert(nn.Softmax(dim=0)), nl.Softmax) and nl.convert(nn.Softmax(dim=0)).dim == 0
+    untouched = nn.GELU()
+    assert nl.convert(untouched) is untouched

@@ -95,3 +95,17 @@ def test_linear_gpu_dtypes(dtype, activation):
     w = (torch.randn(129, 257, device="cuda", dtype=dtype) / 16).requires_grad_()
     b = torch.randn(129, device="cuda", dtype=dtype, requires_grad=True)
     _check(x, w, b, activation, dtype)
+
+
+@pytest.mark.gpu
+def test_linear_under_autocast_runs_in_half_precision():
+    torch.manual_seed(6)
+    lin = nl.Linear(64, 32, activation="relu").cuda()
+    x = torch.randn(16, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    ref = torch.relu(F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+    assert_close(y, ref, torch.bfloat16)
