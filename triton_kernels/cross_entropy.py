@@ -23,6 +23,11 @@ def _block(C: int) -> int:
     return min(4096, max(16, triton.next_power_of_2(C)))
 
 
+def _warps(C: int) -> int:
+    # wide rows: more threads per row, so each holds few values of a block in registers
+    return 8 if _block(C) >= 2048 else 4
+
+
 @triton.jit
 def _ce_forward_kernel(
     x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, coef_ptr, valid_ptr,
@@ -139,6 +144,7 @@ def cross_entropy_forward(x, target, weight, ignore_index: int, smoothing: float
         x, target, weight if weight is not None else x, loss, lse, coef, valid,
         C, x.stride(0), x.stride(1), st[0], st[1], ignore_index, float(smoothing),
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob, SMOOTH=smoothing > 0, BLOCK=_block(C),
+        num_warps=_warps(C),
     )
     return loss, lse, coef, valid
 
@@ -157,5 +163,6 @@ def cross_entropy_backward(x, target, weight, lse, coef, scale, ignore_index: in
         C, x.stride(0), x.stride(1), st[0], st[1], scale.stride(0) if scale.numel() > 1 else 0, dx.stride(0),
         ignore_index, float(smoothing),
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob, SMOOTH=smoothing > 0, BLOCK=_block(C),
+        num_warps=_warps(C),
     )
     return dx
