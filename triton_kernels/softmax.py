@@ -83,7 +83,8 @@ def softmax_forward(x: torch.Tensor) -> torch.Tensor:
     if R and C:
         block = _block(C)
         _softmax_forward_kernel[(R,)](x, y, C, x.stride(0), x.stride(1), y.stride(0),
-                                      ONE_BLOCK=C <= block, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                      ONE_BLOCK=C <= block, BLOCK=block,
+                                       num_warps=8 if block >= 2048 else 4)
     return y
 
 
@@ -94,5 +95,6 @@ def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     if R and C:
         block = _block(C)
         _softmax_backward_kernel[(R,)](y, grad_y, dx, C, y.stride(0), grad_y.stride(0), grad_y.stride(1),
-                                       dx.stride(0), ONE_BLOCK=C <= block, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                       dx.stride(0), ONE_BLOCK=C <= block, BLOCK=block,
+                                       num_warps=8 if block >= 2048 else 4)
     return dx
