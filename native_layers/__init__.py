@@ -3,7 +3,7 @@ same math in torch ops on CPU tensors. Each module takes its torch.nn counterpar
 same state_dict keys."""
 from .convert import convert, register_conversion
 from .dispatch import use_triton
-from .linear import Linear, LinearFunction, linear
+from .linear import Linear, LinearFunction, fuse_linear_activations, linear
 from .activation import Activation, ReLU, Sigmoid, Softmax, STanh, Tanh, activation, softmax
 from .loss import EuclideanLoss, SoftmaxCrossEntropy, euclidean_loss, softmax_cross_entropy
 from .dropout import Dropout, dropout

@@ -127,3 +127,24 @@ class Linear(nn.Linear):
 
 
 register_conversion(nn.Linear, Linear.from_torch)
+
+
+def fuse_linear_activations(model: nn.Module) -> nn.Module:
+    """In every nn.Sequential of `model`, fold an activation (ReLU, Sigmoid, Tanh) that directly follows a
+    native Linear into that Linear's fused epilogue, leaving nn.Identity in its place; returns the model.
+
+    Opt-in (call it after convert()): the Linear's own output is no longer visible, e.g. to forward hooks.
+    state_dict keys are unchanged (activations have no state).
+    """
+    fusable = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            lin, act = seq._modules[first], seq._modules[second]
+            kind = next((mode for cls, mode in fusable.items() if isinstance(act, cls)), None)
+            if type(lin) is Linear and lin.activation is None and kind is not None:
+                lin.activation = kind
+                seq._modules[second] = nn.Identity()
+    return model

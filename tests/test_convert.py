@@ -67,3 +67,14 @@ def test_convert_bare_module_and_training_mode():
     assert isinstance(nl.convert(nn.Softmax(dim=0)), nl.Softmax) and nl.convert(nn.Softmax(dim=0)).dim == 0
     untouched = nn.GELU()
     assert nl.convert(untouched) is untouched
+
+
+def test_fuse_linear_activations_after_convert(layer_device):
+    torch.manual_seed(22)
+    ref = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Sequential(nn.Linear(9, 9), nn.Tanh()), nn.Linear(9, 3),
+                        nn.Sigmoid()).to(layer_device)
+    fused = nl.fuse_linear_activations(nl.convert(copy.deepcopy(ref)))
+    assert [m.activation for m in fused.modules() if isinstance(m, nl.Linear)] == ["relu", "tanh", "sigmoid"]
+    assert isinstance(fused[1], nn.Identity) and list(fused.state_dict()) == list(ref.state_dict())
+    x = torch.randn(5, 7, device=layer_device)
+    torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5)
