@@ -179,3 +179,18 @@ def test_softmax_gpu_dtypes(dtype):
     y.backward(torch.randn_like(y))
     x64 = leaf64(x)
     assert_close(y, torch.softmax(x64, 1), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_euclidean_loss_gpu_dtypes(dtype):
+    torch.manual_seed(21)
+    x = torch.randn(64, 1000, device="cuda").to(dtype).requires_grad_()
+    t = torch.randn(64, 1000, device="cuda").to(dtype)
+    out = nl.euclidean_loss(x, t)
+    out.backward()
+    x64 = leaf64(x)
+    ref = 0.5 * ((x64 - t.double().cpu()) ** 2).sum(1).mean()
+    ref.backward()
+    assert_close(out, ref, dtype)
+    assert_close(x.grad, x64.grad, dtype)
