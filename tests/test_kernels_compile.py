@@ -34,7 +34,8 @@ def _variants():
     p = "*bf16"
     out += [
         (activation._activation_forward_kernel, dict(x_ptr=p, y_ptr=p, n="i32"), dict(MODE=4, BLOCK=1024), 4),
-        (activation._activation_backward_kernel, dict(y_ptr=p, g_ptr=p, dx_ptr=p, n="i32"), dict(MODE=4, BLOCK=1024), 4),
+        (activation._activation_backward_kernel, dict(y_ptr=p, g_ptr=p, dx_ptr=p, n="i32"),
+         dict(MODE=4, BLOCK=1024), 4),
         (dropout._dropout_kernel, dict(x_ptr=p, out_ptr=p, n="i32", p="fp32", scale="fp32", seed="i64"),
          dict(BLOCK=1024), 4),
         (softmax._softmax_forward_kernel, dict(x_ptr=p, y_ptr=p, **i32("C", "stride_xr", "stride_xc", "stride_yr")),
@@ -62,8 +63,13 @@ def _variants():
                     scale_ptr="*fp32", dx_ptr=p, **i32("stride_scale", "stride_dr")), flags, 8))
     bn = dict(**i32("R", "C", "S", "stride_n", "stride_c", "stride_s"))
     stats = {n: "*fp32" for n in ("pivot_ptr", "mean_ptr", "invstd_ptr")}
-    tiles = dict(BLOCK_R=64, BLOCK_C=64)
-    out += [
+    for tiles in (dict(R_AXIS=0, BLOCK_R=64, BLOCK_C=64), dict(R_AXIS=1, BLOCK_R=256, BLOCK_C=16)):
+        out += _batchnorm_variants(batchnorm, p, bn, stats, tiles, i32)
+    return out
+
+
+def _batchnorm_variants(batchnorm, p, bn, stats, tiles, i32):
+    return [
         (batchnorm._bn_partial_stats_kernel, dict(x_ptr=p, count_ptr="*fp32", mean_ptr="*fp32", m2_ptr="*fp32",
          rows_per_program="i32", **bn), tiles, 4),
         (batchnorm._bn_partial_grad_kernel, dict(x_ptr=p, g_ptr=p, sum_g_ptr="*fp32", sum_gx_ptr="*fp32",
@@ -74,7 +80,6 @@ def _variants():
          sum_gx_ptr="*fp32", **stats, **bn, **i32("gstride_n", "gstride_c", "gstride_s")),
          dict(AFFINE=True, BATCH_STATS=True, **tiles), 4),
     ]
-    return out
 
 
 def main() -> int:

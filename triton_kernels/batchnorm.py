@@ -4,6 +4,10 @@ Reductions run in two stages so both few-channel (convolutional) and many-channe
 GPU busy: a grid of (channel block, row slice) programs writes per-slice partial results in float32, which
 are combined in a fixed order afterwards (deterministic, no atomics). Means and variances combine with
 Chan's parallel form of Welford's update, stable where sum-of-squares would cancel.
+
+Tiles are (rows x channels) for (N, C) inputs, whose channels are contiguous, and (channels x rows) for
+(N, C, S) inputs with S > 1, whose rows are: R_AXIS names the tile axis that runs over rows, so adjacent
+threads always read adjacent addresses.
 """
 from __future__ import annotations
 
@@ -14,23 +18,38 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# rows (N*S values) per tile, channels per tile, and the programs a reduction aims for
-BLOCK_R, BLOCK_C = (64, 32) if _INTERPRET else (64, 64)
+# the programs a reduction aims for
 TARGET_PROGRAMS = 8 if _INTERPRET else 1024
 
 
+def _tiling(S: int) -> dict:
+    """R_AXIS and (rows, channels) per tile: channels inner for (N, C), rows inner for (N, C, S > 1)."""
+    if S == 1:
+        return dict(R_AXIS=0, BLOCK_R=64, BLOCK_C=32 if _INTERPRET else 64)
+    return dict(R_AXIS=1, BLOCK_R=64 if _INTERPRET else 256, BLOCK_C=8 if _INTERPRET else 16)
+
+
 @triton.jit
-def _tile(ptr, r, c, R, C, S, stride_n, stride_c, stride_s):
-    """Addresses and mask of rows r (flat over N and S) and channels c of an (N, C, S) tensor."""
+def _tile(ptr, r, c, R, C, S, stride_n, stride_c, stride_s, R_AXIS: tl.constexpr):
+    """Addresses and mask of rows r (flat over N and S) and channels c of an (N, C, S) tensor, rows along
+    tile axis R_AXIS."""
     n = r // S
     s = r - n * S
-    mask = (r < R)[:, None] & (c < C)[None, :]
-    return ptr + n[:, None] * stride_n + c[None, :] * stride_c + s[:, None] * stride_s, mask
+    rr = tl.expand_dims(n * stride_n + s * stride_s, 1 - R_AXIS)
+    cc = tl.expand_dims(c * stride_c, R_AXIS)
+    mask = tl.expand_dims(r < R, 1 - R_AXIS) & tl.expand_dims(c < C, R_AXIS)
+    return ptr + rr + cc, mask
+
+
+@triton.jit
+def _per_channel(v, R_AXIS: tl.constexpr):
+    """A per-channel vector shaped to broadcast over a tile."""
+    return tl.expand_dims(v, R_AXIS)
 
 
 @triton.jit
 def _bn_partial_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, stride_n, stride_c, stride_s,
-                             rows_per_program, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                             rows_per_program, R_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Partial count, mean and M2 of x - pivot, the pivot being each channel's first value."""
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -43,12 +62,12 @@ def _bn_partial_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, stride
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for r0 in range(start, stop, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        ptrs, mask = _tile(x_ptr, r, c, stop, C, S, stride_n, stride_c, stride_s)
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :]
-        n_b = tl.sum(mask.to(tl.float32), axis=0)
-        mean_b = tl.sum(tl.where(mask, x, 0.0), axis=0) / tl.maximum(n_b, 1.0)
-        d = tl.where(mask, x - mean_b[None, :], 0.0)
-        m2_b = tl.sum(d * d, axis=0)
+        ptrs, mask = _tile(x_ptr, r, c, stop, C, S, stride_n, stride_c, stride_s, R_AXIS)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - _per_channel(pivot, R_AXIS)
+        n_b = tl.sum(mask.to(tl.float32), axis=R_AXIS)
+        mean_b = tl.sum(tl.where(mask, x, 0.0), axis=R_AXIS) / tl.maximum(n_b, 1.0)
+        d = tl.where(mask, x - _per_channel(mean_b, R_AXIS), 0.0)
+        m2_b = tl.sum(d * d, axis=R_AXIS)
         n_new = count + n_b
         delta = mean_b - mean
         frac = n_b / tl.maximum(n_new, 1.0)
@@ -65,7 +84,7 @@ def _bn_partial_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, stride
 @triton.jit
 def _bn_partial_grad_kernel(x_ptr, g_ptr, pivot_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_gx_ptr, R, C, S,
                             stride_n, stride_c, stride_s, gstride_n, gstride_c, gstride_s, rows_per_program,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                            R_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Partial sums over rows of g and of g * xhat, xhat = ((x - pivot) - mean) * invstd."""
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -80,20 +99,22 @@ def _bn_partial_grad_kernel(x_ptr, g_ptr, pivot_ptr, mean_ptr, invstd_ptr, sum_g
     sum_gx = tl.zeros([BLOCK_C], tl.float32)
     for r0 in range(start, stop, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        ptrs, mask = _tile(x_ptr, r, c, stop, C, S, stride_n, stride_c, stride_s)
-        gptrs, _ = _tile(g_ptr, r, c, stop, C, S, gstride_n, gstride_c, gstride_s)
+        ptrs, mask = _tile(x_ptr, r, c, stop, C, S, stride_n, stride_c, stride_s, R_AXIS)
+        gptrs, _ = _tile(g_ptr, r, c, stop, C, S, gstride_n, gstride_c, gstride_s, R_AXIS)
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(gptrs, mask=mask, other=0.0).to(tl.float32)
-        sum_g += tl.sum(g, axis=0)
-        sum_gx += tl.sum(g * tl.where(mask, (x - pivot[None, :] - mean[None, :]) * invstd[None, :], 0.0), axis=0)
+        xhat = (x - _per_channel(pivot, R_AXIS) - _per_channel(mean, R_AXIS)) * _per_channel(invstd, R_AXIS)
+        sum_g += tl.sum(g, axis=R_AXIS)
+        sum_gx += tl.sum(g * tl.where(mask, xhat, 0.0), axis=R_AXIS)
     out = pid_r.to(tl.int64) * C + c
     tl.store(sum_g_ptr + out, sum_g, mask=cmask)
     tl.store(sum_gx_ptr + out, sum_gx, mask=cmask)
 
 
 @triton.jit
-def _bn_forward_kernel(x_ptr, y_ptr, pivot_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R, C, S, stride_n, stride_c, stride_s,
-                       AFFINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_forward_kernel(x_ptr, y_ptr, pivot_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R, C, S,
+                       stride_n, stride_c, stride_s, AFFINE: tl.constexpr,
+                       R_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cmask = c < C
@@ -104,17 +125,18 @@ def _bn_forward_kernel(x_ptr, y_ptr, pivot_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
         w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         scale = scale * w
         shift = shift * w + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    ptrs, mask = _tile(x_ptr, r, c, R, C, S, stride_n, stride_c, stride_s)
-    yptrs, _ = _tile(y_ptr, r, c, R, C, S, C * S, S, 1)
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :]
-    tl.store(yptrs, (x * scale[None, :] + shift[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    ptrs, mask = _tile(x_ptr, r, c, R, C, S, stride_n, stride_c, stride_s, R_AXIS)
+    yptrs, _ = _tile(y_ptr, r, c, R, C, S, C * S, S, 1, R_AXIS)
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - _per_channel(pivot, R_AXIS)
+    y = x * _per_channel(scale, R_AXIS) + _per_channel(shift, R_AXIS)
+    tl.store(yptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bn_backward_kernel(x_ptr, g_ptr, dx_ptr, pivot_ptr, mean_ptr, invstd_ptr, w_ptr, sum_g_ptr, sum_gx_ptr, R, C, S,
                         stride_n, stride_c, stride_s, gstride_n, gstride_c, gstride_s,
                         AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                        R_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = w invstd (g - mean(g) - xhat mean(g xhat)) with batch statistics, w invstd g with fixed ones."""
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -123,9 +145,9 @@ def _bn_backward_kernel(x_ptr, g_ptr, dx_ptr, pivot_ptr, mean_ptr, invstd_ptr, w
     k = invstd
     if AFFINE:
         k = k * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    ptrs, mask = _tile(x_ptr, r, c, R, C, S, stride_n, stride_c, stride_s)
-    gptrs, _ = _tile(g_ptr, r, c, R, C, S, gstride_n, gstride_c, gstride_s)
-    dptrs, _ = _tile(dx_ptr, r, c, R, C, S, C * S, S, 1)
+    ptrs, mask = _tile(x_ptr, r, c, R, C, S, stride_n, stride_c, stride_s, R_AXIS)
+    gptrs, _ = _tile(g_ptr, r, c, R, C, S, gstride_n, gstride_c, gstride_s, R_AXIS)
+    dptrs, _ = _tile(dx_ptr, r, c, R, C, S, C * S, S, 1, R_AXIS)
     g = tl.load(gptrs, mask=mask, other=0.0).to(tl.float32)
     if BATCH_STATS:
         pivot = tl.load(pivot_ptr + c, mask=cmask, other=0.0)
@@ -133,16 +155,17 @@ def _bn_backward_kernel(x_ptr, g_ptr, dx_ptr, pivot_ptr, mean_ptr, invstd_ptr, w
         mean_g = tl.load(sum_g_ptr + c, mask=cmask, other=0.0) / R
         mean_gx = tl.load(sum_gx_ptr + c, mask=cmask, other=0.0) / R
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - pivot[None, :] - mean[None, :]) * invstd[None, :]
-        g = g - mean_g[None, :] - xhat * mean_gx[None, :]
-    tl.store(dptrs, (g * k[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
+        xhat = (x - _per_channel(pivot, R_AXIS) - _per_channel(mean, R_AXIS)) * _per_channel(invstd, R_AXIS)
+        g = g - _per_channel(mean_g, R_AXIS) - xhat * _per_channel(mean_gx, R_AXIS)
+    tl.store(dptrs, (g * _per_channel(k, R_AXIS)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _row_split(R: int, C: int) -> tuple[int, int]:
+def _row_split(R: int, C: int, tiles: dict) -> tuple[int, int]:
     """(programs along rows, rows per program) for a reduction over R rows of C channels."""
-    col_programs = triton.cdiv(C, BLOCK_C)
-    parts = max(1, min(triton.cdiv(R, BLOCK_R), triton.cdiv(TARGET_PROGRAMS, col_programs)))
-    rows = triton.cdiv(triton.cdiv(R, parts), BLOCK_R) * BLOCK_R
+    block_r = tiles["BLOCK_R"]
+    col_programs = triton.cdiv(C, tiles["BLOCK_C"])
+    parts = max(1, min(triton.cdiv(R, block_r), triton.cdiv(TARGET_PROGRAMS, col_programs)))
+    rows = triton.cdiv(triton.cdiv(R, parts), block_r) * block_r
     return triton.cdiv(R, rows), rows
 
 
@@ -153,10 +176,11 @@ def batch_stats(x: torch.Tensor):
     """
     N, C, S = x.shape
     R = N * S
-    parts, rows = _row_split(R, C)
+    tiles = _tiling(S)
+    parts, rows = _row_split(R, C, tiles)
     count, mean, m2 = (torch.empty((parts, C), device=x.device, dtype=torch.float32) for _ in range(3))
-    _bn_partial_stats_kernel[(triton.cdiv(C, BLOCK_C), parts)](
-        x, count, mean, m2, R, C, S, x.stride(0), x.stride(1), x.stride(2), rows, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    _bn_partial_stats_kernel[(triton.cdiv(C, tiles["BLOCK_C"]), parts)](
+        x, count, mean, m2, R, C, S, x.stride(0), x.stride(1), x.stride(2), rows, **tiles)
     pivot = x[0, :, 0].float().contiguous()
     if parts == 1:
         return pivot, mean[0], m2[0] / R
@@ -172,10 +196,10 @@ def forward(x, pivot, mean, invstd, weight, bias):
     y = torch.empty((N, C, S), device=x.device, dtype=x.dtype)
     R = N * S
     if R and C:
-        _bn_forward_kernel[(triton.cdiv(C, BLOCK_C), triton.cdiv(R, BLOCK_R))](
+        tiles = _tiling(S)
+        _bn_forward_kernel[(triton.cdiv(C, tiles["BLOCK_C"]), triton.cdiv(R, tiles["BLOCK_R"]))](
             x, y, pivot, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
-            R, C, S, x.stride(0), x.stride(1), x.stride(2),
-            AFFINE=weight is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+            R, C, S, x.stride(0), x.stride(1), x.stride(2), AFFINE=weight is not None, **tiles)
     return y
 
 
@@ -183,11 +207,12 @@ def grad_sums(x, g, pivot, mean, invstd):
     """Per-channel sums of g and of g * xhat (float32): the bias and weight gradients."""
     N, C, S = x.shape
     R = N * S
-    parts, rows = _row_split(R, C)
+    tiles = _tiling(S)
+    parts, rows = _row_split(R, C, tiles)
     sum_g, sum_gx = (torch.empty((parts, C), device=x.device, dtype=torch.float32) for _ in range(2))
-    _bn_partial_grad_kernel[(triton.cdiv(C, BLOCK_C), parts)](
+    _bn_partial_grad_kernel[(triton.cdiv(C, tiles["BLOCK_C"]), parts)](
         x, g, pivot, mean, invstd, sum_g, sum_gx, R, C, S, x.stride(0), x.stride(1), x.stride(2),
-        g.stride(0), g.stride(1), g.stride(2), rows, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        g.stride(0), g.stride(1), g.stride(2), rows, **tiles)
     return sum_g.sum(0), sum_gx.sum(0)
 
 
@@ -196,8 +221,9 @@ def backward_input(x, g, pivot, mean, invstd, weight, sum_g, sum_gx, batch_stats
     dx = torch.empty((N, C, S), device=x.device, dtype=x.dtype)
     R = N * S
     if R and C:
-        _bn_backward_kernel[(triton.cdiv(C, BLOCK_C), triton.cdiv(R, BLOCK_R))](
+        tiles = _tiling(S)
+        _bn_backward_kernel[(triton.cdiv(C, tiles["BLOCK_C"]), triton.cdiv(R, tiles["BLOCK_R"]))](
             x, g, dx, pivot, mean, invstd, weight if weight is not None else mean, sum_g, sum_gx, R, C, S,
             x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
-            AFFINE=weight is not None, BATCH_STATS=batch_stats, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+            AFFINE=weight is not None, BATCH_STATS=batch_stats, **tiles)
     return dx
