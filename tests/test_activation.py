@@ -72,3 +72,11 @@ def test_activation_gpu_dtypes(dtype, mode):
     torch.manual_seed(10)
     x = (torch.randn(129, 1000, device="cuda") * 3).to(dtype).requires_grad_()
     _check(nl.Activation(mode), mode, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_activation_half_precision_kernels(kernel_device, dtype):
+    torch.manual_seed(11)
+    for mode in REFERENCE:
+        x = (torch.randn(7, 129, device=kernel_device) * 3).to(dtype).requires_grad_()
+        _check(nl.Activation(mode), mode, x, dtype)

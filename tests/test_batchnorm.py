@@ -128,3 +128,25 @@ def test_batchnorm_gpu_dtypes(dtype):
     assert_close(y, ref_y, dtype)
     assert_close(xi.grad, x64.grad, dtype)
     assert_close(bn.running_var, ref.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batchnorm_half_precision_kernels(kernel_device, dtype):
+    """Half-precision input with float32 parameters and statistics, as under autocast."""
+    torch.manual_seed(47)
+    for cls, ref_cls, shape in [(nl.BatchNorm1d, nn.BatchNorm1d, (33, 20)),
+                                (nl.BatchNorm2d, nn.BatchNorm2d, (4, 3, 5, 7))]:
+        x = (torch.randn(shape, device=kernel_device) + 2).to(dtype).requires_grad_()
+        bn = cls(shape[1]).to(kernel_device)
+        ref = ref_cls(shape[1]).double()
+        y = bn(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+        x64 = leaf64(x)
+        ref_y = ref(x64)
+        ref_y.backward(g.double().cpu())
+        assert y.dtype == dtype
+        assert_close(y, ref_y, dtype)
+        assert_close(x.grad, x64.grad, dtype)
+        assert_close(bn.weight.grad, ref.weight.grad, dtype)
+        assert_close(bn.running_var, ref.running_var, torch.float32)

@@ -81,3 +81,15 @@ def test_dropout_gpu_dtypes(dtype):
     assert_close(y[kept], x[kept].double() / 0.75, dtype)
     y.backward(torch.ones_like(y))
     assert_close(x.grad, kept.double() / 0.75, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dropout_half_precision_kernels(kernel_device, dtype):
+    torch.manual_seed(34)
+    x = (torch.rand(4, 2000, device=kernel_device) + 0.5).to(dtype).requires_grad_()
+    y = nl.dropout(x, 0.3)
+    kept = y != 0
+    assert y.dtype == dtype and abs(kept.float().mean().item() - 0.7) < 5 * (0.3 * 0.7 / 8000) ** 0.5
+    assert_close(y[kept], x[kept].double() / 0.7, dtype)
+    y.backward(torch.ones_like(y))
+    assert_close(x.grad, kept.double() / 0.7, dtype)

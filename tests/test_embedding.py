@@ -94,3 +94,11 @@ def test_embedding_gpu_dtypes(dtype):
     weight = torch.randn(1000, 257, device="cuda").to(dtype).requires_grad_()
     idx = torch.randint(0, 1000, (64, 33), device="cuda")
     _check(idx, weight, dtype, padding_idx=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_embedding_half_precision_kernels(kernel_device, dtype):
+    torch.manual_seed(55)
+    weight = torch.randn(13, 40, device=kernel_device).to(dtype).requires_grad_()
+    idx = torch.randint(0, 13, (6, 7), device=kernel_device)
+    _check(idx, weight, dtype, padding_idx=2)

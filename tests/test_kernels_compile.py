@@ -28,9 +28,9 @@ def _variants():
         p = "*" + dt
         mm = dict(a_ptr=p, b_ptr=p, c_ptr=p, bias_ptr=p, y_ptr=p, dbias_ptr="*fp32", **i32("M", "N", "K"), **strides)
         out.append((matmul._matmul_kernel.fn, mm, dict(HAS_BIAS=True, EPI_ACT=3, PRO_ACT=0, BIAS_GRAD=False,
-                    PRECISION=precision, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4))
+                    PRECISION=precision, DOT_FP32=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4))
         out.append((matmul._matmul_kernel.fn, mm, dict(HAS_BIAS=False, EPI_ACT=0, PRO_ACT=2, BIAS_GRAD=True,
-                    PRECISION=precision, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4))
+                    PRECISION=precision, DOT_FP32=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4))
     p = "*bf16"
     out += [
         (activation._activation_forward_kernel, dict(x_ptr=p, y_ptr=p, n="i32"), dict(MODE=4, BLOCK=1024), 4),

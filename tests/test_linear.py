@@ -109,3 +109,13 @@ def test_linear_under_autocast_runs_in_half_precision():
     assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     ref = torch.relu(F.linear(x.double(), lin.weight.double(), lin.bias.double()))
     assert_close(y, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_half_precision_kernels(kernel_device, dtype):
+    """The kernels in half precision with float32 accumulation (interpreter on CPU, or the GPU)."""
+    torch.manual_seed(7)
+    x = torch.randn(37, 45, device=kernel_device).to(dtype).requires_grad_()
+    w = (torch.randn(29, 45, device=kernel_device) / 7).to(dtype).requires_grad_()
+    b = torch.randn(29, device=kernel_device).to(dtype).requires_grad_()
+    _check(x, w, b, "sigmoid", dtype)

@@ -64,7 +64,7 @@ def _matmul_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_ym, stride_yk,
     HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, PRO_ACT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -101,6 +101,9 @@ def _matmul_kernel(
             a = a32.to(b.dtype)
         elif BIAS_GRAD:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
     if HAS_BIAS:
@@ -162,5 +165,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, EPI_ACT=ACTIVATIONS[activation], PRO_ACT=pro, BIAS_GRAD=bias_grad,
         PRECISION=_precision(a.dtype),
+        # The interpreter has no bfloat16 arithmetic; bf16 x bf16 products are exact in float32 anyway.
+        DOT_FP32=_INTERPRET and a.dtype == torch.bfloat16,
     )
     return (c, dbias) if bias_grad else c
