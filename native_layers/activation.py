@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .convert import register_conversion
-from .dispatch import kernels, use_triton_float as use_triton
+from .dispatch import kernels, use_triton_float
 
 MODES = ("relu", "sigmoid", "tanh", "stanh")
 STANH_A, STANH_B = 1.7159, 2.0 / 3.0
@@ -38,7 +38,7 @@ class ActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mode, inplace):
         ctx.mode = mode
-        if use_triton(x):
+        if use_triton_float(x):
             k = kernels("activation")
             if inplace and x.is_contiguous():
                 y = k.activation_forward(x, mode, out=x)
@@ -57,7 +57,7 @@ class ActivationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        if use_triton(grad_y):
+        if use_triton_float(grad_y):
             grad_x = kernels("activation").activation_backward(y, grad_y, ctx.mode).view(y.shape)
         else:
             grad_x = _backward_torch(y, grad_y, ctx.mode)
@@ -123,7 +123,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        if use_triton(x):
+        if use_triton_float(x):
             y = kernels("softmax").softmax_forward(x)
         else:
             y = torch.softmax(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, -1).to(x.dtype)
@@ -133,7 +133,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        if use_triton(grad_y):
+        if use_triton_float(grad_y):
             return kernels("softmax").softmax_backward(y, grad_y)
         y32, g32 = (y.float(), grad_y.float()) if y.dtype in (torch.float16, torch.bfloat16) else (y, grad_y)
         return (y32 * (g32 - (g32 * y32).sum(-1, keepdim=True))).to(y.dtype)

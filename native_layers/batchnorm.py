@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .convert import register_conversion
-from .dispatch import kernels, use_triton_float as use_triton
+from .dispatch import kernels, use_triton_float
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -27,7 +27,7 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, batch_stats, factor, eps):
         N, C, S = x.shape
         R = N * S
-        triton = use_triton(x)
+        triton = use_triton_float(x)
         cdt = _compute_dtype(x)
         # Statistics are of x - pivot (pivot: a value of the channel in the batch), so a large mean with a
         # small spread loses nothing in float32; the mean is pivot + mean.

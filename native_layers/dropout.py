@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .convert import register_conversion
-from .dispatch import kernels, use_triton_float as use_triton
+from .dispatch import kernels, use_triton_float
 
 
 def _keep_mask_torch(shape, p: float, seed: int, device) -> torch.Tensor:
@@ -18,8 +18,8 @@ def _keep_mask_torch(shape, p: float, seed: int, device) -> torch.Tensor:
     return (torch.rand(shape, generator=gen) >= p).to(device)
 
 
-def _apply(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    if use_triton(x):
+def _apply(x: torch.Tensor, p: float, seed: int, triton: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    if triton:
         return kernels("dropout").dropout(x, p, seed, out=out).view(x.shape)
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
     y = x * _keep_mask_torch(x.shape, p, seed, x.device).to(x.dtype) * scale
@@ -29,19 +29,20 @@ def _apply(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None
 class DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, seed, inplace):
-        ctx.p, ctx.seed = p, seed
+        # The backward must draw from the same generator as the forward, so the path is fixed here.
+        ctx.p, ctx.seed, ctx.triton = p, seed, use_triton_float(x)
         if inplace:
-            y = _apply(x, p, seed, out=x if x.is_contiguous() else None)
+            y = _apply(x, p, seed, ctx.triton, out=x if x.is_contiguous() else None)
             if y is not x:
                 x.copy_(y)
             ctx.mark_dirty(x)
             return x
-        return _apply(x, p, seed)
+        return _apply(x, p, seed, ctx.triton)
 
     @staticmethod
     def backward(ctx, grad_y):
         # The same mask and scale, regenerated from the seed.
-        return _apply(grad_y, ctx.p, ctx.seed), None, None, None
+        return _apply(grad_y, ctx.p, ctx.seed, ctx.triton), None, None, None
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False,

@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 
 from .convert import register_conversion
-from .dispatch import kernels, use_triton_float as use_triton
+from .dispatch import kernels, use_triton_float
 
 
 class EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx, weight, padding_idx, scale_grad_by_freq, sparse):
-        if use_triton(weight):
+        if use_triton_float(weight):
             out = kernels("embedding").embedding_forward(idx, weight)
         else:
             out = weight.index_select(0, idx)
@@ -33,7 +33,7 @@ class EmbeddingFunction(torch.autograd.Function):
         if ctx.sparse:
             return None, _sparse_grad(idx, grad, ctx.num_embeddings, ctx.padding_idx, ctx.scale_grad_by_freq), \
                 None, None, None
-        if use_triton(grad):
+        if use_triton_float(grad):
             dw = kernels("embedding").embedding_backward(idx, grad, ctx.num_embeddings, ctx.padding_idx,
                                                          ctx.scale_grad_by_freq)
         else:

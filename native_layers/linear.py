@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .convert import register_conversion
-from .dispatch import kernels, use_triton_float as use_triton
+from .dispatch import kernels, use_triton_float
 
 _ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 
@@ -39,7 +39,7 @@ class LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, activation):
         if x.dtype != weight.dtype:
             raise TypeError(f"Linear: input has dtype {x.dtype} but the weight has {weight.dtype}")
-        if use_triton(x):
+        if use_triton_float(x):
             y = kernels("matmul").matmul(x, weight.t(), bias=bias, activation=activation)
         else:
             z = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
@@ -55,7 +55,7 @@ class LinearFunction(torch.autograd.Function):
         act = ctx.activation
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
-        if use_triton(grad_y):
+        if use_triton_float(grad_y):
             mm = kernels("matmul").matmul
             if need_x:
                 grad_x = mm(grad_y, weight, prologue_activation=act, prologue_output=y)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .convert import register_conversion
-from .dispatch import kernels, use_triton_float as use_triton
+from .dispatch import kernels, use_triton_float
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -62,7 +62,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, smoothing, reduction):
-        triton = use_triton(x)
+        triton = use_triton_float(x)
         if triton:
             loss, lse, coef, valid = kernels("cross_entropy").cross_entropy_forward(
                 x, target, weight, ignore_index, smoothing)
@@ -167,7 +167,7 @@ class EuclideanLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, t, reduction):
-        if use_triton(x):
+        if use_triton_float(x):
             rows = kernels("euclidean").euclidean_forward(x, t)
         else:
             d = (x.float() - t.float()) if x.dtype in (torch.float16, torch.bfloat16) else x - t
@@ -186,7 +186,7 @@ class EuclideanLossFunction(torch.autograd.Function):
         if ctx.reduction == "mean":
             scale = scale / x.shape[0]
         need_x, need_t = ctx.needs_input_grad[:2]
-        if use_triton(x):
+        if use_triton_float(x):
             dx, dt = kernels("euclidean").euclidean_backward(x, t, scale, need_x, need_t)
         else:
             d = (x.to(scale.dtype) - t.to(scale.dtype)) * scale.reshape(-1, 1)
