@@ -59,13 +59,14 @@ class LinearFunction(torch.autograd.Function):
             mm = kernels("matmul").matmul
             if need_x:
                 grad_x = mm(grad_y, weight, prologue_activation=act, prologue_output=y)
-            if need_w or need_b:
-                grad_w, row_sums = mm(grad_y.t(), x, prologue_activation=act,
-                                      prologue_output=y.t() if act else None, bias_grad=True)
-                if need_b:
-                    grad_b = row_sums.to(weight.dtype)
-                if not need_w:
-                    grad_w = None
+            if need_w:
+                # The bias gradient (row sums of the scaled dy^T) comes out of the same kernel.
+                out = mm(grad_y.t(), x, prologue_activation=act, prologue_output=y.t() if act else None,
+                         bias_grad=need_b and ctx.has_bias)
+                grad_w, grad_b = out if isinstance(out, tuple) else (out, None)
+                grad_b = grad_b.to(weight.dtype) if grad_b is not None else None
+            elif need_b:  # a frozen weight with a trainable bias: no product needed
+                grad_b = _activation_grad(grad_y.float(), y.float() if act else None, act).sum(0).to(weight.dtype)
         else:
             grad_z = _activation_grad(grad_y, y, act)
             if need_x:

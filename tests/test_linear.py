@@ -119,3 +119,16 @@ def test_linear_half_precision_kernels(kernel_device, dtype):
     w = (torch.randn(29, 45, device=kernel_device) / 7).to(dtype).requires_grad_()
     b = torch.randn(29, device=kernel_device).to(dtype).requires_grad_()
     _check(x, w, b, "sigmoid", dtype)
+
+
+def test_linear_gradients_only_where_asked(layer_device):
+    torch.manual_seed(8)
+    x = torch.randn(6, 5, device=layer_device)
+    w = torch.randn(4, 5, device=layer_device)
+    b = torch.randn(4, device=layer_device, requires_grad=True)
+    nl.linear(x, w, b, "tanh").sum().backward()  # frozen weight, trainable bias
+    ref = (1 - torch.tanh(F.linear(x.double(), w.double(), b.detach().double())) ** 2).sum(0)
+    assert_close(b.grad, ref)
+    w.requires_grad_()
+    nl.linear(x, w, None, "relu").sum().backward()  # no bias at all
+    assert_close(w.grad, ((F.linear(x.double(), w.double()) > 0).double().t() @ x.double()))
