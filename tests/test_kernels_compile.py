@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,8 @@ def main() -> int:
 
 
 def test_kernels_compile_for_sm90():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the layer tests compile and run every kernel on it")
     try:
         import triton.backends
         has_nvidia = "nvidia" in triton.backends.backends
