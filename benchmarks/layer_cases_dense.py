@@ -17,6 +17,13 @@ class _STanhTorch(nn.Module):
         return 1.7159 * torch.tanh(x * (2.0 / 3.0))
 
 
+class _Copy(nn.Module):
+    """x.clone(): its fwd_GBps is the device's copy bandwidth, the yardstick for memory-bound layers."""
+
+    def forward(self, x):
+        return x.clone()
+
+
 class _EuclideanTorch(nn.Module):
     def forward(self, x, t):
         return 0.5 * ((x - t) ** 2).sum(1).mean()
@@ -59,6 +66,7 @@ def cases(device, dtype, small):
     shape = f"{batch}x{features}"
     rw = 2 * elems * size  # read once, write once
     out = [
+        LayerCase("copy (bandwidth reference)", shape, _Copy, _Copy, activations, min_bytes_forward=rw),
         LayerCase("Linear", f"{shape}->{features}", lambda: linear_pair(None)[0], lambda: linear_pair(None)[1],
                   activations),
         LayerCase("Linear+ReLU (fused)", f"{shape}->{features}", lambda: linear_pair("relu")[0],
