@@ -36,3 +36,12 @@ def use_triton(x: torch.Tensor) -> bool:
 def kernels(name: str):
     """The kernel module `triton_kernels.<name>`, imported on first use (triton is optional on CPU hosts)."""
     return importlib.import_module(f"triton_kernels.{name}")
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton_float(x: torch.Tensor) -> bool:
+    """use_triton(x) for the dtypes the kernels are written for; float64 stays in torch, where it is exact
+    (the kernels compute in float32)."""
+    return x.dtype in KERNEL_DTYPES and use_triton(x)

@@ -1,0 +1,159 @@
+"""SINGA's activation layers: ReLU, Sigmoid, Tanh, STanh (1.7159 tanh(2x/3)) and `Activation(mode)`.
+
+Each saves only its output: every derivative here is a function of the output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .convert import register_conversion
+from .dispatch import kernels, use_triton_float
+
+MODES = ("relu", "sigmoid", "tanh", "stanh")
+STANH_A, STANH_B = 1.7159, 2.0 / 3.0
+
+
+def _forward_torch(x: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "relu":
+        return torch.relu(x)
+    if mode == "sigmoid":
+        return torch.sigmoid(x)
+    if mode == "tanh":
+        return torch.tanh(x)
+    return STANH_A * torch.tanh(STANH_B * x)
+
+
+def _backward_torch(y: torch.Tensor, g: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "relu":
+        return g * (y > 0).to(g.dtype)
+    if mode == "sigmoid":
+        return g * y * (1 - y)
+    if mode == "tanh":
+        return g * (1 - y * y)
+    return g * STANH_B * (STANH_A - y * y / STANH_A)
+
+
+class ActivationFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mode, inplace):
+        ctx.mode = mode
+        if use_triton_float(x):
+            k = kernels("activation")
+            if inplace and x.is_contiguous():
+                y = k.activation_forward(x, mode, out=x)
+            else:
+                y = k.activation_forward(x, mode).view(x.shape)
+        else:
+            y = _forward_torch(x, mode)
+        if inplace:
+            if y is not x:
+                x.copy_(y)
+            ctx.mark_dirty(x)
+            y = x
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        if use_triton_float(grad_y):
+            grad_x = kernels("activation").activation_backward(y, grad_y, ctx.mode).view(y.shape)
+        else:
+            grad_x = _backward_torch(y, grad_y, ctx.mode)
+        return grad_x, None, None
+
+
+def activation(x: torch.Tensor, mode: str, inplace: bool = False) -> torch.Tensor:
+    if mode not in MODES:
+        raise ValueError(f"Activation: mode must be one of {MODES}, got {mode!r}")
+    return ActivationFunction.apply(x, mode, inplace)
+
+
+class Activation(nn.Module):
+    """SINGA's activation layer: `Activation("relu" | "sigmoid" | "tanh" | "stanh")`."""
+
+    def __init__(self, mode: str = "relu", inplace: bool = False):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"Activation: mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.inplace = inplace
+
+    def forward(self, x):
+        return activation(x, self.mode, self.inplace)
+
+    def extra_repr(self):
+        return f"mode={self.mode!r}" + (", inplace=True" if self.inplace else "")
+
+
+class ReLU(nn.ReLU):
+    def forward(self, x):
+        return activation(x, "relu", self.inplace)
+
+
+class Sigmoid(nn.Sigmoid):
+    def forward(self, x):
+        return activation(x, "sigmoid")
+
+
+class Tanh(nn.Tanh):
+    def forward(self, x):
+        return activation(x, "tanh")
+
+
+class STanh(nn.Module):
+    """SINGA's scaled tanh, 1.7159 * tanh(2x/3) (LeCun's choice: unit variance in, unit gain near 0)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        return activation(x, "stanh", self.inplace)
+
+
+register_conversion(nn.ReLU, lambda m: ReLU(inplace=m.inplace))
+register_conversion(nn.Sigmoid, lambda m: Sigmoid())
+register_conversion(nn.Tanh, lambda m: Tanh())
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Softmax over the last dimension of a 2-d x; saves only the output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        if use_triton_float(x):
+            y = kernels("softmax").softmax_forward(x)
+        else:
+            y = torch.softmax(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, -1).to(x.dtype)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        if use_triton_float(grad_y):
+            return kernels("softmax").softmax_backward(y, grad_y)
+        y32, g32 = (y.float(), grad_y.float()) if y.dtype in (torch.float16, torch.bfloat16) else (y, grad_y)
+        return (y32 * (g32 - (g32 * y32).sum(-1, keepdim=True))).to(y.dtype)
+
+
+def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """exp(x) / sum(exp(x)) along `dim`, computed stably (float32 inside for half precisions)."""
+    if x.dim() == 0:
+        return SoftmaxFunction.apply(x.reshape(1, 1)).reshape(())
+    moved = x.movedim(dim, -1)
+    y = SoftmaxFunction.apply(moved.reshape(-1, moved.shape[-1]))
+    return y.reshape(moved.shape).movedim(-1, dim)
+
+
+class Softmax(nn.Softmax):
+    """nn.Softmax (same `dim` argument, including its legacy choice when dim is None)."""
+
+    def forward(self, x):
+        dim = self.dim if self.dim is not None else nn.functional._get_softmax_dim("softmax", x.dim(), 3)
+        return softmax(x, dim)
+
+
+register_conversion(nn.Softmax, lambda m: Softmax(m.dim))

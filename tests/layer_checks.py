@@ -1,0 +1,38 @@
+"""What the native-layer tests share: the paths a layer can run on, and comparison with a float64 reference."""
+import pytest
+import torch
+
+from tests.conftest import HAS_CUDA, INTERPRET
+
+
+@pytest.fixture(params=["torch", "triton", "cuda"])
+def layer_device(request, monkeypatch):
+    """torch: the CPU path (torch ops); triton: the Triton kernels in the interpreter; cuda: a real GPU."""
+    if request.param == "torch":
+        monkeypatch.delenv("SINGA_FORCE_TRITON", raising=False)
+        return torch.device("cpu")
+    if request.param == "triton":
+        if not INTERPRET:
+            pytest.skip("CPU kernel tests need TRITON_INTERPRET=1")
+        monkeypatch.setenv("SINGA_FORCE_TRITON", "1")
+        return torch.device("cpu")
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
+
+
+# Absolute-plus-relative tolerances against a float64 reference, per dtype of the layer's computation.
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 1e-2), torch.bfloat16: (1e-1, 5e-2),
+             torch.float64: (1e-10, 1e-10)}
+
+
+def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = ""):
+    atol, rtol = TOLERANCE[dtype]
+    assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    torch.testing.assert_close(actual.detach().double().cpu(), reference.detach().double().cpu(),
+                               atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def leaf64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy of t that requires grad: the reference computation's input."""
+    return t.detach().double().cpu().requires_grad_(t.requires_grad)
