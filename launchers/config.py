@@ -309,6 +309,9 @@ def parse_args(argv: list[str]) -> LaunchConfig:
     hosts = parse_hosts(args.hosts) if args.hosts else parse_hostfile(args.hostfile) if args.hostfile else []
     if hosts and args.nnodes:
         raise UsageError("--hosts/--hostfile start every node over ssh; --nnodes is for starting each node yourself")
+    if args.mpi and (args.max_restarts or args.nnodes or args.log_dir):
+        raise UsageError("--mpi: mpirun starts and stops the job itself; --max-restarts, --nnodes and --log-dir "
+                         "do not apply (use --mpi-args for mpirun's own options)")
     if args.max_restarts < 0:
         raise UsageError(f"--max-restarts must be at least 0, got {args.max_restarts}")
     if args.omp_num_threads is not None and args.omp_num_threads < 1:

@@ -18,7 +18,8 @@ from .config import LaunchConfig, UsageError, _cores
 OPENMPI, MPICH = "openmpi", "mpich"
 # The per-process variables mpirun itself provides; the launcher's values would be wrong for all but one rank.
 _PER_PROCESS = ("SINGA_PROC_RANK", "SINGA_PROC_WORLD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                "GROUP_RANK", "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE")
+                "GROUP_RANK", "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT",
+                "TORCHELASTIC_MAX_RESTARTS")
 
 
 def find_mpirun() -> str:

@@ -30,7 +30,10 @@ RANK_SCRIPT = textwrap.dedent("""
     if action == "exit3" and rank == 1:
         time.sleep(0.5)
         sys.exit(3)
-    if action in ("exit3", "sleep"):
+    if action == "kill9" and rank == 1:
+        time.sleep(0.5)
+        os.kill(os.getpid(), 9)
+    if action in ("exit3", "kill9", "sleep"):
         time.sleep(120)
 """)
 
@@ -222,12 +225,15 @@ def test_restart_resumes_from_checkpoint(tmp_path, uninterrupted):
         torch.testing.assert_close(params[key], ref_params[key], rtol=1e-5, atol=1e-6)
 
 
-def test_failure_without_restarts_left(tmp_path):
-    script = _write(tmp_path, "train.py", TRAIN_SCRIPT)
-    env = {**ENV, "CRASH_EPOCH": "0", "EPOCHS": "1"}
-    res = run_command(LAUNCH + ["-np", "2", script], timeout=120, env=env)
+def test_failure_after_the_last_restart(tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    res = run_command(LAUNCH + ["-np", "2", "--max-restarts", "1", script, str(tmp_path), "kill9"], timeout=60,
+                      env=ENV)
     assert res.returncode == 128 + signal.SIGKILL
-    assert "job failed: rank 1 was killed by signal SIGKILL (9)" in res.stderr
+    assert res.stdout.count("[1] hello from rank 1") == 2  # the job ran twice
+    assert "rank 1 was killed by signal SIGKILL (9); restarting the job (1/1)" in res.stderr
+    assert "job failed after 1 restart(s): rank 1 was killed by signal SIGKILL (9)" in res.stderr
+    assert _pids_gone(str(tmp_path))
 
 
 SERVER_SCRIPT = textwrap.dedent("""
