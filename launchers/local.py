@@ -237,8 +237,8 @@ class LocalJob:
 def _watch_stdin() -> None:
     """On a remote node: when the controlling ssh connection goes away, stop the job."""
     def watch():
-        try:
-            while sys.stdin.buffer.read1(4096):
+        try:  # the raw descriptor: a daemon thread must not hold sys.stdin's lock at interpreter exit
+            while os.read(0, 4096):
                 pass
         except (OSError, ValueError):
             pass

@@ -27,11 +27,15 @@ RANK_SCRIPT = textwrap.dedent("""
     if rank == 0:
         sys.stderr.write("train: 0%\\rtrain: 50%\\rtrain: 100%\\n")
     action = sys.argv[2]
-    if action == "exit3" and rank == 1:
-        time.sleep(0.5)
-        sys.exit(3)
-    if action == "kill9" and rank == 1:
-        time.sleep(0.5)
+    if action in ("exit3", "kill9") and rank == 1:
+        # Fail once every rank is up, so that the launcher has them all to stop.
+        deadline = time.time() + 30
+        while time.time() < deadline and not all(
+                os.path.exists(os.path.join(sys.argv[1], f"pid{r}")) for r in range(int(os.environ["WORLD_SIZE"]))):
+            time.sleep(0.05)
+        time.sleep(0.2)
+        if action == "exit3":
+            sys.exit(3)
         os.kill(os.getpid(), 9)
     if action in ("exit3", "kill9", "sleep"):
         time.sleep(120)
