@@ -82,12 +82,18 @@ def _detect_launcher() -> tuple[str, int, int, int, int] | None:
 
 
 def _local_size_from_slurm() -> int:
-    # SLURM_TASKS_PER_NODE looks like "2(x3),1"; the node's own count is SLURM_NTASKS_PER_NODE when set.
-    value = _env_int("SLURM_NTASKS_PER_NODE")
-    if value:
-        return value
-    first = os.environ.get("SLURM_TASKS_PER_NODE", "1").split(",")[0]
-    return int(first.split("(")[0] or 1)
+    # SLURM_TASKS_PER_NODE lists every node's task count, compressed: "2(x3),1" is 2,2,2,1; this node is
+    # SLURM_NODEID. SLURM_NTASKS_PER_NODE (the requested count) is the fallback.
+    counts = []
+    for item in os.environ.get("SLURM_TASKS_PER_NODE", "").split(","):
+        if not item:
+            continue
+        value, _, repeat = item.partition("(x")
+        counts += [int(value)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = _env_int("SLURM_NODEID") or 0
+    if node < len(counts):
+        return counts[node]
+    return _env_int("SLURM_NTASKS_PER_NODE") or 1
 
 
 def _rendezvous_address(launcher: str, rank: int) -> None:

@@ -95,3 +95,25 @@ def test_real_mpirun_three_ranks(script):
     assert res.returncode == 0, res.stdout + res.stderr
     lines = sorted(line for line in res.stdout.splitlines() if line.startswith("worker"))
     assert lines == [f"worker {r} of 3 local {r}/3: sum 6" for r in range(3)], res.stdout
+
+
+_LAUNCHER_VARS = ("SINGA_PROC_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                  "PMI_RANK", "PMI_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}, ("mpirun", 2, 3, 0, 1)),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, ("mpirun", 1, 4, 1, 2)),
+    ({"SLURM_PROCID": "6", "SLURM_NTASKS": "7", "SLURM_LOCALID": "0", "SLURM_NODEID": "3",
+      "SLURM_TASKS_PER_NODE": "2(x3),1"}, ("srun", 6, 7, 0, 1)),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+      "SLURM_TASKS_PER_NODE": "2(x3),1"}, ("srun", 3, 7, 1, 2)),
+])
+def test_runtime_reads_mpi_and_slurm_ranks(env, expected, monkeypatch):
+    from singa_dist import runtime
+    for name in _LAUNCHER_VARS + ("SLURM_NTASKS_PER_NODE",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert runtime._detect_launcher() == expected
