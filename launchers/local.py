@@ -285,3 +285,7 @@ def run_node(cfg: LaunchConfig) -> int:
         say(f"{outcome.describe()}; restarting the job ({attempt}/{cfg.max_restarts})")
         if cfg.nnodes == 1:
             cfg.master_port = free_port()  # the old rendezvous port may linger in TIME_WAIT
+        else:
+            # Every node restarts once per failure of the job: attempt k meets at base port + k on all nodes,
+            # never at a store left over from the attempt before.
+            cfg.master_port += 1
