@@ -264,6 +264,10 @@ def run_node(cfg: LaunchConfig) -> int:
             outcome = Outcome(False, [], signal=int(exc.sigval))
         except KeyboardInterrupt:
             outcome = Outcome(False, [], signal=int(signal.SIGINT))
+        except OSError as exc:  # a program that cannot be executed after all
+            job.stop(0)
+            say(f"could not start the job: {exc}")
+            return 1
         try:
             others = sum(1 for _, code in job._codes() if code is None)
             if not outcome.ok and outcome.signal is None and others:

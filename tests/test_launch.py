@@ -287,6 +287,21 @@ def test_dry_run_prints_commands_and_environment(capsys, tmp_path):
     assert not list(tmp_path.glob("pid*"))
 
 
+def test_dry_run_over_ssh_prints_each_host(capsys, tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    assert launch_main(["--hosts", "localhost:1,node7:2", "--ssh-command", "ssh -F cfg", "--ssh-port", "2222",
+                        "--dry-run", script]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# host localhost (node 0, 1 processes, local):"
+    assert lines[1].startswith("  sh -c 'cd ")
+    assert lines[3] == "# host node7 (node 1, 2 processes, ssh):"
+    assert lines[4].startswith("  ssh -F cfg -o BatchMode=yes -o StrictHostKeyChecking=no -o ConnectTimeout=10 "
+                               "-p 2222 node7 'cd ")
+    assert "--node-slots 1,2 --node-rank 1 --master-addr localhost --master-port 29500" in lines[4]
+    assert lines[5].startswith("  [1] ") and "LOCAL_RANK=0 " in lines[5] and "RANK=1 " in lines[5]
+    assert lines[6].startswith("  [2] ") and "GROUP_RANK=1 " in lines[6] and "WORLD_SIZE=3 " in lines[6]
+
+
 @pytest.mark.parametrize("args, reason", [
     (["-np", "0"], "-np must be at least 1"),
     (["-np", "5", "--hosts", "localhost:2,127.0.0.1:2"], "needs 5 processes but the hosts give only 4 slots"),
