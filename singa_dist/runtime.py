@@ -111,7 +111,24 @@ def _rendezvous_address(launcher: str, rank: int) -> None:
         if rank == 0:
             with socket.socket() as s:
                 s.bind(("", 0))
-                address = (socket.gethostbyname(socket.gethostname()), s.getsockname()[1])
+                port = s.getsockname()[1]
+            host = socket.gethostbyname(socket.gethostname())
+            ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+            if ifname:  # the interface the job was told to use (singa-launch --network-interface)
+                import fcntl
+                import struct
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
+                host = socket.inet_ntoa(packed[20:24])
+            elif host.startswith("127."):
+                # The host name maps to loopback (as on Debian): other hosts need the routed address.
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    try:
+                        s.connect(("10.255.255.255", 1))  # UDP: picks the route, sends nothing
+                        host = s.getsockname()[0]
+                    except OSError:
+                        pass
+            address = (host, port)
         address = MPI.COMM_WORLD.bcast(address, root=0)
         os.environ.setdefault("MASTER_ADDR", address[0])
         os.environ.setdefault("MASTER_PORT", str(address[1]))

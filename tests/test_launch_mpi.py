@@ -89,8 +89,10 @@ def _mpirun():
 
 
 @pytest.mark.skipif(_mpirun() is None, reason="no mpirun installed (pip install 'singa[mpi]')")
-def test_real_mpirun_three_ranks(script):
-    res = run_command([sys.executable, "-m", "launchers.launch", "--mpi", "-np", "3", script], timeout=180,
+@pytest.mark.parametrize("where", [["-np", "3"], ["--hosts", "localhost:3"]], ids=["one-host", "hosts"])
+def test_real_mpirun_three_ranks(script, where):
+    """With --hosts the launcher sets no MASTER_ADDR: rank 0 announces its address through mpi4py."""
+    res = run_command([sys.executable, "-m", "launchers.launch", "--mpi", *where, script], timeout=180,
                       env={"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout + res.stderr
     lines = sorted(line for line in res.stdout.splitlines() if line.startswith("worker"))
