@@ -49,6 +49,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+LAUNCHERS = ("torchrun", "singa-launch")
+
+
 def launcher_command(launcher: str, nprocs: int, script: str, mode: str) -> list[str]:
     if launcher == "singa-launch":
         return [sys.executable, "-m", "launchers.launch", "-np", str(nprocs), script, mode]
@@ -88,10 +91,14 @@ def main(argv: list[str] | None = None) -> None:
             f.write(SCRIPT)
         rows = []
         for nprocs in args.procs:
+            runs = {launcher: {"ok": [], "fail": []} for launcher in LAUNCHERS}
+            for _ in range(args.reps):  # interleaved, so that a change in the machine's load hits both alike
+                for launcher in LAUNCHERS:
+                    for mode in ("ok", "fail"):
+                        runs[launcher][mode].append(run_once(launcher, nprocs, script, mode))
             measured = {}
-            for launcher in ("torchrun", "singa-launch"):
-                ok = [run_once(launcher, nprocs, script, "ok") for _ in range(args.reps)]
-                fail = [run_once(launcher, nprocs, script, "fail") for _ in range(args.reps)]
+            for launcher in LAUNCHERS:
+                ok, fail = runs[launcher]["ok"], runs[launcher]["fail"]
                 measured[launcher] = {
                     "first_step_s": statistics.median(r["first_step_s"] for r in ok + fail),
                     "teardown_done_s": statistics.median(r["teardown_s"] for r in ok),

@@ -81,7 +81,6 @@ class LaunchConfig:
     mpi_args: list[str] = field(default_factory=list)
     dry_run: bool = False
     exit_on_stdin_close: bool = False
-    hostfile: str | None = None
 
     @property
     def nnodes(self) -> int:
@@ -390,7 +389,7 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         grace_period=args.grace_period, extra_env=_extra_env(args.env),
         ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
         mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
-        exit_on_stdin_close=args.exit_on_stdin_close, hostfile=args.hostfile)
+        exit_on_stdin_close=args.exit_on_stdin_close)
 
 
 def _fill_hosts(hosts: list[Host], nprocs: int) -> list[int]:

@@ -48,6 +48,19 @@ class _RankFiles(LogsSpecs):
                         tee_stdouts={}, tee_stderrs={}, error_files={i: path(i, "error.json") for i in n})
 
 
+@dataclass
+class _Source:
+    """One output file being copied: where it goes, and the part of a line not yet ended."""
+
+    label: str
+    path: str
+    stream: object
+    file: object = None
+    decoder: object = None
+    pending: str = ""
+    last_was_cr: bool = False
+
+
 class OutputPump:
     """Copies the processes' output files to the console, each line prefixed with its rank.
 
@@ -55,15 +68,14 @@ class OutputPump:
     """
 
     def __init__(self):
-        self._sources: list[list] = []  # [label, path, stream, file or None, decoder, pending, last_was_cr]
+        self._sources: list[_Source] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="singa-launch-output", daemon=True)
         self._lock = threading.Lock()
 
     def add(self, label: str, path: str, stream) -> None:
         with self._lock:
-            self._sources.append([label, path, stream, None, codecs.getincrementaldecoder("utf-8")("replace"),
-                                  "", False])
+            self._sources.append(_Source(label, path, stream, decoder=codecs.getincrementaldecoder("utf-8")("replace")))
 
     def start(self) -> None:
         self._thread.start()
@@ -71,15 +83,16 @@ class OutputPump:
     def stop(self) -> None:
         """Copy what is left (a last line without a newline included) and stop."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         with self._lock:
             for src in self._sources:
                 self._pump(src)
-                if src[5]:
-                    self._emit(src, [src[5]])
-                    src[5] = ""
-                if src[3] is not None:
-                    src[3].close()
+                if src.pending:
+                    self._emit(src, [src.pending])
+                    src.pending = ""
+                if src.file is not None:
+                    src.file.close()
             self._sources = []
 
     def _run(self) -> None:
@@ -88,40 +101,37 @@ class OutputPump:
                 for src in self._sources:
                     self._pump(src)
 
-    def _pump(self, src) -> None:
-        label, path, stream, f, decoder, pending, last_was_cr = src
-        if f is None:
+    def _pump(self, src: _Source) -> None:
+        if src.file is None:
             try:
-                f = src[3] = open(path, "rb")
+                src.file = open(src.path, "rb")
             except FileNotFoundError:
                 return
-        data = f.read()
+        data = src.file.read()
         if not data:
             return
-        text = decoder.decode(data)
-        lines = []
-        for ch in text:
+        lines, pending, last_was_cr = [], src.pending, src.last_was_cr
+        for ch in src.decoder.decode(data):
             if ch == "\n" and last_was_cr:  # the '\n' of a '\r\n' ends no second line
                 last_was_cr = False
                 continue
             last_was_cr = ch == "\r"
             if ch in "\r\n":
-                if pending or ch == "\n":
+                if pending or ch == "\n":  # a '\r' right after a line's end adds no empty line
                     lines.append(pending)
                 pending = ""
             else:
                 pending += ch
-        src[5], src[6] = pending, last_was_cr
+        src.pending, src.last_was_cr = pending, last_was_cr
         self._emit(src, lines)
 
     @staticmethod
-    def _emit(src, lines: list[str]) -> None:
+    def _emit(src: _Source, lines: list[str]) -> None:
         if not lines:
             return
-        label, stream = src[0], src[2]
         try:
-            stream.write("".join(f"[{label}] {line}\n" for line in lines))
-            stream.flush()
+            src.stream.write("".join(f"[{src.label}] {line}\n" for line in lines))
+            src.stream.flush()
         except (BrokenPipeError, ValueError):
             pass
 

@@ -51,7 +51,7 @@ def detect_flavor(mpirun: str) -> str:
 def mpi_env(cfg: LaunchConfig) -> dict[str, str]:
     """The variables every rank gets: the launcher's job-wide environment, without the per-process ones."""
     env = {k: v for k, v in cfg.common_env().items() if k not in _PER_PROCESS}
-    if cfg.hosts or cfg.hostfile:
+    if cfg.hosts:
         # Several hosts: rank 0 picks its own address and port and shares them through mpi4py (see runtime.py).
         env.pop("MASTER_ADDR", None)
         env.pop("MASTER_PORT", None)
@@ -72,12 +72,10 @@ def mpirun_command(cfg: LaunchConfig, flavor: str, mpirun: str, env_names: list[
         cmd = [mpirun]
         if as_root:
             cmd.append("--allow-run-as-root")
-        if not cfg.hosts and not cfg.hostfile and topo.nprocs > _cores():
+        if not cfg.hosts and topo.nprocs > _cores():
             cmd.append("--oversubscribe")  # one node: Open MPI's slots are its cores
         cmd += ["--bind-to", "none"]  # each rank's intra-op threads must not share one core
-        if cfg.hostfile:
-            cmd += ["--hostfile", cfg.hostfile]
-        elif hosts:
+        if hosts:  # a --hostfile too, read by singa-launch: its forms need not match this MPI's hostfile syntax
             cmd += ["-H", hosts]
         for name in env_names:
             cmd += ["-x", name]
@@ -87,9 +85,7 @@ def mpirun_command(cfg: LaunchConfig, flavor: str, mpirun: str, env_names: list[
             cmd += [":", "-np", str(nservers), *cfg.server_command()]
         return cmd
     cmd = [mpirun, "-genvlist", ",".join(env_names)]
-    if cfg.hostfile:
-        cmd += ["-f", cfg.hostfile]
-    elif hosts:
+    if hosts:
         cmd += ["-hosts", hosts]
     cmd += cfg.mpi_args
     cmd += ["-n", str(topo.nworkers), *cfg.command]

@@ -326,3 +326,16 @@ def test_missing_program_exits_2(tmp_path):
     assert res.stderr == f"singa-launch: error: the program {tmp_path / 'absent.py'} does not exist\n"
     res = run_command(LAUNCH + ["-np", "2", "no-such-program-xyz"], timeout=60, env=ENV)
     assert res.returncode == 2 and "'no-such-program-xyz' is not on PATH" in res.stderr
+
+
+def test_output_pump_splits_lines_at_carriage_returns(tmp_path):
+    import io
+
+    from launchers.local import OutputPump
+    path = tmp_path / "rank0.err"
+    path.write_bytes("a\r\nbar 1%\rbar 99%\rdone\n\nlast é".encode())
+    out = io.StringIO()
+    pump = OutputPump()
+    pump.add("0", str(path), out)
+    pump.stop()
+    assert out.getvalue() == "[0] a\n[0] bar 1%\n[0] bar 99%\n[0] done\n[0] \n[0] last é\n"

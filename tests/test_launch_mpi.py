@@ -69,7 +69,7 @@ def test_mpich_command(script, tmp_path, monkeypatch):
     hostfile.write_text("h1 slots=2\nh2:2\n")
     cfg = parse_args(["--mpi", "-np", "3", "--strategy", "downpour", "--hostfile", str(hostfile), script])
     cmd = mpi.mpirun_command(cfg, mpi.MPICH, "mpiexec", ["MASTER_PORT", "SINGA_TOPOLOGY"], as_root=True)
-    assert cmd == ["mpiexec", "-genvlist", "MASTER_PORT,SINGA_TOPOLOGY", "-f", str(hostfile),
+    assert cmd == ["mpiexec", "-genvlist", "MASTER_PORT,SINGA_TOPOLOGY", "-hosts", "h1:2,h2:2",
                    "-n", "3", sys.executable, script, ":", "-n", "1", sys.executable, "-m", "singa_dist.ps"]
     cfg = parse_args(["--mpi", "-np", "2", "--hosts", "a:1,b:1", script])
     assert mpi.mpirun_command(cfg, mpi.MPICH, "mpirun", ["X"]) == [
