@@ -310,6 +310,9 @@ def test_dry_run_over_ssh_prints_each_host(capsys, tmp_path):
     (["-np", "2", "--hosts", "nohost.invalid:2"], "unreachable host(s): nohost.invalid"),
     (["-np", "2", "--no-such-flag"], "unrecognized arguments"),
     (["-np", "4", "--nnodes", "3", "--master-addr", "10.0.0.1"], "do not divide evenly over 3 nodes"),
+    (["-np", "4", "--nnodes", "2"], "--nnodes > 1 needs --master-addr"),
+    (["--hostfile", "/nonexistent/hosts"], "cannot read the hostfile /nonexistent/hosts"),
+    (["-np", "2", "--hosts", "h1:0"], "slots of host 'h1' must be a positive integer, got 0"),
 ])
 def test_bad_input_exits_2_before_starting(args, reason, tmp_path, capsys):
     script = _write(tmp_path, "rank.py", RANK_SCRIPT)
@@ -339,3 +342,17 @@ def test_output_pump_splits_lines_at_carriage_returns(tmp_path):
     pump.add("0", str(path), out)
     pump.stop()
     assert out.getvalue() == "[0] a\n[0] bar 1%\n[0] bar 99%\n[0] done\n[0] \n[0] last é\n"
+
+
+def test_threads_shared_out_among_processes(monkeypatch, tmp_path):
+    from launchers import config
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(config, "_cores", lambda: 8)
+    threads = lambda *a: config.parse_args([*a, script]).common_env().get("OMP_NUM_THREADS")  # noqa: E731
+    assert threads("-np", "1") is None  # one process keeps torch's default
+    assert threads("-np", "2") == "4"
+    assert threads("-np", "8") == "1" and threads("-np", "12") == "1"  # as many processes as cores, or more
+    assert threads("-np", "12", "--omp-num-threads", "2") == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads("-np", "12") is None  # the user's own setting is inherited as it is
