@@ -322,10 +322,8 @@ def parse_args(argv: list[str]) -> LaunchConfig:
 
     # Workers: -np, else what the nodes hold.
     nworkers = args.np
-    if nworkers is None:
-        if args.topology_json:
-            nworkers = None
-        elif args.nproc_per_node and args.nnodes:
+    if nworkers is None and not args.topology_json:  # a whole topology (ssh path) carries its own counts
+        if args.nproc_per_node and args.nnodes:
             nworkers = args.nproc_per_node * args.nnodes
         elif args.nproc_per_node:
             nworkers = args.nproc_per_node
