@@ -15,3 +15,4 @@ from .strategies import Strategy
 __version__ = "0.1.0"
 from .collectives import Average, ReduceOp, Sum
 from .optimizer import DistributedOptimizer
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint

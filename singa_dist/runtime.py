@@ -82,12 +82,18 @@ def _detect_launcher() -> tuple[str, int, int, int, int] | None:
 
 
 def _local_size_from_slurm() -> int:
-    # SLURM_TASKS_PER_NODE looks like "2(x3),1"; the node's own count is SLURM_NTASKS_PER_NODE when set.
-    value = _env_int("SLURM_NTASKS_PER_NODE")
-    if value:
-        return value
-    first = os.environ.get("SLURM_TASKS_PER_NODE", "1").split(",")[0]
-    return int(first.split("(")[0] or 1)
+    # SLURM_TASKS_PER_NODE lists every node's task count, compressed: "2(x3),1" is 2,2,2,1; this node is
+    # SLURM_NODEID. SLURM_NTASKS_PER_NODE (the requested count) is the fallback.
+    counts = []
+    for item in os.environ.get("SLURM_TASKS_PER_NODE", "").split(","):
+        if not item:
+            continue
+        value, _, repeat = item.partition("(x")
+        counts += [int(value)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = _env_int("SLURM_NODEID") or 0
+    if node < len(counts):
+        return counts[node]
+    return _env_int("SLURM_NTASKS_PER_NODE") or 1
 
 
 def _rendezvous_address(launcher: str, rank: int) -> None:
@@ -105,7 +111,24 @@ def _rendezvous_address(launcher: str, rank: int) -> None:
         if rank == 0:
             with socket.socket() as s:
                 s.bind(("", 0))
-                address = (socket.gethostbyname(socket.gethostname()), s.getsockname()[1])
+                port = s.getsockname()[1]
+            host = socket.gethostbyname(socket.gethostname())
+            ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+            if ifname:  # the interface the job was told to use (singa-launch --network-interface)
+                import fcntl
+                import struct
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
+                host = socket.inet_ntoa(packed[20:24])
+            elif host.startswith("127."):
+                # The host name maps to loopback (as on Debian): other hosts need the routed address.
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    try:
+                        s.connect(("10.255.255.255", 1))  # UDP: picks the route, sends nothing
+                        host = s.getsockname()[0]
+                    except OSError:
+                        pass
+            address = (host, port)
         address = MPI.COMM_WORLD.bcast(address, root=0)
         os.environ.setdefault("MASTER_ADDR", address[0])
         os.environ.setdefault("MASTER_PORT", str(address[1]))

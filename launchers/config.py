@@ -1,0 +1,412 @@
+"""singa-launch's command line: the flags, their checks, and the per-process plan (command and environment).
+
+Everything that can be wrong with the input is found here, before any process starts: `UsageError`
+carries a one-line reason and the launcher exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from singa_dist.topology import STRATEGIES, ClusterTopology, TopologyError
+
+DEFAULT_MASTER_PORT = 29500
+# Environment a remote node or mpirun passes on besides the launcher's own variables.
+FORWARDED_PREFIXES = ("SINGA_", "NCCL_", "GLOO_", "TORCH_", "OMP_", "MKL_", "CUDA_", "PYTHON")
+FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "TRITON_INTERPRET")
+
+
+class UsageError(Exception):
+    """Bad input: the launcher prints `singa-launch: error: <reason>` and exits with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2, as for every other bad input
+        raise UsageError(message)
+
+
+@dataclass
+class Host:
+    name: str
+    slots: int
+
+
+@dataclass
+class ProcessSpec:
+    """One process of the job: where it runs, what it runs, and the environment it gets."""
+
+    proc_rank: int
+    local_rank: int
+    role: str  # "worker" or "server"
+    index: int  # rank among the processes of its role
+    argv: list[str]
+    env: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        """Output prefix: the worker's rank, or s<index> for a server."""
+        return str(self.index) if self.role == "worker" else f"s{self.index}"
+
+    @property
+    def title(self) -> str:
+        if self.role == "worker":
+            return f"rank {self.index}"
+        return f"server {self.index} (process {self.proc_rank})"
+
+
+@dataclass
+class LaunchConfig:
+    command: list[str]
+    topology: ClusterTopology
+    node_procs: list[int]  # processes on each node, in node order
+    node_rank: int = 0
+    hosts: list[Host] = field(default_factory=list)  # ssh / mpirun hosts; empty for one node or --nnodes
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    max_restarts: int = 0
+    log_dir: str | None = None
+    omp_num_threads: int | None = None
+    network_interface: str | None = None
+    grace_period: float = 5.0
+    extra_env: dict = field(default_factory=dict)
+    ssh_command: list[str] = field(default_factory=lambda: ["ssh"])
+    ssh_port: int | None = None
+    ssh_identity: str | None = None
+    mpi: bool = False
+    mpi_args: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    exit_on_stdin_close: bool = False
+
+    @property
+    def nnodes(self) -> int:
+        return len(self.node_procs)
+
+    @property
+    def local_nprocs(self) -> int:
+        return self.node_procs[self.node_rank]
+
+    def server_command(self) -> list[str]:
+        # SINGA_SERVER_COMMAND: a testing/debugging hook that replaces the parameter-server program.
+        override = os.environ.get("SINGA_SERVER_COMMAND")
+        if override:
+            return shlex.split(override)
+        return [sys.executable, "-m", "singa_dist.ps"]
+
+    def threads_per_process(self) -> str | None:
+        """OMP_NUM_THREADS for this node's processes: the cores shared out, so processes never oversubscribe."""
+        if self.omp_num_threads is not None:
+            return str(self.omp_num_threads)
+        if "OMP_NUM_THREADS" in os.environ:
+            return None  # the user's choice stands
+        if self.local_nprocs <= 1:
+            return None
+        return str(max(1, _cores() // self.local_nprocs))
+
+    def common_env(self, restart_count: int = 0) -> dict[str, str]:
+        env = {
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+            "SINGA_PROC_WORLD_SIZE": str(self.topology.nprocs),
+            "SINGA_TOPOLOGY": self.topology.to_json(),
+            "SINGA_STRATEGY": self.topology.strategy,
+            "GROUP_RANK": str(self.node_rank),
+            "TORCHELASTIC_RESTART_COUNT": str(restart_count),
+            "TORCHELASTIC_MAX_RESTARTS": str(self.max_restarts),
+            # Children write to files the launcher tails: unbuffered, so lines show when printed.
+            "PYTHONUNBUFFERED": "1",
+        }
+        threads = self.threads_per_process()
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = threads
+        if self.network_interface:
+            env["GLOO_SOCKET_IFNAME"] = self.network_interface
+            env["NCCL_SOCKET_IFNAME"] = self.network_interface
+        env.update(self.extra_env)
+        return env
+
+    def node_plan(self, node_rank: int | None = None, restart_count: int = 0) -> list[ProcessSpec]:
+        """The processes of one node, numbered as topology.py says: workers first, then separate servers."""
+        node = self.node_rank if node_rank is None else node_rank
+        offset = sum(self.node_procs[:node])
+        count = self.node_procs[node]
+        topo = self.topology
+        base = self.common_env(restart_count)
+        base["GROUP_RANK"] = str(node)
+        specs = []
+        for local in range(count):
+            proc = offset + local
+            role = topo.role_of(proc)
+            env = dict(base)
+            env.update({"SINGA_PROC_RANK": str(proc), "LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(count),
+                        "ROLE_NAME": role.role})
+            if role.is_worker:
+                index = proc
+                env.update({"RANK": str(proc), "WORLD_SIZE": str(topo.nworkers),
+                            "ROLE_RANK": str(proc), "ROLE_WORLD_SIZE": str(topo.nworkers)})
+                argv = list(self.command)
+            else:
+                index = proc - topo.nworkers
+                env.update({"ROLE_RANK": str(index), "ROLE_WORLD_SIZE": str(topo.nprocs - topo.nworkers)})
+                argv = self.server_command()
+            specs.append(ProcessSpec(proc, local, role.role, index, argv, env))
+        return specs
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="singa-launch", allow_abbrev=False,
+        description="Start a singa (or any torch.distributed) job: local processes, several hosts over ssh or "
+                    "per node, or through mpirun.",
+        usage="singa-launch [options] [-np N] COMMAND [ARGS...]")
+    p.add_argument("-np", "--num-proc", dest="np", type=int, help="number of worker processes in the whole job")
+    p.add_argument("--nproc-per-node", type=int, help="processes on this node (with --nnodes; as torchrun)")
+    g = p.add_argument_group("topology (SINGA's cluster fields)")
+    g.add_argument("--strategy", default="allreduce", help=f"one of {', '.join(STRATEGIES)}")
+    g.add_argument("--worker-groups", type=int)
+    g.add_argument("--workers-per-group", type=int)
+    g.add_argument("--servers", type=int, help="servers per server group")
+    g.add_argument("--server-groups", type=int)
+    g.add_argument("--sync-freq", type=int, default=1)
+    sep = g.add_mutually_exclusive_group()
+    sep.add_argument("--colocate-servers", dest="separate", action="store_false", default=None,
+                     help="servers live inside worker processes")
+    sep.add_argument("--separate-servers", dest="separate", action="store_true",
+                     help="servers run as their own processes")
+    g.add_argument("--topology-json", help=argparse.SUPPRESS)  # a whole topology, as the ssh path hands it on
+    m = p.add_argument_group("several nodes")
+    m.add_argument("--hosts", help="h1:2,h2:2 -- hosts and their slots, started over ssh")
+    m.add_argument("--hostfile", help="a file with one 'host slots' (or host:slots) a line")
+    m.add_argument("--nnodes", type=int, help="nodes in the job; run singa-launch on each with its --node-rank")
+    m.add_argument("--node-rank", type=int, default=0)
+    m.add_argument("--node-slots", help=argparse.SUPPRESS)  # per-node process counts, from the ssh path
+    m.add_argument("--master-addr", help="address of node 0 (default 127.0.0.1, or the first host)")
+    m.add_argument("--master-port", type=int, help=f"a free port on node 0 (default {DEFAULT_MASTER_PORT} "
+                                                   "with several nodes, a free one on one node)")
+    m.add_argument("--network-interface", help="interface Gloo and NCCL use (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)")
+    m.add_argument("--ssh-command", default="ssh", help="the ssh program and its options (default: ssh)")
+    m.add_argument("--ssh-port", type=int)
+    m.add_argument("--ssh-identity")
+    m.add_argument("--exit-on-stdin-close", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--mpi", action="store_true", help="start the job with mpirun (Open MPI or MPICH)")
+    m.add_argument("--mpi-args", default="", help="extra options for mpirun, as one string")
+    r = p.add_argument_group("processes")
+    r.add_argument("--max-restarts", type=int, default=0, help="restart the whole job this many times after a failure")
+    r.add_argument("--log-dir", help="write each process's output to files there instead of the console")
+    r.add_argument("--omp-num-threads", type=int,
+                   help="intra-op threads per process (default: the cores shared out among the processes)")
+    r.add_argument("--grace-period", type=float, default=5.0,
+                   help="seconds between SIGTERM and SIGKILL when the job stops")
+    r.add_argument("-x", "--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="set (or pass on) an environment variable for every process")
+    r.add_argument("--dry-run", action="store_true", help="print what would run on every host, and exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
+    return p
+
+
+def parse_hosts(text: str) -> list[Host]:
+    hosts = []
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, slots = item.rpartition(":") if ":" in item else (item, "", "1")
+        hosts.append(Host(name, _positive(slots, f"slots of host {name!r}")))
+    if not hosts:
+        raise UsageError("--hosts names no host")
+    return hosts
+
+
+def parse_hostfile(path: str) -> list[Host]:
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read the hostfile {path}: {exc.strerror}") from None
+    hosts = []
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        words = line.split()
+        name, slots = words[0], "1"
+        if ":" in name:
+            name, slots = name.rsplit(":", 1)
+        for w in words[1:]:  # "host slots=2" (Open MPI) or "host 2"
+            slots = w.split("=", 1)[1] if w.startswith("slots=") else w
+        hosts.append(Host(name, _positive(slots, f"slots of host {name!r} in {path}")))
+    if not hosts:
+        raise UsageError(f"the hostfile {path} names no host")
+    return hosts
+
+
+def _positive(text, what: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"{what} must be a positive integer, got {value}")
+    return value
+
+
+def resolve_command(command: list[str]) -> list[str]:
+    """The program to run: a .py script runs with this Python; anything else must be on PATH or a file."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("no program given: singa-launch [options] COMMAND [ARGS...]")
+    program = command[0]
+    if program.endswith(".py"):
+        if not os.path.isfile(program):
+            raise UsageError(f"the program {program} does not exist")
+        return [sys.executable, *command]
+    if os.sep in program:
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise UsageError(f"the program {program} does not exist or is not executable")
+    elif shutil.which(program) is None:
+        raise UsageError(f"the program {program!r} is not on PATH")
+    return list(command)
+
+
+def _extra_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not name:
+            raise UsageError(f"-x/--env wants NAME or NAME=VALUE, got {item!r}")
+        if not eq:
+            if name not in os.environ:
+                raise UsageError(f"-x {name}: {name} is not set in this environment")
+            value = os.environ[name]
+        env[name] = value
+    return env
+
+
+def parse_args(argv: list[str]) -> LaunchConfig:
+    args = build_parser().parse_args(argv)
+    if args.np is not None and args.np < 1:
+        raise UsageError(f"-np must be at least 1, got {args.np}")
+    if args.hosts and args.hostfile:
+        raise UsageError("give --hosts or --hostfile, not both")
+    hosts = parse_hosts(args.hosts) if args.hosts else parse_hostfile(args.hostfile) if args.hostfile else []
+    if hosts and args.nnodes:
+        raise UsageError("--hosts/--hostfile start every node over ssh; --nnodes is for starting each node yourself")
+    if args.mpi and (args.max_restarts or args.nnodes or args.log_dir):
+        raise UsageError("--mpi: mpirun starts and stops the job itself; --max-restarts, --nnodes and --log-dir "
+                         "do not apply (use --mpi-args for mpirun's own options)")
+    if args.max_restarts < 0:
+        raise UsageError(f"--max-restarts must be at least 0, got {args.max_restarts}")
+    if args.omp_num_threads is not None and args.omp_num_threads < 1:
+        raise UsageError(f"--omp-num-threads must be at least 1, got {args.omp_num_threads}")
+    if args.grace_period < 0:
+        raise UsageError("--grace-period must not be negative")
+
+    command = resolve_command(args.command)
+
+    # Workers: -np, else what the nodes hold.
+    nworkers = args.np
+    if nworkers is None and not args.topology_json:  # a whole topology (ssh path) carries its own counts
+        if args.nproc_per_node and args.nnodes:
+            nworkers = args.nproc_per_node * args.nnodes
+        elif args.nproc_per_node:
+            nworkers = args.nproc_per_node
+        elif hosts:
+            nworkers = sum(h.slots for h in hosts)
+        else:
+            raise UsageError("say how many worker processes to start: -np N")
+    try:
+        if args.topology_json:
+            topology = ClusterTopology.from_json(args.topology_json)
+        else:
+            topology = ClusterTopology.for_strategy(
+                args.strategy, nworkers, worker_groups=args.worker_groups, workers_per_group=args.workers_per_group,
+                servers=args.servers, server_groups=args.server_groups, sync_freq=args.sync_freq,
+                separate=args.separate)
+    except (TopologyError, TypeError) as exc:
+        raise UsageError(f"bad topology: {exc}") from None
+    nprocs = topology.nprocs
+
+    node_rank = args.node_rank
+    master_addr = args.master_addr
+    master_port = args.master_port
+    if args.node_slots:
+        node_procs = [_positive(n, "--node-slots entries") for n in args.node_slots.split(",")]
+    elif hosts:
+        node_procs = _fill_hosts(hosts, nprocs)
+        hosts = hosts[:len(node_procs)]
+        master_addr = master_addr or hosts[0].name
+    elif args.nnodes:
+        if args.nnodes < 1:
+            raise UsageError(f"--nnodes must be at least 1, got {args.nnodes}")
+        per_node = args.nproc_per_node
+        if per_node is None:
+            if nprocs % args.nnodes:
+                raise UsageError(f"{nprocs} processes do not divide evenly over {args.nnodes} nodes; "
+                                 "give --nproc-per-node")
+            per_node = nprocs // args.nnodes
+        if per_node * args.nnodes != nprocs:
+            raise UsageError(f"{args.nnodes} nodes x {per_node} processes is not the job's {nprocs} processes "
+                             f"({topology.nworkers} workers + {nprocs - topology.nworkers} servers)")
+        node_procs = [per_node] * args.nnodes
+        if args.nnodes > 1 and master_addr is None:
+            raise UsageError("--nnodes > 1 needs --master-addr (the address of node 0)")
+    else:
+        if args.nproc_per_node and args.np and args.nproc_per_node != nprocs:
+            raise UsageError("on one node -np and --nproc-per-node must agree")
+        node_procs = [nprocs]
+    if sum(node_procs) != nprocs:
+        raise UsageError(f"the nodes hold {sum(node_procs)} processes but the job has {nprocs}")
+    if not 0 <= node_rank < len(node_procs):
+        raise UsageError(f"--node-rank {node_rank} is outside 0..{len(node_procs) - 1}")
+    several = len(node_procs) > 1
+    master_addr = master_addr or "127.0.0.1"
+    if master_port is None:
+        master_port = DEFAULT_MASTER_PORT if several else free_port()
+
+    return LaunchConfig(
+        command=command, topology=topology, node_procs=node_procs, node_rank=node_rank, hosts=hosts,
+        master_addr=master_addr, master_port=master_port, max_restarts=args.max_restarts, log_dir=args.log_dir,
+        omp_num_threads=args.omp_num_threads, network_interface=args.network_interface,
+        grace_period=args.grace_period, extra_env=_extra_env(args.env),
+        ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
+        mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
+        exit_on_stdin_close=args.exit_on_stdin_close)
+
+
+def _fill_hosts(hosts: list[Host], nprocs: int) -> list[int]:
+    """Processes per host, filling the hosts in order (as mpirun does)."""
+    total = sum(h.slots for h in hosts)
+    if nprocs > total:
+        raise UsageError(f"the job needs {nprocs} processes but the hosts give only {total} slots")
+    counts, left = [], nprocs
+    for h in hosts:
+        if left == 0:
+            break
+        counts.append(min(h.slots, left))
+        left -= counts[-1]
+    return counts
+
+
+def forwarded_env() -> dict[str, str]:
+    """The part of this environment a remote node needs (paths, and singa/torch/NCCL/Gloo settings)."""
+    return {k: v for k, v in os.environ.items()
+            if k in FORWARDED_NAMES or k.startswith(FORWARDED_PREFIXES)}
+
+

@@ -1,0 +1,47 @@
+"""singa-launch: start a distributed job on this machine, on several hosts, or through mpirun.
+
+    singa-launch -np 4 python train.py                          # 4 local workers (AllReduce)
+    singa-launch -np 4 --strategy downpour --worker-groups 2 --servers 2 train.py
+    singa-launch --hosts h1:2,h2:2 python train.py              # every host over ssh
+    singa-launch --nnodes 2 --node-rank 0 --master-addr h1 -np 4 python train.py   # per node, as torchrun
+    singa-launch --mpi -np 4 python train.py                    # through mpirun
+
+See docs/launcher.md for every flag and the environment each process gets.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+
+from .config import UsageError, parse_args
+
+
+def _print_local_plan(cfg) -> None:
+    print(f"# node {cfg.node_rank} of {cfg.nnodes} (this host): {cfg.local_nprocs} processes, "
+          f"master {cfg.master_addr}:{cfg.master_port}")
+    for spec in cfg.node_plan():
+        print(f"  [{spec.label}] " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(spec.env.items()))
+              + " " + shlex.join(spec.argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        if cfg.mpi:
+            from .mpi import run_mpi
+            return run_mpi(cfg)
+        if cfg.hosts:
+            from .ssh import run_hosts
+            return run_hosts(cfg)
+        if cfg.dry_run:
+            _print_local_plan(cfg)
+            return 0
+    except UsageError as exc:
+        print(f"singa-launch: error: {exc}", file=sys.stderr)
+        return 2
+    from .local import run_node
+    return run_node(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

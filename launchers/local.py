@@ -1,0 +1,305 @@
+"""Run this node's processes with torch.distributed.elastic, watch them, and restart the job after a failure.
+
+Each process starts through `torch.distributed.elastic.multiprocessing.start_processes` (its own session,
+output redirected to files, its process group signalled on close). The launcher tails those files onto
+its own stdout/stderr with a `[rank]` prefix, stops every process when one fails (SIGTERM, SIGKILL after
+the grace period) and, with `--max-restarts`, starts the whole job again.
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, SignalException, start_processes
+
+from .config import LaunchConfig, ProcessSpec, free_port
+
+POLL_S = 0.05
+# How long servers may take to finish on their own once every worker has succeeded.
+SERVER_DRAIN_S = 10.0
+
+# The elastic API logs every signal it sends; the launcher reports failures itself, once, by rank.
+logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
+
+
+class _RankFiles(LogsSpecs):
+    """Output files named by rank (rank0.out, rank0.err, server0.out, ...) in one folder."""
+
+    def __init__(self, folder: str, names: list[str]):
+        super().__init__(log_dir=folder)
+        self._folder, self._names = folder, names
+
+    @property
+    def root_log_dir(self) -> str:
+        return self._folder
+
+    def reify(self, envs) -> LogsDest:
+        path = lambda i, ext: os.path.join(self._folder, f"{self._names[i]}.{ext}")  # noqa: E731
+        n = range(len(self._names))
+        return LogsDest(stdouts={i: path(i, "out") for i in n}, stderrs={i: path(i, "err") for i in n},
+                        tee_stdouts={}, tee_stderrs={}, error_files={i: path(i, "error.json") for i in n})
+
+
+@dataclass
+class _Source:
+    """One output file being copied: where it goes, and the part of a line not yet ended."""
+
+    label: str
+    path: str
+    stream: object
+    file: object = None
+    decoder: object = None
+    pending: str = ""
+    last_was_cr: bool = False
+
+
+class OutputPump:
+    """Copies the processes' output files to the console, each line prefixed with its rank.
+
+    A carriage return ends a line too, so a progress bar (tqdm redraws with '\\r') shows as it advances.
+    """
+
+    def __init__(self):
+        self._sources: list[_Source] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="singa-launch-output", daemon=True)
+        self._lock = threading.Lock()
+
+    def add(self, label: str, path: str, stream) -> None:
+        with self._lock:
+            self._sources.append(_Source(label, path, stream, decoder=codecs.getincrementaldecoder("utf-8")("replace")))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Copy what is left (a last line without a newline included) and stop."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        with self._lock:
+            for src in self._sources:
+                self._pump(src)
+                if src.pending:
+                    self._emit(src, [src.pending])
+                    src.pending = ""
+                if src.file is not None:
+                    src.file.close()
+            self._sources = []
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            with self._lock:
+                for src in self._sources:
+                    self._pump(src)
+
+    def _pump(self, src: _Source) -> None:
+        if src.file is None:
+            try:
+                src.file = open(src.path, "rb")
+            except FileNotFoundError:
+                return
+        data = src.file.read()
+        if not data:
+            return
+        lines, pending, last_was_cr = [], src.pending, src.last_was_cr
+        for ch in src.decoder.decode(data):
+            if ch == "\n" and last_was_cr:  # the '\n' of a '\r\n' ends no second line
+                last_was_cr = False
+                continue
+            last_was_cr = ch == "\r"
+            if ch in "\r\n":
+                if pending or ch == "\n":  # a '\r' right after a line's end adds no empty line
+                    lines.append(pending)
+                pending = ""
+            else:
+                pending += ch
+        src.pending, src.last_was_cr = pending, last_was_cr
+        self._emit(src, lines)
+
+    @staticmethod
+    def _emit(src: _Source, lines: list[str]) -> None:
+        if not lines:
+            return
+        try:
+            src.stream.write("".join(f"[{src.label}] {line}\n" for line in lines))
+            src.stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
+@dataclass
+class Outcome:
+    """How one attempt of the job ended."""
+
+    ok: bool
+    failed: list  # (ProcessSpec, exit code) of the processes that failed first
+    signal: int | None = None  # the launcher itself was told to stop
+
+    def describe(self) -> str:
+        return "; ".join(f"{spec.title} {describe_exit(code)}" for spec, code in self.failed)
+
+    @property
+    def exit_code(self) -> int:
+        if self.signal is not None:
+            return 128 + self.signal
+        code = self.failed[0][1] if self.failed else 1
+        return code if code > 0 else 128 + (-code if code < 0 else 1)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by signal {name} ({-code})"
+    return f"exited with status {code}"
+
+
+class LocalJob:
+    """One attempt: this node's processes, started and watched."""
+
+    def __init__(self, cfg: LaunchConfig, attempt: int):
+        self.cfg = cfg
+        self.attempt = attempt
+        self.specs = cfg.node_plan(restart_count=attempt)
+        self.contexts: list[tuple[object, list[ProcessSpec]]] = []
+        self.pump = None if cfg.log_dir else OutputPump()
+        if cfg.log_dir:
+            self.folder = cfg.log_dir if attempt == 0 else os.path.join(cfg.log_dir, f"restart{attempt}")
+            self._temp = None
+        else:
+            self.folder = self._temp = tempfile.mkdtemp(prefix="singa-launch-")
+        os.makedirs(self.folder, exist_ok=True)
+
+    def start(self) -> None:
+        # One context per program (workers run the user's command, servers the parameter server).
+        by_role: dict[str, list[ProcessSpec]] = {}
+        for spec in self.specs:
+            by_role.setdefault(spec.role, []).append(spec)
+        if self.pump is not None:
+            self.pump.start()
+        for role, specs in by_role.items():
+            names = [("rank" if s.role == "worker" else "server") + str(s.index) for s in specs]
+            ctx = start_processes(
+                name=role, entrypoint=specs[0].argv[0],
+                args={i: tuple(s.argv[1:]) for i, s in enumerate(specs)},
+                envs={i: s.env for i, s in enumerate(specs)},
+                logs_specs=_RankFiles(self.folder, names))
+            self.contexts.append((ctx, specs))
+            if self.pump is not None:
+                for i, s in enumerate(specs):
+                    self.pump.add(s.label, ctx.stdouts[i], sys.stdout)
+                    self.pump.add(s.label, ctx.stderrs[i], sys.stderr)
+
+    def _codes(self) -> list[tuple[ProcessSpec, int | None]]:
+        return [(spec, ctx.subprocess_handlers[i].proc.poll())
+                for ctx, specs in self.contexts for i, spec in enumerate(specs)]
+
+    def wait(self) -> Outcome:
+        servers_done_by = None
+        while True:
+            codes = self._codes()
+            failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
+            if failed:
+                return Outcome(False, failed)
+            workers_running = [s for s, code in codes if code is None and s.role == "worker"]
+            if not workers_running:
+                if all(code is not None for _, code in codes):
+                    return Outcome(True, [])
+                # Every worker finished well: servers get a moment to finish, then they are stopped.
+                if servers_done_by is None:
+                    servers_done_by = time.monotonic() + SERVER_DRAIN_S
+                elif time.monotonic() > servers_done_by:
+                    return Outcome(True, [])
+            time.sleep(POLL_S)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM every process group still running, SIGKILL after `grace` seconds, then tidy up."""
+        closers = [threading.Thread(target=ctx.close, kwargs={"death_sig": signal.SIGTERM, "timeout": grace})
+                   for ctx, _ in self.contexts]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
+        # A process that exited may have left children in its group; the group id cannot be reused while they live.
+        for ctx, _ in self.contexts:
+            for handler in ctx.subprocess_handlers.values():
+                try:
+                    os.killpg(handler.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        if self.pump is not None:
+            self.pump.stop()
+        if self._temp:
+            shutil.rmtree(self._temp, ignore_errors=True)
+
+
+def _watch_stdin() -> None:
+    """On a remote node: when the controlling ssh connection goes away, stop the job."""
+    def watch():
+        try:  # the raw descriptor: a daemon thread must not hold sys.stdin's lock at interpreter exit
+            while os.read(0, 4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="singa-launch-stdin", daemon=True).start()
+
+
+def say(message: str) -> None:
+    print(f"singa-launch: {message}", file=sys.stderr, flush=True)
+
+
+def run_node(cfg: LaunchConfig) -> int:
+    """Run this node's share of the job to the end; return the launcher's exit status."""
+    if cfg.exit_on_stdin_close:
+        _watch_stdin()
+    attempt = 0
+    while True:
+        job = LocalJob(cfg, attempt)
+        try:
+            job.start()
+            outcome = job.wait()
+        except SignalException as exc:
+            outcome = Outcome(False, [], signal=int(exc.sigval))
+        except KeyboardInterrupt:
+            outcome = Outcome(False, [], signal=int(signal.SIGINT))
+        except OSError as exc:  # a program that cannot be executed after all
+            job.stop(0)
+            say(f"could not start the job: {exc}")
+            return 1
+        try:
+            others = sum(1 for _, code in job._codes() if code is None)
+            if not outcome.ok and outcome.signal is None and others:
+                say(f"{outcome.describe()}; stopping the other {others} process(es)")
+            job.stop(cfg.grace_period)
+        except SignalException as exc:  # a second signal while stopping: stop at once
+            job.stop(0)
+            outcome = Outcome(False, [], signal=int(exc.sigval))
+        if outcome.ok:
+            return 0
+        if outcome.signal is not None:
+            say(f"stopped by signal {signal.Signals(outcome.signal).name}")
+            return outcome.exit_code
+        if attempt >= cfg.max_restarts:
+            restarts = f" after {attempt} restart(s)" if attempt else ""
+            say(f"job failed{restarts}: {outcome.describe()}")
+            return outcome.exit_code
+        attempt += 1
+        say(f"{outcome.describe()}; restarting the job ({attempt}/{cfg.max_restarts})")
+        if cfg.nnodes == 1:
+            cfg.master_port = free_port()  # the old rendezvous port may linger in TIME_WAIT
+        else:
+            # Every node restarts once per failure of the job: attempt k meets at base port + k on all nodes,
+            # never at a store left over from the attempt before.
+            cfg.master_port += 1

@@ -1,0 +1,110 @@
+"""--mpi: run the job through the installed mpirun (Open MPI, or MPICH and its relatives).
+
+mpirun starts the ranks and numbers them; `singa_dist.init()` reads OMPI_COMM_WORLD_* or PMI_*. The
+launcher only adds the job's environment (topology, strategy, threads, rendezvous address) and passes it
+through: Open MPI takes `-x NAME` per variable, MPICH's Hydra `-genvlist NAME,NAME`. Separate servers
+run as a second application context (`: -np S python -m singa_dist.ps`).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+from .config import LaunchConfig, UsageError, _cores
+
+OPENMPI, MPICH = "openmpi", "mpich"
+# The per-process variables mpirun itself provides; the launcher's values would be wrong for all but one rank.
+_PER_PROCESS = ("SINGA_PROC_RANK", "SINGA_PROC_WORLD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                "GROUP_RANK", "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT",
+                "TORCHELASTIC_MAX_RESTARTS")
+
+
+def find_mpirun() -> str:
+    # The `mpi` extra installs mpirun beside this Python, which may not be on PATH.
+    for candidate in (os.path.join(os.path.dirname(sys.executable), "mpirun"), shutil.which("mpirun")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise UsageError("--mpi: no mpirun found (pip install 'singa[mpi]', or put an MPI's mpirun on PATH)")
+
+
+def mpi_flavor(version_text: str) -> str:
+    """Open MPI or MPICH (Intel MPI and MVAPICH use MPICH's Hydra and its options), from `mpirun --version`."""
+    text = version_text.lower()
+    if "open mpi" in text or "open-mpi" in text or "openrte" in text:
+        return OPENMPI
+    if any(name in text for name in ("hydra", "mpich", "intel(r) mpi", "mvapich")):
+        return MPICH
+    raise UsageError(f"--mpi: cannot tell which MPI this mpirun is from its --version: {version_text.strip()[:80]!r}")
+
+
+def detect_flavor(mpirun: str) -> str:
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"--mpi: {mpirun} --version failed: {exc}") from None
+    return mpi_flavor(out.stdout + out.stderr)
+
+
+def mpi_env(cfg: LaunchConfig) -> dict[str, str]:
+    """The variables every rank gets: the launcher's job-wide environment, without the per-process ones."""
+    env = {k: v for k, v in cfg.common_env().items() if k not in _PER_PROCESS}
+    if cfg.hosts:
+        # Several hosts: rank 0 picks its own address and port and shares them through mpi4py (see runtime.py).
+        env.pop("MASTER_ADDR", None)
+        env.pop("MASTER_PORT", None)
+    for name in ("PYTHONPATH", "VIRTUAL_ENV", "PATH"):
+        if name in os.environ:
+            env.setdefault(name, os.environ[name])
+    return env
+
+
+def mpirun_command(cfg: LaunchConfig, flavor: str, mpirun: str, env_names: list[str],
+                   as_root: bool | None = None) -> list[str]:
+    topo = cfg.topology
+    nservers = topo.nprocs - topo.nworkers
+    if as_root is None:
+        as_root = os.geteuid() == 0
+    hosts = ",".join(f"{h.name}:{h.slots}" for h in cfg.hosts)
+    if flavor == OPENMPI:
+        cmd = [mpirun]
+        if as_root:
+            cmd.append("--allow-run-as-root")
+        if not cfg.hosts and topo.nprocs > _cores():
+            cmd.append("--oversubscribe")  # one node: Open MPI's slots are its cores
+        cmd += ["--bind-to", "none"]  # each rank's intra-op threads must not share one core
+        if hosts:  # a --hostfile too, read by singa-launch: its forms need not match this MPI's hostfile syntax
+            cmd += ["-H", hosts]
+        for name in env_names:
+            cmd += ["-x", name]
+        cmd += cfg.mpi_args
+        cmd += ["-np", str(topo.nworkers), *cfg.command]
+        if nservers:
+            cmd += [":", "-np", str(nservers), *cfg.server_command()]
+        return cmd
+    cmd = [mpirun, "-genvlist", ",".join(env_names)]
+    if hosts:
+        cmd += ["-hosts", hosts]
+    cmd += cfg.mpi_args
+    cmd += ["-n", str(topo.nworkers), *cfg.command]
+    if nservers:
+        cmd += [":", "-n", str(nservers), *cfg.server_command()]
+    return cmd
+
+
+def run_mpi(cfg: LaunchConfig) -> int:
+    mpirun = find_mpirun()
+    flavor = detect_flavor(mpirun)
+    env = mpi_env(cfg)
+    command = mpirun_command(cfg, flavor, mpirun, sorted(env))
+    if cfg.dry_run:
+        print(f"# {flavor} mpirun, {cfg.topology.nprocs} processes:")
+        print("  " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))
+        print("  " + shlex.join(command))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # mpirun takes over this process: it owns the ranks, forwards signals and stops the job on a failure.
+    os.execve(mpirun, command, {**os.environ, **env})

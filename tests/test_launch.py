@@ -1,0 +1,358 @@
+"""singa-launch on one machine: output, failures, signals, restarts with checkpoints, servers, dry run, bad input."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from launchers.launch import main as launch_main
+from tests.dist_harness import kill_session, run_command, session_alive
+
+LAUNCH = [sys.executable, "-m", "launchers.launch"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+# A rank that records its pid, prints, and then does what argv says.
+RANK_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    rank = int(os.environ["RANK"])
+    open(os.path.join(sys.argv[1], f"pid{rank}"), "w").write(str(os.getpid()))
+    print(f"hello from rank {rank} of {os.environ['WORLD_SIZE']} local {os.environ['LOCAL_RANK']}"
+          f"/{os.environ['LOCAL_WORLD_SIZE']} threads {os.environ.get('OMP_NUM_THREADS')}")
+    if rank == 0:
+        sys.stderr.write("train: 0%\\rtrain: 50%\\rtrain: 100%\\n")
+    action = sys.argv[2]
+    if action in ("exit3", "kill9") and rank == 1:
+        # Fail once every rank is up, so that the launcher has them all to stop.
+        deadline = time.time() + 30
+        while time.time() < deadline and not all(
+                os.path.exists(os.path.join(sys.argv[1], f"pid{r}")) for r in range(int(os.environ["WORLD_SIZE"]))):
+            time.sleep(0.05)
+        time.sleep(0.2)
+        if action == "exit3":
+            sys.exit(3)
+        os.kill(os.getpid(), 9)
+    if action in ("exit3", "kill9", "sleep"):
+        time.sleep(120)
+""")
+
+# Data-parallel training on scikit-learn's bundled digits with torch.distributed directly (Gloo all_reduce of
+# gradients), checkpointing every epoch; CRASH_EPOCH makes the last rank SIGKILL itself in the first attempt.
+TRAIN_SCRIPT = textwrap.dedent("""
+    import gzip, importlib.util, os, signal, sys
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    import singa_dist as sd
+
+    torch.set_num_threads(1)
+    sd.init()
+    rank, size = sd.rank(), sd.size()
+    root = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+    data = np.loadtxt(gzip.open(os.path.join(root, "datasets", "data", "digits.csv.gz")), delimiter=",")
+    x, y = torch.tensor(data[:, :-1] / 16, dtype=torch.float32), torch.tensor(data[:, -1], dtype=torch.long)
+    xtr, ytr, xte, yte = x[:1400], y[:1400], x[1400:], y[1400:]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    epochs, batch = int(os.environ.get("EPOCHS", "4")), 100
+    ckpt, crash = os.environ.get("CKPT"), int(os.environ.get("CRASH_EPOCH", "-1"))
+    start = 0
+    if ckpt and os.path.exists(ckpt):
+        state = sd.load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        print(f"resumed from epoch {start}")
+    for epoch in range(start, epochs):
+        order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            mine = idx[rank::size]  # this rank's share of the batch
+            loss = F.cross_entropy(model(xtr[mine]), ytr[mine], reduction="sum") / len(idx)
+            opt.zero_grad()
+            loss.backward()
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+            opt.step()
+        if epoch == crash and rank == size - 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if ckpt:
+            if rank == 0:
+                sd.save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                          "epoch": epoch + 1})
+            dist.barrier()
+    acc = (model(xte).argmax(1) == yte).float().mean().item()
+    if rank == 0:
+        print(f"ACCURACY {acc:.4f}")
+        if os.environ.get("PARAMS_OUT"):
+            torch.save(model.state_dict(), os.environ["PARAMS_OUT"])
+    sd.shutdown()
+""")
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _pids_gone(folder, timeout=5.0):
+    """Every pid recorded in `folder` has exited."""
+    pids = [int(open(os.path.join(folder, f)).read()) for f in os.listdir(folder) if f.startswith("pid")]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited; it only waits for its parent
+        return open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_prefixed_output_and_env(tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    res = run_command(LAUNCH + ["-np", "2", script, str(tmp_path), "ok"], timeout=60, env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert "[0] hello from rank 0 of 2 local 0/2" in res.stdout
+    assert "[1] hello from rank 1 of 2 local 1/2" in res.stdout
+    # A '\r' ends a line, so each state of a progress bar shows with the rank's prefix.
+    assert re.search(r"\[0\] train: 0%\n\[0\] train: 50%\n\[0\] train: 100%\n", res.stderr), res.stderr
+    assert "[1] train" not in res.stderr
+
+
+def test_log_dir_and_threads_flag(tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    logs = tmp_path / "logs"
+    res = run_command(LAUNCH + ["-np", "2", "--log-dir", str(logs), "--omp-num-threads", "3", script, str(tmp_path),
+                                "ok"], timeout=60, env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert "hello" not in res.stdout
+    assert (logs / "rank1.out").read_text().strip() == "hello from rank 1 of 2 local 1/2 threads 3"
+    assert "train: 100%" in (logs / "rank0.err").read_text()
+
+
+def test_failing_rank_stops_the_job(tmp_path):
+    """Issue 2: rank 1 exits with status 3 -> non-zero within 10 s, naming rank 1, no process left."""
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    start = time.monotonic()
+    res = run_command(LAUNCH + ["-np", "2", script, str(tmp_path), "exit3"], timeout=60, env=ENV)
+    elapsed = time.monotonic() - start
+    assert res.returncode == 3, res.stderr
+    assert elapsed < 10, f"the launcher took {elapsed:.1f}s to stop the job"
+    assert "rank 1 exited with status 3" in res.stderr
+    assert _pids_gone(str(tmp_path)), "a rank outlived the launcher"
+
+
+def test_sigkill_of_one_rank_ends_the_job(tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    env = {**os.environ, **ENV}
+    proc = subprocess.Popen(LAUNCH + ["-np", "3", script, str(tmp_path), "sleep"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"pid{r}").exists() for r in range(3)):
+            assert time.monotonic() < deadline and proc.poll() is None, "ranks did not start"
+            time.sleep(0.1)
+        time.sleep(0.2)  # the pid is written before its process's own start-up is over
+        os.kill(int((tmp_path / "pid2").read_text()), signal.SIGKILL)
+        start = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode != 0
+    assert elapsed < 10, f"the job took {elapsed:.1f}s to end"
+    assert "rank 2 was killed by signal SIGKILL" in err, err
+    assert _pids_gone(str(tmp_path))
+    assert not session_alive(proc.pid)
+
+
+def test_sigterm_to_launcher_stops_every_rank(tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    proc = subprocess.Popen(LAUNCH + ["-np", "2", script, str(tmp_path), "sleep"], env={**os.environ, **ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"pid{r}").exists() for r in range(2)):
+            assert time.monotonic() < deadline and proc.poll() is None, "ranks did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert _pids_gone(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Accuracy and parameters of a 2-process training run that nothing interrupts."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    script = _write(folder, "train.py", TRAIN_SCRIPT)
+    res = run_command(LAUNCH + ["-np", "2", script], timeout=120,
+                      env={**ENV, "PARAMS_OUT": str(folder / "params.pt")})
+    assert res.returncode == 0, res.stderr
+    return float(re.search(r"\[0\] ACCURACY (\S+)", res.stdout).group(1)), torch.load(folder / "params.pt")
+
+
+def test_restart_resumes_from_checkpoint(tmp_path, uninterrupted):
+    script = _write(tmp_path, "train.py", TRAIN_SCRIPT)
+    env = {**ENV, "CKPT": str(tmp_path / "ckpt.pt"), "CRASH_EPOCH": "1", "PARAMS_OUT": str(tmp_path / "p.pt")}
+    res = run_command(LAUNCH + ["-np", "2", "--max-restarts", "1", script], timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "rank 1 was killed by signal SIGKILL" in res.stderr and "restarting the job (1/1)" in res.stderr
+    assert re.search(r"\[\d\] resumed from epoch [12]", res.stdout), res.stdout
+    accuracy = float(re.search(r"\[0\] ACCURACY (\S+)", res.stdout).group(1))
+    ref_accuracy, ref_params = uninterrupted
+    assert ref_accuracy > 0.85
+    assert abs(accuracy - ref_accuracy) <= 0.01
+    # Resuming from the checkpoint replays the same steps: the parameters match the uninterrupted run.
+    params = torch.load(tmp_path / "p.pt")
+    for key in ref_params:
+        torch.testing.assert_close(params[key], ref_params[key], rtol=1e-5, atol=1e-6)
+
+
+def test_failure_after_the_last_restart(tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    res = run_command(LAUNCH + ["-np", "2", "--max-restarts", "1", script, str(tmp_path), "kill9"], timeout=60,
+                      env=ENV)
+    assert res.returncode == 128 + signal.SIGKILL
+    assert res.stdout.count("[1] hello from rank 1") == 2  # the job ran twice
+    assert "rank 1 was killed by signal SIGKILL (9); restarting the job (1/1)" in res.stderr
+    assert "job failed after 1 restart(s): rank 1 was killed by signal SIGKILL (9)" in res.stderr
+    assert _pids_gone(str(tmp_path))
+
+
+SERVER_SCRIPT = textwrap.dedent("""
+    import singa_dist as sd
+    sd.init()
+    role = sd.role()
+    print(f"server {role.index} of group {role.group}: process {sd.proc_rank()} of {sd.proc_size()}")
+    sd.shutdown()
+""")
+
+WORKER_SCRIPT = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    import singa_dist as sd
+    sd.init()
+    t = torch.tensor([float(sd.rank())])
+    dist.all_reduce(t, group=sd.workers_process_group())
+    print(f"worker {sd.rank()} of {sd.size()} in group {sd.worker_group()}: sum {t.item():.0f}")
+    sd.shutdown()
+""")
+
+
+def test_separate_servers_start_with_their_roles(tmp_path):
+    worker = _write(tmp_path, "worker.py", WORKER_SCRIPT)
+    server = _write(tmp_path, "server.py", SERVER_SCRIPT)
+    env = {**ENV, "SINGA_SERVER_COMMAND": f"{sys.executable} {server}"}
+    res = run_command(LAUNCH + ["-np", "2", "--strategy", "downpour", "--worker-groups", "2", worker],
+                      timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[0] worker 0 of 2 in group 0: sum 1" in res.stdout
+    assert "[1] worker 1 of 2 in group 1: sum 1" in res.stdout
+    assert "[s0] server 0 of group 0: process 2 of 3" in res.stdout
+
+
+def test_dry_run_prints_commands_and_environment(capsys, tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    assert launch_main(["-np", "4", "--strategy", "downpour", "--worker-groups", "2", "--servers", "2",
+                        "--master-port", "29999", "--dry-run", script, "--lr", "0.1"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "# node 0 of 1 (this host): 6 processes, master 127.0.0.1:29999"
+    assert [line.split()[0] for line in lines[1:]] == ["[0]", "[1]", "[2]", "[3]", "[s0]", "[s1]"]
+    assert lines[2].endswith(f"{sys.executable} {script} --lr 0.1")
+    assert "RANK=1 " in lines[2] and "WORLD_SIZE=4 " in lines[2] and "SINGA_PROC_RANK=1 " in lines[2]
+    assert "SINGA_STRATEGY=downpour" in lines[2] and '"nworker_groups": 2' in lines[2]
+    assert " RANK=" not in lines[6] and "SINGA_PROC_RANK=5 " in lines[6]
+    assert lines[6].endswith(f"{sys.executable} -m singa_dist.ps")
+    assert not list(tmp_path.glob("pid*"))
+
+
+def test_dry_run_over_ssh_prints_each_host(capsys, tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    assert launch_main(["--hosts", "localhost:1,node7:2", "--ssh-command", "ssh -F cfg", "--ssh-port", "2222",
+                        "--dry-run", script]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# host localhost (node 0, 1 processes, local):"
+    assert lines[1].startswith("  sh -c 'cd ")
+    assert lines[3] == "# host node7 (node 1, 2 processes, ssh):"
+    assert lines[4].startswith("  ssh -F cfg -o BatchMode=yes -o StrictHostKeyChecking=no -o ConnectTimeout=10 "
+                               "-p 2222 node7 'cd ")
+    assert "--node-slots 1,2 --node-rank 1 --master-addr localhost --master-port 29500" in lines[4]
+    assert lines[5].startswith("  [1] ") and "LOCAL_RANK=0 " in lines[5] and "RANK=1 " in lines[5]
+    assert lines[6].startswith("  [2] ") and "GROUP_RANK=1 " in lines[6] and "WORLD_SIZE=3 " in lines[6]
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["-np", "0"], "-np must be at least 1"),
+    (["-np", "5", "--hosts", "localhost:2,127.0.0.1:2"], "needs 5 processes but the hosts give only 4 slots"),
+    (["-np", "5", "--strategy", "hybrid", "--worker-groups", "2"], "do not divide into 2 worker groups"),
+    (["-np", "2", "--strategy", "parameter-soup"], "unknown strategy 'parameter-soup'"),
+    (["-np", "2", "--hosts", "nohost.invalid:2"], "unreachable host(s): nohost.invalid"),
+    (["-np", "2", "--no-such-flag"], "unrecognized arguments"),
+    (["-np", "4", "--nnodes", "3", "--master-addr", "10.0.0.1"], "do not divide evenly over 3 nodes"),
+    (["-np", "4", "--nnodes", "2"], "--nnodes > 1 needs --master-addr"),
+    (["--hostfile", "/nonexistent/hosts"], "cannot read the hostfile /nonexistent/hosts"),
+    (["-np", "2", "--hosts", "h1:0"], "slots of host 'h1' must be a positive integer, got 0"),
+])
+def test_bad_input_exits_2_before_starting(args, reason, tmp_path, capsys):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    assert launch_main(args + [script, str(tmp_path), "ok"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("singa-launch: error: ") and reason in err, err
+    assert err.count("\n") == 1
+    assert not list(tmp_path.glob("pid*")), "a process started"
+
+
+def test_missing_program_exits_2(tmp_path):
+    res = run_command(LAUNCH + ["-np", "2", str(tmp_path / "absent.py")], timeout=60, env=ENV)
+    assert res.returncode == 2
+    assert res.stderr == f"singa-launch: error: the program {tmp_path / 'absent.py'} does not exist\n"
+    res = run_command(LAUNCH + ["-np", "2", "no-such-program-xyz"], timeout=60, env=ENV)
+    assert res.returncode == 2 and "'no-such-program-xyz' is not on PATH" in res.stderr
+
+
+def test_output_pump_splits_lines_at_carriage_returns(tmp_path):
+    import io
+
+    from launchers.local import OutputPump
+    path = tmp_path / "rank0.err"
+    path.write_bytes("a\r\nbar 1%\rbar 99%\rdone\n\nlast é".encode())
+    out = io.StringIO()
+    pump = OutputPump()
+    pump.add("0", str(path), out)
+    pump.stop()
+    assert out.getvalue() == "[0] a\n[0] bar 1%\n[0] bar 99%\n[0] done\n[0] \n[0] last é\n"
+
+
+def test_threads_shared_out_among_processes(monkeypatch, tmp_path):
+    from launchers import config
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(config, "_cores", lambda: 8)
+    threads = lambda *a: config.parse_args([*a, script]).common_env().get("OMP_NUM_THREADS")  # noqa: E731
+    assert threads("-np", "1") is None  # one process keeps torch's default
+    assert threads("-np", "2") == "4"
+    assert threads("-np", "8") == "1" and threads("-np", "12") == "1"  # as many processes as cores, or more
+    assert threads("-np", "12", "--omp-num-threads", "2") == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads("-np", "12") is None  # the user's own setting is inherited as it is

@@ -1,0 +1,121 @@
+"""singa-launch --mpi: the exact mpirun command for Open MPI and for MPICH, and a real 3-rank run."""
+import os
+import re
+import shutil
+import sys
+import textwrap
+
+import pytest
+
+from launchers import mpi
+from launchers.config import UsageError, parse_args
+from tests.dist_harness import run_command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    import singa_dist as sd
+    torch.set_num_threads(1)
+    sd.init()
+    t = torch.tensor([float(sd.rank() + 1)])
+    dist.all_reduce(t, group=sd.workers_process_group())
+    print(f"worker {sd.rank()} of {sd.size()} local {sd.local_rank()}/{sd.local_size()}: sum {t.item():.0f}")
+    sd.shutdown()
+""")
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text(SCRIPT)
+    return str(path)
+
+
+def test_flavor_from_version_text():
+    assert mpi.mpi_flavor("mpirun (Open MPI) 5.0.11\n\nReport bugs to https://www.open-mpi.org") == mpi.OPENMPI
+    assert mpi.mpi_flavor("HYDRA build details:\n    Version: 4.2.0\n") == mpi.MPICH
+    assert mpi.mpi_flavor("Intel(R) MPI Library for Linux* OS, Version 2021.10") == mpi.MPICH
+    with pytest.raises(UsageError, match="cannot tell which MPI"):
+        mpi.mpi_flavor("some other launcher 1.0")
+
+
+def test_openmpi_command(script):
+    cfg = parse_args(["--mpi", "-np", "4", "--hosts", "h1:2,h2:2", "--mpi-args", "--mca btl tcp,self",
+                      script, "--epochs", "3"])
+    names = sorted(mpi.mpi_env(cfg))
+    assert "MASTER_ADDR" not in names  # several hosts: rank 0 announces its address through mpi4py
+    assert {"SINGA_TOPOLOGY", "SINGA_STRATEGY", "PYTHONUNBUFFERED"} <= set(names)
+    assert not {"RANK", "SINGA_PROC_RANK", "LOCAL_RANK"} & set(names)
+    cmd = mpi.mpirun_command(cfg, mpi.OPENMPI, "/opt/mpi/bin/mpirun", ["A", "B"], as_root=True)
+    assert cmd == ["/opt/mpi/bin/mpirun", "--allow-run-as-root", "--bind-to", "none", "-H", "h1:2,h2:2",
+                   "-x", "A", "-x", "B", "--mca", "btl", "tcp,self",
+                   "-np", "4", sys.executable, script, "--epochs", "3"]
+
+
+def test_openmpi_command_with_servers_one_host(script, monkeypatch):
+    monkeypatch.delenv("SINGA_SERVER_COMMAND", raising=False)
+    monkeypatch.setattr(mpi, "_cores", lambda: 2)
+    cfg = parse_args(["--mpi", "-np", "2", "--strategy", "sandblaster", "--servers", "1", script])
+    cmd = mpi.mpirun_command(cfg, mpi.OPENMPI, "mpirun", ["SINGA_TOPOLOGY"], as_root=False)
+    assert cmd == ["mpirun", "--oversubscribe", "--bind-to", "none", "-x", "SINGA_TOPOLOGY",
+                   "-np", "2", sys.executable, script, ":", "-np", "1", sys.executable, "-m", "singa_dist.ps"]
+    env = mpi.mpi_env(cfg)
+    assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+
+
+def test_mpich_command(script, tmp_path, monkeypatch):
+    monkeypatch.delenv("SINGA_SERVER_COMMAND", raising=False)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("h1 slots=2\nh2:2\n")
+    cfg = parse_args(["--mpi", "-np", "3", "--strategy", "downpour", "--hostfile", str(hostfile), script])
+    cmd = mpi.mpirun_command(cfg, mpi.MPICH, "mpiexec", ["MASTER_PORT", "SINGA_TOPOLOGY"], as_root=True)
+    assert cmd == ["mpiexec", "-genvlist", "MASTER_PORT,SINGA_TOPOLOGY", "-hosts", "h1:2,h2:2",
+                   "-n", "3", sys.executable, script, ":", "-n", "1", sys.executable, "-m", "singa_dist.ps"]
+    cfg = parse_args(["--mpi", "-np", "2", "--hosts", "a:1,b:1", script])
+    assert mpi.mpirun_command(cfg, mpi.MPICH, "mpirun", ["X"]) == [
+        "mpirun", "-genvlist", "X", "-hosts", "a:1,b:1", "-n", "2", sys.executable, script]
+
+
+def test_mpi_rejects_restarts(script):
+    with pytest.raises(UsageError, match="--mpi: mpirun starts and stops the job itself"):
+        parse_args(["--mpi", "-np", "2", "--max-restarts", "1", script])
+
+
+def _mpirun():
+    try:
+        return mpi.find_mpirun()
+    except UsageError:
+        return None
+
+
+@pytest.mark.skipif(_mpirun() is None, reason="no mpirun installed (pip install 'singa[mpi]')")
+@pytest.mark.parametrize("where", [["-np", "3"], ["--hosts", "localhost:3"]], ids=["one-host", "hosts"])
+def test_real_mpirun_three_ranks(script, where):
+    """With --hosts the launcher sets no MASTER_ADDR: rank 0 announces its address through mpi4py."""
+    res = run_command([sys.executable, "-m", "launchers.launch", "--mpi", *where, script], timeout=180,
+                      env={"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = sorted(line for line in res.stdout.splitlines() if line.startswith("worker"))
+    assert lines == [f"worker {r} of 3 local {r}/3: sum 6" for r in range(3)], res.stdout
+
+
+_LAUNCHER_VARS = ("SINGA_PROC_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                  "PMI_RANK", "PMI_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}, ("mpirun", 2, 3, 0, 1)),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, ("mpirun", 1, 4, 1, 2)),
+    ({"SLURM_PROCID": "6", "SLURM_NTASKS": "7", "SLURM_LOCALID": "0", "SLURM_NODEID": "3",
+      "SLURM_TASKS_PER_NODE": "2(x3),1"}, ("srun", 6, 7, 0, 1)),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+      "SLURM_TASKS_PER_NODE": "2(x3),1"}, ("srun", 3, 7, 1, 2)),
+])
+def test_runtime_reads_mpi_and_slurm_ranks(env, expected, monkeypatch):
+    from singa_dist import runtime
+    for name in _LAUNCHER_VARS + ("SLURM_NTASKS_PER_NODE",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert runtime._detect_launcher() == expected
