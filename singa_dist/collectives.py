@@ -40,6 +40,9 @@ Min = ReduceOp("Min")
 Max = ReduceOp("Max")
 Product = ReduceOp("Product")
 
+# torch 2.13 renamed all_gather_into_tensor (still there, deprecated); older versions have only the old name
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _TORCH_OPS = {"Average": dist.ReduceOp.SUM, "Sum": dist.ReduceOp.SUM, "Min": dist.ReduceOp.MIN,
               "Max": dist.ReduceOp.MAX, "Product": dist.ReduceOp.PRODUCT}
 
@@ -130,13 +133,13 @@ def watch(what: str):
     try:
         yield
     except (RuntimeError, dist.DistError) as error:
-        if not is_active() or isinstance(error, _Explained):
+        if not is_active() or isinstance(error, CollectiveError):
             raise
-        raise _Explained(str(collective_failure(what, error))) from error
+        raise CollectiveError(str(collective_failure(what, error))) from error
 
 
-class _Explained(RuntimeError):
-    """A communication failure already explained by collective_failure (not diagnosed twice)."""
+class CollectiveError(RuntimeError):
+    """A collective failed; the message says which ranks were missing or what each rank was doing."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ def _allgather_start(tensor: torch.Tensor, name: str | None) -> Handle:
     rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
     all_rows = torch.empty(n, dtype=torch.int64, device=tensor.device)
     with watch(what):
-        dist.all_gather_into_tensor(all_rows, rows, group=pg)
+        _all_gather_single(all_rows, rows, group=pg)
     counts = all_rows.tolist()
     most = max(counts)
     send = tensor.detach().contiguous()
@@ -287,7 +290,7 @@ def _allgather_start(tensor: torch.Tensor, name: str | None) -> Handle:
         send = torch.cat([send, send.new_zeros((most - tensor.shape[0], *tensor.shape[1:]))])
     gathered = send.new_empty((n * most, *tensor.shape[1:]))
     with watch(what):
-        work = dist.all_gather_into_tensor(gathered, send, group=pg, async_op=True)
+        work = _all_gather_single(gathered, send, group=pg, async_op=True)
 
     def finish():
         if all(c == most for c in counts):

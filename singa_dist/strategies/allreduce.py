@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .. import collectives, runtime
-from ..collectives import Average, Sum
+from ..collectives import Average, Sum, _all_gather_single
 from ..compression import NoneCompressor, SparseCompressor, resolve as resolve_compression
 from .base import Strategy
 
@@ -127,14 +127,14 @@ class _SparseExchange:
             bucket.residual.copy_(flat).index_fill_(0, index, 0)
         self.fixed = hasattr(compressor, "count")  # top-k sends the same count everywhere
         self.counts = None
-        self.bytes_sent = self.values.numel() * self.values.element_size() + self.index.numel() * \
-            self.index.element_size()
+        self.bytes_sent = 0
         if self.fixed:
             self._gather(self.values.numel())
         else:  # first agree on the largest count, then pad to it
             self.count = torch.tensor([self.values.numel()], dtype=torch.int64, device=flat.device)
             self.counts = torch.empty(size, dtype=torch.int64, device=flat.device)
-            self.works = [dist.all_gather_into_tensor(self.counts, self.count, group=pg, async_op=True)]
+            self.bytes_sent += self.count.element_size()
+            self.works = [_all_gather_single(self.counts, self.count, group=pg, async_op=True)]
 
     def _gather(self, most: int) -> None:
         values, index = self.values, self.index
@@ -142,10 +142,11 @@ class _SparseExchange:
             pad = most - values.numel()
             values = torch.cat([values, values.new_zeros(pad)])
             index = torch.cat([index, index.new_zeros(pad)])  # zeros added at index 0 change nothing
+        self.bytes_sent += values.numel() * values.element_size() + index.numel() * index.element_size()
         self.all_values = values.new_empty(most * self.size)
         self.all_index = index.new_empty(most * self.size)
-        self.works = [dist.all_gather_into_tensor(self.all_values, values, group=self.pg, async_op=True),
-                      dist.all_gather_into_tensor(self.all_index, index, group=self.pg, async_op=True)]
+        self.works = [_all_gather_single(self.all_values, values, group=self.pg, async_op=True),
+                      _all_gather_single(self.all_index, index, group=self.pg, async_op=True)]
 
     def second_stage(self) -> None:
         """Threshold only: once the counts are known, send the padded values and indices."""
