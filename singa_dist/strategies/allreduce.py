@@ -69,19 +69,26 @@ class _Bucket:
             g = p.grad
             if g is None:
                 parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
-            else:
+            elif g.is_sparse or g.dtype != self.dtype:
                 parts.append((g.to_dense() if g.is_sparse else g).reshape(-1).to(self.dtype))
+            else:
+                parts.append(g.view(-1) if g.is_contiguous() else g.reshape(-1))
         torch.cat(parts, out=self.buffer)
         return self.buffer
 
     def scatter_grads(self) -> None:
         """Write the reduced buffer back into every parameter's `.grad`."""
-        for view, (_, p) in zip(self.buffer.split(self.numels), self.params):
-            view = view.view_as(p)
-            if p.grad is None or p.grad.is_sparse or p.grad.dtype != view.dtype:
+        views = [v.view_as(p) for v, (_, p) in zip(self.buffer.split(self.numels), self.params)]
+        grads, sources = [], []
+        for view, (_, p) in zip(views, self.params):
+            g = p.grad
+            if g is None or g.is_sparse or g.dtype != view.dtype or not g.is_contiguous():
                 p.grad = view.clone()
             else:
-                p.grad.copy_(view)
+                grads.append(g)
+                sources.append(view)
+        if grads:
+            torch._foreach_copy_(grads, sources)  # one call instead of one per tensor
 
 
 class _DenseExchange:
@@ -169,6 +176,8 @@ class AllReduce(Strategy):
     """Synchronous data parallelism by all-reduce of fused gradient buckets.
 
     bucket_mb: size of a fused bucket in MB (Horovod's fusion threshold, DDP's bucket_cap_mb).
+    first_bucket_mb: the first bucket (the last layers, whose gradients come first) is smaller, so that
+                 communication starts early in the backward pass (as DDP does).
     compression: sd.Compression.none/.fp16/.bf16/.topk(ratio)/.threshold(t) (or give it to DistributedOptimizer).
     partial_update_chunks: 0 for ordinary training; n > 0 for SINGA's partial update (see the module doc).
     num_buckets: instead of a size, cut the parameters into this many buckets of about equal bytes
@@ -180,14 +189,16 @@ class AllReduce(Strategy):
     name = "allreduce"
 
     def __init__(self, bucket_mb: float = 25.0, compression=None, partial_update_chunks: int = 0,
-                 num_buckets: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0):
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
+                 num_buckets: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                 first_bucket_mb: float = 1.0):
+        if bucket_mb <= 0 or first_bucket_mb <= 0:
+            raise ValueError(f"bucket_mb and first_bucket_mb must be positive, got {bucket_mb}, {first_bucket_mb}")
         if partial_update_chunks < 0:
             raise ValueError(f"partial_update_chunks must be 0 (off) or positive, got {partial_update_chunks}")
         if num_buckets is not None and num_buckets < 1:
             raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
         self.bucket_mb = float(bucket_mb)
+        self.first_bucket_mb = min(float(first_bucket_mb), self.bucket_mb)
         self.compression = compression
         self.partial_update_chunks = int(partial_update_chunks)
         self.num_buckets = num_buckets
@@ -233,18 +244,20 @@ class AllReduce(Strategy):
         params = list(reversed(self.named))
         if self.num_buckets:
             total = sum(p.numel() * p.element_size() for _, p in params)
-            cap = max(total / self.num_buckets, 1)
+            first = cap = max(total / self.num_buckets, 1)
         else:
-            cap = self.bucket_mb * 2**20
+            first, cap = self.first_bucket_mb * 2**20, self.bucket_mb * 2**20
         open_, order = {}, []
         for name, p in params:
             key = (p.dtype, p.device.type)
             group = open_.get(key)
-            if group is None or (group[1] and group[1] + p.numel() * p.element_size() > cap):
-                group = open_[key] = [[], 0]
+            if group is None:
+                group = open_[key] = [[], 0, len(order)]
                 order.append(group)
             group[0].append((name, p))
             group[1] += p.numel() * p.element_size()
+            if group[1] >= (first if group[2] == 0 else cap):  # full: the next tensor opens a new bucket
+                del open_[key]
         return [_Bucket(i, g[0]) for i, g in enumerate(order)]
 
     def _make_chunks(self, n: int) -> list[list[torch.nn.Parameter]]:
