@@ -56,14 +56,15 @@ def reference(opt_name, *, passes=1, clip=None, closure=False, scale=1.0):
 
 
 def train_distributed(opt_name, *, passes=1, clip=None, closure=False, op="average", scaler=False,
-                      bucket_mb=0.0002):
+                      bucket_mb=0.0002, set_to_none=True):
     """Each rank on its shard; tiny buckets so that several buckets and their ordering are exercised."""
     torch.set_num_threads(1)
     rank, size = sd.rank(), sd.size()
     model = make_model()
     opt = make_optimizer(opt_name, model.parameters())
     opt = sd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                  strategy=sd.AllReduce(bucket_mb=bucket_mb), backward_passes_per_step=passes,
+                                  strategy=sd.AllReduce(bucket_mb=bucket_mb, first_bucket_mb=bucket_mb),
+                                  backward_passes_per_step=passes,
                                   op=sd.Sum if op == "sum" else sd.Average)
     sd.broadcast_parameters(model.state_dict(), root_rank=0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
@@ -73,7 +74,7 @@ def train_distributed(opt_name, *, passes=1, clip=None, closure=False, op="avera
     data = batches(steps=STEPS * passes)
     for s in range(STEPS):
         def compute():
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             for x, y in data[s * passes:(s + 1) * passes]:
                 loss = F.cross_entropy(model(x[rank::size]), y[rank::size]) * weight
                 (grad_scaler.scale(loss) if scaler else loss).backward()
@@ -113,9 +114,11 @@ def test_equals_single_process_2_and_3_ranks(world2, world3, opt_name):
             assert_close(got, want)
 
 
-def test_accumulation_two_passes_equals_double_batch(world2):
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_accumulation_two_passes_equals_double_batch(world2, set_to_none):
+    # set_to_none=False: backward accumulates straight into the buckets that hold last step's gradients
     want = reference("sgd", passes=2)
-    for got in world2.run(train_distributed, "sgd", passes=2, timeout=120):
+    for got in world2.run(train_distributed, "sgd", passes=2, set_to_none=set_to_none, timeout=120):
         assert_close(got, want)
 
 

@@ -60,35 +60,39 @@ class _Bucket:
         shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3 else "")
         return f"gradient bucket {self.index} ({shown})"
 
-    def gather_grads(self) -> torch.Tensor:
-        """Copy the parameters' gradients into the flat buffer (zeros where a parameter has none)."""
+    def _views(self) -> list[torch.Tensor]:
         if self.buffer is None:
             self.buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        parts = []
-        for (_, p), n in zip(self.params, self.numels):
+            self.views = [v.view_as(p) for v, (_, p) in zip(self.buffer.split(self.numels), self.params)]
+        return self.views
+
+    def gather_grads(self) -> torch.Tensor:
+        """Copy the parameters' gradients into the flat buffer (zeros where a parameter has none)."""
+        dst, src = [], []
+        for view, (_, p) in zip(self._views(), self.params):
             g = p.grad
             if g is None:
-                parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
-            elif g.is_sparse or g.dtype != self.dtype:
-                parts.append((g.to_dense() if g.is_sparse else g).reshape(-1).to(self.dtype))
+                view.zero_()
+            elif _is_view(g, view):
+                continue  # backward accumulated straight into the bucket (zero_grad(set_to_none=False))
             else:
-                parts.append(g.view(-1) if g.is_contiguous() else g.reshape(-1))
-        torch.cat(parts, out=self.buffer)
+                dst.append(view)
+                src.append(g.to_dense().to(self.dtype) if g.is_sparse else g.to(self.dtype))
+        if dst:
+            torch._foreach_copy_(dst, src)  # one call instead of one per tensor
         return self.buffer
 
     def scatter_grads(self) -> None:
-        """Write the reduced buffer back into every parameter's `.grad`."""
-        views = [v.view_as(p) for v, (_, p) in zip(self.buffer.split(self.numels), self.params)]
-        grads, sources = [], []
-        for view, (_, p) in zip(views, self.params):
-            g = p.grad
-            if g is None or g.is_sparse or g.dtype != view.dtype or not g.is_contiguous():
-                p.grad = view.clone()
-            else:
-                grads.append(g)
-                sources.append(view)
-        if grads:
-            torch._foreach_copy_(grads, sources)  # one call instead of one per tensor
+        """Make every parameter's `.grad` its slice of the reduced buffer (no copy, as DDP's
+        gradient_as_bucket_view): the buffer is only refilled by the next step's communication."""
+        for view, (_, p) in zip(self.views, self.params):
+            if not _is_view(p.grad, view):
+                p.grad = view
+
+
+def _is_view(grad, view) -> bool:
+    return grad is not None and not grad.is_sparse and grad.data_ptr() == view.data_ptr() and \
+        grad.shape == view.shape and grad.dtype == view.dtype
 
 
 class _DenseExchange:
