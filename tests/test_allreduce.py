@@ -56,7 +56,7 @@ def reference(opt_name, *, passes=1, clip=None, closure=False, scale=1.0):
 
 
 def train_distributed(opt_name, *, passes=1, clip=None, closure=False, op="average", scaler=False,
-                      bucket_mb=0.0002, set_to_none=True):
+                      bucket_mb=0.0002, set_to_none=True, autocast=False):
     """Each rank on its shard; tiny buckets so that several buckets and their ordering are exercised."""
     torch.set_num_threads(1)
     rank, size = sd.rank(), sd.size()
@@ -76,7 +76,9 @@ def train_distributed(opt_name, *, passes=1, clip=None, closure=False, op="avera
         def compute():
             opt.zero_grad(set_to_none=set_to_none)
             for x, y in data[s * passes:(s + 1) * passes]:
-                loss = F.cross_entropy(model(x[rank::size]), y[rank::size]) * weight
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    out = model(x[rank::size])
+                loss = F.cross_entropy(out.float(), y[rank::size]) * weight
                 (grad_scaler.scale(loss) if scaler else loss).backward()
             return loss
         if closure:
@@ -144,6 +146,15 @@ def test_grad_scaler_sees_synchronized_gradients(world2):
     want = reference("sgd")
     for got in world2.run(train_distributed, "sgd", scaler=True, timeout=120):
         assert_close(got, want)
+
+
+def test_autocast_with_grad_scaler(world2):
+    # bf16 matmuls: the ranks must agree exactly; against the fp32 reference only to bf16's precision
+    want = reference("sgd")
+    got0, got1 = world2.run(train_distributed, "sgd", scaler=True, autocast=True, timeout=120)
+    assert all(torch.equal(a, b) for a, b in zip(got0, got1))
+    assert_close(got0, want, tol=3e-2)
+    assert not all(torch.equal(a, b) for a, b in zip(got0, want))  # bf16 really was used
 
 
 # ------------------------------------------------------------------------------------------------------------
