@@ -43,6 +43,8 @@ Product = ReduceOp("Product")
 # torch 2.13 renamed all_gather_into_tensor (still there, deprecated); older versions have only the old name
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+_DIST_ERROR = getattr(dist, "DistError", RuntimeError)  # torch >= 2.2; a RuntimeError subclass
+
 _TORCH_OPS = {"Average": dist.ReduceOp.SUM, "Sum": dist.ReduceOp.SUM, "Min": dist.ReduceOp.MIN,
               "Max": dist.ReduceOp.MAX, "Product": dist.ReduceOp.PRODUCT}
 
@@ -132,7 +134,7 @@ def watch(what: str):
     """Turns a failed or timed-out communication inside the block into an error naming the missing ranks."""
     try:
         yield
-    except (RuntimeError, dist.DistError) as error:
+    except (RuntimeError, _DIST_ERROR) as error:
         if not is_active() or isinstance(error, CollectiveError):
             raise
         raise CollectiveError(str(collective_failure(what, error))) from error

@@ -8,7 +8,7 @@ import singa_dist as sd
 
 
 def tensor_collectives():
-    r, n = sd.rank(), sd.size()
+    r = sd.rank()
     out = {}
     x = torch.tensor([r + 1.0, 2.0 * (r + 1)], requires_grad=True)
     y = sd.allreduce(x, op=sd.Average, name="x")
