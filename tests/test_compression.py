@@ -34,6 +34,15 @@ def test_sparse_selection():
     assert sorted(Compression.topk(0.25).select(x).tolist()) == [1, 3]
     assert Compression.topk(0.01).count(8) == 1 and Compression.topk(0.3).count(10) == 3
     assert sorted(Compression.threshold(0.5).select(x).tolist()) == [1, 3, 6, 7]
+    # large buffers take a sampled shortcut: it must pick exactly the elements a full top-k picks
+    g = torch.Generator().manual_seed(3)
+    for big in (torch.randn(200_003, generator=g), torch.rand(100_000, generator=g) ** 8,
+                torch.cat([torch.zeros(90_000), torch.randn(10_000, generator=g)])):
+        for ratio in (0.001, 0.01, 0.05):
+            k = Compression.topk(ratio).count(big.numel())
+            got = Compression.topk(ratio).select(big)
+            assert got.numel() == k and got.unique().numel() == k
+            assert big.abs()[got].min() >= big.abs().topk(k).values.min()
     with pytest.raises(ValueError):
         Compression.topk(0.0)
     with pytest.raises(ValueError):
