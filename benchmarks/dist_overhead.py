@@ -22,6 +22,7 @@ import importlib.util
 import os
 import socket
 import statistics
+import time
 import sys
 import traceback
 
@@ -30,7 +31,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.common import machine, print_table, time_ms, write_csv
+from benchmarks.common import machine, print_table, write_csv
 
 
 def make_model(kind: str, small: bool) -> nn.Module:
@@ -70,11 +71,11 @@ def _step_fn(model, opt, x, y):
     return step
 
 
-def measure(kinds, reps: int, small: bool, strategy_only: str | None = None, rounds: int = 5) -> list[dict]:
+def measure(kinds, reps: int, small: bool, strategy_only: str | None = None) -> list[dict]:
     """Runs on every worker rank; returns rank 0's rows.
 
-    The methods are timed in interleaved rounds (each method `reps / rounds` steps per round, the median
-    over all rounds reported), so that load from other processes on the host affects them alike.
+    The methods take turns step by step (A, B, C, A, B, C, ...) and each one's median step time is reported,
+    so that changing load from other processes on the host affects them alike.
     """
     import singa_dist as sd
 
@@ -105,11 +106,15 @@ def measure(kinds, reps: int, small: bool, strategy_only: str | None = None, rou
                                           named_parameters=model.named_parameters(), **options())
             methods[name] = (_step_fn(model, opt, x, y), opt, None)
         times = {name: [] for name in methods}
-        per_round = max(reps // rounds, 1)
-        for _ in range(rounds):
+        for step, _, _ in methods.values():
+            for _ in range(3):
+                step()
+        for _ in range(reps):
             for name, (step, _, _) in methods.items():
                 sd.barrier()  # every rank times the same method
-                times[name].append(time_ms(step, warmup=2, reps=per_round))
+                start = time.perf_counter()
+                step()
+                times[name].append((time.perf_counter() - start) * 1e3)
         ddp_ms = statistics.median(times["torch DDP"]) if "torch DDP" in times else None
         for name, (_, opt, dense) in methods.items():
             ms = statistics.median(times[name])
@@ -172,7 +177,7 @@ def run_world(nprocs: int, env: dict, kinds, reps, small, strategy_only=None, se
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--np", type=int, default=2, help="number of worker ranks")
-    parser.add_argument("--reps", type=int, default=60, help="timed steps per method (median reported)")
+    parser.add_argument("--reps", type=int, default=100, help="timed steps per method (median reported)")
     parser.add_argument("--small", action="store_true", help="smaller models (a quick smoke run)")
     parser.add_argument("--servers", type=int, default=1, help="parameter servers for the Sandblaster run")
     parser.add_argument("--server-entry", default="singa_dist.strategies.sandblaster:serve",

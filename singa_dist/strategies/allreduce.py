@@ -66,20 +66,29 @@ class _Bucket:
             self.views = [v.view_as(p) for v, (_, p) in zip(self.buffer.split(self.numels), self.params)]
         return self.views
 
-    def gather_grads(self) -> torch.Tensor:
-        """Copy the parameters' gradients into the flat buffer (zeros where a parameter has none)."""
+    def gather_grads(self, scale: float = 1.0) -> torch.Tensor:
+        """Copy the parameters' gradients, times `scale`, into the flat buffer (zeros where a parameter has
+        none). Few large tensors are scaled while copied (one pass over memory, as DDP does); many small
+        ones are copied in one call and scaled together."""
+        views = self._views()
         dst, src = [], []
-        for view, (_, p) in zip(self._views(), self.params):
+        for view, (_, p) in zip(views, self.params):
             g = p.grad
             if g is None:
                 view.zero_()
             elif _is_view(g, view):
-                continue  # backward accumulated straight into the bucket (zero_grad(set_to_none=False))
+                if scale != 1.0:
+                    view.mul_(scale)  # backward accumulated straight into the bucket (set_to_none=False)
             else:
                 dst.append(view)
                 src.append(g.to_dense().to(self.dtype) if g.is_sparse else g.to(self.dtype))
-        if dst:
+        if scale != 1.0 and len(dst) <= 16:
+            for d, g in zip(dst, src):
+                torch.mul(g, scale, out=d)
+        elif dst:
             torch._foreach_copy_(dst, src)  # one call instead of one per tensor
+            if scale != 1.0:
+                torch._foreach_mul_(dst, scale)
         return self.buffer
 
     def scatter_grads(self) -> None:
@@ -96,28 +105,20 @@ def _is_view(grad, view) -> bool:
 
 
 class _DenseExchange:
-    """All-reduce of a bucket, possibly in a cheaper dtype."""
+    """All-reduce of a bucket, possibly in a cheaper dtype. The buffer arrives already divided by the number
+    of ranks for Average (so that a sum of many ranks cannot overflow fp16 either)."""
 
-    def __init__(self, bucket: _Bucket, compressor, op, size: int, pg):
-        self.bucket, self.compressor, self.op, self.size = bucket, compressor, op, size
-        buf = bucket.buffer
-        lossy = not isinstance(compressor, NoneCompressor)
-        # Lossy dtypes average before summing, so that a sum of many ranks cannot overflow fp16.
-        self.pre_divided = op is Average and lossy and buf.is_floating_point()
-        if self.pre_divided:
-            buf.div_(size)
-        self.wire, self.ctx = compressor.compress(buf)
+    def __init__(self, bucket: _Bucket, compressor, size: int, pg):
+        self.bucket, self.compressor = bucket, compressor
+        self.wire, self.ctx = compressor.compress(bucket.buffer)
         self.bytes_sent = self.wire.numel() * self.wire.element_size()
         self.work = dist.all_reduce(self.wire, op=dist.ReduceOp.SUM, group=pg, async_op=True)
 
     def finish(self) -> None:
         self.work.wait()
-        buf = self.bucket.buffer
         out = self.compressor.decompress(self.wire, self.ctx)
-        if out is not buf:
-            buf.copy_(out)
-        if self.op is Average and not self.pre_divided:
-            buf.div_(self.size)
+        if out is not self.bucket.buffer:
+            self.bucket.buffer.copy_(out)
 
 
 class _SparseExchange:
@@ -309,14 +310,16 @@ class AllReduce(Strategy):
             self.next_launch += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        buf = bucket.gather_grads()
-        if self.prescale_factor != 1.0:
-            buf.mul_(self.prescale_factor)
+        sparse = isinstance(self.compressor, SparseCompressor)
+        scale = self.prescale_factor
+        if self.op is Average and not sparse:  # sparse sums divide afterwards: the residual keeps raw units
+            scale /= self.size
+        bucket.gather_grads(scale)
         with collectives.watch(bucket.describe()):
-            if isinstance(self.compressor, SparseCompressor):
+            if sparse:
                 bucket.exchange = _SparseExchange(bucket, self.compressor, self.op, self.size, self.pg)
             else:
-                bucket.exchange = _DenseExchange(bucket, self.compressor, self.op, self.size, self.pg)
+                bucket.exchange = _DenseExchange(bucket, self.compressor, self.size, self.pg)
 
     # -------------------------------------------------------------------------------------- synchronize
     def synchronize(self) -> None:
