@@ -265,3 +265,37 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="partial update"):
         sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                 strategy=sd.AllReduce(partial_update_chunks=2), compression=sd.Compression.fp16)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One bucket of many tensors (the default bucket size), gathered in one call and scaled as a whole
+
+def deep_model():
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(10) for m in (nn.Linear(6, 6), nn.Tanh())], nn.Linear(6, 3))
+
+
+def train_deep(set_to_none):
+    rank, size = sd.rank(), sd.size()
+    model = deep_model()
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  named_parameters=model.named_parameters())
+    assert len(opt.strategy.buckets) == 1 and len(opt.strategy.buckets[0].params) == 22
+    for x, y in batches():
+        opt.zero_grad(set_to_none=set_to_none)
+        F.cross_entropy(model(x[rank::size]), y[rank::size]).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_many_tensors_in_one_bucket(world3, set_to_none):
+    model = deep_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    want = [p.detach() for p in model.parameters()]
+    for got in world3.run(train_deep, set_to_none, timeout=60):
+        assert_close(got, want)

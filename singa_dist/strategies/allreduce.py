@@ -71,24 +71,26 @@ class _Bucket:
         none). Few large tensors are scaled while copied (one pass over memory, as DDP does); many small
         ones are copied in one call and scaled together."""
         views = self._views()
-        dst, src = [], []
+        dst, src, in_place = [], [], []
         for view, (_, p) in zip(views, self.params):
             g = p.grad
             if g is None:
                 view.zero_()
             elif _is_view(g, view):
-                if scale != 1.0:
-                    view.mul_(scale)  # backward accumulated straight into the bucket (set_to_none=False)
+                in_place.append(view)  # backward accumulated straight into the bucket (set_to_none=False)
             else:
                 dst.append(view)
                 src.append(g.to_dense().to(self.dtype) if g.is_sparse else g.to(self.dtype))
-        if scale != 1.0 and len(dst) <= 16:
+        if len(dst) <= 16:
             for d, g in zip(dst, src):
-                torch.mul(g, scale, out=d)
-        elif dst:
+                torch.mul(g, scale, out=d) if scale != 1.0 else d.copy_(g)
+            if scale != 1.0:
+                for view in in_place:
+                    view.mul_(scale)
+        else:
             torch._foreach_copy_(dst, src)  # one call instead of one per tensor
             if scale != 1.0:
-                torch._foreach_mul_(dst, scale)
+                self.buffer.mul_(scale)  # one pass over the whole bucket is cheaper than per-tensor calls
         return self.buffer
 
     def scatter_grads(self) -> None:
