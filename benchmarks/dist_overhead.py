@@ -54,7 +54,7 @@ def _variants():
 
     return {
         "allreduce/none": lambda: dict(strategy=sd.AllReduce()),
-        "allreduce/none, 4 MB buckets": lambda: dict(strategy=sd.AllReduce(bucket_mb=4)),
+        "allreduce/none, 25 MB buckets": lambda: dict(strategy=sd.AllReduce(bucket_mb=25)),
         "allreduce/fp16": lambda: dict(strategy=sd.AllReduce(), compression=sd.Compression.fp16),
         "allreduce/bf16": lambda: dict(strategy=sd.AllReduce(), compression=sd.Compression.bf16),
         "allreduce/topk(0.01)": lambda: dict(strategy=sd.AllReduce(), compression=sd.Compression.topk(0.01)),

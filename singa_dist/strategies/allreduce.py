@@ -39,6 +39,10 @@ from ..compression import NoneCompressor, SparseCompressor, resolve as resolve_c
 from .base import Strategy
 
 
+# Measured with benchmarks/dist_overhead.py: on CPU/Gloo 4 MB buckets beat 25 MB ones (more overlap).
+DEFAULT_BUCKET_MB = {"cpu": 4.0, "cuda": 25.0}
+
+
 class _Bucket:
     """Gradients of some parameters fused into one flat buffer, communicated as one message."""
 
@@ -182,7 +186,9 @@ class _SparseExchange:
 class AllReduce(Strategy):
     """Synchronous data parallelism by all-reduce of fused gradient buckets.
 
-    bucket_mb: size of a fused bucket in MB (Horovod's fusion threshold, DDP's bucket_cap_mb).
+    bucket_mb: size of a fused bucket in MB (Horovod's fusion threshold, DDP's bucket_cap_mb). Default:
+                 25 for CUDA tensors (DDP's choice for NCCL), 4 for CPU tensors, where smaller buckets
+                 overlap Gloo's all-reduce better with backward (benchmarks/dist_overhead.py).
     first_bucket_mb: the first bucket (the last layers, whose gradients come first) is smaller, so that
                  communication starts early in the backward pass (as DDP does).
     compression: sd.Compression.none/.fp16/.bf16/.topk(ratio)/.threshold(t) (or give it to DistributedOptimizer).
@@ -195,17 +201,17 @@ class AllReduce(Strategy):
 
     name = "allreduce"
 
-    def __init__(self, bucket_mb: float = 25.0, compression=None, partial_update_chunks: int = 0,
+    def __init__(self, bucket_mb: float | None = None, compression=None, partial_update_chunks: int = 0,
                  num_buckets: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                  first_bucket_mb: float = 1.0):
-        if bucket_mb <= 0 or first_bucket_mb <= 0:
+        if (bucket_mb is not None and bucket_mb <= 0) or first_bucket_mb <= 0:
             raise ValueError(f"bucket_mb and first_bucket_mb must be positive, got {bucket_mb}, {first_bucket_mb}")
         if partial_update_chunks < 0:
             raise ValueError(f"partial_update_chunks must be 0 (off) or positive, got {partial_update_chunks}")
         if num_buckets is not None and num_buckets < 1:
             raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
-        self.bucket_mb = float(bucket_mb)
-        self.first_bucket_mb = min(float(first_bucket_mb), self.bucket_mb)
+        self.bucket_mb = None if bucket_mb is None else float(bucket_mb)
+        self.first_bucket_mb = float(first_bucket_mb)
         self.compression = compression
         self.partial_update_chunks = int(partial_update_chunks)
         self.num_buckets = num_buckets
@@ -249,11 +255,8 @@ class AllReduce(Strategy):
     def _make_buckets(self) -> list[_Bucket]:
         """Reverse optimizer order; one dtype and device type per bucket; about bucket_mb (or num_buckets)."""
         params = list(reversed(self.named))
-        if self.num_buckets:
-            total = sum(p.numel() * p.element_size() for _, p in params)
-            first = cap = max(total / self.num_buckets, 1)
-        else:
-            first, cap = self.first_bucket_mb * 2**20, self.bucket_mb * 2**20
+        total = sum(p.numel() * p.element_size() for _, p in params)
+        even = max(total / self.num_buckets, 1) if self.num_buckets else None
         open_, order = {}, []
         for name, p in params:
             key = (p.dtype, p.device.type)
@@ -263,7 +266,12 @@ class AllReduce(Strategy):
                 order.append(group)
             group[0].append((name, p))
             group[1] += p.numel() * p.element_size()
-            if group[1] >= (first if group[2] == 0 else cap):  # full: the next tensor opens a new bucket
+            if even is not None:
+                limit = even
+            else:
+                mb = self.bucket_mb if self.bucket_mb is not None else DEFAULT_BUCKET_MB.get(p.device.type, 25.0)
+                limit = (min(self.first_bucket_mb, mb) if group[2] == 0 else mb) * 2**20
+            if group[1] >= limit:  # full: the next tensor opens a new bucket
                 del open_[key]
         return [_Bucket(i, g[0]) for i, g in enumerate(order)]
 
