@@ -16,3 +16,9 @@ __version__ = "0.1.0"
 from .collectives import Average, ReduceOp, Sum
 from .optimizer import DistributedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .collectives import (Max, Min, Product, allgather, allgather_async, allgather_object, allreduce, allreduce_,
+                          allreduce_async, allreduce_async_, barrier, broadcast, broadcast_, broadcast_async,
+                          broadcast_async_, broadcast_object, broadcast_optimizer_state, broadcast_parameters,
+                          poll, synchronize)
+from .compression import Compression
+from .strategies.allreduce import AllReduce

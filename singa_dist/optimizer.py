@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from . import strategies
+from . import collectives, strategies
 from .collectives import Average
 
 
@@ -21,6 +21,8 @@ class _DistributedOptimizer:
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be at least 1, got {backward_passes_per_step}")
         named = _named_parameters(self, named_parameters)
+        # Before any training: workers with different models would otherwise hang or mix data later.
+        collectives.check_consistency(named, "parameter")
         self._singa_strategy = strategies.make(strategy)
         self._singa_named = named
         self._singa_skip_sync = False
@@ -128,3 +130,19 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         optimizer.__class__ = base
         raise
     return optimizer
+
+
+def _synchronize_before_unscale(unscale_):
+    """GradScaler.unscale_ (and so GradScaler.step) must see the synchronised gradients, not local ones."""
+
+    def patched(self, optimizer):
+        if isinstance(optimizer, _DistributedOptimizer):
+            optimizer.synchronize()
+        return unscale_(self, optimizer)
+    patched._singa_original = unscale_
+    patched.__doc__ = unscale_.__doc__
+    return patched
+
+
+if not hasattr(torch.amp.GradScaler.unscale_, "_singa_original"):
+    torch.amp.GradScaler.unscale_ = _synchronize_before_unscale(torch.amp.GradScaler.unscale_)
