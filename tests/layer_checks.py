@@ -36,3 +36,17 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dty
 def leaf64(t: torch.Tensor) -> torch.Tensor:
     """A float64 CPU copy of t that requires grad: the reference computation's input."""
     return t.detach().double().cpu().requires_grad_(t.requires_grad)
+
+
+def assert_grads_match(native_fn, ref_fn, x, grad_out=None, atol=1e-5, rtol=1e-5):
+    """native_fn(x) and its input gradient against ref_fn on a float64 copy of x, for one random upstream gradient."""
+    xn = x.detach().clone().requires_grad_()
+    xr = x.detach().double().requires_grad_()
+    y, y_ref = native_fn(xn), ref_fn(xr)
+    assert y.shape == y_ref.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
+    if grad_out is None:
+        grad_out = torch.randn(y_ref.shape, dtype=torch.float64, device=x.device)
+    y.backward(grad_out.to(y.dtype))
+    y_ref.backward(grad_out)
+    torch.testing.assert_close(xn.grad.double(), xr.grad, atol=atol, rtol=rtol)

@@ -1,4 +1,4 @@
-"""The dense-layer kernels compile for an H100 (sm_90) on a host without a GPU.
+"""Every layer kernel compiles for an H100 (sm_90) on a host without a GPU.
 
 The interpreter runs kernels as numpy code and accepts things the GPU compiler rejects (types that do not
 unify, scalar masks, block shapes); compiling ahead of time through ptxas catches those here. Runs in a
@@ -66,7 +66,34 @@ def _variants():
     stats = {n: "*fp32" for n in ("pivot_ptr", "mean_ptr", "invstd_ptr")}
     for tiles in (dict(R_AXIS=0, BLOCK_R=64, BLOCK_C=64), dict(R_AXIS=1, BLOCK_R=256, BLOCK_C=16)):
         out += _batchnorm_variants(batchnorm, p, bn, stats, tiles, i32)
-    return out
+    return out + _vision_variants()
+
+
+def _vision_variants():
+    """Convolution, pooling and LRN; arguments not named in a signature are i32 sizes and strides."""
+    from triton_kernels import conv, lrn, pool
+
+    h, f, i, b = "*fp16", "*fp32", "*i64", "*bf16"
+    tile = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, PRECISION="ieee")
+    out = []
+    for flat in (True, False):
+        out.append((conv._conv2d_fwd_kernel, dict(x_ptr=h, w_ptr=h, b_ptr=h, y_ptr=h),
+                    dict(HAS_BIAS=True, RELU=True, FLAT_K=flat, **tile), 4))
+        out.append((conv._conv2d_dgrad_kernel, dict(dy_ptr=h, y_ptr=h, w_ptr=h, dx_ptr=h),
+                    dict(RELU=True, FLAT_K=flat, **tile), 4))
+    scalars = dict(alpha="fp32", beta="fp32", k="fp32")
+    return out + [
+        (conv._conv2d_wgrad_kernel, dict(dy_ptr=h, y_ptr=h, x_ptr=h, dw_part_ptr=f, db_part_ptr=f),
+         dict(RELU=True, HAS_BIAS=True, **tile), 4),
+        (conv._sum_splits_kernel, dict(part_ptr=f, out_ptr=b), dict(BLOCK=1024), 4),
+        (pool._max_pool2d_fwd_kernel, dict(x_ptr=b, y_ptr=b, idx_ptr=i), dict(BLOCK=256), 4),
+        (pool._max_pool2d_bwd_kernel, dict(dy_ptr=b, idx_ptr=i, dx_ptr=b), dict(BLOCK=256), 4),
+        (pool._avg_pool2d_fwd_kernel, dict(x_ptr=b, y_ptr=b), dict(COUNT_INCLUDE_PAD=False, DIVISOR=0, BLOCK=256), 4),
+        (pool._avg_pool2d_bwd_kernel, dict(dy_ptr=b, dx_ptr=b), dict(COUNT_INCLUDE_PAD=True, DIVISOR=3, BLOCK=256), 4),
+        (lrn._lrn_fwd_kernel, dict(x_ptr=b, y_ptr=b, scale_ptr=f, **scalars), dict(BLOCK_C=8, BLOCK_S=128), 4),
+        (lrn._lrn_bwd_kernel, dict(dy_ptr=b, x_ptr=b, scale_ptr=f, dx_ptr=b, **scalars),
+         dict(BLOCK_C=8, BLOCK_S=128), 4),
+    ]
 
 
 def _batchnorm_variants(batchnorm, p, bn, stats, tiles, i32):
@@ -90,7 +117,7 @@ def main() -> int:
 
     failures = []
     for fn, signature, constexprs, warps in _variants():
-        sig = {a: "constexpr" if a in constexprs else signature[a] for a in fn.arg_names}
+        sig = {a: "constexpr" if a in constexprs else signature.get(a, "i32") for a in fn.arg_names}
         try:
             triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": 3})

@@ -5,21 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import native_layers
+from tests.layer_checks import assert_grads_match
 from native_layers import LRN, local_response_norm
 from native_layers.lrn import LRNFunction
-
-
-def _grads_match(native_fn, ref_fn, x, grad_out=None, atol=1e-5, rtol=1e-5):
-    xn = x.detach().clone().requires_grad_()
-    xr = x.detach().double().requires_grad_()
-    y, y_ref = native_fn(xn), ref_fn(xr)
-    assert y.shape == y_ref.shape and y.dtype == x.dtype
-    torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
-    if grad_out is None:
-        grad_out = torch.randn(y_ref.shape, dtype=torch.float64, device=x.device)
-    y.backward(grad_out.to(y.dtype))
-    y_ref.backward(grad_out)
-    torch.testing.assert_close(xn.grad.double(), xr.grad, atol=atol, rtol=rtol)
 
 
 # (size, alpha, beta, k): AlexNet's and cuda-convnet's settings, even sizes, a window wider than C, and a
@@ -34,13 +22,13 @@ def test_lrn_matches_torch(kernel_device, case):
     size, alpha, beta, k = PARAMS[case]
     x = 2 * torch.randn(2, 7, 5, 3 + case % 2, device=kernel_device)
     for fn in [lambda x: local_response_norm(x, size, alpha, beta, k), LRN(size, alpha, beta, k)]:
-        _grads_match(fn, lambda x: F.local_response_norm(x, size, alpha, beta, k), x)
+        assert_grads_match(fn, lambda x: F.local_response_norm(x, size, alpha, beta, k), x)
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 9), (2, 5, 3, 2, 3), (1, 17, 3, 3)])
 def test_lrn_other_ranks(kernel_device, shape):
     x = torch.randn(shape, device=kernel_device)
-    _grads_match(lambda x: local_response_norm(x, 5, 0.5, 0.75, 1.0),
+    assert_grads_match(lambda x: local_response_norm(x, 5, 0.5, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 5, 0.5, 0.75, 1.0), x)
 
 
@@ -48,10 +36,10 @@ def test_lrn_non_contiguous(kernel_device):
     x = torch.randn(2, 5, 12, 10, device=kernel_device)[:, :, ::2, 1:].transpose(2, 3)
     grad_out = torch.randn(2, 6, 9, 5, dtype=torch.float64, device=kernel_device).transpose(1, 3)
     assert not x.is_contiguous() and not grad_out.is_contiguous()
-    _grads_match(lambda x: local_response_norm(x, 3, 0.5, 0.75, 1.0),
+    assert_grads_match(lambda x: local_response_norm(x, 3, 0.5, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 3, 0.5, 0.75, 1.0), x, grad_out)
     xl = torch.randn(2, 6, 3, 5, device=kernel_device).to(memory_format=torch.channels_last)
-    _grads_match(lambda x: local_response_norm(x, 3, 0.5, 0.75, 1.0),
+    assert_grads_match(lambda x: local_response_norm(x, 3, 0.5, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 3, 0.5, 0.75, 1.0), xl)
 
 
@@ -85,5 +73,5 @@ def test_lrn_errors():
 def test_lrn_gpu_dtypes(dtype):
     x = torch.randn(8, 64, 27, 25, device="cuda", dtype=dtype)
     tol = 3e-5 if dtype == torch.float32 else 2e-2  # GPU exp/log are approximate to a few ulp
-    _grads_match(lambda x: local_response_norm(x, 5, 1e-2, 0.75, 1.0),
+    assert_grads_match(lambda x: local_response_norm(x, 5, 1e-2, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 5, 1e-2, 0.75, 1.0), x, atol=tol, rtol=tol)

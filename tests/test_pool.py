@@ -5,21 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import native_layers
+from tests.layer_checks import assert_grads_match
 from native_layers import AvgPool2d, MaxPool2d, avg_pool2d, max_pool2d
 from native_layers.pool import AvgPool2dFunction, MaxPool2dFunction
-
-
-def _grads_match(native_fn, ref_fn, x, grad_out=None, atol=1e-5, rtol=1e-5):
-    xn = x.detach().clone().requires_grad_()
-    xr = x.detach().double().requires_grad_()
-    y, y_ref = native_fn(xn), ref_fn(xr)
-    assert y.shape == y_ref.shape and y.dtype == x.dtype
-    torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
-    if grad_out is None:
-        grad_out = torch.randn(y_ref.shape, dtype=torch.float64, device=x.device)
-    y.backward(grad_out.to(y.dtype))
-    y_ref.backward(grad_out)
-    torch.testing.assert_close(xn.grad.double(), xr.grad, atol=atol, rtol=rtol)
 
 
 # (kernel_size, stride, padding, dilation, ceil_mode) that torch accepts
@@ -51,7 +39,7 @@ def test_max_pool2d_sweep(kernel_device, case):
     kernel, stride, padding, dilation, ceil_mode = MAX_SWEEP[case]
     x = torch.randn(2, 3, 7 + case % 3, 5 + 2 * (case % 2), device=kernel_device)
     args = (kernel, stride, padding, dilation, ceil_mode)
-    _grads_match(lambda x: max_pool2d(x, *args), lambda x: F.max_pool2d(x, *args), x)
+    assert_grads_match(lambda x: max_pool2d(x, *args), lambda x: F.max_pool2d(x, *args), x)
     y, idx = max_pool2d(x, *args, return_indices=True)
     torch.testing.assert_close(idx, F.max_pool2d(x, *args, return_indices=True)[1])
 
@@ -61,7 +49,7 @@ def test_avg_pool2d_sweep(kernel_device, case):
     torch.manual_seed(case)
     args = AVG_SWEEP[case]
     x = torch.randn(2, 3, 5 + 2 * (case % 3), 7 - 2 * (case % 2), device=kernel_device)
-    _grads_match(lambda x: avg_pool2d(x, *args), lambda x: F.avg_pool2d(x, *args), x)
+    assert_grads_match(lambda x: avg_pool2d(x, *args), lambda x: F.avg_pool2d(x, *args), x)
 
 
 def test_max_pool2d_ties_and_infinities(kernel_device):
@@ -73,7 +61,7 @@ def test_max_pool2d_ties_and_infinities(kernel_device):
     y_ref, idx_ref = F.max_pool2d(x, *args, return_indices=True)
     torch.testing.assert_close(y, y_ref)
     assert torch.equal(idx, idx_ref)
-    _grads_match(lambda x: max_pool2d(x, *args), lambda x: F.max_pool2d(x, *args), x)
+    assert_grads_match(lambda x: max_pool2d(x, *args), lambda x: F.max_pool2d(x, *args), x)
 
 
 def test_pool_non_contiguous(kernel_device):
@@ -81,10 +69,10 @@ def test_pool_non_contiguous(kernel_device):
     x = base[1:, ::2, 1:, :].transpose(2, 3)
     assert not x.is_contiguous()
     grad_out = torch.randn(2, 4, 5, 7, dtype=torch.float64, device=kernel_device)[..., :5].transpose(2, 3)
-    _grads_match(lambda x: max_pool2d(x, 3, 2, 1), lambda x: F.max_pool2d(x, 3, 2, 1), x, grad_out)
-    _grads_match(lambda x: avg_pool2d(x, 3, 2, 1), lambda x: F.avg_pool2d(x, 3, 2, 1), x, grad_out)
+    assert_grads_match(lambda x: max_pool2d(x, 3, 2, 1), lambda x: F.max_pool2d(x, 3, 2, 1), x, grad_out)
+    assert_grads_match(lambda x: avg_pool2d(x, 3, 2, 1), lambda x: F.avg_pool2d(x, 3, 2, 1), x, grad_out)
     xl = torch.randn(2, 4, 7, 5, device=kernel_device).to(memory_format=torch.channels_last)
-    _grads_match(lambda x: max_pool2d(x, 2), lambda x: F.max_pool2d(x, 2), xl)
+    assert_grads_match(lambda x: max_pool2d(x, 2), lambda x: F.max_pool2d(x, 2), xl)
 
 
 def test_pool_modules_drop_in(kernel_device):
@@ -139,4 +127,4 @@ def test_pool_half_gpu(dtype):
                          lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True)),
                         (lambda x: avg_pool2d(x, 3, 2, 1, count_include_pad=False),
                          lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False))]:
-        _grads_match(native, ref, x, atol=1e-2, rtol=1e-2)
+        assert_grads_match(native, ref, x, atol=1e-2, rtol=1e-2)
