@@ -15,3 +15,7 @@ from .strategies import Strategy
 __version__ = "0.1.0"
 from .collectives import Average, ReduceOp, Sum
 from .optimizer import DistributedOptimizer
+from .strategies.sandblaster import Sandblaster
+from .strategies.downpour import Downpour
+from .strategies.hogwild import Hogwild
+from .strategies.hybrid import Hybrid

@@ -97,12 +97,12 @@ class _Table:
         progress = True
         while progress:
             progress = False
-            for item in list(self.queue):
-                group, grads, options, futures, want = item
+            # Oldest values first: their gradients are the stalest already.
+            for item in sorted(self.queue, key=lambda it: self.base.get(it[0], self.version)):
+                group, grads, options, futures, want, stale = item
                 if not self._may_apply(group):
                     continue
                 self.queue.remove(item)
-                stale = self.version - self.base.get(group, self.version)
                 self._apply(grads, options)
                 if self.staleness is not None and self.version - self.base.get(group, self.version) > self.staleness:
                     want = True  # a group too far behind must compute on fresh values
@@ -128,7 +128,9 @@ class _Table:
             if average and self.replicas > 1:
                 total = [t / self.replicas for t in total]
             self.computing.discard(group)
-            self.queue.append((group, total, options, [p[1] for p in pushes], any(p[2] for p in pushes)))
+            # How many versions behind the servers' values were when the group finished computing on them.
+            stale = self.version - self.base.get(group, self.version)
+            self.queue.append((group, total, options, [p[1] for p in pushes], any(p[2] for p in pushes), stale))
             return future, self.drain()
 
     def state(self) -> dict:

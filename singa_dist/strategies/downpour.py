@@ -98,6 +98,14 @@ class Downpour(Strategy):
         self.synced = False
         return loss
 
+    def pull(self) -> None:
+        """Fetch the servers' current values now (e.g. before evaluating); every worker of the group calls it."""
+        if self.local:
+            return
+        if self.client is not None:
+            self.client.pull()
+        self._broadcast_in_group()
+
     @property
     def versions(self) -> list[int]:
         """The version of this group's values on each server."""

@@ -1,0 +1,161 @@
+"""Downpour and Hybrid: asynchronous worker groups against parameter servers; versions, staleness, failures."""
+import threading
+import time
+
+import torch
+
+import singa_dist as sd
+from examples.datasets import digits, shard
+from tests.conftest import get_world
+from tests.dist_harness import RankFailure, World
+
+EPOCHS = 12
+BATCH = 32  # per worker
+LR = 0.05
+
+
+def ps_world(topology, **env):
+    return get_world(topology.nprocs, SINGA_TOPOLOGY=topology.to_json(), SINGA_PROC_WORLD_SIZE=str(topology.nprocs),
+                     SINGA_TEST_ENTRY="singa_dist.ps.server:serve", **env)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item() * 100
+
+
+def _epochs(model, opt, x, y, batch, epochs, slow=0.0, after_step=None):
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = order[i:i + batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            if slow:
+                time.sleep(slow)
+            opt.step()
+            if after_step is not None:
+                after_step()
+
+
+def synchronous_accuracy(nworkers):
+    """The reference: synchronous training (one process on the whole batch, as AllReduce computes it)."""
+    x, y, x_test, y_test = digits()
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    _epochs(model, opt, x, y, BATCH * nworkers, EPOCHS)
+    return _accuracy(model, x_test, y_test)
+
+
+def train_digits(strategy):
+    """Each worker trains on its shard through `strategy`; returns (its test accuracy, synchronous accuracy)."""
+    x, y, x_test, y_test = digits()
+    x, y = shard(x, y, sd.rank(), sd.size())
+    model = _mlp()
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9),
+                                  model.named_parameters(), strategy=strategy)
+    # Asynchronous groups each make their own updates: the same number of epochs over the data in all.
+    _epochs(model, opt, x, y, BATCH, EPOCHS)
+    if hasattr(strategy, "pull"):
+        strategy.pull()
+    elif hasattr(strategy, "sync"):
+        strategy.sync()
+    acc = _accuracy(model, x_test, y_test)
+    strategy.close()
+    return acc, synchronous_accuracy(sd.size())
+
+
+def _downpour_digits():
+    return train_digits(sd.Downpour())
+
+
+def test_downpour_trains_like_synchronous():
+    world = ps_world(sd.ClusterTopology.downpour(2, 1, nservers=2))
+    for acc, sync_acc in world.run(_downpour_digits, timeout=120):
+        assert acc >= sync_acc - 1.0, (acc, sync_acc)
+
+
+def _hybrid_digits():
+    return train_digits(sd.Hybrid())
+
+
+def test_hybrid_trains_like_synchronous():
+    world = ps_world(sd.ClusterTopology.hybrid(2, 2, nservers=1))
+    for acc, sync_acc in world.run(_hybrid_digits, timeout=120):
+        assert acc >= sync_acc - 1.0, (acc, sync_acc)
+
+
+def _versions_and_staleness(staleness, pull_freq):
+    """Group 1 is slowed down; returns what this group saw: versions after each step and staleness per update."""
+    x, y, _, _ = digits()
+    x, y = shard(x[:320], y[:320], sd.rank(), sd.size())
+    model = _mlp()
+    strategy = sd.Downpour(pull_freq=pull_freq, staleness=staleness)
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model.named_parameters(),
+                                  strategy=strategy)
+    versions = []
+    _epochs(model, opt, x, y, 16, 1, slow=0.02 * sd.worker_group(),
+            after_step=lambda: versions.append(strategy.versions))
+    seen = strategy.staleness_seen
+    strategy.close()
+    return versions, seen
+
+
+def test_versions_grow_and_staleness_is_bounded():
+    world = ps_world(sd.ClusterTopology.downpour(2, 1, nservers=2))
+    for staleness, pull_freq in ((2, 1), (3, 2)):
+        results = world.run(_versions_and_staleness, staleness, pull_freq, timeout=120)
+        for versions, seen in results:
+            for before, after in zip(versions, versions[1:]):
+                assert all(b < a for b, a in zip(before, after)), (before, after)  # every push is a new version
+            assert max(seen) <= staleness, seen
+        assert max(max(seen) for _, seen in results) == staleness  # the bound is reached, not just never tested
+    # Without a bound the fast group runs ahead of the slow one by more than that.
+    results = world.run(_versions_and_staleness, None, 1, timeout=120)
+    assert max(max(seen) for _, seen in results) > 3
+
+
+def _train_until_failure(started):
+    model = _mlp()
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model.named_parameters(),
+                                  strategy="sandblaster")
+    x, y, _, _ = digits()
+    try:
+        _epochs(model, opt, x[:64], y[:64], 32, 1)
+        open(f"{started}.{sd.rank()}", "w").close()
+        while True:
+            _epochs(model, opt, x[:64], y[:64], 32, 1)
+    except RuntimeError as exc:
+        return str(exc), time.time()
+
+
+def test_killed_server_stops_workers_with_its_name(tmp_path):
+    topology = sd.ClusterTopology.sandblaster(2, 2)
+    world = World(topology.nprocs, env={"SINGA_TOPOLOGY": topology.to_json(),
+                                        "SINGA_PROC_WORLD_SIZE": str(topology.nprocs),
+                                        "SINGA_TEST_ENTRY": "singa_dist.ps.server:serve", "SINGA_TIMEOUT": "20"})
+    killed = {}
+
+    started = tmp_path / "training"
+
+    def kill():  # once both workers train
+        while not all((tmp_path / f"training.{r}").exists() for r in range(2)):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        killed["at"] = time.time()
+        world.procs[3].kill()  # server 0.1
+
+    try:
+        threading.Thread(target=kill, daemon=True).start()
+        results = world.run(_train_until_failure, str(started), timeout=90)
+    finally:
+        world.close()
+    for message, at in results:
+        assert "parameter server 0.1 (process 3)" in message, message
+        assert at - killed["at"] < 30
+
