@@ -1,4 +1,7 @@
 """Sandblaster (synchronous parameter server) equals one process on the whole batch; its servers checkpoint."""
+import threading
+import time
+
 import pytest
 import torch
 
@@ -9,11 +12,10 @@ STEPS = 5
 BATCH = 12  # divides among 2 and 3 workers
 
 
-def ps_world(strategy_topology: "sd.ClusterTopology", **env):
-    """A shared world whose server processes run the parameter-server loop."""
-    return get_world(strategy_topology.nprocs, SINGA_TOPOLOGY=strategy_topology.to_json(),
-                     SINGA_PROC_WORLD_SIZE=str(strategy_topology.nprocs),
-                     SINGA_TEST_ENTRY="singa_dist.ps.server:serve", **env)
+def ps_world(topology: "sd.ClusterTopology"):
+    """A shared world whose server processes run the parameter-server loop; a dead peer is noticed in 20 s."""
+    return get_world(topology.nprocs, SINGA_TOPOLOGY=topology.to_json(), SINGA_PROC_WORLD_SIZE=str(topology.nprocs),
+                     SINGA_TEST_ENTRY="singa_dist.ps.server:serve", SINGA_TIMEOUT="20")
 
 
 def _model():
@@ -103,3 +105,40 @@ def test_checkpoint_restores_server_state():
         assert err < 1e-6
         assert keys == ["exp_avg", "exp_avg_sq", "step"]  # Adam's state, kept on the servers
         assert version == 3
+
+
+def _train_until_failure(started):
+    model = _model()
+    opt = sd.DistributedOptimizer(_optimizer("sgd", model.parameters()), model.named_parameters(),
+                                  strategy="sandblaster")
+    try:
+        _train(model, opt, 2, sd.rank(), sd.size())
+        open(f"{started}.{sd.rank()}", "w").close()
+        while True:
+            _train(model, opt, 10, sd.rank(), sd.size())
+    except RuntimeError as exc:
+        return str(exc), time.time()
+
+
+def test_killed_server_stops_workers_with_its_name(tmp_path):
+    world = ps_world(sd.ClusterTopology.sandblaster(2, 2))  # the last test of this world: it loses a server
+    killed = {}
+
+    started = tmp_path / "training"
+
+    def kill():  # once both workers train
+        while not all((tmp_path / f"training.{r}").exists() for r in range(2)):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        killed["at"] = time.time()
+        world.procs[3].kill()  # server 0.1
+
+    try:
+        threading.Thread(target=kill, daemon=True).start()
+        results = world.run(_train_until_failure, str(started), timeout=90)
+    finally:
+        world.close()
+    for message, at in results:
+        assert "parameter server 0.1 (process 3)" in message, message
+        assert at - killed["at"] < 30
+

@@ -41,7 +41,7 @@ def join() -> None:
         if _joined:
             return
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=runtime.timeout_s(),
-                                                  num_worker_threads=16)
+                                                  num_worker_threads=16, _transports=["uv"], _channels=["basic"])
         rpc.init_rpc(proc_name(runtime.proc_rank()), rank=runtime.proc_rank(), world_size=runtime.proc_size(),
                      rpc_backend_options=options)
         _joined = True
