@@ -9,7 +9,7 @@ from tests.test_sandblaster import ps_world
 
 EPOCHS = 20  # enough for synchronous and asynchronous training to level off, so that 1 point means something
 BATCH = 32  # per worker
-LR = 0.1
+LR = 0.05
 
 
 def _mlp():
@@ -22,7 +22,9 @@ def _accuracy(model, x, y):
         return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
-def _epochs(model, opt, x, y, batch, epochs, slow=0.0, after_step=None):
+def _epochs(model, opt, x, y, batch, epochs, slow=0.0, after_step=None, schedule=False):
+    # The step-down settles the final values, so that the test accuracy is not one noisy iterate's.
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs * 3 // 4], gamma=0.1) if schedule else None
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
         for i in range(0, len(x) - batch + 1, batch):
@@ -34,6 +36,8 @@ def _epochs(model, opt, x, y, batch, epochs, slow=0.0, after_step=None):
             opt.step()
             if after_step is not None:
                 after_step()
+        if sched is not None:
+            sched.step()  # on the workers: the new lr travels with the pushes
 
 
 def synchronous_accuracy(nworkers):
@@ -41,7 +45,7 @@ def synchronous_accuracy(nworkers):
     x, y, x_test, y_test = digits()
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-3)
-    _epochs(model, opt, x, y, BATCH * nworkers, EPOCHS)
+    _epochs(model, opt, x, y, BATCH * nworkers, EPOCHS, schedule=True)
     return _accuracy(model, x_test, y_test)
 
 
@@ -53,7 +57,7 @@ def train_digits(strategy):
     opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-3),
                                   model.named_parameters(), strategy=strategy)
     # Asynchronous groups each make their own updates: the same number of epochs over the data in all.
-    _epochs(model, opt, x, y, BATCH, EPOCHS)
+    _epochs(model, opt, x, y, BATCH, EPOCHS, schedule=True)
     if hasattr(strategy, "pull"):
         strategy.pull()
     elif hasattr(strategy, "sync"):
