@@ -56,3 +56,15 @@ def _without_servers():
 def test_job_without_servers_says_how_to_start_them(world2):
     for message in world2.run(_without_servers, timeout=30):
         assert "needs separate parameter-server processes" in message and "--servers" in message
+
+
+@pytest.mark.gpu
+def test_cuda_slices_are_staged_through_pinned_memory():
+    from singa_dist.ps.client import read_slice, write_slice
+
+    param = torch.randn(4, 6, device="cuda")
+    part = read_slice(param, param, 5, 17)
+    assert part.device.type == "cpu" and part.is_pinned()
+    torch.testing.assert_close(part, param.reshape(-1)[5:17].cpu())
+    write_slice(param, 5, 17, torch.zeros(12))
+    assert param.reshape(-1)[5:17].abs().sum().item() == 0
