@@ -27,6 +27,8 @@ from .. import runtime
 from . import transport
 
 _server: "ParameterServer | None" = None
+# torch builds without RPC support (rpc.is_available() is False) still import this module.
+_async_execution = getattr(getattr(rpc, "functions", None), "async_execution", lambda fn: fn)
 
 
 class _Table:
@@ -186,7 +188,7 @@ def _complete(done: list) -> None:
 
 
 # ---- RPC handlers (run on the server) ----------------------------------------------------------------
-@rpc.functions.async_execution
+@_async_execution
 def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Future:
     server = _me()
     future = torch.futures.Future()
@@ -206,7 +208,7 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
     return future
 
 
-@rpc.functions.async_execution
+@_async_execution
 def push(session: int, group: int, grads: list, options: list, want: bool, average: bool):
     future, done = _me().table(session).push(group, grads, options, want, average)
     _complete(done)
