@@ -12,7 +12,7 @@ appends the rows to benchmarks/results/dist_overhead.csv.
 
 When singa_dist/strategies/sandblaster.py exists, a second world with separate parameter servers
 (ClusterTopology.sandblaster) times Sandblaster on the same models; its servers run
-`singa_dist.strategies.sandblaster:serve` unless --server-entry names another "module:function".
+`singa_dist.ps.server:serve` unless --server-entry names another "module:function".
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=100, help="timed steps per method (median reported)")
     parser.add_argument("--small", action="store_true", help="smaller models (a quick smoke run)")
     parser.add_argument("--servers", type=int, default=1, help="parameter servers for the Sandblaster run")
-    parser.add_argument("--server-entry", default="singa_dist.strategies.sandblaster:serve",
+    parser.add_argument("--server-entry", default="singa_dist.ps.server:serve",
                         help="module:function the Sandblaster server processes run")
     args = parser.parse_args(argv)
     kinds = ["many_small", "few_large"]

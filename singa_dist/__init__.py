@@ -7,18 +7,21 @@
     sd.broadcast_parameters(model.state_dict(), root_rank=0)
 """
 from .runtime import (cross_rank, cross_size, device, group_process_group, init, is_distributed, is_initialized,
-                      local_rank, local_size, proc_rank, proc_size, rank, role, shutdown, size,
+                      local_rank, local_size, on_shutdown, proc_rank, proc_size, rank, role, shutdown, size,
                       strategy_name, topology, worker_group, workers_process_group)
 from .topology import ClusterTopology, ProcessRole, TopologyError
-from .strategies import Strategy
-
-__version__ = "0.1.0"
-from .collectives import Average, ReduceOp, Sum
+from .collectives import (Average, Max, Min, Product, ReduceOp, Sum, allgather, allgather_async, allgather_object,
+                          allreduce, allreduce_, allreduce_async, allreduce_async_, barrier, broadcast, broadcast_,
+                          broadcast_async, broadcast_async_, broadcast_object, broadcast_optimizer_state,
+                          broadcast_parameters, poll, synchronize)
+from .compression import Compression
 from .optimizer import DistributedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .collectives import (Max, Min, Product, allgather, allgather_async, allgather_object, allreduce, allreduce_,
-                          allreduce_async, allreduce_async_, barrier, broadcast, broadcast_, broadcast_async,
-                          broadcast_async_, broadcast_object, broadcast_optimizer_state, broadcast_parameters,
-                          poll, synchronize)
-from .compression import Compression
+from .strategies import Strategy
 from .strategies.allreduce import AllReduce
+from .strategies.sandblaster import Sandblaster
+from .strategies.downpour import Downpour
+from .strategies.hogwild import Hogwild
+from .strategies.hybrid import Hybrid
+
+__version__ = "0.1.0"

@@ -301,3 +301,38 @@ def timeout_s() -> float:
 def device() -> torch.device:
     """The device this process computes on: its local GPU when there is one, else the CPU."""
     return _require_init().device
+
+
+# ---- closing strategies at shutdown (added for the parameter-server strategies) ---------------------------
+_closers: list = []
+
+
+def on_shutdown(close) -> None:
+    """Call `close()` at `shutdown()`, before the process groups go (strategies release their servers)."""
+    _closers.append(close)
+
+
+_destroy_process_groups = shutdown
+
+
+def shutdown() -> None:  # noqa: F811 - extends the shutdown() above
+    """Leave the job: close the strategies that asked to be closed, release separate parameter servers (they
+    exit once every worker has left), then destroy the process groups. Safe to call twice or without init()."""
+    errors = []
+    while _closers:
+        try:
+            _closers.pop()()
+        except Exception as exc:  # a dead server must not keep the other resources from being released
+            errors.append(exc)
+    if _state.initialized and _state.distributed and _state.role.is_worker \
+            and _state.topology.server_worker_separate and _state.topology.nservers > 0:
+        from .ps.transport import release_servers
+        release_servers()
+    else:
+        import sys
+        transport = sys.modules.get(__package__ + ".ps.transport")
+        if transport is not None:
+            transport.leave()
+    _destroy_process_groups()
+    if errors:
+        raise errors[0]

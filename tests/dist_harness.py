@@ -53,6 +53,7 @@ def _rank_main(proc_rank: int, nprocs: int, env: dict, tasks, results) -> None:
         sd.init()
         entry = env.get("SINGA_TEST_ENTRY")  # e.g. a server loop for processes that run no test code
         if entry and sd.role().is_server:
+            results.put((proc_rank, "server", None))  # started; serves until the workers are done
             module, _, func = entry.partition(":")
             __import__(module)
             getattr(sys.modules[module], func)()
@@ -99,7 +100,7 @@ class World:
             p.start()
         self.workers = list(range(nprocs))
         self.alive = True
-        ready = self._collect(set(range(nprocs)), start_timeout, "start", accept=("ready", "exit"))
+        ready = self._collect(set(range(nprocs)), start_timeout, "start", accept=("ready", "exit", "server"))
         self.workers = [r for r, (kind, _) in sorted(ready.items()) if kind == "ready"]
 
     def _collect(self, ranks: set, timeout: float, what: str, accept=("ok",)) -> dict:

@@ -1,0 +1,192 @@
+"""The workers' side of the parameter-server protocol: push gradients, pull values, checkpoint the servers."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .. import runtime
+from . import server, transport
+from .slicing import slice_params
+
+_sessions = itertools.count()
+
+
+def next_session() -> int:
+    """Every worker builds its strategies in the same order, so the n-th one has the same id everywhere."""
+    return next(_sessions)
+
+
+def check_compression(compression, strategy: str) -> None:
+    name = getattr(compression, "name", None) or getattr(compression, "__name__", None) or type(compression).__name__
+    if compression is not None and "none" not in str(name).lower():
+        raise ValueError(f"{strategy} sends gradients to the parameter servers uncompressed; compression "
+                         f"{name} applies to the allreduce strategy")
+
+
+def require_servers(strategy: str) -> None:
+    topo = runtime.topology()
+    if not topo.server_worker_separate or topo.nservers_per_group < 1:
+        raise RuntimeError(
+            f"{strategy} needs separate parameter-server processes but this job's topology has none; start it "
+            f"with `singa-launch --strategy {strategy} --servers S ...` (or SINGA_TOPOLOGY with "
+            "server_worker_separate=true)")
+    if topo.nserver_groups != 1:
+        raise RuntimeError(f"{strategy} runs one server group (got {topo.nserver_groups}); several replicated "
+                           "server groups that exchange deltas are the hogwild strategy")
+
+
+def write_slice(param: torch.Tensor, start: int, end: int, value: torch.Tensor) -> None:
+    data = param.data
+    if data.is_contiguous():
+        data.view(-1)[start:end].copy_(value, non_blocking=False)
+    else:
+        flat = data.reshape(-1).clone()
+        flat[start:end].copy_(value)
+        data.copy_(flat.view_as(data))
+
+
+def read_slice(tensor: torch.Tensor | None, param: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """A host copy of elements [start, end) of `tensor` (zeros for a missing gradient); RPC sends whole
+    storages, so slices are always copied, and CUDA tensors go through pinned memory."""
+    if tensor is None:
+        return torch.zeros(end - start, dtype=param.dtype)
+    flat = tensor.detach().reshape(-1)[start:end]
+    if flat.is_cuda:
+        staged = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        staged.copy_(flat)
+        return staged
+    return flat.clone()
+
+
+class ParameterClient:
+    """One strategy's view of the servers of its server group."""
+
+    def __init__(self, optimizer, named, *, group: int, replicas: int, staleness: int | None, clients: int,
+                 create: bool):
+        topo = runtime.topology()
+        self.optimizer = optimizer
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.group = group
+        self.servers = topo.server_ranks(topo.server_group_of(group))
+        self.slices = slice_params([(n, p.numel()) for n, p in named], topo.nservers_per_group,
+                                   topo.nserver_groups)
+        self.by_server = [[s for s in self.slices if s.server == i] for i in range(len(self.servers))]
+        self.session = next_session()
+        self.versions = [0] * len(self.servers)
+        self.staleness_seen: list[int] = []  # versions behind of each applied update (for tests and logs)
+        self.closed = False
+        group_of = {}
+        for g, pg in enumerate(optimizer.param_groups):
+            for p in pg["params"]:
+                group_of[id(p)] = g
+        self.param_group = [group_of[id(p)] for p in self.params]
+        futures = []
+        for i, proc in enumerate(self.servers):
+            spec = None
+            if create:
+                mine = self.by_server[i]
+                spec = {"slices": mine,
+                        "values": [read_slice(self.params[s.param], self.params[s.param], s.start, s.end)
+                                   for s in mine],
+                        "param_group": [self.param_group[s.param] for s in mine],
+                        "optimizer_class": user_class(optimizer),
+                        "defaults": dict(optimizer.defaults),
+                        "group_options": self.options(),
+                        "replicas": replicas, "staleness": staleness, "clients": clients}
+            futures.append(transport.call_async(proc, server.open_table, self.session, spec, group))
+        for i, (proc, fut) in enumerate(zip(self.servers, futures)):
+            version, values = transport.wait(proc, fut, "open_table")
+            self._adopt(i, version, values)
+
+    def options(self) -> list[dict]:
+        """The optimizer's current hyperparameters, sent with every push so that LR schedulers keep working."""
+        return [{k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"}
+                for g in self.optimizer.param_groups]
+
+    def _adopt(self, i: int, version: int, values) -> None:
+        self.versions[i] = version
+        if values is None:
+            return
+        with torch.no_grad():
+            for s, v in zip(self.by_server[i], values):
+                write_slice(self.params[s.param], s.start, s.end, v)
+
+    def push(self, want_values: bool, average: bool = True) -> None:
+        """Send the gradients to every server; adopt the fresh values of those that answer with them."""
+        options = self.options()
+        futures = []
+        for i, proc in enumerate(self.servers):
+            grads = [read_slice(self.params[s.param].grad, self.params[s.param], s.start, s.end)
+                     for s in self.by_server[i]]
+            futures.append(transport.call_async(proc, server.push, self.session, self.group, grads, options,
+                                                want_values, average))
+        for i, (proc, fut) in enumerate(zip(self.servers, futures)):
+            version, values, stale = transport.wait(proc, fut, "push")
+            self.staleness_seen.append(stale)
+            self._adopt(i, version, values)
+
+    def pull(self) -> None:
+        futures = [transport.call_async(proc, server.pull, self.session, self.group) for proc in self.servers]
+        for i, (proc, fut) in enumerate(zip(self.servers, futures)):
+            self._adopt(i, *transport.wait(proc, fut, "pull"))
+
+    def state_dict(self) -> dict:
+        """The servers' values, optimizer state and versions, per parameter name (independent of the slicing)."""
+        futures = [transport.call_async(proc, server.fetch_state, self.session) for proc in self.servers]
+        entries = {}
+        for proc, fut in zip(self.servers, futures):
+            entries.update(transport.wait(proc, fut, "fetch_state"))
+        params, state, versions = {}, {}, {}
+        for index, name in enumerate(self.names):
+            parts = [s for s in self.slices if s.param == index]
+            params[name] = torch.cat([entries[s.id]["value"] for s in parts]).view(self.params[index].shape)
+            versions[name] = min(entries[s.id]["version"] for s in parts)
+            merged = {}
+            for key, first in entries[parts[0].id]["state"].items():
+                if torch.is_tensor(first) and first.dim() == 1 and first.numel() == parts[0].numel:
+                    merged[key] = torch.cat([entries[s.id]["state"][key] for s in parts])
+                else:
+                    merged[key] = first
+            state[name] = merged
+        return {"params": params, "state": state, "versions": versions}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Worker 0 restores the servers; then every client reads the restored values."""
+        if runtime.rank() == 0:
+            futures = []
+            for i, proc in enumerate(self.servers):
+                entries = {}
+                for s in self.by_server[i]:
+                    name = self.names[s.param]
+                    if name not in state["params"]:
+                        raise KeyError(f"the checkpoint has no parameter {name!r} (it has "
+                                       f"{', '.join(sorted(state['params']))})")
+                    full = state["params"][name].reshape(-1)
+                    numel = full.numel()
+                    entries[s.id] = {
+                        "value": full[s.start:s.end].clone(), "version": state["versions"][name],
+                        "state": {k: (v[s.start:s.end].clone() if torch.is_tensor(v) and v.dim() == 1
+                                      and v.numel() == numel else v)
+                                  for k, v in state["state"][name].items()}}
+                futures.append(transport.call_async(proc, server.load_state, self.session, entries))
+            for proc, fut in zip(self.servers, futures):
+                transport.wait(proc, fut, "load_state")
+        import torch.distributed as dist
+        dist.barrier(group=runtime.workers_process_group())
+        self.pull()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        futures = [transport.call_async(proc, server.close_table, self.session, self.group) for proc in self.servers]
+        for proc, fut in zip(self.servers, futures):
+            transport.wait(proc, fut, "close_table")
+
+
+def user_class(optimizer) -> type:
+    """The user's optimizer class (DistributedOptimizer re-classes the object to a subclass of it)."""
+    from ..optimizer import _DistributedOptimizer
+    return next(c for c in type(optimizer).__mro__ if not issubclass(c, _DistributedOptimizer))

@@ -1,0 +1,276 @@
+"""Parameter-server processes: they own slices of the parameters and run the user's optimizer on them.
+
+A server keeps one table per parameter-server strategy object (a "session"): its slices' values, a
+torch optimizer of the user's class and hyperparameters over them (so the optimizer state lives here),
+and the slices' versions. The RPC handlers below run on the server; workers call them through
+`singa_dist.ps.client`:
+
+- `open_table`: worker 0 creates the table with the initial values; every client then reads them.
+- `push`: a worker's (or worker group's) gradients. The server waits for `replicas` pushes of a group
+  (Sandblaster: every worker of the group), averages them, applies the optimizer, bumps the version and
+  answers with the fresh values when asked (a pull). Groups are otherwise independent (Downpour); with a
+  staleness bound N, an update that would leave another computing group more than N versions behind is
+  held back until that group has pushed, and a group more than N versions behind is made to pull.
+- `pull`, `fetch_state`, `load_state`: reads, checkpoints and restores.
+- `close_table` / `stop`: a client leaves a table; a worker leaves the job. The server exits once every
+  worker of the job has sent `stop` (`singa_dist.shutdown()` on the workers does it).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import torch.distributed.rpc as rpc
+
+from .. import runtime
+from . import transport
+
+_server: "ParameterServer | None" = None
+# torch builds without RPC support (rpc.is_available() is False) still import this module.
+_async_execution = getattr(getattr(rpc, "functions", None), "async_execution", lambda fn: fn)
+
+
+class _Table:
+    """One strategy's slices on this server."""
+
+    def __init__(self, spec: dict):
+        self.lock = threading.Lock()
+        self.slice_ids = [s.id for s in spec["slices"]]
+        self.params = [torch.nn.Parameter(v.detach().clone(), requires_grad=False) for v in spec["values"]]
+        self.param_group = spec["param_group"]  # the user's param group of each slice
+        self.replicas = spec["replicas"]
+        self.staleness = spec["staleness"]
+        self.clients = spec["clients"]
+        self.closed = 0
+        self.version = 0
+        self.slice_versions = [0] * len(self.params)
+        self.base: dict[int, int] = {}  # worker group -> version of the values it computes on
+        self.computing: set[int] = set()  # groups that are computing (no push waiting here)
+        self.gathering: dict[int, list] = {}  # group -> pushes received for its next update
+        self.queue: list = []  # updates held back by the staleness bound
+        self.optimizer, self.group_index = self._make_optimizer(spec)
+
+    def _make_optimizer(self, spec):
+        by_group: dict[int, list] = {}
+        for p, g in zip(self.params, self.param_group):
+            by_group.setdefault(g, []).append(p)
+        if not by_group:
+            return None, []
+        order = sorted(by_group)
+        groups = [{**spec["group_options"][g], "params": by_group[g]} for g in order]
+        cls = spec["optimizer_class"]
+        try:
+            optimizer = cls(groups, **spec["defaults"])
+        except TypeError:
+            optimizer = cls(groups)
+        return optimizer, order
+
+    # ---- under self.lock ---------------------------------------------------------------------------
+    def register(self, group: int):
+        self.base[group] = self.version
+        self.computing.add(group)
+        return self.version, self.values()
+
+    def values(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def _apply(self, grads: list[torch.Tensor], options: list[dict]) -> None:
+        if self.optimizer is not None:
+            for k, g in enumerate(self.group_index):
+                for key, value in options[g].items():
+                    self.optimizer.param_groups[k][key] = value
+            for p, grad in zip(self.params, grads):
+                p.grad = grad.to(p.dtype)
+            self.optimizer.step()
+            for p in self.params:
+                p.grad = None
+        self.version += 1
+        self.slice_versions = [self.version] * len(self.params)
+
+    def _may_apply(self, group: int) -> bool:
+        if self.staleness is None:
+            return True
+        return all(self.version + 1 - self.base[c] <= self.staleness for c in self.computing if c != group)
+
+    def drain(self) -> list:
+        """Apply every queued update the staleness bound allows; (futures, answer) pairs to complete."""
+        done = []
+        progress = True
+        while progress:
+            progress = False
+            # Oldest values first: their gradients are the stalest already.
+            for item in sorted(self.queue, key=lambda it: self.base.get(it[0], self.version)):
+                group, grads, options, futures, want, stale = item
+                if not self._may_apply(group):
+                    continue
+                self.queue.remove(item)
+                self._apply(grads, options)
+                if self.staleness is not None and self.version - self.base.get(group, self.version) > self.staleness:
+                    want = True  # a group too far behind must compute on fresh values
+                values = None
+                if want:
+                    self.base[group] = self.version
+                    values = self.values()
+                if group in self.base:
+                    self.computing.add(group)
+                done.append((futures, (self.version, values, stale)))
+                progress = True
+        return done
+
+    def push(self, group: int, grads, options, want: bool, average: bool):
+        future = torch.futures.Future()
+        with self.lock:
+            pushes = self.gathering.setdefault(group, [])
+            pushes.append((grads, future, want))
+            if len(pushes) < self.replicas:
+                return future, []
+            del self.gathering[group]
+            total = [torch.stack([p[0][i] for p in pushes]).sum(0) for i in range(len(grads))]
+            if average and self.replicas > 1:
+                total = [t / self.replicas for t in total]
+            self.computing.discard(group)
+            # How many versions behind the servers' values were when the group finished computing on them.
+            stale = self.version - self.base.get(group, self.version)
+            self.queue.append((group, total, options, [p[1] for p in pushes], any(p[2] for p in pushes), stale))
+            return future, self.drain()
+
+    def state(self) -> dict:
+        entries = {}
+        for sid, p, v in zip(self.slice_ids, self.params, self.slice_versions):
+            st = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+            entries[sid] = {"value": p.detach().clone(), "version": v,
+                            "state": {k: (x.detach().clone() if torch.is_tensor(x) else x) for k, x in st.items()}}
+        return entries
+
+    def load(self, entries: dict) -> None:
+        for sid, p in zip(self.slice_ids, self.params):
+            entry = entries[sid]
+            p.data.copy_(entry["value"])
+            if self.optimizer is not None:
+                self.optimizer.state[p] = {k: (x.clone().to(p.device) if torch.is_tensor(x) else x)
+                                           for k, x in entry["state"].items()}
+        self.version = max([e["version"] for e in entries.values()], default=self.version)
+        self.slice_versions = [entries[sid]["version"] for sid in self.slice_ids]
+        for g in self.base:
+            self.base[g] = self.version
+
+
+class ParameterServer:
+    """The tables of one server process, and who has said goodbye."""
+
+    def __init__(self, nworkers: int):
+        self.lock = threading.Lock()
+        self.tables: dict[int, _Table] = {}
+        self.waiting: dict[int, list] = {}
+        self.nworkers = nworkers
+        self.stopped_by: set[int] = set()
+        self.stopped = threading.Event()
+
+    def table(self, session: int) -> _Table:
+        table = self.tables.get(session)
+        if table is None:
+            raise RuntimeError(f"parameter server process {runtime.proc_rank()} has no table {session} "
+                               "(was it closed, or did worker 0 not create it?)")
+        return table
+
+
+def _me() -> ParameterServer:
+    if _server is None:
+        raise RuntimeError(f"process {runtime.proc_rank()} is not serving parameters")
+    return _server
+
+
+def _complete(done: list) -> None:
+    for futures, answer in done:
+        for f in futures:
+            f.set_result(answer)
+
+
+# ---- RPC handlers (run on the server) ----------------------------------------------------------------
+@_async_execution
+def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Future:
+    server = _me()
+    future = torch.futures.Future()
+    with server.lock:
+        waiters = [(future, group)]
+        if spec is not None:
+            server.tables[session] = _Table(spec)
+            waiters += server.waiting.pop(session, [])
+        elif session not in server.tables:
+            server.waiting.setdefault(session, []).append((future, group))
+            return future
+        table = server.tables[session]
+    for f, g in waiters:
+        with table.lock:
+            answer = table.register(g)
+        f.set_result(answer)
+    return future
+
+
+@_async_execution
+def push(session: int, group: int, grads: list, options: list, want: bool, average: bool):
+    future, done = _me().table(session).push(group, grads, options, want, average)
+    _complete(done)
+    return future
+
+
+def pull(session: int, group: int | None):
+    table = _me().table(session)
+    with table.lock:
+        if group is not None and group in table.base:
+            table.base[group] = table.version
+        return table.version, table.values()
+
+
+def fetch_state(session: int) -> dict:
+    table = _me().table(session)
+    with table.lock:
+        return table.state()
+
+
+def load_state(session: int, entries: dict) -> int:
+    table = _me().table(session)
+    with table.lock:
+        table.load(entries)
+        return table.version
+
+
+def close_table(session: int, group: int) -> None:
+    server = _me()
+    table = server.tables.get(session)
+    if table is None:
+        return
+    with table.lock:
+        table.closed += 1
+        table.computing.discard(group)
+        table.base.pop(group, None)
+        done = table.drain()  # updates that waited for the group that left
+        last = table.closed >= table.clients
+    _complete(done)
+    if last:
+        with server.lock:
+            server.tables.pop(session, None)
+
+
+def stop(worker_proc: int) -> None:
+    server = _me()
+    with server.lock:
+        server.stopped_by.add(worker_proc)
+        if len(server.stopped_by) >= server.nworkers:
+            server.stopped.set()
+
+
+def serve() -> None:
+    """A server process's whole life: join the job, serve parameters until every worker has stopped."""
+    global _server
+    runtime.init()
+    role = runtime.role()
+    if not role.is_server:
+        raise RuntimeError(f"process {runtime.proc_rank()} is a worker; only server processes run serve()")
+    _server = ParameterServer(runtime.topology().nworkers)
+    transport.join()
+    _server.stopped.wait()
+    time.sleep(0.2)  # let the answers to the last stop messages leave before the agent goes
+    transport.leave()
+    _server = None

@@ -1,0 +1,115 @@
+"""Parameter-server traffic on torch.distributed.rpc (TensorPipe), with timeouts and errors that name the peer.
+
+Every process of the job (workers and servers) joins one RPC group named by process rank ("p<rank>"),
+rendezvousing through the same MASTER_ADDR/MASTER_PORT store as the process group. Workers join lazily, when
+their first parameter-server strategy is set up (or at `singa_dist.shutdown()`, to release the servers);
+servers join in `serve()`. CUDA tensors never travel: callers stage them through pinned host memory.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed.rpc as rpc
+
+from .. import runtime
+
+_lock = threading.Lock()
+_joined = False
+
+
+def proc_name(proc: int) -> str:
+    return f"p{proc}"
+
+
+def describe(proc: int) -> str:
+    """A process as people know it: 'server 0.1 (process 5)' or 'worker group 1 (process 1)'."""
+    role = runtime.topology().role_of(proc)
+    if role.is_server:
+        return f"parameter server {role.group}.{role.index} (process {proc})"
+    return f"worker group {role.group} (process {proc}, co-located server group {role.group})"
+
+
+def joined() -> bool:
+    return _joined
+
+
+def join() -> None:
+    """Join the job's RPC group (once per process); every process of the job must join."""
+    global _joined
+    with _lock:
+        if _joined:
+            return
+        options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=runtime.timeout_s(),
+                                                  num_worker_threads=16, _transports=["uv"], _channels=["basic"])
+        rpc.init_rpc(proc_name(runtime.proc_rank()), rank=runtime.proc_rank(), world_size=runtime.proc_size(),
+                     rpc_backend_options=options)
+        _joined = True
+
+
+def leave() -> None:
+    """Leave the RPC group without waiting for the others (each side said goodbye by protocol first)."""
+    global _joined
+    with _lock:
+        if not _joined:
+            return
+        _joined = False
+        try:
+            rpc.shutdown(graceful=False)
+        except Exception:
+            pass  # a peer that died already: nothing left to release on our side
+
+
+def call_async(proc: int, fn, *args, timeout: float | None = None) -> torch.futures.Future:
+    """Run fn(*args) on process `proc`; the future fails with a timeout after `timeout` s (default: sd's)."""
+    if timeout is None:
+        timeout = runtime.timeout_s()
+    try:
+        return rpc.rpc_async(proc_name(proc), fn, args=args, timeout=timeout)
+    except Exception as exc:
+        raise PeerError(proc, fn.__name__, exc) from None
+
+
+def wait(proc: int, future: torch.futures.Future, what: str):
+    try:
+        return future.wait()
+    except PeerError:
+        raise
+    except Exception as exc:
+        raise PeerError(proc, what, exc) from None
+
+
+def call(proc: int, fn, *args, timeout: float | None = None):
+    return wait(proc, call_async(proc, fn, *args, timeout=timeout), fn.__name__)
+
+
+class PeerError(RuntimeError):
+    """A parameter server (or co-located server) failed, died or did not answer in time."""
+
+    def __init__(self, proc: int, what: str, cause: BaseException):
+        self.proc = proc
+        text = str(cause).strip().splitlines()
+        detail = text[0] if text else type(cause).__name__
+        for line in text:  # a remote exception's own message is more telling than the wrapper's first line
+            if "Error" in line and len(line) < 400:
+                detail = line.strip()
+        super().__init__(f"{describe(proc)} failed, died or did not answer within {runtime.timeout_s():.0f}s "
+                         f"during {what}: {detail}")
+
+
+def release_servers() -> None:
+    """A worker's goodbye: tell every separate server that this worker is done, then leave the RPC group.
+    Servers exit when every worker has said it. A server that is gone already is skipped."""
+    from . import server
+
+    join()
+    topo = runtime.topology()
+    me = runtime.proc_rank()
+    futures = [(proc, call_async(proc, server.stop, me, timeout=min(runtime.timeout_s(), 10.0)))
+               for proc in topo.server_ranks()]
+    for proc, fut in futures:
+        try:
+            fut.wait()
+        except Exception:
+            pass
+    leave()

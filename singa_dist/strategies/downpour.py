@@ -1,0 +1,147 @@
+"""Downpour: SINGA's asynchronous parameter-server framework.
+
+Several worker groups train at their own pace. Inside a group the workers are synchronous: they all-reduce
+their gradients over the group's process group (NCCL for CUDA tensors, Gloo otherwise); the group's first
+worker pushes the group's gradient to the servers and gets fresh values back every `pull_freq` steps
+(between pulls the group computes on the values it has), then broadcasts them inside the group. Servers
+apply each group's update as it comes, without waiting for the other groups.
+
+`staleness`: with a bound N, no group ever computes on values more than N versions older than the
+servers' (a group that falls N versions behind is made to pull, and the servers hold back an update that
+would put a computing group more than N behind until that group has pushed). None: no bound.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import runtime
+from ..collectives import Sum
+from ..ps import client as ps_client
+from ..ps import transport
+from .base import Strategy
+
+
+class Downpour(Strategy):
+    name = "downpour"
+
+    def __init__(self, pull_freq: int = 1, staleness: int | None = None):
+        if not isinstance(pull_freq, int) or pull_freq < 1:
+            raise ValueError(f"pull_freq must be a positive integer, got {pull_freq!r}")
+        if staleness is not None and (not isinstance(staleness, int) or staleness < 1):
+            raise ValueError(f"staleness must be None or a positive number of versions, got {staleness!r} "
+                             "(a bound of 0 is synchronous training: use the sandblaster strategy)")
+        self.pull_freq = pull_freq
+        self.staleness = staleness
+        self.client = None
+        self.local = False
+        self.synced = False
+        self.steps = 0
+
+    def setup(self, optimizer, named_parameters, *, backward_passes_per_step=1, compression=None, op=None):
+        ps_client.check_compression(compression, self.name)
+        self.optimizer = optimizer
+        self.named = list(named_parameters)
+        self.average = op is not Sum
+        self.local = not runtime.is_initialized() or not runtime.is_distributed()
+        if self.local:
+            return
+        topo = runtime.topology()
+        ps_client.require_servers(self.name)
+        self.group = runtime.worker_group()
+        self.group_ranks = topo.worker_ranks(self.group)
+        self.leader = self.group_ranks[0]
+        self.group_pg = runtime.group_process_group()
+        transport.join()  # every process joins the RPC group, leaders or not
+        if runtime.proc_rank() == self.leader:
+            self.client = ps_client.ParameterClient(
+                optimizer, self.named, group=self.group, replicas=1, staleness=self.staleness,
+                clients=topo.nworker_groups, create=runtime.rank() == 0)
+        self._broadcast_in_group()
+        runtime.on_shutdown(self.close)
+
+    def _broadcast_in_group(self) -> None:
+        if len(self.group_ranks) == 1:
+            return
+        params = [p.data for _, p in self.named]
+        flat = torch._utils._flatten_dense_tensors(params)
+        dist.broadcast(flat, src=self.leader, group=self.group_pg)
+        for p, v in zip(params, torch._utils._unflatten_dense_tensors(flat, params)):
+            p.copy_(v)
+
+    def synchronize(self) -> None:
+        """All-reduce the gradients inside this worker group."""
+        if self.local or self.synced:
+            return
+        if len(self.group_ranks) > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.group_pg)
+            if self.average:
+                flat /= len(self.group_ranks)
+            for (_, p), g in zip(self.named, torch._utils._unflatten_dense_tensors(flat, grads)):
+                p.grad = g.view_as(p)
+        self.synced = True
+
+    def step(self, closure, local_step):
+        if self.local:
+            return local_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.synchronize()
+        self.steps += 1
+        if self.client is not None:
+            self.client.push(want_values=self.steps % self.pull_freq == 0)
+        self._broadcast_in_group()
+        self.synced = False
+        return loss
+
+    def pull(self) -> None:
+        """Fetch the servers' current values now (e.g. before evaluating); every worker of the group calls it."""
+        if self.local:
+            return
+        if self.client is not None:
+            self.client.pull()
+        self._broadcast_in_group()
+
+    @property
+    def versions(self) -> list[int]:
+        """The version of this group's values on each server."""
+        return list(self.client.versions) if self.client else []
+
+    @property
+    def staleness_seen(self) -> list[int]:
+        """For each of this group's applied updates: how many versions behind its values were."""
+        return list(self.client.staleness_seen) if self.client else []
+
+    def state_dict(self) -> dict:
+        if self.local:
+            return {}
+        # Any process may read the servers; reading through a one-off client keeps non-leaders simple.
+        if self.client is not None:
+            state = self.client.state_dict()
+        else:
+            state = None
+        holder = [state]
+        dist.broadcast_object_list(holder, src=self.leader, group=self.group_pg)
+        return {**holder[0], "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.local:
+            if state:
+                raise ValueError("this downpour strategy runs in one process and keeps no server state")
+            return
+        if not state:
+            return
+        self.steps = state.get("steps", 0)
+        if self.client is not None:
+            self.client.load_state_dict(state)
+        else:
+            dist.barrier(group=runtime.workers_process_group())  # matches worker 0's, after it restored
+        self._broadcast_in_group()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()

@@ -1,0 +1,163 @@
+"""Distributed Hogwild: every process is one worker group with its own co-located server group.
+
+Each process updates its full replica of the parameters with the user's optimizer (its server group's
+update rule, state included) at its own pace. The parameters are sliced as SINGA does, and every slice
+has one master group. Every `sync_freq` updates a process sends, for each slice it does not master,
+`delta = current - value_at_last_sync` to the slice's master; the master adds the delta and answers with
+its fresh value, which the sender adopts plus its own updates since. A master folds the deltas it received
+into its replica at its next step, so after everyone's sync it holds the sum of every group's delta.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed as dist
+
+from .. import runtime
+from ..ps import client as ps_client
+from ..ps import transport
+from ..ps.slicing import slice_params
+from .base import Strategy
+
+_live: dict[int, "Hogwild"] = {}  # session -> strategy, for the masters' RPC handler
+
+
+def merge_deltas(session: int, slice_ids: list[int], deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """On a slice's master: add another group's deltas; answer with the fresh values (runs on the master)."""
+    me = _live.get(session)
+    if me is None:
+        raise RuntimeError(f"process {runtime.proc_rank()} has no hogwild table {session} (closed already?)")
+    fresh = []
+    with me.lock:
+        for sid, delta in zip(slice_ids, deltas):
+            me.pending[sid] += delta.to(me.pending[sid].dtype)
+            s = me.slices[sid]
+            fresh.append(ps_client.read_slice(me.params[s.param], me.params[s.param], s.start, s.end)
+                         + me.pending[sid])
+    return fresh
+
+
+class Hogwild(Strategy):
+    name = "hogwild"
+
+    def __init__(self, sync_freq: int | None = None):
+        if sync_freq is not None and (not isinstance(sync_freq, int) or sync_freq < 1):
+            raise ValueError(f"sync_freq must be a positive integer, got {sync_freq!r}")
+        self.sync_freq = sync_freq
+        self.local = False
+        self.session = None
+        self.updates = 0
+        self.lock = threading.Lock()
+
+    def setup(self, optimizer, named_parameters, *, backward_passes_per_step=1, compression=None, op=None):
+        ps_client.check_compression(compression, self.name)
+        self.named = list(named_parameters)
+        self.params = [p for _, p in self.named]
+        self.local = not runtime.is_initialized() or not runtime.is_distributed()
+        if self.local:
+            return
+        topo = runtime.topology()
+        if topo.server_worker_separate:
+            raise RuntimeError("hogwild runs a server group inside every worker process: the topology must have "
+                               "co-located servers (server_worker_separate=false)")
+        if topo.nworkers_per_group != 1 or topo.nserver_groups != topo.nworker_groups:
+            raise RuntimeError(f"hogwild runs one worker and one server group per process; got "
+                               f"{topo.nworkers_per_group} workers per group and {topo.nserver_groups} server "
+                               f"groups for {topo.nworker_groups} worker groups")
+        if self.sync_freq is None:
+            self.sync_freq = topo.sync_freq
+        self.group = runtime.worker_group()
+        self.slices = slice_params([(n, p.numel()) for n, p in self.named], 1, topo.nserver_groups)
+        self.mine = [s for s in self.slices if s.master_group == self.group]
+        self.remote: dict[int, list] = {}
+        for s in self.slices:
+            if s.master_group != self.group:
+                self.remote.setdefault(s.master_group, []).append(s)
+        self.session = ps_client.next_session()
+        self.pending = {s.id: torch.zeros(s.numel, dtype=self.params[s.param].dtype) for s in self.mine}
+        _live[self.session] = self
+        transport.join()
+        # Every group starts from worker 0's values, as the servers' initial values.
+        params = [p.data for p in self.params]
+        flat = torch._utils._flatten_dense_tensors(params)
+        dist.broadcast(flat, src=0, group=runtime.workers_process_group())
+        for p, v in zip(params, torch._utils._unflatten_dense_tensors(flat, params)):
+            p.copy_(v)
+        self.last_sync = {s.id: self._read(s) for group in self.remote.values() for s in group}
+        self.syncs = 0
+        runtime.on_shutdown(self.close)
+
+    def _read(self, s) -> torch.Tensor:
+        return ps_client.read_slice(self.params[s.param], self.params[s.param], s.start, s.end)
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: a Hogwild group applies its own gradients."""
+
+    def _fold(self) -> None:
+        """Add the deltas other groups sent for the slices this process masters (under self.lock)."""
+        with torch.no_grad():
+            for s in self.mine:
+                pending = self.pending[s.id]
+                if pending.any():
+                    p = self.params[s.param]
+                    ps_client.write_slice(p, s.start, s.end, self._read(s) + pending)
+                    pending.zero_()
+
+    def step(self, closure, local_step):
+        if self.local:
+            return local_step(closure)
+        with self.lock:
+            loss = local_step(closure)
+            self._fold()
+        self.updates += 1
+        if self.updates % self.sync_freq == 0:
+            self.sync()
+        return loss
+
+    def sync(self) -> None:
+        """Exchange deltas with the master of every slice this process does not master."""
+        if self.local:
+            return
+        futures = []
+        for master, slices in sorted(self.remote.items()):
+            with self.lock:
+                sent = [self._read(s) for s in slices]
+            deltas = [v - self.last_sync[s.id] for s, v in zip(slices, sent)]
+            proc = runtime.topology().worker_ranks(master)[0]
+            futures.append((proc, slices, sent,
+                            transport.call_async(proc, merge_deltas, self.session, [s.id for s in slices], deltas)))
+        for proc, slices, sent, fut in futures:
+            fresh = transport.wait(proc, fut, "hogwild delta sync")
+            with self.lock, torch.no_grad():
+                for s, snap, value in zip(slices, sent, fresh):
+                    own_since = self._read(s) - snap
+                    ps_client.write_slice(self.params[s.param], s.start, s.end, value + own_since)
+                    self.last_sync[s.id] = value
+        with self.lock:
+            self._fold()
+        self.syncs += 1
+
+    def flush(self) -> None:
+        """Fold the deltas received so far into this replica now (otherwise done at the next step)."""
+        if not self.local:
+            with self.lock:
+                self._fold()
+
+    def state_dict(self) -> dict:
+        # The server group's state is this process's own optimizer state, saved by the optimizer itself.
+        return {"updates": self.updates} if not self.local else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state.get("updates", 0)) if state else 0
+
+    def close(self) -> None:
+        """Final exchange, then wait for every group: no delta may reach a master that has left."""
+        if self.local or self.session not in _live:
+            return
+        try:
+            self.sync()
+            dist.barrier(group=runtime.workers_process_group())
+            self.flush()
+        finally:
+            _live.pop(self.session, None)

@@ -1,0 +1,93 @@
+"""Sandblaster: SINGA's synchronous parameter server.
+
+One worker group of n workers and one group of s separate server processes. Every step each worker pushes
+its gradients for each server's slices; a server waits for all n pushes, averages them, runs the user's
+optimizer (class and hyperparameters, so its state lives on the server) on its slices, bumps the slices'
+version and answers every worker with the new values. Training therefore equals one process on the
+whole batch. The optimizer's current hyperparameters travel with each push, so LR schedulers on the
+workers keep working.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import runtime
+from ..collectives import Sum
+from ..ps import client as ps_client
+from ..ps import transport
+from .base import Strategy
+
+
+class Sandblaster(Strategy):
+    name = "sandblaster"
+
+    def __init__(self):
+        self.client = None
+        self.local = False
+        self.synced = False
+
+    def setup(self, optimizer, named_parameters, *, backward_passes_per_step=1, compression=None, op=None):
+        ps_client.check_compression(compression, self.name)
+        self.optimizer = optimizer
+        self.named = list(named_parameters)
+        self.average = op is not Sum
+        # A lone process is its own server: the same updates, with no one to talk to.
+        self.local = not runtime.is_initialized() or not runtime.is_distributed()
+        if self.local:
+            return
+        topo = runtime.topology()
+        ps_client.require_servers(self.name)
+        if topo.nworker_groups != 1:
+            raise RuntimeError(f"sandblaster is synchronous: one worker group, got {topo.nworker_groups} "
+                               "(use the downpour or hybrid strategy for several)")
+        transport.join()
+        self.client = ps_client.ParameterClient(
+            optimizer, self.named, group=0, replicas=topo.nworkers_per_group, staleness=None,
+            clients=topo.nworkers, create=runtime.rank() == 0)
+        runtime.on_shutdown(self.close)
+
+    def synchronize(self) -> None:
+        """Average the gradients over the workers now (e.g. to clip them before step())."""
+        if self.local or self.synced:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=runtime.workers_process_group())
+        if self.average:
+            flat /= runtime.size()
+        for (_, p), g in zip(self.named, torch._utils._unflatten_dense_tensors(flat, grads)):
+            p.grad = g.view_as(p)
+        self.synced = True
+
+    def step(self, closure, local_step):
+        if self.local:
+            return local_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # After synchronize() every worker pushes the same averaged gradient: averaging copies changes nothing.
+        self.client.push(want_values=True, average=self.average or self.synced)
+        self.synced = False
+        return loss
+
+    @property
+    def versions(self) -> list[int]:
+        """The version of this worker's values on each server (updates applied since the start)."""
+        return list(self.client.versions) if self.client else []
+
+    def state_dict(self) -> dict:
+        return self.client.state_dict() if self.client else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.client is None:
+            if state:
+                raise ValueError("this sandblaster strategy runs in one process and keeps no server state")
+            return
+        if state:
+            self.client.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()

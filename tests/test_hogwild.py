@@ -1,0 +1,68 @@
+"""Distributed Hogwild: co-located server groups exchanging deltas with each slice's master group."""
+import torch
+import torch.distributed as dist
+
+import singa_dist as sd
+from tests.conftest import get_world
+from tests.test_downpour import train_digits
+
+
+def hogwild_world(ngroups=2, sync_freq=1):
+    topology = sd.ClusterTopology.hogwild(ngroups, sync_freq=sync_freq)
+    return get_world(topology.nprocs, SINGA_TOPOLOGY=topology.to_json())
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _master_holds_sum():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5))
+    strategy = sd.Hogwild(sync_freq=1000)  # no automatic exchange: the test calls sync() itself
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5),
+                                  model.named_parameters(), strategy=strategy)
+    start = _flat(model).clone()
+    g = torch.Generator().manual_seed(sd.rank())
+    for _ in range(3):  # each group its own data: different deltas
+        x, y = torch.randn(16, 40, generator=g), torch.randint(0, 5, (16,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    delta = _flat(model) - start
+    deltas = [torch.empty_like(delta) for _ in range(sd.size())]
+    dist.all_gather(deltas, delta, group=sd.workers_process_group())
+    strategy.sync()
+    dist.barrier(group=sd.workers_process_group())
+    strategy.flush()  # fold the deltas other groups sent to the slices this group masters
+    expected = start + torch.stack(deltas).sum(0)
+    mastered = sum(s.numel for s in strategy.mine)
+    mine = torch.zeros_like(delta, dtype=torch.bool)
+    offsets = torch.tensor([0] + [p.numel() for p in model.parameters()]).cumsum(0)
+    for s in strategy.mine:
+        mine[offsets[s.param] + s.start:offsets[s.param] + s.end] = True
+    strategy.close()
+    value = _flat(model)
+    # Masters hold start + every group's delta; after the exchange every replica holds the same.
+    return ((value - expected).abs().max().item(), ((value - expected)[mine]).abs().max().item(), mastered,
+            delta.abs().min().item())
+
+
+def test_master_holds_sum_of_all_deltas():
+    world = hogwild_world(2)
+    results = world.run(_master_holds_sum, timeout=60)
+    assert sum(r[2] for r in results) == 40 * 30 + 30 + 30 * 5 + 5  # every slice mastered by one group
+    for everywhere, mastered_err, mastered, _ in results:
+        assert mastered > 0
+        assert mastered_err < 1e-6
+        assert everywhere < 1e-6
+
+
+def _hogwild_digits():
+    return train_digits(sd.Hogwild(sync_freq=2))
+
+
+def test_hogwild_trains_like_synchronous():
+    world = hogwild_world(2)
+    for acc, sync_acc in world.run(_hogwild_digits, timeout=120):
+        assert acc >= sync_acc - 1.0, (acc, sync_acc)

@@ -1,0 +1,144 @@
+"""Sandblaster (synchronous parameter server) equals one process on the whole batch; its servers checkpoint."""
+import threading
+import time
+
+import pytest
+import torch
+
+import singa_dist as sd
+from tests.conftest import get_world
+
+STEPS = 5
+BATCH = 12  # divides among 2 and 3 workers
+
+
+def ps_world(topology: "sd.ClusterTopology"):
+    """A shared world whose server processes run the parameter-server loop; a dead peer is noticed in 20 s."""
+    return get_world(topology.nprocs, SINGA_TOPOLOGY=topology.to_json(), SINGA_PROC_WORLD_SIZE=str(topology.nprocs),
+                     SINGA_TEST_ENTRY="singa_dist.ps.server:serve", SINGA_TIMEOUT="20")
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+
+
+def _optimizer(name, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    return torch.optim.Adam(params, lr=0.01, betas=(0.8, 0.99), weight_decay=1e-3)
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 7, generator=g), torch.randn(BATCH, 3, generator=g)
+
+
+def _train(model, opt, steps, rank=0, size=1, start=0, sched=None):
+    for step in range(start, start + steps):
+        x, y = _data(step)
+        n = BATCH // size
+        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _equivalence(opt_name):
+    reference = _model()
+    ref_opt = _optimizer(opt_name, reference.parameters())
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    _train(reference, ref_opt, STEPS, sched=ref_sched)
+
+    model = _model()
+    with torch.no_grad():  # different starting values on other ranks: the servers' initial values win
+        for p in model.parameters():
+            p.add_(sd.rank())
+    opt = sd.DistributedOptimizer(_optimizer(opt_name, model.parameters()), model.named_parameters(),
+                                  strategy="sandblaster")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    _train(model, opt, STEPS, sd.rank(), sd.size(), sched=sched)
+    versions = opt.strategy.versions
+    opt.strategy.close()
+    return max(_rel(p, q) for p, q in zip(model.parameters(), reference.parameters())), versions
+
+
+@pytest.mark.parametrize("nworkers,nservers", [(2, 1), (2, 2), (3, 1), (3, 2)])
+def test_equals_one_process(nworkers, nservers):
+    world = ps_world(sd.ClusterTopology.sandblaster(nworkers, nservers))
+    for opt_name in ("sgd", "adam"):
+        results = world.run(_equivalence, opt_name, timeout=120)
+        for err, versions in results:
+            assert err < 1e-5, (opt_name, err)
+            assert versions == [STEPS] * nservers
+
+
+def _checkpoint():
+    model = _model()
+    opt = sd.DistributedOptimizer(_optimizer("adam", model.parameters()), model.named_parameters(),
+                                  strategy="sandblaster")
+    _train(model, opt, 3, sd.rank(), sd.size())
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = opt.state_dict()
+    _train(model, opt, 2, sd.rank(), sd.size(), start=3)
+    after = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, 4, sd.rank(), sd.size(), start=10)  # wander off, then come back
+    model.load_state_dict(saved_model)
+    opt.load_state_dict(saved)
+    _train(model, opt, 2, sd.rank(), sd.size(), start=3)
+    again = [p.detach() for p in model.parameters()]
+    state = saved["singa_strategy"]
+    opt.strategy.close()
+    keys = sorted(state["state"]["0.weight"])
+    return max(_rel(a, b) for a, b in zip(again, after)), keys, state["versions"]["0.weight"]
+
+
+def test_checkpoint_restores_server_state():
+    world = ps_world(sd.ClusterTopology.sandblaster(2, 2))
+    for err, keys, version in world.run(_checkpoint, timeout=120):
+        assert err < 1e-6
+        assert keys == ["exp_avg", "exp_avg_sq", "step"]  # Adam's state, kept on the servers
+        assert version == 3
+
+
+def _train_until_failure(started):
+    model = _model()
+    opt = sd.DistributedOptimizer(_optimizer("sgd", model.parameters()), model.named_parameters(),
+                                  strategy="sandblaster")
+    try:
+        _train(model, opt, 2, sd.rank(), sd.size())
+        open(f"{started}.{sd.rank()}", "w").close()
+        while True:
+            _train(model, opt, 10, sd.rank(), sd.size())
+    except RuntimeError as exc:
+        return str(exc), time.time()
+
+
+def test_killed_server_stops_workers_with_its_name(tmp_path):
+    world = ps_world(sd.ClusterTopology.sandblaster(2, 2))  # the last test of this world: it loses a server
+    killed = {}
+
+    started = tmp_path / "training"
+
+    def kill():  # once both workers train
+        while not all((tmp_path / f"training.{r}").exists() for r in range(2)):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        killed["at"] = time.time()
+        world.procs[3].kill()  # server 0.1
+
+    try:
+        threading.Thread(target=kill, daemon=True).start()
+        results = world.run(_train_until_failure, str(started), timeout=90)
+    finally:
+        world.close()
+    for message, at in results:
+        assert "parameter server 0.1 (process 3)" in message, message
+        assert at - killed["at"] < 30
+
