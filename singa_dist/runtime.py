@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -203,14 +204,6 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
     _state.initialized = True
 
 
-def shutdown() -> None:
-    """Leave the job: destroys the process groups. Safe to call twice or without init()."""
-    global _state
-    if _state.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-    _state = _Runtime()
-
-
 def _require_init() -> _Runtime:
     if not _state.initialized:
         raise RuntimeError("singa_dist is not initialized: call singa_dist.init() first")
@@ -303,7 +296,7 @@ def device() -> torch.device:
     return _require_init().device
 
 
-# ---- closing strategies at shutdown (added for the parameter-server strategies) ---------------------------
+# Strategies that hold resources beyond the process groups (parameter-server connections) register here.
 _closers: list = []
 
 
@@ -312,12 +305,10 @@ def on_shutdown(close) -> None:
     _closers.append(close)
 
 
-_destroy_process_groups = shutdown
-
-
-def shutdown() -> None:  # noqa: F811 - extends the shutdown() above
+def shutdown() -> None:
     """Leave the job: close the strategies that asked to be closed, release separate parameter servers (they
     exit once every worker has left), then destroy the process groups. Safe to call twice or without init()."""
+    global _state
     errors = []
     while _closers:
         try:
@@ -329,10 +320,11 @@ def shutdown() -> None:  # noqa: F811 - extends the shutdown() above
         from .ps.transport import release_servers
         release_servers()
     else:
-        import sys
         transport = sys.modules.get(__package__ + ".ps.transport")
         if transport is not None:
             transport.leave()
-    _destroy_process_groups()
+    if _state.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+    _state = _Runtime()
     if errors:
         raise errors[0]

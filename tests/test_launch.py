@@ -240,11 +240,15 @@ def test_failure_after_the_last_restart(tmp_path):
     assert _pids_gone(str(tmp_path))
 
 
+# A stand-in for `python -m singa_dist.ps` that says who it is, then serves as the real one does (a worker's
+# sd.shutdown() joins the servers' RPC group to release them, so a server must serve).
 SERVER_SCRIPT = textwrap.dedent("""
     import singa_dist as sd
+    from singa_dist.ps.server import serve
     sd.init()
     role = sd.role()
-    print(f"server {role.index} of group {role.group}: process {sd.proc_rank()} of {sd.proc_size()}")
+    print(f"server {role.index} of group {role.group}: process {sd.proc_rank()} of {sd.proc_size()}", flush=True)
+    serve()
     sd.shutdown()
 """)
 
