@@ -8,6 +8,7 @@ servers join in `serve()`. CUDA tensors never travel: callers stage them through
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 import torch.distributed.rpc as rpc
@@ -42,8 +43,11 @@ def join() -> None:
             return
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=runtime.timeout_s(),
                                                   num_worker_threads=16, _transports=["uv"], _channels=["basic"])
-        rpc.init_rpc(proc_name(runtime.proc_rank()), rank=runtime.proc_rank(), world_size=runtime.proc_size(),
-                     rpc_backend_options=options)
+        with warnings.catch_warnings():
+            # torch's own init_rpc hands a Gloo backend to an object collective and warns about itself.
+            warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
+            rpc.init_rpc(proc_name(runtime.proc_rank()), rank=runtime.proc_rank(),
+                         world_size=runtime.proc_size(), rpc_backend_options=options)
         _joined = True
 
 
