@@ -391,6 +391,18 @@ def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = Non
 # --------------------------------------------------------------------------------------------------------------
 # Python objects, barrier
 
+def allreduce_gradients_(named_params, group, group_size: int, average: bool = True) -> None:
+    """Sum (or average) every parameter's `.grad` over `group` in one fused message; a parameter with no
+    gradient on this rank counts as zeros. The parameter-server strategies use it inside a worker group."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in named_params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    if average:
+        flat /= group_size
+    for (_, p), g in zip(named_params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g.view_as(p)
+
+
 def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_set=None):
     """The root worker's picklable `obj`, on every worker."""
     _no_process_sets(process_set)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import runtime
-from ..collectives import Sum
+from ..collectives import Sum, allreduce_gradients_
 from ..ps import client as ps_client
 from ..ps import transport
 from .base import Strategy
@@ -74,13 +74,7 @@ class Downpour(Strategy):
         if self.local or self.synced:
             return
         if len(self.group_ranks) > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=self.group_pg)
-            if self.average:
-                flat /= len(self.group_ranks)
-            for (_, p), g in zip(self.named, torch._utils._unflatten_dense_tensors(flat, grads)):
-                p.grad = g.view_as(p)
+            allreduce_gradients_(self.named, self.group_pg, len(self.group_ranks), self.average)
         self.synced = True
 
     def step(self, closure, local_step):

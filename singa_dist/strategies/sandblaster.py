@@ -10,10 +10,9 @@ workers keep working.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .. import runtime
-from ..collectives import Sum
+from ..collectives import Sum, allreduce_gradients_
 from ..ps import client as ps_client
 from ..ps import transport
 from .base import Strategy
@@ -51,13 +50,7 @@ class Sandblaster(Strategy):
         """Average the gradients over the workers now (e.g. to clip them before step())."""
         if self.local or self.synced:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=runtime.workers_process_group())
-        if self.average:
-            flat /= runtime.size()
-        for (_, p), g in zip(self.named, torch._utils._unflatten_dense_tensors(flat, grads)):
-            p.grad = g.view_as(p)
+        allreduce_gradients_(self.named, runtime.workers_process_group(), runtime.size(), self.average)
         self.synced = True
 
     def step(self, closure, local_step):
