@@ -52,16 +52,18 @@ def join() -> None:
 
 
 def leave() -> None:
-    """Leave the RPC group without waiting for the others (each side said goodbye by protocol first)."""
+    """Leave the RPC group once every process of the job has come to leave it too (bounded by the timeout)."""
     global _joined
     with _lock:
         if not _joined:
             return
         _joined = False
         try:
-            rpc.shutdown(graceful=False)
+            # Graceful: every process of the job meets here first, so no peer sees its connections drop
+            # mid-message. A peer that died makes it fail after the timeout; the local side still closes.
+            rpc.shutdown(graceful=True, timeout=min(runtime.timeout_s(), 60.0))
         except Exception:
-            pass  # a peer that died already: nothing left to release on our side
+            pass
 
 
 def call_async(proc: int, fn, *args, timeout: float | None = None) -> torch.futures.Future:
