@@ -48,3 +48,18 @@ def test_char_rnn_learns_the_text():
     bits = float(re.findall(r"held-out bits per character: ([0-9.]+)", result.stdout)[-1])
     # A uniform guess over the text's ~80 symbols costs about 6.3 bits per character.
     assert bits < 3.6, result.stdout
+
+
+@pytest.mark.parametrize("flags", [
+    ["--strategy", "sandblaster", "--servers", "1"],
+    ["--strategy", "downpour", "--worker-groups", "2", "--servers", "1"],
+    ["--strategy", "hogwild", "--sync-freq", "5"],
+], ids=["sandblaster", "downpour", "hogwild"])
+def test_main_job_unchanged_under_every_framework(flags):
+    # The launcher starts the servers and hands every process its role; the script names no strategy.
+    result = run_command(LAUNCH + ["-np", "2", *flags, sys.executable, "examples/digits_mlp.py", "--quiet"],
+                         timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"strategy={flags[1]}" in result.stdout
+    assert _accuracy(result.stdout) >= 0.95
+    assert "encountered error" not in result.stdout + result.stderr  # the RPC group closes cleanly
