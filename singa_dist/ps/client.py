@@ -122,15 +122,14 @@ class ParameterClient:
                      for s in self.by_server[i]]
             futures.append(transport.call_async(proc, server.push, self.session, self.group, grads, options,
                                                 want_values, average))
-        for i, (proc, fut) in enumerate(zip(self.servers, futures)):
-            version, values, stale = transport.wait(proc, fut, "push")
+        for i, (version, values, stale) in enumerate(transport.wait_all(list(zip(self.servers, futures)), "push")):
             self.staleness_seen.append(stale)
             self._adopt(i, version, values)
 
     def pull(self) -> None:
         futures = [transport.call_async(proc, server.pull, self.session, self.group) for proc in self.servers]
-        for i, (proc, fut) in enumerate(zip(self.servers, futures)):
-            self._adopt(i, *transport.wait(proc, fut, "pull"))
+        for i, answer in enumerate(transport.wait_all(list(zip(self.servers, futures)), "pull")):
+            self._adopt(i, *answer)
 
     def state_dict(self) -> dict:
         """The servers' values, optimizer state and versions, per parameter name (independent of the slicing)."""

@@ -7,6 +7,7 @@ servers join in `serve()`. CUDA tensors never travel: callers stage them through
 """
 from __future__ import annotations
 
+import queue
 import threading
 import warnings
 
@@ -83,6 +84,18 @@ def wait(proc: int, future: torch.futures.Future, what: str):
         raise
     except Exception as exc:
         raise PeerError(proc, what, exc) from None
+
+
+def wait_all(calls: list[tuple[int, torch.futures.Future]], what: str) -> list:
+    """The results of several calls, in order. Failures are taken in the order they happen: a server that died
+    fails its call at once and is named, rather than a live server that waits for it and times out later."""
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    for index, (_, future) in enumerate(calls):
+        future.add_done_callback(lambda _, index=index: finished.put(index))
+    for _ in calls:
+        proc, future = calls[finished.get()]
+        wait(proc, future, what)  # raises PeerError for a failed call
+    return [future.value() for _, future in calls]
 
 
 def call(proc: int, fn, *args, timeout: float | None = None):
