@@ -34,6 +34,13 @@ def test_main_job_progress_bar_only_on_rank_0():
     assert not re.search(r"\[1\].*train:", text), text
 
 
+def test_cnn_of_native_conv_pool_lrn_layers():
+    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_cnn.py", "--quiet"],
+                         timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _accuracy(result.stdout) >= 0.96
+
+
 def test_rbm_pretraining_then_finetuning():
     result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_rbm.py", "--epochs", "10",
                                    "--finetune-epochs", "15"], timeout=240, cwd=str(ROOT))
