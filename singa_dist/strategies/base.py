@@ -45,3 +45,29 @@ class Strategy:
 
     def close(self) -> None:
         """Release communication resources; called by singa_dist.shutdown()."""
+
+
+class ParameterServerStrategy(Strategy):
+    """What the parameter-server frameworks (Sandblaster, Downpour, Hybrid, Hogwild) share."""
+
+    def _begin_setup(self, optimizer, named_parameters, compression, op) -> bool:
+        """Record the optimizer and parameters; True when this process trains alone (no job to talk to)."""
+        from .. import runtime
+        from ..collectives import Sum
+        from ..ps import client as ps_client
+
+        ps_client.check_compression(compression, self.name)
+        self.optimizer = optimizer
+        self.named = list(named_parameters)
+        self.average = op is not Sum
+        # A lone process is its own server: the same updates, with no one to talk to.
+        self.local = not runtime.is_initialized() or not runtime.is_distributed()
+        return self.local
+
+    @staticmethod
+    def _run_closure(closure):
+        """Evaluate the user's closure (loss and backward) before the gradients go to the servers."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()

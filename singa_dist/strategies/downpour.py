@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 
 from .. import runtime
-from ..collectives import Sum, allreduce_gradients_
+from ..collectives import allreduce_gradients_
 from ..ps import client as ps_client
 from ..ps import transport
-from .base import Strategy
+from .base import ParameterServerStrategy
 
 
-class Downpour(Strategy):
+class Downpour(ParameterServerStrategy):
     name = "downpour"
 
     def __init__(self, pull_freq: int = 1, staleness: int | None = None):
@@ -39,12 +39,7 @@ class Downpour(Strategy):
         self.steps = 0
 
     def setup(self, optimizer, named_parameters, *, backward_passes_per_step=1, compression=None, op=None):
-        ps_client.check_compression(compression, self.name)
-        self.optimizer = optimizer
-        self.named = list(named_parameters)
-        self.average = op is not Sum
-        self.local = not runtime.is_initialized() or not runtime.is_distributed()
-        if self.local:
+        if self._begin_setup(optimizer, named_parameters, compression, op):
             return
         topo = runtime.topology()
         ps_client.require_servers(self.name)
@@ -80,10 +75,7 @@ class Downpour(Strategy):
     def step(self, closure, local_step):
         if self.local:
             return local_step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         self.synchronize()
         self.steps += 1
         if self.client is not None:

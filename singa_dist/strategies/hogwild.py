@@ -18,7 +18,7 @@ from .. import runtime
 from ..ps import client as ps_client
 from ..ps import transport
 from ..ps.slicing import slice_params
-from .base import Strategy
+from .base import ParameterServerStrategy
 
 _live: dict[int, "Hogwild"] = {}  # session -> strategy, for the masters' RPC handler
 
@@ -38,7 +38,7 @@ def merge_deltas(session: int, slice_ids: list[int], deltas: list[torch.Tensor])
     return fresh
 
 
-class Hogwild(Strategy):
+class Hogwild(ParameterServerStrategy):
     name = "hogwild"
 
     def __init__(self, sync_freq: int | None = None):
@@ -51,11 +51,9 @@ class Hogwild(Strategy):
         self.lock = threading.Lock()
 
     def setup(self, optimizer, named_parameters, *, backward_passes_per_step=1, compression=None, op=None):
-        ps_client.check_compression(compression, self.name)
-        self.named = list(named_parameters)
+        local = self._begin_setup(optimizer, named_parameters, compression, op)
         self.params = [p for _, p in self.named]
-        self.local = not runtime.is_initialized() or not runtime.is_distributed()
-        if self.local:
+        if local:
             return
         topo = runtime.topology()
         if topo.server_worker_separate:

@@ -9,16 +9,14 @@ workers keep working.
 """
 from __future__ import annotations
 
-import torch
-
 from .. import runtime
-from ..collectives import Sum, allreduce_gradients_
+from ..collectives import allreduce_gradients_
 from ..ps import client as ps_client
 from ..ps import transport
-from .base import Strategy
+from .base import ParameterServerStrategy
 
 
-class Sandblaster(Strategy):
+class Sandblaster(ParameterServerStrategy):
     name = "sandblaster"
 
     def __init__(self):
@@ -27,13 +25,7 @@ class Sandblaster(Strategy):
         self.synced = False
 
     def setup(self, optimizer, named_parameters, *, backward_passes_per_step=1, compression=None, op=None):
-        ps_client.check_compression(compression, self.name)
-        self.optimizer = optimizer
-        self.named = list(named_parameters)
-        self.average = op is not Sum
-        # A lone process is its own server: the same updates, with no one to talk to.
-        self.local = not runtime.is_initialized() or not runtime.is_distributed()
-        if self.local:
+        if self._begin_setup(optimizer, named_parameters, compression, op):
             return
         topo = runtime.topology()
         ps_client.require_servers(self.name)
@@ -56,10 +48,7 @@ class Sandblaster(Strategy):
     def step(self, closure, local_step):
         if self.local:
             return local_step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         # After synchronize() every worker pushes the same averaged gradient: averaging copies changes nothing.
         self.client.push(want_values=True, average=self.average or self.synced)
         self.synced = False
