@@ -28,10 +28,32 @@ def _configs():
     if _INTERPRET:
         # The interpreter costs about 1 ms per program instance: few, large tiles and no tuning.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4)]
-    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-              (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 5, 2), (128, 256, 32, 3, 8)]
+    # At least 4 warps: Hopper's warp-group MMA (wgmma) needs whole warp groups.
+    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 4),
+              (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 5, 4), (128, 256, 32, 3, 8)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for m, n, k, s, w in shapes]
+
+
+SHARED_MEMORY_BYTES = 232448  # the most an H100 block may use (227 KiB)
+
+
+def config_fits(config, element_size: int, prologue: bool) -> bool:
+    """Whether a tile configuration suits operands of `element_size` bytes without running out of shared
+    memory or spilling registers (checked for sm_90 by tests/test_kernels_sm90_codegen.py)."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    stages = max(config.num_stages, 1)
+    if stages * (bm * bk + bk * bn) * element_size > SHARED_MEMORY_BYTES:
+        return False
+    # A prologue activation scales the A tile in registers before the MMA: it must stay small per thread.
+    return not prologue or bm * bk * element_size <= 64 * 32 * config.num_warps
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    a = named_args.get("a_ptr")
+    size = a.element_size() if hasattr(a, "element_size") else 2
+    prologue = bool(kwargs.get("PRO_ACT", named_args.get("PRO_ACT", 0)))
+    return [c for c in configs if config_fits(c, size, prologue)] or configs[-1:]
 
 
 @triton.jit
@@ -57,7 +79,8 @@ def _apply_act(z, ACT: tl.constexpr):
     return z
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "PRO_ACT", "EPI_ACT", "HAS_BIAS", "BIAS_GRAD"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "PRO_ACT", "EPI_ACT", "HAS_BIAS", "BIAS_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr,
