@@ -39,11 +39,7 @@ class ActivationFunction(torch.autograd.Function):
     def forward(ctx, x, mode, inplace):
         ctx.mode = mode
         if use_triton_float(x):
-            k = kernels("activation")
-            if inplace and x.is_contiguous():
-                y = k.activation_forward(x, mode, out=x)
-            else:
-                y = k.activation_forward(x, mode).view(x.shape)
+            y = kernels("activation").activation_forward(x, mode, out=x if inplace else None)
         else:
             y = _forward_torch(x, mode)
         if inplace:
@@ -58,7 +54,7 @@ class ActivationFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         if use_triton_float(grad_y):
-            grad_x = kernels("activation").activation_backward(y, grad_y, ctx.mode).view(y.shape)
+            grad_x = kernels("activation").activation_backward(y, grad_y, ctx.mode)
         else:
             grad_x = _backward_torch(y, grad_y, ctx.mode)
         return grad_x, None, None

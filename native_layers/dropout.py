@@ -20,7 +20,7 @@ def _keep_mask_torch(shape, p: float, seed: int, device) -> torch.Tensor:
 
 def _apply(x: torch.Tensor, p: float, seed: int, triton: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     if triton:
-        return kernels("dropout").dropout(x, p, seed, out=out).view(x.shape)
+        return kernels("dropout").dropout(x, p, seed, out=out)
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
     y = x * _keep_mask_torch(x.shape, p, seed, x.device).to(x.dtype) * scale
     return y if out is None else out.copy_(y)
@@ -31,18 +31,25 @@ class DropoutFunction(torch.autograd.Function):
     def forward(ctx, x, p, seed, inplace):
         # The backward must draw from the same generator as the forward, so the path is fixed here.
         ctx.p, ctx.seed, ctx.triton = p, seed, use_triton_float(x)
+        y = _apply(x, p, seed, ctx.triton, out=x if inplace else None)
         if inplace:
-            y = _apply(x, p, seed, ctx.triton, out=x if x.is_contiguous() else None)
             if y is not x:
                 x.copy_(y)
             ctx.mark_dirty(x)
-            return x
-        return _apply(x, p, seed, ctx.triton)
+            y = x
+        if ctx.triton:
+            # The Triton mask follows the output's memory order, so the backward writes a gradient with the
+            # strides of the output (made dense when an in-place x has gaps).
+            ctx.order = y.stride() if y is not x else torch.empty_like(x, device="meta").stride()
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         # The same mask and scale, regenerated from the seed.
-        return _apply(grad_y, ctx.p, ctx.seed, ctx.triton), None, None, None
+        out = None
+        if ctx.triton:
+            out = torch.empty_strided(grad_y.shape, ctx.order, dtype=grad_y.dtype, device=grad_y.device)
+        return _apply(grad_y, ctx.p, ctx.seed, ctx.triton, out=out), None, None, None
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False,

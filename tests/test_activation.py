@@ -3,21 +3,22 @@ import pytest
 import torch
 
 import native_layers as nl
-from tests.layer_checks import assert_close, layer_device, leaf64  # noqa: F401
+from tests.layer_checks import LAYOUTS, assert_close, kernel_launches, layer_device, leaf64, with_layout  # noqa: F401
 
 REFERENCE = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
              "stanh": lambda x: 1.7159 * torch.tanh(x * 2 / 3)}
 
 
-def _check(module, mode, x, dtype=torch.float32):
+def _check(module, mode, x, dtype=torch.float32, grad_layout=None):
     y = module(x)
-    g = torch.randn_like(y)
+    g = torch.randn_like(y) if grad_layout is None else with_layout(torch.randn(y.shape, device=y.device), grad_layout)
     y.backward(g)
     x64 = leaf64(x)
     ref = REFERENCE[mode](x64)
     ref.backward(g.double().cpu())
     assert_close(y, ref, dtype, f"{mode} output")
     assert_close(x.grad, x64.grad, dtype, f"{mode} grad")
+    return y
 
 
 @pytest.mark.parametrize("mode", ["relu", "sigmoid", "tanh", "stanh"])
@@ -38,6 +39,58 @@ def test_activation_modules_non_contiguous(layer_device, module, mode):
     _check(module(), mode, x)
 
 
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "strided_all"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["relu", "stanh"])
+def test_activation_layouts(layer_device, mode, layout, grad_layout):
+    torch.manual_seed(12)
+    x = with_layout(torch.randn(2, 3, 5, 7, device=layer_device) * 3, layout).requires_grad_()
+    y = _check(nl.Activation(mode), mode, x, grad_layout=grad_layout)
+    assert y.stride() == torch.relu(x.detach()).stride()
+
+
+@pytest.mark.parametrize("layout", ["reversed", "strided_all"])
+def test_activation_five_dims(layer_device, layout):
+    # strided_all leaves five dimensions that cannot merge: more than a strided launch takes
+    torch.manual_seed(13)
+    x = with_layout(torch.randn(2, 3, 2, 3, 5, device=layer_device), layout).requires_grad_()
+    y = _check(nl.Tanh(), "tanh", x, grad_layout="strided_all")
+    assert y.stride() == torch.relu(x.detach()).stride()
+
+
+@pytest.mark.parametrize("layout,ndim", [("contiguous", 0), ("reversed", 0), ("channels_last", 0), ("strided", 1),
+                                         ("sliced", 2), ("strided_all", 4)])
+def test_activation_kernels_read_any_layout_without_copies(kernel_device, monkeypatch, layout, ndim):
+    from triton_kernels import activation as k
+    forward = kernel_launches(monkeypatch, k, "_activation_forward_kernel")
+    backward = kernel_launches(monkeypatch, k, "_activation_backward_kernel")
+    torch.manual_seed(14)
+    x = with_layout(torch.randn(2, 3, 5, 7, device=kernel_device), layout)
+    y = k.activation_forward(x, "sigmoid")
+    # one launch on x itself (no contiguous copy), flat when x is dense in any order
+    ((args, kwargs),) = forward
+    assert args[0] is x and args[1] is y and kwargs["NDIM"] == ndim
+    assert y.stride() == torch.sigmoid(x).stride()
+    g = with_layout(torch.randn(y.shape, device=kernel_device), "reversed")
+    dx = k.activation_backward(y, g, "sigmoid")
+    ((args, kwargs),) = backward
+    assert args[0] is y and args[1] is g and dx.stride() == y.stride()
+    y64 = torch.sigmoid(x.double())
+    assert_close(y, y64)
+    assert_close(dx, g.double() * y64 * (1 - y64))
+
+
+def test_activation_kernels_broadcast_input(kernel_device):
+    from triton_kernels import activation as k
+    torch.manual_seed(16)
+    x = torch.randn(5, 1, 7, device=kernel_device).expand(5, 3, 7)  # elements share memory (stride 0)
+    y = k.activation_forward(x, "tanh")
+    assert y.stride() == torch.tanh(x).stride()
+    assert_close(y, torch.tanh(x.double()))
+    with pytest.raises(RuntimeError, match="single memory location"):  # as torch refuses x.relu_()
+        k.activation_forward(x, "relu", out=x)
+
+
 def test_modules_subclass_torch_and_reject_unknown_modes():
     assert isinstance(nl.ReLU(), torch.nn.ReLU)
     assert isinstance(nl.Sigmoid(), torch.nn.Sigmoid) and isinstance(nl.Tanh(), torch.nn.Tanh)
@@ -54,6 +107,26 @@ def test_inplace_relu(layer_device):
     y.sum().backward()
     assert_close(y, torch.relu(base.double()))
     assert_close(base.grad, (base > 0).double())
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "strided_all"])
+def test_inplace_relu_non_contiguous(layer_device, layout):
+    torch.manual_seed(15)
+    base = torch.randn(2, 3, 5, 7, device=layer_device, requires_grad=True)
+    x = with_layout(base * 1.0, layout)
+    block = (x._base if x._base is not None else x).detach()  # all of x's memory, gaps included
+    before = block.clone()
+    y = nl.ReLU(inplace=True)(x)
+    assert y.data_ptr() == x.data_ptr() and y.stride() == x.stride()
+    inside = torch.zeros(block.numel(), dtype=torch.bool, device=layer_device)
+    inside.as_strided(x.shape, x.stride(), x.storage_offset() - block.storage_offset()).fill_(True)
+    # the gaps between x's elements are untouched (compared bitwise: they were never initialised)
+    gaps = ~inside.view(block.shape)
+    assert torch.equal(block.view(torch.int32)[gaps], before.view(torch.int32)[gaps])
+    g = with_layout(torch.randn(2, 3, 5, 7, device=layer_device), "reversed")
+    y.backward(g)
+    assert_close(y, torch.relu(base.double()))
+    assert_close(base.grad, g.double() * (base > 0))
 
 
 @pytest.mark.parametrize("mode", ["relu", "sigmoid", "tanh", "stanh"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import native_layers as nl
-from tests.layer_checks import assert_close, layer_device  # noqa: F401
+from tests.layer_checks import LAYOUTS, assert_close, kernel_launches, layer_device, with_layout  # noqa: F401
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
@@ -62,6 +62,70 @@ def test_dropout_non_contiguous_and_inplace(layer_device):
     out = nl.dropout(z, 0.4, seed=3, inplace=True)
     assert out.data_ptr() == z.data_ptr() and torch.equal(out, y.detach())
     assert isinstance(nl.Dropout(), torch.nn.Dropout)
+
+
+@pytest.mark.parametrize("grad_layout", ["contiguous", "reversed", "strided_all"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dropout_backward_mask_is_forward_mask_across_layouts(layer_device, layout, grad_layout):
+    torch.manual_seed(35)
+    x = with_layout(torch.rand(2, 3, 5, 7, device=layer_device) + 0.5, layout).requires_grad_()
+    y = nl.dropout(x, 0.4, seed=5)
+    assert y.stride() == torch.relu(x.detach()).stride()
+    kept = y != 0
+    assert 0 < kept.sum() < kept.numel()
+    assert_close(y[kept], x[kept].double() / 0.6)
+    g = with_layout(torch.randn(2, 3, 5, 7, device=layer_device), grad_layout)
+    y.backward(g)
+    assert_close(x.grad, torch.where(kept, g.double() / 0.6, 0.0))
+
+
+@pytest.mark.parametrize("layout", ["reversed", "strided_all"])
+def test_dropout_five_dims(layer_device, layout):
+    torch.manual_seed(36)
+    x = with_layout(torch.rand(2, 3, 2, 3, 5, device=layer_device) + 0.5, layout).requires_grad_()
+    y = nl.dropout(x, 0.5, seed=6)
+    kept = y != 0
+    assert 0 < kept.sum() < kept.numel() and y.stride() == torch.relu(x.detach()).stride()
+    assert_close(y[kept], x[kept].double() / 0.5)
+    g = with_layout(torch.randn(y.shape, device=layer_device), "strided_all")
+    y.backward(g)
+    assert_close(x.grad, torch.where(kept, g.double() / 0.5, 0.0))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "strided_all"])
+def test_dropout_inplace_non_contiguous(layer_device, layout):
+    torch.manual_seed(37)
+    base = (torch.rand(2, 3, 5, 7, device=layer_device) + 0.5).requires_grad_()
+    expected = nl.dropout(with_layout(base.detach(), layout), 0.3, seed=9)
+    x = with_layout(base * 1.0, layout)
+    block = (x._base if x._base is not None else x).detach()  # all of x's memory, gaps included
+    before = block.clone()
+    y = nl.dropout(x, 0.3, seed=9, inplace=True)
+    assert y.data_ptr() == x.data_ptr() and y.stride() == x.stride()
+    assert torch.equal(y.detach(), expected)  # the same mask as out of place: the same memory order
+    inside = torch.zeros(block.numel(), dtype=torch.bool, device=layer_device)
+    inside.as_strided(x.shape, x.stride(), x.storage_offset() - block.storage_offset()).fill_(True)
+    gaps = ~inside.view(block.shape)  # untouched between x's elements (compared bitwise: never initialised)
+    assert torch.equal(block.view(torch.int32)[gaps], before.view(torch.int32)[gaps])
+    g = with_layout(torch.randn(2, 3, 5, 7, device=layer_device), "reversed")
+    y.backward(g)
+    assert_close(base.grad, torch.where(expected != 0, g.double() / 0.7, 0.0))
+
+
+@pytest.mark.parametrize("layout", ["reversed", "channels_last", "sliced"])
+def test_dropout_kernel_reads_any_layout_without_copies(kernel_device, monkeypatch, layout):
+    from triton_kernels import dropout as k
+    launches = kernel_launches(monkeypatch, k, "_dropout_kernel")
+    x = with_layout(torch.rand(2, 3, 5, 7, device=kernel_device) + 0.5, layout)
+    y = k.dropout(x, 0.5, seed=4)
+    ((args, _),) = launches
+    assert args[0] is x and args[1] is y and y.stride() == torch.relu(x).stride()
+    # Random number k goes to the k-th element in memory, whatever the order of dimensions: the mask is the
+    # flat kernel's on x's storage.
+    if layout != "sliced":
+        def in_memory_order(t):
+            return t.permute(*sorted(range(t.dim()), key=lambda d: -t.stride(d))).reshape(-1)
+        assert torch.equal(in_memory_order(y), k.dropout(in_memory_order(x), 0.5, seed=4))
 
 
 def test_dropout_cpu_path_gradcheck(monkeypatch):

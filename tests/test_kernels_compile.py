@@ -33,12 +33,18 @@ def _variants():
         out.append((matmul._matmul_kernel.fn, mm, dict(HAS_BIAS=False, EPI_ACT=0, PRO_ACT=2, BIAS_GRAD=True,
                     PRECISION=precision, DOT_FP32=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4))
     p = "*bf16"
+    # Elementwise kernels: flat (NDIM=0) and strided over four dimensions with 64-bit sizes and strides.
+    for ndim, ints in ((0, "i32"), (4, "i64")):
+        sizes = {a: ints for a in ("n", "size1", "size2", "size3", *(f"s{t}{d}" for t in "xygdo" for d in range(4)))}
+        out += [
+            (activation._activation_forward_kernel, dict(x_ptr=p, y_ptr=p, **sizes), dict(MODE=4, NDIM=ndim,
+             BLOCK=1024), 4),
+            (activation._activation_backward_kernel, dict(y_ptr=p, g_ptr=p, dx_ptr=p, **sizes),
+             dict(MODE=4, NDIM=ndim, BLOCK=1024), 4),
+            (dropout._dropout_kernel, dict(x_ptr=p, out_ptr=p, p="fp32", scale="fp32", seed="i64", **sizes),
+             dict(NDIM=ndim, BLOCK=1024), 4),
+        ]
     out += [
-        (activation._activation_forward_kernel, dict(x_ptr=p, y_ptr=p, n="i32"), dict(MODE=4, BLOCK=1024), 4),
-        (activation._activation_backward_kernel, dict(y_ptr=p, g_ptr=p, dx_ptr=p, n="i32"),
-         dict(MODE=4, BLOCK=1024), 4),
-        (dropout._dropout_kernel, dict(x_ptr=p, out_ptr=p, n="i32", p="fp32", scale="fp32", seed="i64"),
-         dict(BLOCK=1024), 4),
         (softmax._softmax_forward_kernel, dict(x_ptr=p, y_ptr=p, **i32("C", "stride_xr", "stride_xc", "stride_yr")),
          dict(ONE_BLOCK=False, BLOCK=4096), 8),
         (softmax._softmax_backward_kernel, dict(y_ptr=p, g_ptr=p, dx_ptr=p, **i32("C", "stride_yr", "stride_gr",
