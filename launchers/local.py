@@ -7,7 +7,6 @@ the grace period) and, with `--max-restarts`, starts the whole job again.
 """
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import shutil
@@ -16,11 +15,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, SignalException, start_processes
 
 from .config import LaunchConfig, ProcessSpec, free_port
+from .tag_output import LineSplitter
 
 POLL_S = 0.05
 # How long servers may take to finish on their own once every worker has succeeded.
@@ -56,16 +56,12 @@ class _Source:
     path: str
     stream: object
     file: object = None
-    decoder: object = None
-    pending: str = ""
-    last_was_cr: bool = False
+    lines: LineSplitter = field(default_factory=LineSplitter)
 
 
 class OutputPump:
-    """Copies the processes' output files to the console, each line prefixed with its rank.
-
-    A carriage return ends a line too, so a progress bar (tqdm redraws with '\\r') shows as it advances.
-    """
+    """Copies the processes' output files to the console, each line prefixed with its rank (lines split
+    as LineSplitter says: a carriage return ends one too, for progress bars)."""
 
     def __init__(self):
         self._sources: list[_Source] = []
@@ -75,7 +71,7 @@ class OutputPump:
 
     def add(self, label: str, path: str, stream) -> None:
         with self._lock:
-            self._sources.append(_Source(label, path, stream, decoder=codecs.getincrementaldecoder("utf-8")("replace")))
+            self._sources.append(_Source(label, path, stream))
 
     def start(self) -> None:
         self._thread.start()
@@ -88,9 +84,7 @@ class OutputPump:
         with self._lock:
             for src in self._sources:
                 self._pump(src)
-                if src.pending:
-                    self._emit(src, [src.pending])
-                    src.pending = ""
+                self._emit(src, src.lines.finish())
                 if src.file is not None:
                     src.file.close()
             self._sources = []
@@ -108,22 +102,8 @@ class OutputPump:
             except FileNotFoundError:
                 return
         data = src.file.read()
-        if not data:
-            return
-        lines, pending, last_was_cr = [], src.pending, src.last_was_cr
-        for ch in src.decoder.decode(data):
-            if ch == "\n" and last_was_cr:  # the '\n' of a '\r\n' ends no second line
-                last_was_cr = False
-                continue
-            last_was_cr = ch == "\r"
-            if ch in "\r\n":
-                if pending or ch == "\n":  # a '\r' right after a line's end adds no empty line
-                    lines.append(pending)
-                pending = ""
-            else:
-                pending += ch
-        src.pending, src.last_was_cr = pending, last_was_cr
-        self._emit(src, lines)
+        if data:
+            self._emit(src, src.lines.feed(data))
 
     @staticmethod
     def _emit(src: _Source, lines: list[str]) -> None:

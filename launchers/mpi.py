@@ -3,7 +3,9 @@
 mpirun starts the ranks and numbers them; `singa_dist.init()` reads OMPI_COMM_WORLD_* or PMI_*. The
 launcher only adds the job's environment (topology, strategy, threads, rendezvous address) and passes it
 through: Open MPI takes `-x NAME` per variable, MPICH's Hydra `-genvlist NAME,NAME`. Separate servers
-run as a second application context (`: -np S python -m singa_dist.ps`).
+run as a second application context (`: -np S python -m singa_dist.ps`). Every rank runs inside
+`python -m launchers.tag_output`, which prefixes its output lines with the rank as the local launcher does
+(`[0]`, servers `[s0]`): mpirun's own tagging options differ by MPI and show MPI's own format.
 """
 from __future__ import annotations
 
@@ -61,6 +63,11 @@ def mpi_env(cfg: LaunchConfig) -> dict[str, str]:
     return env
 
 
+def tagged(command: list[str], nworkers: int) -> list[str]:
+    """`command` run through the wrapper that prefixes every output line with the rank ([0], [s0], ...)."""
+    return [sys.executable, "-m", "launchers.tag_output", "--workers", str(nworkers), "--", *command]
+
+
 def mpirun_command(cfg: LaunchConfig, flavor: str, mpirun: str, env_names: list[str],
                    as_root: bool | None = None) -> list[str]:
     topo = cfg.topology
@@ -80,17 +87,17 @@ def mpirun_command(cfg: LaunchConfig, flavor: str, mpirun: str, env_names: list[
         for name in env_names:
             cmd += ["-x", name]
         cmd += cfg.mpi_args
-        cmd += ["-np", str(topo.nworkers), *cfg.command]
+        cmd += ["-np", str(topo.nworkers), *tagged(cfg.command, topo.nworkers)]
         if nservers:
-            cmd += [":", "-np", str(nservers), *cfg.server_command()]
+            cmd += [":", "-np", str(nservers), *tagged(cfg.server_command(), topo.nworkers)]
         return cmd
     cmd = [mpirun, "-genvlist", ",".join(env_names)]
     if hosts:
         cmd += ["-hosts", hosts]
     cmd += cfg.mpi_args
-    cmd += ["-n", str(topo.nworkers), *cfg.command]
+    cmd += ["-n", str(topo.nworkers), *tagged(cfg.command, topo.nworkers)]
     if nservers:
-        cmd += [":", "-n", str(nservers), *cfg.server_command()]
+        cmd += [":", "-n", str(nservers), *tagged(cfg.server_command(), topo.nworkers)]
     return cmd
 
 

@@ -393,14 +393,23 @@ def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = Non
 
 def allreduce_gradients_(named_params, group, group_size: int, average: bool = True) -> None:
     """Sum (or average) every parameter's `.grad` over `group` in one fused message; a parameter with no
-    gradient on this rank counts as zeros. The parameter-server strategies use it inside a worker group."""
+    gradient on this rank counts as zeros, and one with no gradient on any rank keeps `.grad = None` (so the
+    optimizer skips it, as torch's optimizers and DDP's find_unused_parameters do). The parameter-server
+    strategies use it inside a worker group."""
+    named_params = list(named_params)
+    if not named_params:
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in named_params]
-    flat = torch._utils._flatten_dense_tensors(grads)
+    # One more element per parameter counts the ranks that had a gradient for it, in the same message.
+    had = torch.tensor([float(p.grad is not None) for _, p in named_params], dtype=grads[0].dtype,
+                       device=grads[0].device)
+    flat = torch._utils._flatten_dense_tensors(grads + [had])
     dist.all_reduce(flat, group=group)
+    counts = flat[-len(grads):].tolist()
     if average:
-        flat /= group_size
-    for (_, p), g in zip(named_params, torch._utils._unflatten_dense_tensors(flat, grads)):
-        p.grad = g.view_as(p)
+        flat[:-len(grads)] /= group_size
+    for (_, p), g, count in zip(named_params, torch._utils._unflatten_dense_tensors(flat, grads), counts):
+        p.grad = g.view_as(p) if count > 0 else None
 
 
 def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_set=None):

@@ -1,4 +1,4 @@
-"""Gradient compression for the communication of the AllReduce strategy (Horovod's names and interface).
+"""Gradient compression for the AllReduce and parameter-server strategies (Horovod's names and interface).
 
     opt = sd.DistributedOptimizer(opt, named_parameters=..., compression=sd.Compression.fp16)
 
@@ -13,12 +13,16 @@
 
 Dense compressors follow Horovod's interface, `compress(tensor) -> (tensor, ctx)` and
 `decompress(tensor, ctx) -> tensor`, so a Horovod user's own compressor class works unchanged. Sparse ones
-instead pick what to send with `select(flat) -> indices`; the AllReduce strategy exchanges them.
+instead pick what to send with `select(flat) -> indices`; the strategies exchange them.
+
+The residuals are each rank's own state; `residual_state`/`load_residual_state` give them a checkpoint form
+by parameter name, so that a restarted job continues with the same residuals.
 """
 from __future__ import annotations
 
 import abc
 import math
+import warnings
 
 import torch
 
@@ -83,6 +87,18 @@ class SparseCompressor(Compressor, abc.ABC):
     def compress(tensor: torch.Tensor):
         raise TypeError("sparse compression applies to DistributedOptimizer's gradients only, not to "
                         "sd.allreduce() of a tensor; use Compression.none, .fp16 or .bf16 there")
+
+    def sparsify(self, flat: torch.Tensor, residual: torch.Tensor | None):
+        """Add the residual to `flat` (in place), choose the elements to send and keep the rest in `residual`
+        (error feedback). Returns (indices, values); indices are int32 while the buffer allows it, to halve
+        their bytes."""
+        if self.error_feedback:
+            flat.add_(residual)
+        index = self.select(flat)
+        values = flat.index_select(0, index)
+        if self.error_feedback:
+            residual.copy_(flat).index_fill_(0, index, 0)
+        return index.to(torch.int32 if flat.numel() < 2**31 else torch.int64), values
 
 
 class TopKCompressor(SparseCompressor):
@@ -150,3 +166,24 @@ def resolve(compression) -> Compressor:
         raise TypeError(f"compression must be one of sd.Compression.none/.fp16/.bf16/.topk(r)/.threshold(t) "
                         f"or an object with compress() and decompress(), got {compression!r}")
     return compression
+
+
+def residual_state(residuals: dict[str, torch.Tensor]) -> dict:
+    """The checkpoint form of this rank's error-feedback residuals (parameter name -> tensor)."""
+    from . import runtime
+    rank = runtime.rank() if runtime.is_initialized() else 0
+    return {"rank": rank, "params": {n: r.detach().cpu().clone() for n, r in residuals.items()}}
+
+
+def load_residual_state(state: dict | None, what: str) -> dict[str, torch.Tensor]:
+    """This rank's residuals from `residual_state`'s form; empty (zero residuals) with a warning when the
+    checkpoint holds another rank's, since adopting them would count that rank's held-back gradient twice."""
+    if not state:
+        return {}
+    from . import runtime
+    rank = runtime.rank() if runtime.is_initialized() else 0
+    if int(state["rank"]) != rank:
+        warnings.warn(f"the checkpoint holds rank {state['rank']}'s {what} residual; rank {rank} starts with a "
+                      "zero residual (save opt.state_dict() on every rank to keep each rank's own)", stacklevel=3)
+        return {}
+    return dict(state["params"])

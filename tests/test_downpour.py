@@ -5,7 +5,7 @@ import torch
 
 import singa_dist as sd
 from examples.datasets import digits, shard
-from tests.test_sandblaster import ps_world
+from tests.test_sandblaster import ps_world, unused_parameter_run
 
 EPOCHS = 20  # enough for synchronous and asynchronous training to level off, so that 1 point means something
 BATCH = 32  # per worker
@@ -49,13 +49,14 @@ def synchronous_accuracy(nworkers):
     return _accuracy(model, x_test, y_test)
 
 
-def train_digits(strategy):
-    """Each worker trains on its shard through `strategy`; returns (its test accuracy, synchronous accuracy)."""
+def train_digits(strategy, compression=None, sent=None):
+    """Each worker trains on its shard through `strategy`; returns (its test accuracy, synchronous accuracy).
+    `sent`, a list, receives the bytes this worker sent towards the servers and the dense equivalent."""
     x, y, x_test, y_test = digits()
     x, y = shard(x, y, sd.rank(), sd.size())
     model = _mlp()
     opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-3),
-                                  model.named_parameters(), strategy=strategy)
+                                  model.named_parameters(), strategy=strategy, compression=compression)
     # Asynchronous groups each make their own updates: the same number of epochs over the data in all.
     _epochs(model, opt, x, y, BATCH, EPOCHS, schedule=True)
     if hasattr(strategy, "pull"):
@@ -63,6 +64,9 @@ def train_digits(strategy):
     elif hasattr(strategy, "sync"):
         strategy.sync()
     acc = _accuracy(model, x_test, y_test)
+    if sent is not None:
+        steps = EPOCHS * (len(x) // BATCH)
+        sent += [strategy.bytes_sent_total, steps * sum(p.numel() * p.element_size() for p in model.parameters())]
     strategy.close()
     return acc, synchronous_accuracy(sd.size())
 
@@ -75,6 +79,20 @@ def test_downpour_trains_like_synchronous():
     world = ps_world(sd.ClusterTopology.downpour(2, 1, nservers=2))
     for acc, sync_acc in world.run(_downpour_digits, timeout=120):
         assert acc >= sync_acc - 1.0, (acc, sync_acc)
+
+
+def _downpour_topk_digits():
+    sent = []
+    return train_digits(sd.Downpour(), compression=sd.Compression.topk(0.1), sent=sent), sent
+
+
+def test_downpour_with_topk_trains_like_synchronous():
+    """Each group pushes a tenth of its gradient's elements (error feedback keeps the rest for later)."""
+    world = ps_world(sd.ClusterTopology.downpour(2, 1, nservers=2))
+    for (acc, sync_acc), (sent, dense) in world.run(_downpour_topk_digits, timeout=120):
+        assert acc >= sync_acc - 1.0, (acc, sync_acc)
+        # A tenth of the elements (rounded up per server), each with an int32 index: a fifth of the bytes.
+        assert 0.2 * dense <= sent < 0.21 * dense, (sent, dense)
 
 
 def _hybrid_digits():
@@ -115,3 +133,16 @@ def test_versions_grow_and_staleness_is_bounded():
     # Without a bound the fast group runs ahead of the slow one by more than that.
     results = world.run(_versions_and_staleness, None, 1, timeout=120)
     assert max(max(seen) for _, seen in results) > 3
+
+
+def _hybrid_unused_parameter():
+    return unused_parameter_run(sd.Hybrid(), synchronize=False)
+
+
+def test_hybrid_parameter_without_gradient_in_any_worker_is_not_stepped():
+    """One group of two workers is synchronous: it equals one process; a parameter is stepped when any worker
+    of the group had a gradient for it (zeros for the others), and not at all when none had."""
+    world = ps_world(sd.ClusterTopology.hybrid(1, 2, nservers=1))
+    for err, steps in world.run(_hybrid_unused_parameter, timeout=120):
+        assert err < 1e-5, err
+        assert steps == 3

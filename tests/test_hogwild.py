@@ -1,4 +1,6 @@
 """Distributed Hogwild: co-located server groups exchanging deltas with each slice's master group."""
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -16,12 +18,12 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _master_holds_sum():
+def _master_holds_sum(compression=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5))
     strategy = sd.Hogwild(sync_freq=1000)  # no automatic exchange: the test calls sync() itself
     opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5),
-                                  model.named_parameters(), strategy=strategy)
+                                  model.named_parameters(), strategy=strategy, compression=compression)
     start = _flat(model).clone()
     g = torch.Generator().manual_seed(sd.rank())
     for _ in range(3):  # each group its own data: different deltas
@@ -45,17 +47,27 @@ def _master_holds_sum():
     value = _flat(model)
     # Masters hold start + every group's delta; after the exchange every replica holds the same.
     return ((value - expected).abs().max().item(), ((value - expected)[mine]).abs().max().item(), mastered,
-            delta.abs().min().item())
+            delta.abs().min().item(), value.abs().max().item(), torch.stack(deltas).abs().max().item())
 
 
 def test_master_holds_sum_of_all_deltas():
     world = hogwild_world(2)
     results = world.run(_master_holds_sum, timeout=60)
     assert sum(r[2] for r in results) == 40 * 30 + 30 + 30 * 5 + 5  # every slice mastered by one group
-    for everywhere, mastered_err, mastered, _ in results:
+    for everywhere, mastered_err, mastered, *_ in results:
         assert mastered > 0
         assert mastered_err < 1e-6
         assert everywhere < 1e-6
+
+
+def test_fp16_deltas_and_values():
+    """Deltas travel in fp16 (the master adds them rounded) and fresh values come back in fp16 (the other
+    replica holds them rounded): errors of half a unit in the last place of 11 significant bits."""
+    world = hogwild_world(2)
+    for everywhere, mastered_err, _, _, value, delta in world.run(_master_holds_sum, sd.Compression.fp16,
+                                                                   timeout=60):
+        assert 0 < mastered_err <= delta * 2.0**-11
+        assert 0 < everywhere <= value * 2.0**-11 + delta * 2.0**-11
 
 
 def _hogwild_digits():
@@ -66,3 +78,20 @@ def test_hogwild_trains_like_synchronous():
     world = hogwild_world(2)
     for acc, sync_acc in world.run(_hogwild_digits, timeout=120):
         assert acc >= sync_acc - 1.0, (acc, sync_acc)
+
+
+def _hogwild_topk_digits():
+    strategy, sent = sd.Hogwild(sync_freq=2), []
+    accuracy = train_digits(strategy, compression=sd.Compression.topk(0.25), sent=sent)
+    remote = [s.numel for slices in strategy.remote.values() for s in slices]
+    return accuracy, sent[0], strategy.syncs - 1, remote  # the last exchange, in close(), is not counted
+
+
+def test_hogwild_with_topk_trains_like_synchronous():
+    """Top-k deltas: each exchange sends a quarter of the delta's elements; the rest waits in the residual."""
+    world = hogwild_world(2)
+    for (acc, sync_acc), sent, syncs, remote in world.run(_hogwild_topk_digits, timeout=120):
+        assert acc >= sync_acc - 1.0, (acc, sync_acc)
+        # One packet per exchange to the other group, the master of the slices listed in `remote`: a quarter
+        # of their elements as float32 values and int32 indices, half the bytes of the dense deltas.
+        assert syncs > 0 and sent == syncs * math.ceil(0.25 * sum(remote)) * 8, (sent, syncs, remote)

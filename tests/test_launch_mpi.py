@@ -2,6 +2,8 @@
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import textwrap
 
@@ -9,9 +11,14 @@ import pytest
 
 from launchers import mpi
 from launchers.config import UsageError, parse_args
-from tests.dist_harness import run_command
+from tests.dist_harness import kill_session, run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def TAG(nworkers):  # the wrapper every rank runs in: it prefixes output lines with the rank
+    return [sys.executable, "-m", "launchers.tag_output", "--workers", str(nworkers), "--"]
+
 SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
     import singa_dist as sd
@@ -49,7 +56,7 @@ def test_openmpi_command(script):
     cmd = mpi.mpirun_command(cfg, mpi.OPENMPI, "/opt/mpi/bin/mpirun", ["A", "B"], as_root=True)
     assert cmd == ["/opt/mpi/bin/mpirun", "--allow-run-as-root", "--bind-to", "none", "-H", "h1:2,h2:2",
                    "-x", "A", "-x", "B", "--mca", "btl", "tcp,self",
-                   "-np", "4", sys.executable, script, "--epochs", "3"]
+                   "-np", "4", *TAG(4), sys.executable, script, "--epochs", "3"]
 
 
 def test_openmpi_command_with_servers_one_host(script, monkeypatch):
@@ -58,7 +65,8 @@ def test_openmpi_command_with_servers_one_host(script, monkeypatch):
     cfg = parse_args(["--mpi", "-np", "2", "--strategy", "sandblaster", "--servers", "1", script])
     cmd = mpi.mpirun_command(cfg, mpi.OPENMPI, "mpirun", ["SINGA_TOPOLOGY"], as_root=False)
     assert cmd == ["mpirun", "--oversubscribe", "--bind-to", "none", "-x", "SINGA_TOPOLOGY",
-                   "-np", "2", sys.executable, script, ":", "-np", "1", sys.executable, "-m", "singa_dist.ps"]
+                   "-np", "2", *TAG(2), sys.executable, script,
+                   ":", "-np", "1", *TAG(2), sys.executable, "-m", "singa_dist.ps"]
     env = mpi.mpi_env(cfg)
     assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
 
@@ -70,10 +78,11 @@ def test_mpich_command(script, tmp_path, monkeypatch):
     cfg = parse_args(["--mpi", "-np", "3", "--strategy", "downpour", "--hostfile", str(hostfile), script])
     cmd = mpi.mpirun_command(cfg, mpi.MPICH, "mpiexec", ["MASTER_PORT", "SINGA_TOPOLOGY"], as_root=True)
     assert cmd == ["mpiexec", "-genvlist", "MASTER_PORT,SINGA_TOPOLOGY", "-hosts", "h1:2,h2:2",
-                   "-n", "3", sys.executable, script, ":", "-n", "1", sys.executable, "-m", "singa_dist.ps"]
+                   "-n", "3", *TAG(3), sys.executable, script, ":", "-n", "1", *TAG(3), sys.executable, "-m",
+                   "singa_dist.ps"]
     cfg = parse_args(["--mpi", "-np", "2", "--hosts", "a:1,b:1", script])
     assert mpi.mpirun_command(cfg, mpi.MPICH, "mpirun", ["X"]) == [
-        "mpirun", "-genvlist", "X", "-hosts", "a:1,b:1", "-n", "2", sys.executable, script]
+        "mpirun", "-genvlist", "X", "-hosts", "a:1,b:1", "-n", "2", *TAG(2), sys.executable, script]
 
 
 def test_mpi_rejects_restarts(script):
@@ -95,8 +104,72 @@ def test_real_mpirun_three_ranks(script, where):
     res = run_command([sys.executable, "-m", "launchers.launch", "--mpi", *where, script], timeout=180,
                       env={"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout + res.stderr
-    lines = sorted(line for line in res.stdout.splitlines() if line.startswith("worker"))
-    assert lines == [f"worker {r} of 3 local {r}/3: sum 6" for r in range(3)], res.stdout
+    lines = sorted(line for line in res.stdout.splitlines() if "worker" in line)
+    # Every line carries its rank, as under the local launcher.
+    assert lines == [f"[{r}] worker {r} of 3 local {r}/3: sum 6" for r in range(3)], res.stdout
+
+
+HELLO = textwrap.dedent("""
+    import os, sys
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK"))
+    print(f"hello from process {rank}")
+    print(f"warning from process {rank}", file=sys.stderr)
+""")
+
+
+@pytest.mark.skipif(_mpirun() is None, reason="no mpirun installed (pip install 'singa[mpi]')")
+def test_real_mpirun_prefixes_workers_and_servers(tmp_path):
+    """Servers are a second application context: their lines carry s<index>, on stdout and stderr alike."""
+    hello = tmp_path / "hello.py"
+    hello.write_text(HELLO)
+    res = run_command([sys.executable, "-m", "launchers.launch", "--mpi", "-np", "2", "--strategy", "sandblaster",
+                       "--servers", "1", str(hello)], timeout=120,
+                      env={"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+                           "SINGA_SERVER_COMMAND": f"{sys.executable} {hello}"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(line for line in res.stdout.splitlines() if "hello" in line) == [
+        "[0] hello from process 0", "[1] hello from process 1", "[s0] hello from process 2"], res.stdout
+    assert sorted(line for line in res.stderr.splitlines() if "warning" in line) == [
+        "[0] warning from process 0", "[1] warning from process 1", "[s0] warning from process 2"], res.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The wrapper on its own, as mpirun starts it
+
+def _tag(env, code, timeout=30):
+    clean = {k: "" for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")}
+    return run_command([sys.executable, "-m", "launchers.tag_output", "--workers", "2", "--",
+                        sys.executable, "-c", code], timeout=timeout, env={"PYTHONPATH": ROOT, **clean, **env})
+
+
+def test_wrapper_prefixes_lines_and_keeps_the_exit_status():
+    code = ("import sys; sys.stdout.write('a\\r\\nbar 1%\\rbar 99%\\rdone\\n\\nlast'); "
+            "print('oops', file=sys.stderr); sys.exit(3)")
+    res = _tag({"OMPI_COMM_WORLD_RANK": "1"}, code)  # Open MPI
+    assert res.returncode == 3
+    assert res.stdout == "[1] a\n[1] bar 1%\n[1] bar 99%\n[1] done\n[1] \n[1] last\n"
+    assert res.stderr == "[1] oops\n"
+    res = _tag({"PMI_RANK": "3"}, "print('server up')")  # MPICH's Hydra; ranks after the 2 workers are servers
+    assert (res.returncode, res.stdout) == (0, "[s1] server up\n")
+
+
+def test_wrapper_passes_signals_on_and_ends_as_the_command_did():
+    code = ("import signal, sys, time\n"
+            "def bye(*_):\n    print('got SIGTERM', flush=True); sys.exit(7)\n"
+            "signal.signal(signal.SIGTERM, bye); print('ready', flush=True); time.sleep(60)")
+    full_env = {**os.environ, "PYTHONPATH": ROOT, "OMPI_COMM_WORLD_RANK": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "launchers.tag_output", "--workers", "1", "--",
+                             sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=full_env,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "[0] ready\n"
+        proc.send_signal(signal.SIGTERM)  # to the wrapper only, as mpirun signals the process it started
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        kill_session(proc.pid)
+    assert out == "[0] got SIGTERM\n" and proc.returncode == 7
+    res = _tag({"OMPI_COMM_WORLD_RANK": "0"}, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert res.returncode == -signal.SIGKILL
 
 
 _LAUNCHER_VARS = ("SINGA_PROC_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import singa_dist as sd
-from singa_dist.ps.client import check_compression
 
 
 def _steps(opt, model):
@@ -35,12 +34,10 @@ def test_bad_settings():
         sd.Downpour(pull_freq=0)
     with pytest.raises(ValueError, match="sync_freq"):
         sd.Hogwild(sync_freq=-1)
-
-    class TopK:
-        name = "topk"
-    with pytest.raises(ValueError, match="uncompressed"):
-        check_compression(TopK(), "downpour")
-    check_compression(None, "downpour")
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="compression must be"):
+        sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                                strategy="downpour", compression=object())
 
 
 def _without_servers():

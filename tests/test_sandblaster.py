@@ -79,6 +79,72 @@ def test_equals_one_process(nworkers, nservers):
             assert versions == [STEPS] * nservers
 
 
+class _TwoHeads(torch.nn.Module):
+    """A trunk with two heads; the second one is used only on some steps and by some workers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Linear(7, 13)
+        self.head = torch.nn.Linear(13, 3)
+        self.extra = torch.nn.Linear(13, 3)
+
+    def forward(self, x, use_extra):
+        h = torch.tanh(self.trunk(x))
+        return self.head(h) + self.extra(h) if use_extra else self.head(h)
+
+
+# The workers (of 2) that use the extra head at each step: both, none, only worker 1, none, none, both.
+EXTRA_USED_BY = [{0, 1}, set(), {1}, set(), set(), {0, 1}]
+
+
+def _two_heads_loss(model, step, rank, size):
+    x, y = _data(step)
+    n = BATCH // size
+    return torch.nn.functional.mse_loss(model(x[rank * n:(rank + 1) * n], rank in EXTRA_USED_BY[step]),
+                                        y[rank * n:(rank + 1) * n])
+
+
+def unused_parameter_run(strategy, synchronize):
+    """Adam with a parameter that has no gradient on some steps, against one process on the whole batch
+    (torch's Adam skips a parameter whose .grad is None: no move, no step counted)."""
+    size = 2
+    reference = _TwoHeads()
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=1e-3)
+    for step in range(len(EXTRA_USED_BY)):
+        ref_opt.zero_grad()
+        (sum(_two_heads_loss(reference, step, r, size) for r in range(size)) / size).backward()
+        ref_opt.step()
+
+    model = _TwoHeads()
+    opt = sd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-3),
+                                  model.named_parameters(), strategy=strategy)
+    for step in range(len(EXTRA_USED_BY)):
+        before = model.extra.weight.detach().clone()
+        opt.zero_grad()
+        _two_heads_loss(model, step, sd.rank(), size).backward()
+        if synchronize:
+            opt.synchronize()  # e.g. to clip: the all-reduce must keep "no gradient anywhere" as None
+        opt.step()
+        if not EXTRA_USED_BY[step]:
+            assert torch.equal(model.extra.weight, before), f"step {step}: the unused head moved"
+    steps = opt.state_dict()["singa_strategy"]["state"]["extra.weight"]["step"]
+    opt.strategy.close()
+    return max(_rel(p, q) for p, q in zip(model.parameters(), reference.parameters())), float(steps)
+
+
+def _unused_parameter(synchronize):
+    return unused_parameter_run("sandblaster", synchronize)
+
+
+@pytest.mark.parametrize("synchronize", [False, True], ids=["push", "synchronize-then-push"])
+def test_parameter_without_gradient_is_not_stepped(synchronize):
+    world = ps_world(sd.ClusterTopology.sandblaster(2, 2))
+    for err, steps in world.run(_unused_parameter, synchronize, timeout=120):
+        assert err < 1e-5, err
+        assert steps == 3  # Adam's step count on the servers: only the steps where some worker used it
+
+
 def _checkpoint():
     model = _model()
     opt = sd.DistributedOptimizer(_optimizer("adam", model.parameters()), model.named_parameters(),

@@ -6,8 +6,11 @@ import itertools
 import torch
 
 from .. import runtime
+from ..compression import Compressor
+from ..compression import resolve as resolve_compression
 from . import server, transport
 from .slicing import slice_params
+from .wire import Packer, payload_bytes
 
 _sessions = itertools.count()
 
@@ -17,11 +20,10 @@ def next_session() -> int:
     return next(_sessions)
 
 
-def check_compression(compression, strategy: str) -> None:
-    name = getattr(compression, "name", None) or getattr(compression, "__name__", None) or type(compression).__name__
-    if compression is not None and "none" not in str(name).lower():
-        raise ValueError(f"{strategy} sends gradients to the parameter servers uncompressed; compression "
-                         f"{name} applies to the allreduce strategy")
+def value_dtype(compressor) -> torch.dtype | None:
+    """The dtype values travel in from the servers: the 16-bit casts halve that traffic too (the servers keep
+    full-precision values and optimizer state, as fp32 master weights do in mixed precision)."""
+    return getattr(compressor, "wire_dtype", None) if isinstance(compressor, Compressor) else None
 
 
 def require_servers(strategy: str) -> None:
@@ -63,8 +65,12 @@ class ParameterClient:
     """One strategy's view of the servers of its server group."""
 
     def __init__(self, optimizer, named, *, group: int, replicas: int, staleness: int | None, clients: int,
-                 create: bool):
+                 create: bool, compression=None):
         topo = runtime.topology()
+        self.packer = Packer(resolve_compression(compression))
+        self.bytes_sent_last_step = 0  # gradient payload pushed to the servers in the last push
+        self.bytes_sent_total = 0
+        self.bytes_received_total = 0  # values received from the servers
         self.optimizer = optimizer
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -94,7 +100,9 @@ class ParameterClient:
                         "optimizer_class": user_class(optimizer),
                         "defaults": dict(optimizer.defaults),
                         "group_options": self.options(),
-                        "replicas": replicas, "staleness": staleness, "clients": clients}
+                        "replicas": replicas, "staleness": staleness, "clients": clients,
+                        "compression": self.packer.compressor,
+                        "value_dtype": value_dtype(self.packer.compressor)}
             futures.append(transport.call_async(proc, server.open_table, self.session, spec, group))
         for i, (proc, fut) in enumerate(zip(self.servers, futures)):
             version, values = transport.wait(proc, fut, "open_table")
@@ -109,6 +117,7 @@ class ParameterClient:
         self.versions[i] = version
         if values is None:
             return
+        self.bytes_received_total += payload_bytes(values)
         with torch.no_grad():
             for s, v in zip(self.by_server[i], values):
                 write_slice(self.params[s.param], s.start, s.end, v)
@@ -117,11 +126,18 @@ class ParameterClient:
         """Send the gradients to every server; adopt the fresh values of those that answer with them."""
         options = self.options()
         futures = []
+        sent = 0
         for i, proc in enumerate(self.servers):
-            grads = [read_slice(self.params[s.param].grad, self.params[s.param], s.start, s.end)
+            # None for a parameter without a gradient: the servers then leave its slices alone.
+            grads = [None if self.params[s.param].grad is None else
+                     read_slice(self.params[s.param].grad, self.params[s.param], s.start, s.end)
                      for s in self.by_server[i]]
-            futures.append(transport.call_async(proc, server.push, self.session, self.group, grads, options,
+            packet, nbytes = self.packer.pack([s.id for s in self.by_server[i]], grads)
+            sent += nbytes
+            futures.append(transport.call_async(proc, server.push, self.session, self.group, packet, options,
                                                 want_values, average))
+        self.bytes_sent_last_step = sent
+        self.bytes_sent_total += sent
         for i, (version, values, stale) in enumerate(transport.wait_all(list(zip(self.servers, futures)), "push")):
             self.staleness_seen.append(stale)
             self._adopt(i, version, values)
@@ -149,7 +165,11 @@ class ParameterClient:
                 else:
                     merged[key] = first
             state[name] = merged
-        return {"params": params, "state": state, "versions": versions}
+        out = {"params": params, "state": state, "versions": versions}
+        residual = self.packer.residual_state(self.slices, self.params)
+        if residual is not None:
+            out["residual"] = residual
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         """Worker 0 restores the servers; then every client reads the restored values."""
@@ -172,6 +192,7 @@ class ParameterClient:
                 futures.append(transport.call_async(proc, server.load_state, self.session, entries))
             for proc, fut in zip(self.servers, futures):
                 transport.wait(proc, fut, "load_state")
+        self.packer.load_residual_state(state.get("residual"), self.slices)
         import torch.distributed as dist
         dist.barrier(group=runtime.workers_process_group())
         self.pull()

@@ -6,11 +6,13 @@ and the slices' versions. The RPC handlers below run on the server; workers call
 `singa_dist.ps.client`:
 
 - `open_table`: worker 0 creates the table with the initial values; every client then reads them.
-- `push`: a worker's (or worker group's) gradients. The server waits for `replicas` pushes of a group
-  (Sandblaster: every worker of the group), averages them, applies the optimizer, bumps the version and
-  answers with the fresh values when asked (a pull). Groups are otherwise independent (Downpour); with a
-  staleness bound N, an update that would leave another computing group more than N versions behind is
-  held back until that group has pushed, and a group more than N versions behind is made to pull.
+- `push`: a worker's (or worker group's) gradients, packed as `wire` says (maybe compressed). The server
+  waits for `replicas` pushes of a group (Sandblaster: every worker of the group), averages them, applies
+  the optimizer, bumps the version and answers with the fresh values when asked (a pull). A slice whose
+  parameter had no gradient on any replica is not stepped (torch's optimizers skip a None `.grad`).
+  Groups are otherwise independent (Downpour); with a staleness bound N, an update that would leave
+  another computing group more than N versions behind is held back until that group has pushed, and a
+  group more than N versions behind is made to pull.
 - `pull`, `fetch_state`, `load_state`: reads, checkpoints and restores.
 - `close_table` / `stop`: a client leaves a table; a worker leaves the job. The server exits once every
   worker of the job has sent `stop` (`singa_dist.shutdown()` on the workers does it).
@@ -24,7 +26,7 @@ import torch
 import torch.distributed.rpc as rpc
 
 from .. import runtime
-from . import transport
+from . import transport, wire
 
 _server: "ParameterServer | None" = None
 # torch builds without RPC support (rpc.is_available() is False) still import this module.
@@ -49,6 +51,9 @@ class _Table:
         self.computing: set[int] = set()  # groups that are computing (no push waiting here)
         self.gathering: dict[int, list] = {}  # group -> pushes received for its next update
         self.queue: list = []  # updates held back by the staleness bound
+        self.compressor = spec.get("compression")
+        self.value_dtype = spec.get("value_dtype")  # values answered in this dtype (16-bit compressions)
+        self.numels = [p.numel() for p in self.params]
         self.optimizer, self.group_index = self._make_optimizer(spec)
 
     def _make_optimizer(self, spec):
@@ -73,6 +78,8 @@ class _Table:
         return self.version, self.values()
 
     def values(self) -> list[torch.Tensor]:
+        if self.value_dtype is not None:
+            return [p.detach().to(self.value_dtype, copy=True) for p in self.params]
         return [p.detach().clone() for p in self.params]
 
     def _apply(self, grads: list[torch.Tensor], options: list[dict]) -> None:
@@ -81,7 +88,7 @@ class _Table:
                 for key, value in options[g].items():
                     self.optimizer.param_groups[k][key] = value
             for p, grad in zip(self.params, grads):
-                p.grad = grad.to(p.dtype)
+                p.grad = None if grad is None else grad.to(p.dtype)  # None: the optimizer skips the slice
             self.optimizer.step()
             for p in self.params:
                 p.grad = None
@@ -126,9 +133,16 @@ class _Table:
             if len(pushes) < self.replicas:
                 return future, []
             del self.gathering[group]
-            total = [torch.stack([p[0][i] for p in pushes]).sum(0) for i in range(len(grads))]
-            if average and self.replicas > 1:
-                total = [t / self.replicas for t in total]
+            # A slice with a gradient from any replica is stepped, the others counting as zeros (as DDP's
+            # find_unused_parameters); a slice with none from every replica is not.
+            total = []
+            for i in range(len(grads)):
+                given = [p[0][i] for p in pushes if p[0][i] is not None]
+                if not given:
+                    total.append(None)
+                    continue
+                t = torch.stack(given).sum(0) if len(given) > 1 else given[0]
+                total.append(t / self.replicas if average and self.replicas > 1 else t)
             self.computing.discard(group)
             # How many versions behind the servers' values were when the group finished computing on them.
             stale = self.version - self.base.get(group, self.version)
@@ -209,8 +223,10 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
 
 
 @_async_execution
-def push(session: int, group: int, grads: list, options: list, want: bool, average: bool):
-    future, done = _me().table(session).push(group, grads, options, want, average)
+def push(session: int, group: int, packet: tuple, options: list, want: bool, average: bool):
+    table = _me().table(session)
+    grads = wire.unpack(table.compressor, packet, table.numels)
+    future, done = table.push(group, grads, options, want, average)
     _complete(done)
     return future
 

@@ -18,7 +18,8 @@ How a step goes:
 
 Compression (`compression=`): dense ones (none, fp16, bf16, Horovod-style compressors) change the dtype on
 the wire; sparse ones (topk, threshold) send chosen elements and their indices with an all-gather, and keep
-the rest as a local residual added to the next step (error feedback).
+the rest as a local residual added to the next step (error feedback). The residual is part of the
+optimizer's `state_dict()` (this rank's, by parameter name), so a restarted job continues with it.
 
 Partial update (`partial_update_chunks=n`, SINGA's `backward_and_partial_update`): gradients are not
 communicated at all. Each worker applies its own local gradients with the wrapped optimizer, then the
@@ -35,7 +36,8 @@ import torch.distributed as dist
 
 from .. import collectives, runtime
 from ..collectives import Average, Sum, _all_gather_single
-from ..compression import NoneCompressor, SparseCompressor, resolve as resolve_compression
+from ..compression import NoneCompressor, SparseCompressor, load_residual_state, residual_state
+from ..compression import resolve as resolve_compression
 from .base import Strategy
 
 
@@ -133,16 +135,9 @@ class _SparseExchange:
     def __init__(self, bucket: _Bucket, compressor: SparseCompressor, op, size: int, pg):
         self.bucket, self.op, self.size, self.pg = bucket, op, size, pg
         flat = bucket.buffer
-        if compressor.error_feedback:
-            if bucket.residual is None:
-                bucket.residual = torch.zeros_like(flat)
-            flat.add_(bucket.residual)
-        index = compressor.select(flat)
-        self.values = flat.index_select(0, index)
-        # int32 indices halve the index bytes while a bucket has fewer than 2**31 elements
-        self.index = index.to(torch.int32 if flat.numel() < 2**31 else torch.int64)
-        if compressor.error_feedback:
-            bucket.residual.copy_(flat).index_fill_(0, index, 0)
+        if compressor.error_feedback and bucket.residual is None:
+            bucket.residual = torch.zeros_like(flat)
+        self.index, self.values = compressor.sparsify(flat, bucket.residual)
         self.fixed = hasattr(compressor, "count")  # top-k sends the same count everywhere
         self.counts = None
         self.bytes_sent = 0
@@ -412,13 +407,29 @@ class AllReduce(Strategy):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        return {"partial_update_step": self.partial_step} if self.partial_update_chunks else {}
+        state = {"partial_update_step": self.partial_step} if self.partial_update_chunks else {}
+        residuals = {}
+        for bucket in self.buckets if self.optimizer is not None else []:
+            if bucket.residual is not None:
+                residuals.update((name, r.view_as(p)) for (name, p), r in
+                                 zip(bucket.params, bucket.residual.split(bucket.numels)))
+        if residuals:
+            state["residual"] = residual_state(residuals)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        unknown = set(state) - {"partial_update_step"}
+        unknown = set(state) - {"partial_update_step", "residual"}
         if unknown:
             raise ValueError(f"AllReduce strategy state has unknown keys {sorted(unknown)}")
         self.partial_step = int(state.get("partial_update_step", self.partial_step))
+        if self.optimizer is None or not isinstance(self.compressor, SparseCompressor):
+            return
+        saved = load_residual_state(state.get("residual"), self.compressor.name)
+        for bucket in self.buckets:
+            # Parameters the checkpoint has no residual for (or every one, for another rank's) start at zero.
+            bucket.residual = torch.cat([saved[name].reshape(-1).to(bucket.dtype) if name in saved
+                                         else torch.zeros(n, dtype=bucket.dtype) for (name, _), n in
+                                         zip(bucket.params, bucket.numels)]).to(bucket.device)
 
     def close(self) -> None:
         for bucket in self.buckets if self.optimizer is not None else []:

@@ -54,9 +54,9 @@ class ParameterServerStrategy(Strategy):
         """Record the optimizer and parameters; True when this process trains alone (no job to talk to)."""
         from .. import runtime
         from ..collectives import Sum
-        from ..ps import client as ps_client
+        from ..compression import resolve
 
-        ps_client.check_compression(compression, self.name)
+        self.compression = resolve(compression)  # for what goes to the servers (a lone process sends nothing)
         self.optimizer = optimizer
         self.named = list(named_parameters)
         self.average = op is not Sum
@@ -71,3 +71,20 @@ class ParameterServerStrategy(Strategy):
             return None
         with torch.enable_grad():
             return closure()
+
+    @property
+    def bytes_sent_last_step(self) -> int:
+        """Gradient payload bytes this process pushed to the servers in its last step (0 if it pushes none)."""
+        client = getattr(self, "client", None)
+        return client.bytes_sent_last_step if client is not None else 0
+
+    @property
+    def bytes_sent_total(self) -> int:
+        client = getattr(self, "client", None)
+        return client.bytes_sent_total if client is not None else 0
+
+    @property
+    def bytes_received_total(self) -> int:
+        """Bytes of parameter values this process received from the servers."""
+        client = getattr(self, "client", None)
+        return client.bytes_received_total if client is not None else 0

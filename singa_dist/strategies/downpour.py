@@ -51,7 +51,8 @@ class Downpour(ParameterServerStrategy):
         if runtime.proc_rank() == self.leader:
             self.client = ps_client.ParameterClient(
                 optimizer, self.named, group=self.group, replicas=1, staleness=self.staleness,
-                clients=topo.nworker_groups, create=runtime.rank() == 0)
+                clients=topo.nworker_groups, create=runtime.rank() == 0,
+                compression=self.compression)
         self._broadcast_in_group()
         runtime.on_shutdown(self.close)
 

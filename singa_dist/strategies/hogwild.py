@@ -16,25 +16,26 @@ import torch.distributed as dist
 
 from .. import runtime
 from ..ps import client as ps_client
-from ..ps import transport
+from ..ps import transport, wire
 from ..ps.slicing import slice_params
 from .base import ParameterServerStrategy
 
 _live: dict[int, "Hogwild"] = {}  # session -> strategy, for the masters' RPC handler
 
 
-def merge_deltas(session: int, slice_ids: list[int], deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torch.Tensor]:
     """On a slice's master: add another group's deltas; answer with the fresh values (runs on the master)."""
     me = _live.get(session)
     if me is None:
         raise RuntimeError(f"process {runtime.proc_rank()} has no hogwild table {session} (closed already?)")
+    deltas = wire.unpack(me.packer.compressor, packet, [me.slices[sid].numel for sid in slice_ids])
     fresh = []
     with me.lock:
         for sid, delta in zip(slice_ids, deltas):
             me.pending[sid] += delta.to(me.pending[sid].dtype)
             s = me.slices[sid]
-            fresh.append(ps_client.read_slice(me.params[s.param], me.params[s.param], s.start, s.end)
-                         + me.pending[sid])
+            value = ps_client.read_slice(me.params[s.param], me.params[s.param], s.start, s.end) + me.pending[sid]
+            fresh.append(value if me.value_dtype is None else value.to(me.value_dtype))
     return fresh
 
 
@@ -45,6 +46,7 @@ class Hogwild(ParameterServerStrategy):
         if sync_freq is not None and (not isinstance(sync_freq, int) or sync_freq < 1):
             raise ValueError(f"sync_freq must be a positive integer, got {sync_freq!r}")
         self.sync_freq = sync_freq
+        self._bytes_last = self._bytes_total = self._received_total = 0
         self.local = False
         self.session = None
         self.updates = 0
@@ -73,6 +75,8 @@ class Hogwild(ParameterServerStrategy):
             if s.master_group != self.group:
                 self.remote.setdefault(s.master_group, []).append(s)
         self.session = ps_client.next_session()
+        self.packer = wire.Packer(self.compression)
+        self.value_dtype = ps_client.value_dtype(self.compression)
         self.pending = {s.id: torch.zeros(s.numel, dtype=self.params[s.param].dtype) for s in self.mine}
         _live[self.session] = self
         transport.join()
@@ -105,6 +109,7 @@ class Hogwild(ParameterServerStrategy):
     def step(self, closure, local_step):
         if self.local:
             return local_step(closure)
+        self._bytes_last = 0
         with self.lock:
             loss = local_step(closure)
             self._fold()
@@ -122,13 +127,20 @@ class Hogwild(ParameterServerStrategy):
             with self.lock:
                 sent = [self._read(s) for s in slices]
             deltas = [v - self.last_sync[s.id] for s, v in zip(slices, sent)]
+            # Compressed deltas: what top-k or threshold holds back stays in the packer's residual and
+            # goes with a later exchange.
+            packet, nbytes = self.packer.pack([s.id for s in slices], deltas)
+            self._bytes_last += nbytes
+            self._bytes_total += nbytes
             proc = runtime.topology().worker_ranks(master)[0]
             futures.append((proc, slices, sent,
-                            transport.call_async(proc, merge_deltas, self.session, [s.id for s in slices], deltas)))
+                            transport.call_async(proc, merge_deltas, self.session, [s.id for s in slices], packet)))
         for proc, slices, sent, fut in futures:
             fresh = transport.wait(proc, fut, "hogwild delta sync")
+            self._received_total += wire.payload_bytes(fresh)
             with self.lock, torch.no_grad():
                 for s, snap, value in zip(slices, sent, fresh):
+                    value = value.to(snap.dtype)
                     own_since = self._read(s) - snap
                     ps_client.write_slice(self.params[s.param], s.start, s.end, value + own_since)
                     self.last_sync[s.id] = value
@@ -142,12 +154,37 @@ class Hogwild(ParameterServerStrategy):
             with self.lock:
                 self._fold()
 
+    @property
+    def bytes_sent_last_step(self) -> int:
+        """Delta payload bytes this process sent in its last step's exchange (0 on steps without one)."""
+        return self._bytes_last
+
+    @property
+    def bytes_sent_total(self) -> int:
+        return self._bytes_total
+
+    @property
+    def bytes_received_total(self) -> int:
+        """Bytes of fresh values this process received from the slices' masters."""
+        return self._received_total
+
     def state_dict(self) -> dict:
         # The server group's state is this process's own optimizer state, saved by the optimizer itself.
-        return {"updates": self.updates} if not self.local else {}
+        if self.local:
+            return {}
+        state = {"updates": self.updates}
+        residual = self.packer.residual_state(self._remote_slices(), self.params)
+        if residual is not None:
+            state["residual"] = residual
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = int(state.get("updates", 0)) if state else 0
+        if not self.local:
+            self.packer.load_residual_state((state or {}).get("residual"), self._remote_slices())
+
+    def _remote_slices(self) -> list:
+        return [s for group in self.remote.values() for s in group]
 
     def close(self) -> None:
         """Final exchange, then wait for every group: no delta may reach a master that has left."""

@@ -35,7 +35,7 @@ class Sandblaster(ParameterServerStrategy):
         transport.join()
         self.client = ps_client.ParameterClient(
             optimizer, self.named, group=0, replicas=topo.nworkers_per_group, staleness=None,
-            clients=topo.nworkers, create=runtime.rank() == 0)
+            clients=topo.nworkers, create=runtime.rank() == 0, compression=self.compression)
         runtime.on_shutdown(self.close)
 
     def synchronize(self) -> None:

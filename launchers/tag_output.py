@@ -1,0 +1,130 @@
+"""Rank prefixes on output lines: the line splitting the launcher's output pump uses, and the wrapper that
+`singa-launch --mpi` runs every rank in.
+
+    python -m launchers.tag_output --workers N -- COMMAND ...
+
+runs COMMAND and copies its stdout and stderr to its own, each line prefixed as the local launcher prefixes
+it: `[3] ` for worker 3, `[s0] ` for the first server (the processes after the N workers). The rank comes
+from the MPI's environment (Open MPI's OMPI_COMM_WORLD_RANK, MPICH/Hydra's PMI_RANK), so the same command
+line serves every rank whatever the MPI; mpirun's own tagging options differ between MPIs and between
+Open MPI versions. Signals the wrapper gets are passed on to COMMAND, COMMAND dies with the wrapper (Linux),
+and the wrapper exits as COMMAND did. It imports nothing heavy: it runs once per rank.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+_FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+class LineSplitter:
+    """Bytes in, whole lines out. A carriage return ends a line too, so that a progress bar (tqdm redraws
+    with '\\r') shows as it advances; the '\\n' of a '\\r\\n' ends no second line."""
+
+    def __init__(self):
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.pending = ""
+        self.last_was_cr = False
+
+    def feed(self, data: bytes) -> list[str]:
+        lines, pending, last_was_cr = [], self.pending, self.last_was_cr
+        for ch in self.decoder.decode(data):
+            if ch == "\n" and last_was_cr:
+                last_was_cr = False
+                continue
+            last_was_cr = ch == "\r"
+            if ch in "\r\n":
+                if pending or ch == "\n":  # a '\r' right after a line's end adds no empty line
+                    lines.append(pending)
+                pending = ""
+            else:
+                pending += ch
+        self.pending, self.last_was_cr = pending, last_was_cr
+        return lines
+
+    def finish(self) -> list[str]:
+        """The last line, when the output ended without a newline."""
+        rest = self.pending + self.decoder.decode(b"", final=True)
+        self.pending = ""
+        return [rest] if rest else []
+
+
+def rank_label(nworkers: int, environ=os.environ) -> str:
+    """This process's prefix under mpirun: its rank for a worker, s<index> for a server."""
+    for name in _RANK_VARIABLES:
+        if environ.get(name, "").isdigit():
+            rank = int(environ[name])
+            return str(rank) if rank < nworkers else f"s{rank - nworkers}"
+    return "?"
+
+
+def _die_with_parent() -> None:
+    # mpirun may SIGKILL the wrapper; the command must not outlive it.
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _copy(pipe, out, label: str) -> None:
+    splitter = LineSplitter()
+    prefix = f"[{label}] "
+
+    def write(lines):
+        if lines:
+            try:
+                out.write("".join(f"{prefix}{line}\n" for line in lines).encode("utf-8", "replace"))
+                out.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+    fd = pipe.fileno()
+    while True:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        write(splitter.feed(data))
+    write(splitter.finish())
+    pipe.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 4 or argv[0] != "--workers" or not argv[1].isdigit() or argv[2] != "--":
+        print("usage: python -m launchers.tag_output --workers N -- COMMAND ...", file=sys.stderr)
+        return 2
+    label, command = rank_label(int(argv[1])), argv[3:]
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    except OSError as exc:
+        print(f"[{label}] cannot run {command[0]}: {exc}", file=sys.stderr)
+        return 127
+    for name in _FORWARDED:
+        signal.signal(getattr(signal, name), lambda signum, _frame: proc.send_signal(signum))
+    copiers = [threading.Thread(target=_copy, args=(pipe, out, label), daemon=True)
+               for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer))]
+    for t in copiers:
+        t.start()
+    code = proc.wait()
+    for t in copiers:
+        t.join(timeout=10)  # a child the command left behind may hold the pipes open
+    if code < 0:  # killed by a signal: end the same way, so that mpirun reports what happened
+        try:
+            signal.signal(-code, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # SIGKILL's action cannot be changed, and is the default already
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
