@@ -25,3 +25,4 @@ from .strategies.hogwild import Hogwild
 from .strategies.hybrid import Hybrid
 
 __version__ = "0.1.0"
+from . import partition

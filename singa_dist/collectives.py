@@ -459,7 +459,10 @@ def check_consistency(named_tensors, what: str = "parameter") -> None:
     """
     if not is_active():
         return
-    mine = [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in named_tensors]
+    from .partition import shard_of
+    # A feature-split parameter's shard differs by rank; the whole tensor it was cut from must agree.
+    mine = [(name, tuple(getattr(shard_of(t), "full_shape", t.shape)), str(t.dtype).replace("torch.", ""))
+            for name, t in named_tensors]
     everyone = allgather_object(mine, name=f"the {what} list (model consistency check)")
     problems = []
     ref = {n: (s, d) for n, s, d in everyone[0]}
@@ -505,9 +508,12 @@ def broadcast_parameters(params, root_rank: int = 0) -> None:
     if not is_active():
         return
     check_consistency(named, "tensor")
+    from .partition import is_feature_split
     pending = []
     with torch.no_grad():
         for name, t in named:
+            if is_feature_split(t):
+                continue  # each worker keeps its own shard
             # torch.distributed needs contiguous memory; a strided tensor is received in a copy
             buf = t.data if t.is_contiguous() else t.data.contiguous()
             pending.append((_broadcast_start(buf, root_rank, name), t, buf))

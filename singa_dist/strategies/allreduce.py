@@ -38,6 +38,7 @@ from .. import collectives, runtime
 from ..collectives import Average, Sum, _all_gather_single
 from ..compression import NoneCompressor, SparseCompressor, load_residual_state, residual_state
 from ..compression import resolve as resolve_compression
+from ..partition import is_feature_split
 from .base import Strategy
 
 
@@ -235,7 +236,10 @@ class AllReduce(Strategy):
         self.size = runtime.size() if runtime.is_initialized() else 1
         self.active = collectives.is_active()
         self.pg = collectives.process_group() if self.active else None
-        self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        # Feature-split parameters (singa_dist.partition) are not replicated: never all-reduced.
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        self.named = [(n, p) for n, p in named if not is_feature_split(p)]
+        self.feature_split = {id(p): p for _, p in named if is_feature_split(p)}
         self.buckets = self._make_buckets()
         self.bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
         self.name_of = {id(p): n for n, p in self.named}
@@ -293,6 +297,10 @@ class AllReduce(Strategy):
         if not self.active or self.partial_update_chunks:
             return
         key = id(param)
+        if key in self.feature_split:
+            self.synced = False
+            self.round_open = True
+            return
         count = self.counts[key] + 1
         if count > self.passes:
             raise RuntimeError(
@@ -352,6 +360,11 @@ class AllReduce(Strategy):
                     bucket.buffer.mul_(self.postscale_factor)
                 bucket.scatter_grads()
             bucket.pending = len(bucket.params)
+        if write_back and self.op is Average:
+            # Each holds the gradient of every worker's loss; Average means that of their mean.
+            for p in self.feature_split.values():
+                if p.grad is not None:
+                    p.grad.div_(self.size)
         self.bytes_sent_last_step = sent
         self.bytes_sent_total += sent
         for key in self.counts:
