@@ -41,6 +41,15 @@ def test_cnn_of_native_conv_pool_lrn_layers():
     assert _accuracy(result.stdout) >= 0.96
 
 
+def test_cnn_with_hybrid_partitioning():
+    # Convolutions data parallel, dense layers model parallel across the two workers.
+    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_hybrid.py", "--quiet"],
+                         timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[0] workers=2 feature-split parameters: classifier.0.weight, classifier.0.bias" in result.stdout
+    assert _accuracy(result.stdout) >= 0.97
+
+
 def test_rbm_pretraining_then_finetuning():
     result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_rbm.py", "--epochs", "10",
                                    "--finetune-epochs", "15"], timeout=240, cwd=str(ROOT))

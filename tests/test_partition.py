@@ -239,3 +239,19 @@ def test_partition_rejects_what_it_cannot_split():
         partition(make_mlp(), {"7": 1})
     with pytest.raises(ValueError, match="must be 0 or 1"):
         partition(make_mlp(), {"0": 2})
+
+
+def reject_in_parameter_server():
+    model = partition(make_mlp())
+    try:
+        sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+                                strategy="sandblaster")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_parameter_server_strategies_refuse_feature_split_parameters():
+    for message in get_world(2).run(reject_in_parameter_server, timeout=30):
+        assert message is not None and "feature-split parameters (0.weight, 0.bias, 2.weight" in message

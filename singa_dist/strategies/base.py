@@ -59,6 +59,12 @@ class ParameterServerStrategy(Strategy):
         self.compression = resolve(compression)  # for what goes to the servers (a lone process sends nothing)
         self.optimizer = optimizer
         self.named = list(named_parameters)
+        from ..partition import is_feature_split
+        split = [n for n, p in self.named if is_feature_split(p)]
+        if split:
+            # The servers hold one copy of each parameter; a shard differs on every worker.
+            raise ValueError(f"the {self.name} strategy cannot train feature-split parameters ({', '.join(split[:3])}"
+                             f"{', ...' if len(split) > 3 else ''}) of a partitioned model; use AllReduce")
         self.average = op is not Sum
         # A lone process is its own server: the same updates, with no one to talk to.
         self.local = not runtime.is_initialized() or not runtime.is_distributed()
