@@ -15,6 +15,8 @@ How a step goes:
   backward pass or the user is inside `optimizer.skip_synchronize()`.
 - With `backward_passes_per_step=k` a parameter is ready after its k-th gradient of the step: gradients are
   summed locally over the k passes (as `.grad` accumulation does) and communicated once.
+- Feature-split parameters of a partitioned model (singa_dist.partition) are not replicated: they are not
+  communicated, and under Average their gradient (that of every worker's loss) is divided by the number of ranks.
 
 Compression (`compression=`): dense ones (none, fp16, bf16, Horovod-style compressors) change the dtype on
 the wire; sparse ones (topk, threshold) send chosen elements and their indices with an all-gather, and keep
