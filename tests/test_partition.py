@@ -175,13 +175,22 @@ def test_partitioned_mlp_trains_as_one_process(nprocs, dims):
             torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+CNN_DIMS = {
+    # Convolutions data parallel (the default), fully-connected layers model parallel: "one weird trick".
+    "conv_data_dense_model": ({}, ["1.0.bias", "1.0.weight", "1.2.bias", "1.2.weight"]),
+    # The second convolution splits its output channels; its ReLU follows, Flatten returns to the batch split.
+    "conv_channels_split": ({"0.3": 1, "1.2": 0}, ["0.3.bias", "0.3.weight", "1.0.bias", "1.0.weight"]),
+}
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("nprocs", [2, 3])
-def test_partitioned_cnn_trains_as_one_process(nprocs):
-    # Convolutions data parallel (the default), fully-connected layers model parallel: "one weird trick".
+@pytest.mark.parametrize("dims", list(CNN_DIMS))
+def test_partitioned_cnn_trains_as_one_process(nprocs, dims):
     expected = reference("cnn")
-    for got, split in get_world(nprocs).run(train_partitioned, "cnn", {}, timeout=120):
-        assert split == ["1.0.bias", "1.0.weight", "1.2.bias", "1.2.weight"]
+    dims, expected_split = CNN_DIMS[dims]
+    for got, split in get_world(nprocs).run(train_partitioned, "cnn", dims, timeout=120):
+        assert split == expected_split
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
