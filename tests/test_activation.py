@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import native_layers as nl
-from tests.layer_checks import assert_close, layer_device, leaf64  # noqa: F401
+from tests.layer_checks import assert_close, leaf64
 
 REFERENCE = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
              "stanh": lambda x: 1.7159 * torch.tanh(x * 2 / 3)}
@@ -74,9 +74,10 @@ def test_activation_gpu_dtypes(dtype, mode):
     _check(nl.Activation(mode), mode, x, dtype)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_activation_half_precision_kernels(kernel_device, dtype):
+def test_activation_half_precision_kernels(layer_device, dtype):
     torch.manual_seed(11)
     for mode in REFERENCE:
-        x = (torch.randn(7, 129, device=kernel_device) * 3).to(dtype).requires_grad_()
+        x = (torch.randn(7, 129, device=layer_device) * 3).to(dtype).requires_grad_()
         _check(nl.Activation(mode), mode, x, dtype)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import native_layers as nl
-from tests.layer_checks import assert_close, layer_device  # noqa: F401
+from tests.layer_checks import assert_close
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
@@ -83,10 +83,11 @@ def test_dropout_gpu_dtypes(dtype):
     assert_close(x.grad, kept.double() / 0.75, dtype)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dropout_half_precision_kernels(kernel_device, dtype):
+def test_dropout_half_precision_kernels(layer_device, dtype):
     torch.manual_seed(34)
-    x = (torch.rand(4, 2000, device=kernel_device) + 0.5).to(dtype).requires_grad_()
+    x = (torch.rand(4, 2000, device=layer_device) + 0.5).to(dtype).requires_grad_()
     y = nl.dropout(x, 0.3)
     kept = y != 0
     assert y.dtype == dtype and abs(kept.float().mean().item() - 0.7) < 5 * (0.3 * 0.7 / 8000) ** 0.5
