@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import importlib
 import os
 import socket
 import sys
@@ -251,6 +252,10 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
 
     if proc_size > 1 or not dist.is_initialized():
         _rendezvous_address(launcher, proc_rank)
+        # This module's functions take the WORLD group as a default argument, evaluated when it is imported
+        # (torch imports it with the first optimizer): imported after the group exists, it would keep the
+        # group alive until the interpreter exits, past shutdown().
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(
             backend=backend, init_method="env://", rank=proc_rank, world_size=proc_size,
             timeout=datetime.timedelta(seconds=_state.timeout_s))
