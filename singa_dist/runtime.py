@@ -435,8 +435,9 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
                     f"process {_state.proc_rank}: process{'es' if len(missing) > 1 else ''} {names} did not reach "
                     f"singa_dist.shutdown() within {_state.timeout_s:g} s (stopped, hung, or still working); "
                     "the process groups were destroyed without them"))
+        # (A process outside a group holds a marker, not a group.)
         groups = [weakref.ref(pg) for pg in {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values()}
-                  if pg is not None]
+                  if isinstance(pg, dist.ProcessGroup)]
         dist.destroy_process_group()
     _state = _Runtime()
     # A group's C++ side ends, joining its communication threads, when its last reference goes; a strategy
