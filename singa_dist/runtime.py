@@ -113,15 +113,16 @@ def _local_size_from_slurm() -> int | None:
     return _env_int("SLURM_NTASKS_PER_NODE")
 
 
-def _cross_ranks(local_ranks: list[int]) -> list[tuple[int, int]]:
-    """(cross_rank, cross_size) of every process, as Horovod defines them: a process's rank among the processes
-    that have its local rank (one per node, in process order), and how many such processes there are."""
-    seen: dict[int, int] = {}
+def _ranks_within(keys: list) -> list[tuple[int, int]]:
+    """For every process (keys[p] for process p): its rank among the processes with the same key, in process
+    order, and their number. Keyed by local rank this is Horovod's (cross_rank, cross_size): one process per
+    node; keyed by host, (local_rank, local_size)."""
+    seen: dict = {}
     ranks = []
-    for local in local_ranks:
-        ranks.append(seen.get(local, 0))
-        seen[local] = ranks[-1] + 1
-    return [(r, seen[local]) for r, local in zip(ranks, local_ranks)]
+    for key in keys:
+        ranks.append(seen.get(key, 0))
+        seen[key] = ranks[-1] + 1
+    return [(r, seen[key]) for r, key in zip(ranks, keys)]
 
 
 def _layout_from_slurm(local_rank: int) -> tuple[int, int] | None:
@@ -153,12 +154,12 @@ def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int 
     everyone = [None] * proc_size
     dist.all_gather_object(everyone, mine)
     if local_rank is None or local_size is None:  # numbered by host, in process order
-        hosts = [host for host, _ in everyone]
-        local_rank, local_size = hosts[:proc_rank].count(mine[0]), hosts.count(mine[0])
-        local_ranks = [hosts[:p].count(hosts[p]) for p in range(proc_size)]
+        by_host = _ranks_within([host for host, _ in everyone])
+        local_rank, local_size = by_host[proc_rank]
+        local_ranks = [local for local, _ in by_host]
     else:
         local_ranks = [local for _, local in everyone]
-    return (local_rank, local_size) + _cross_ranks(local_ranks)[proc_rank]
+    return (local_rank, local_size) + _ranks_within(local_ranks)[proc_rank]
 
 
 def _rendezvous_address(launcher: str, rank: int) -> None:
@@ -387,11 +388,11 @@ def on_shutdown(close, weak: bool = False) -> None:
 
 
 def shutdown() -> None:
-    """Leave the job. In order: close the strategies that asked to be closed (they finish the communication
-    they started), release separate parameter servers (they exit once every worker has left), wait for the
-    asynchronous collectives still in flight, meet every other process of the job (bounded by the job's
-    timeout; a RuntimeError names the processes that never came), then destroy the process groups and let go
-    of them, so that their communication threads end while the interpreter is whole.
+    """Leave the job. In order: wait for the asynchronous collectives still in flight, close the strategies
+    that asked to be closed, release separate parameter servers (they exit once every worker has left), meet
+    every other process of the job (bounded by the job's timeout; a RuntimeError names the processes that
+    never came), then destroy the process groups and let go of them, so that their communication threads end
+    while the interpreter is whole.
 
     Called while an exception propagates (e.g. from a `finally:` block) it does not wait for the others, who
     may be waiting for this process in a collective. Safe to call twice or without init()."""
@@ -428,12 +429,13 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
     groups = []
     if _state.distributed and dist.is_initialized():
         if meeting_s != 0.0:
-            missing = _meet(_state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s))
+            bound = _state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s)
+            missing = _meet(bound)
             if missing:
                 names = ", ".join(str(p) for p in missing)
                 errors.append(RuntimeError(
                     f"process {_state.proc_rank}: process{'es' if len(missing) > 1 else ''} {names} did not reach "
-                    f"singa_dist.shutdown() within {_state.timeout_s:g} s (stopped, hung, or still working); "
+                    f"singa_dist.shutdown() within {bound:g} s (stopped, hung, or still working); "
                     "the process groups were destroyed without them"))
         # (A process outside a group holds a marker, not a group.)
         groups = [weakref.ref(pg) for pg in {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values()}
@@ -471,9 +473,9 @@ def _meet(timeout: float) -> list[int]:
     # Process 0 hosts the store: it stays until every process has seen the others arrive.
     try:
         if store.add(prefix + "passed", 1) == n:
-            store.set(prefix + "all passed", "1")
+            store.set(prefix + "all-passed", "1")
         if me == 0:
-            store.wait([prefix + "all passed"], datetime.timedelta(seconds=min(timeout, 30.0)))
+            store.wait([prefix + "all-passed"], datetime.timedelta(seconds=min(timeout, 30.0)))
     except Exception:
         pass
     return []

@@ -61,8 +61,8 @@ def test_import_leaves_the_parameter_server_modules_out():
 def test_cross_ranks_follow_horovod_for_uneven_nodes():
     # Nodes of 3, 1 and 2 processes: a process's cross rank counts the processes with its local rank before it.
     local_ranks = [0, 1, 2, 0, 0, 1]
-    assert runtime._cross_ranks(local_ranks) == [(0, 3), (0, 2), (0, 1), (1, 3), (2, 3), (1, 2)]
-    assert runtime._cross_ranks([0, 1, 0, 1]) == [(0, 2), (0, 2), (1, 2), (1, 2)]  # uniform: node index, nodes
+    assert runtime._ranks_within(local_ranks) == [(0, 3), (0, 2), (0, 1), (1, 3), (2, 3), (1, 2)]
+    assert runtime._ranks_within([0, 1, 0, 1]) == [(0, 2), (0, 2), (1, 2), (1, 2)]  # uniform: node index, nodes
 
 
 @pytest.mark.parametrize("distribution, expected", [
