@@ -20,14 +20,11 @@ import argparse
 import importlib
 import importlib.util
 import os
-import socket
 import statistics
 import time
 import sys
-import traceback
 
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -128,51 +125,24 @@ def measure(kinds, reps: int, small: bool, strategy_only: str | None = None) -> 
     return rows
 
 
-def _rank_main(proc_rank, nprocs, env, kinds, reps, small, strategy_only, server_entry, queue):
-    os.environ.update(env)
-    os.environ.update({"RANK": str(proc_rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(proc_rank),
-                       "LOCAL_WORLD_SIZE": str(nprocs)})
-    if "SINGA_PROC_WORLD_SIZE" in env:
-        os.environ["SINGA_PROC_RANK"] = str(proc_rank)
-    torch.set_num_threads(1)
-    try:
-        import singa_dist as sd
+def _measure_rank(kinds, reps, small, strategy_only, server_entry):
+    """One process of the run: a server serves; worker rank 0 returns the rows."""
+    import singa_dist as sd
 
-        sd.init()
-        if sd.role().is_server:
-            module, _, func = server_entry.partition(":")
-            getattr(importlib.import_module(module), func)()
-            return
-        rows = measure(kinds, reps, small, strategy_only)
-        if sd.rank() == 0:
-            queue.put(("ok", rows))
-        sd.shutdown()
-    except BaseException:
-        queue.put(("error", f"rank {proc_rank}:\n{traceback.format_exc()}"))
+    if sd.role().is_server:
+        module, _, func = server_entry.partition(":")
+        getattr(importlib.import_module(module), func)()
+        return None
+    rows = measure(kinds, reps, small, strategy_only)
+    return rows if sd.rank() == 0 else None
 
 
 def run_world(nprocs: int, env: dict, kinds, reps, small, strategy_only=None, server_entry="") -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **env}
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, nprocs, env, kinds, reps, small, strategy_only, server_entry,
-                                                 queue), daemon=True) for r in range(nprocs)]
-    for p in procs:
-        p.start()
-    try:
-        kind, value = queue.get(timeout=900)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if kind == "error":
-        raise RuntimeError(value)
-    return value
+    import singa_dist as sd
+
+    results = sd.run(_measure_rank, np=nprocs, args=(kinds, reps, small, strategy_only, server_entry),
+                     env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **env}, timeout=900)
+    return results[0]
 
 
 def main(argv=None) -> None:

@@ -11,21 +11,13 @@ the plot (accuracy against wall time) and the CSV land in benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 
 import torch
 
 from benchmarks.common import RESULTS, print_table, write_csv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(strategy: str, seconds: float, delay: float, target: float) -> dict:
@@ -66,19 +58,15 @@ def _train(strategy: str, seconds: float, delay: float, target: float) -> dict:
             "seconds": elapsed}
 
 
-def _process(proc_rank: int, env: dict, args: tuple, results) -> None:
-    os.environ.update(env)
-    os.environ["SINGA_PROC_RANK"] = str(proc_rank)
-    torch.set_num_threads(1)
+def _process(args: tuple):
+    """One process of the job: a server serves, a worker trains and returns its record."""
     import singa_dist as sd
 
-    sd.init()
     if sd.role().is_server:
         from singa_dist.ps.server import serve
         serve()
-    else:
-        results.put(_train(*args))
-    sd.shutdown()
+        return None
+    return _train(*args)
 
 
 def run(strategy: str, seconds: float, delay: float, target: float) -> list[dict]:
@@ -86,23 +74,11 @@ def run(strategy: str, seconds: float, delay: float, target: float) -> list[dict
 
     topology = (sd.ClusterTopology.downpour(2, 1, nservers=1) if strategy == "downpour"
                 else sd.ClusterTopology.sandblaster(2, 1))
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "SINGA_TOPOLOGY": topology.to_json(),
-           "SINGA_PROC_WORLD_SIZE": str(topology.nprocs), "OMP_NUM_THREADS": "1",
+    env = {"SINGA_TOPOLOGY": topology.to_json(), "SINGA_PROC_WORLD_SIZE": str(topology.nprocs),
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_process, args=(r, env, (strategy, seconds, delay, target), results))
-             for r in range(topology.nprocs)]
-    for p in procs:
-        p.start()
-    try:
-        out = [results.get(timeout=seconds + 120) for _ in range(topology.nworkers)]
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return sorted(out, key=lambda r: r["rank"])
+    results = sd.run(_process, np=topology.nprocs, args=((strategy, seconds, delay, target),), env=env,
+                     timeout=seconds + 120)
+    return [r for r in results if r is not None]  # workers come first, in rank order
 
 
 def main(argv=None) -> None:

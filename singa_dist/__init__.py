@@ -19,10 +19,24 @@ from .optimizer import DistributedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .strategies import Strategy
 from .strategies.allreduce import AllReduce
-from .strategies.sandblaster import Sandblaster
-from .strategies.downpour import Downpour
-from .strategies.hogwild import Hogwild
-from .strategies.hybrid import Hybrid
+from .runner import RunError, run
+from . import partition
 
 __version__ = "0.1.0"
-from . import partition
+
+# The parameter-server strategies bring the RPC transport and the server loop with them: imported on first use.
+_PARAMETER_SERVER_STRATEGIES = {"Sandblaster": "sandblaster", "Downpour": "downpour", "Hogwild": "hogwild",
+                                "Hybrid": "hybrid"}
+
+
+def __getattr__(name: str):
+    if name in _PARAMETER_SERVER_STRATEGIES:
+        from .strategies import strategy_class
+        cls = globals()[name] = strategy_class(_PARAMETER_SERVER_STRATEGIES[name])
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PARAMETER_SERVER_STRATEGIES))
+

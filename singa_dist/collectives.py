@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -147,6 +148,27 @@ class CollectiveError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 # Asynchronous handles
 
+# Asynchronous work started and not yet finished (handles, gradient buckets in flight), dropped by the caller
+# or not: shutdown() waits for it, so that no communication thread still holds this process's tensors when
+# the interpreter exits. Finished work is pruned whenever new work is tracked.
+_outstanding: list = []
+
+
+def track(work) -> None:
+    """Have shutdown() call `work.wait()` if `work.is_completed()` is still False by then."""
+    _outstanding[:] = [w for w in _outstanding if not w.is_completed()]
+    _outstanding.append(work)
+
+
+def wait_outstanding() -> None:
+    """Wait for every tracked asynchronous operation that has not finished (after a failed one, for no more)."""
+    try:
+        while _outstanding:
+            _outstanding.pop(0).wait()
+    finally:
+        _outstanding.clear()
+
+
 class Handle:
     """An operation in flight; `synchronize(handle)` (or `handle.wait()`) returns its result."""
 
@@ -156,6 +178,8 @@ class Handle:
         self._what = what
         self._result = None
         self._done = False
+        if self._works:
+            track(self)
 
     def is_completed(self) -> bool:
         return self._done or all(w.is_completed() for w in self._works)
@@ -168,6 +192,8 @@ class Handle:
             self._result = self._finish()
             self._done = True
             self._works = []
+            if self in _outstanding:
+                _outstanding.remove(self)
         return self._result
 
 

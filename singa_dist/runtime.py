@@ -8,13 +8,20 @@
 - nothing: a single process, with every collective an identity.
 
 `rank()` and `size()` count the workers only; servers run no user code.
+
+`shutdown()` leaves the job; it also runs when the interpreter exits after `init()` if the script did not call
+it (not when the script is dying of an uncaught exception: then the process leaves at once).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
+import importlib
 import os
 import socket
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +30,8 @@ import torch.distributed as dist
 from .topology import ClusterTopology, ProcessRole
 
 DEFAULT_TIMEOUT_S = 300.0
+# How long a process that exits without shutdown() waits at exit for the others to arrive.
+EXIT_MEETING_S = 30.0
 
 
 @dataclass
@@ -33,6 +42,8 @@ class _Runtime:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    cross_rank: int = 0
+    cross_size: int = 1
     proc_rank: int = 0
     proc_size: int = 1
     topology: ClusterTopology = field(default_factory=lambda: ClusterTopology.allreduce(1))
@@ -47,6 +58,7 @@ class _Runtime:
 
 
 _state = _Runtime()
+_inits = 0  # init() calls that joined a job, the same count on every process of it
 
 
 def _env_int(*names: str) -> int | None:
@@ -57,44 +69,97 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
-def _detect_launcher() -> tuple[str, int, int, int, int] | None:
-    """(launcher, rank, size, local_rank, local_size) from the environment, or None for a lone process."""
+def _detect_launcher() -> tuple[str, int, int, int | None, int | None] | None:
+    """(launcher, rank, size, local_rank, local_size) from the environment, or None for a lone process.
+
+    local_rank and local_size are None where the launcher does not export them; init() then finds them from
+    the host names of all processes."""
     env = os.environ
     if "SINGA_PROC_RANK" in env:
         rank, size = int(env["SINGA_PROC_RANK"]), int(env["SINGA_PROC_WORLD_SIZE"])
-        return ("singa-launch", rank, size, _env_int("LOCAL_RANK") or 0, _env_int("LOCAL_WORLD_SIZE") or 1)
+        return ("singa-launch", rank, size, _env_int("LOCAL_RANK"), _env_int("LOCAL_WORLD_SIZE"))
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local_rank = _env_int("LOCAL_RANK")
-        local_size = _env_int("LOCAL_WORLD_SIZE")
-        return ("torchrun", rank, size, rank if local_rank is None else local_rank,
-                size if local_size is None else local_size)
+        return ("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), _env_int("LOCAL_RANK"),
+                _env_int("LOCAL_WORLD_SIZE"))
     if "OMPI_COMM_WORLD_RANK" in env:
         return ("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                _env_int("OMPI_COMM_WORLD_LOCAL_RANK") or 0, _env_int("OMPI_COMM_WORLD_LOCAL_SIZE") or 1)
+                _env_int("OMPI_COMM_WORLD_LOCAL_RANK"), _env_int("OMPI_COMM_WORLD_LOCAL_SIZE"))
     if "PMI_RANK" in env and "PMI_SIZE" in env:
-        return ("mpirun", int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
-                _env_int("MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0,
-                _env_int("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE") or 1)
+        return ("mpirun", int(env["PMI_RANK"]), int(env["PMI_SIZE"]), _env_int("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+                _env_int("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return ("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                _env_int("SLURM_LOCALID") or 0, _local_size_from_slurm())
+        return ("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _env_int("SLURM_LOCALID"),
+                _local_size_from_slurm())
     return None
 
 
-def _local_size_from_slurm() -> int:
-    # SLURM_TASKS_PER_NODE lists every node's task count, compressed: "2(x3),1" is 2,2,2,1; this node is
-    # SLURM_NODEID. SLURM_NTASKS_PER_NODE (the requested count) is the fallback.
+def _slurm_tasks_per_node() -> list[int]:
+    # SLURM_TASKS_PER_NODE lists every node's task count, compressed: "2(x3),1" is 2,2,2,1.
     counts = []
     for item in os.environ.get("SLURM_TASKS_PER_NODE", "").split(","):
         if not item:
             continue
         value, _, repeat = item.partition("(x")
         counts += [int(value)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def _local_size_from_slurm() -> int | None:
+    # This node is SLURM_NODEID; SLURM_NTASKS_PER_NODE (the requested count) is the fallback.
+    counts = _slurm_tasks_per_node()
     node = _env_int("SLURM_NODEID") or 0
     if node < len(counts):
         return counts[node]
-    return _env_int("SLURM_NTASKS_PER_NODE") or 1
+    return _env_int("SLURM_NTASKS_PER_NODE")
+
+
+def _ranks_within(keys: list) -> list[tuple[int, int]]:
+    """For every process (keys[p] for process p): its rank among the processes with the same key, in process
+    order, and their number. Keyed by local rank this is Horovod's (cross_rank, cross_size): one process per
+    node; keyed by host, (local_rank, local_size)."""
+    seen: dict = {}
+    ranks = []
+    for key in keys:
+        ranks.append(seen.get(key, 0))
+        seen[key] = ranks[-1] + 1
+    return [(r, seen[key]) for r, key in zip(ranks, keys)]
+
+
+def _layout_from_slurm(local_rank: int) -> tuple[int, int] | None:
+    """(cross_rank, cross_size) from SLURM's node list alone, when tasks fill the nodes in order (block)."""
+    counts = _slurm_tasks_per_node()
+    node = _env_int("SLURM_NODEID")
+    distribution = os.environ.get("SLURM_DISTRIBUTION", "block")
+    if node is None or node >= len(counts) or not distribution.startswith("block"):
+        return None
+    return (sum(1 for c in counts[:node] if c > local_rank), sum(1 for c in counts if c > local_rank))
+
+
+def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int | None,
+                 local_size: int | None) -> tuple[int, int, int, int]:
+    """(local_rank, local_size, cross_rank, cross_size) of this process.
+
+    Every process of the job takes the same branch (each one depends only on job-wide facts), so that either
+    all of them or none take part in the all-gather."""
+    if local_size == proc_size and local_rank is not None:  # every process is on this node
+        return local_rank, local_size, 0, 1
+    if launcher == "srun" and local_rank is not None and local_size is not None:
+        found = _layout_from_slurm(local_rank)
+        if found is not None:
+            return (local_rank, local_size) + found
+    # Otherwise every process says where it runs: the launcher's node index (torchrun and singa-launch's
+    # GROUP_RANK: distinct even for nodes sharing a host name) or the host name, and its local rank if known.
+    node = os.environ.get("GROUP_RANK") if launcher in ("torchrun", "singa-launch") else None
+    mine = (f"node {node}" if node is not None else socket.gethostname(), local_rank)
+    everyone = [None] * proc_size
+    dist.all_gather_object(everyone, mine)
+    if local_rank is None or local_size is None:  # numbered by host, in process order
+        by_host = _ranks_within([host for host, _ in everyone])
+        local_rank, local_size = by_host[proc_rank]
+        local_ranks = [local for local, _ in by_host]
+    else:
+        local_ranks = [local for _, local in everyone]
+    return (local_rank, local_size) + _ranks_within(local_ranks)[proc_rank]
 
 
 def _rendezvous_address(launcher: str, rank: int) -> None:
@@ -147,6 +212,7 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
     backend: torch.distributed backend; default Gloo for CPU tensors and, where CUDA is available, NCCL
              for CUDA tensors.
     """
+    global _inits
     if _state.initialized:
         return
     if timeout is None:
@@ -172,13 +238,14 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
 
     _state.launcher = launcher
     _state.proc_rank, _state.proc_size = proc_rank, proc_size
-    _state.local_rank, _state.local_size = local_rank, local_size
     _state.topology, _state.role = topology, role
     _state.size = topology.nworkers
     _state.rank = proc_rank if role.is_worker else -1
 
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        _state.device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        # The GPU follows the launcher's local rank (or the process rank, when it gives none, for one node).
+        gpu = local_rank if local_rank is not None else proc_rank
+        _state.device = torch.device("cuda", gpu % torch.cuda.device_count())
         torch.cuda.set_device(_state.device)
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if _state.device.type == "cuda" else "gloo"
@@ -186,10 +253,21 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
 
     if proc_size > 1 or not dist.is_initialized():
         _rendezvous_address(launcher, proc_rank)
+        # This module's functions take the WORLD group as a default argument, evaluated when it is imported
+        # (torch imports it with the first optimizer): imported after the group exists, it would keep the
+        # group alive until the interpreter exits, past shutdown().
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(
             backend=backend, init_method="env://", rank=proc_rank, world_size=proc_size,
             timeout=datetime.timedelta(seconds=_state.timeout_s))
         _state.distributed = True
+        _inits += 1
+        _register_exit()
+    if _state.distributed:
+        local_rank, local_size, _state.cross_rank, _state.cross_size = _node_layout(
+            launcher, proc_rank, proc_size, local_rank, local_size)
+    _state.local_rank = 0 if local_rank is None else local_rank
+    _state.local_size = 1 if local_size is None else local_size
 
     # Every process takes part in creating every group, as torch.distributed requires.
     if topology.nprocs == topology.nworkers:
@@ -233,14 +311,15 @@ def local_size() -> int:
 
 
 def cross_rank() -> int:
-    """Index of this process's node (Horovod's name): rank // local_size for a uniform job."""
-    st = _require_init()
-    return st.proc_rank // max(st.local_size, 1)
+    """This process's rank among the processes with its local rank, one per node (Horovod's cross rank): the
+    index of its node in a job with the same number of processes on every node."""
+    return _require_init().cross_rank
 
 
 def cross_size() -> int:
-    st = _require_init()
-    return max(st.proc_size // max(st.local_size, 1), 1)
+    """The number of processes with this process's local rank (Horovod's cross size): the number of nodes in a
+    job with the same number of processes on every node."""
+    return _require_init().cross_size
 
 
 def topology() -> ClusterTopology:
@@ -300,19 +379,43 @@ def device() -> torch.device:
 _closers: list = []
 
 
-def on_shutdown(close) -> None:
-    """Call `close()` at `shutdown()`, before the process groups go (strategies release their servers)."""
-    _closers.append(close)
+def on_shutdown(close, weak: bool = False) -> None:
+    """Call `close()` at `shutdown()`, before the process groups go (strategies release their servers).
+
+    weak: hold a bound method weakly, so that registering does not keep its object alive (nothing is called
+    if the object is gone by then)."""
+    _closers.append(weakref.WeakMethod(close) if weak else (lambda: close))
 
 
 def shutdown() -> None:
-    """Leave the job: close the strategies that asked to be closed, release separate parameter servers (they
-    exit once every worker has left), then destroy the process groups. Safe to call twice or without init()."""
+    """Leave the job. In order: wait for the asynchronous collectives still in flight, close the strategies
+    that asked to be closed, release separate parameter servers (they exit once every worker has left), meet
+    every other process of the job (bounded by the job's timeout; a RuntimeError names the processes that
+    never came), then destroy the process groups and let go of them, so that their communication threads end
+    while the interpreter is whole.
+
+    Called while an exception propagates (e.g. from a `finally:` block) it does not wait for the others, who
+    may be waiting for this process in a collective. Safe to call twice or without init()."""
+    _leave(meeting_s=None if sys.exc_info()[1] is None else 0.0)
+
+
+def _leave(meeting_s: float | None, strict: bool = True) -> None:
+    """shutdown(): meet the others for up to `meeting_s` seconds (None: the job's timeout; 0: do not wait for
+    them); raise the first error if `strict`, else print it."""
     global _state
     errors = []
-    while _closers:
+    if meeting_s != 0.0 and _state.distributed:
+        # Communication still in flight holds tensors on the groups' threads; let it finish first.
+        from .collectives import wait_outstanding
         try:
-            _closers.pop()()
+            wait_outstanding()
+        except Exception as exc:
+            errors.append(exc)
+    while _closers:
+        close = _closers.pop()()
+        try:
+            if close is not None:
+                close()
         except Exception as exc:  # a dead server must not keep the other resources from being released
             errors.append(exc)
     if _state.initialized and _state.distributed and _state.role.is_worker \
@@ -323,8 +426,76 @@ def shutdown() -> None:
         transport = sys.modules.get(__package__ + ".ps.transport")
         if transport is not None:
             transport.leave()
+    groups = []
     if _state.distributed and dist.is_initialized():
+        if meeting_s != 0.0:
+            bound = _state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s)
+            missing = _meet(bound)
+            if missing:
+                names = ", ".join(str(p) for p in missing)
+                errors.append(RuntimeError(
+                    f"process {_state.proc_rank}: process{'es' if len(missing) > 1 else ''} {names} did not reach "
+                    f"singa_dist.shutdown() within {bound:g} s (stopped, hung, or still working); "
+                    "the process groups were destroyed without them"))
+        # (A process outside a group holds a marker, not a group.)
+        groups = [weakref.ref(pg) for pg in {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values()}
+                  if isinstance(pg, dist.ProcessGroup)]
         dist.destroy_process_group()
     _state = _Runtime()
+    # A group's C++ side ends, joining its communication threads, when its last reference goes; a strategy
+    # that kept one may sit in a reference cycle with its optimizer. A communication thread that outlives the
+    # interpreter aborts the process at exit ("terminate called without an active exception").
+    if any(ref() is not None for ref in groups):
+        gc.collect()
     if errors:
-        raise errors[0]
+        if strict:
+            raise errors[0]
+        print(f"singa_dist.shutdown() at exit: {errors[0]}", file=sys.stderr, flush=True)
+
+
+def _meet(timeout: float) -> list[int]:
+    """Wait until every process of the job has come here (through the job's key-value store); return the
+    processes that did not come within `timeout` seconds."""
+    store = dist.distributed_c10d._get_default_store()
+    me, n = _state.proc_rank, _state.proc_size
+    # Keys are new for every init() and restart: a launcher's store can outlive them.
+    prefix = f"singa/shutdown/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/"
+    try:
+        store.set(f"{prefix}at/{me}", "1")
+        if store.add(prefix + "count", 1) == n:
+            store.set(prefix + "all", "1")
+        store.wait([prefix + "all"], datetime.timedelta(seconds=max(timeout, 0.001)))
+    except Exception:
+        try:
+            return [p for p in range(n) if not store.check([f"{prefix}at/{p}"])]
+        except Exception:  # the store went with the process that hosts it (process 0)
+            return [0]
+    # Process 0 hosts the store: it stays until every process has seen the others arrive.
+    try:
+        if store.add(prefix + "passed", 1) == n:
+            store.set(prefix + "all-passed", "1")
+        if me == 0:
+            store.wait([prefix + "all-passed"], datetime.timedelta(seconds=min(timeout, 30.0)))
+    except Exception:
+        pass
+    return []
+
+
+_exit_registered = False
+
+
+def _register_exit() -> None:
+    global _exit_registered
+    if not _exit_registered:
+        atexit.register(_leave_at_exit)
+        _exit_registered = True
+
+
+def _leave_at_exit() -> None:
+    """shutdown() for a script that did not call it. A script dying of an uncaught exception leaves at once:
+    its peers may be waiting for it in a collective, and the sooner it goes the sooner they learn."""
+    if not _state.initialized or not _state.distributed:
+        return
+    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+        return
+    _leave(meeting_s=EXIT_MEETING_S, strict=False)

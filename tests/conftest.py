@@ -1,4 +1,4 @@
-"""Shared fixtures: Triton's interpreter on hosts without a GPU, kernel devices, and shared N-rank worlds."""
+"""Shared fixtures: Triton's interpreter on hosts without a GPU, the paths a layer runs on, and shared N-rank\nworlds."""
 import os
 import shutil
 
@@ -24,16 +24,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def kernel_device(request, monkeypatch):
-    """A device on which the Triton kernels run: CPU through the interpreter, or a real GPU."""
-    if request.param == "cpu":
+# The paths a native layer can run on: torch's own ops on the CPU, the Triton kernels in the interpreter,
+# and the Triton kernels on a real GPU. Tests marked `kernels` exercise only the two kernel paths.
+LAYER_PATHS = ("torch", "triton", "cuda")
+KERNEL_PATHS = ("triton", "cuda")
+
+
+def pytest_generate_tests(metafunc):
+    if "layer_device" in metafunc.fixturenames:
+        paths = KERNEL_PATHS if metafunc.definition.get_closest_marker("kernels") else LAYER_PATHS
+        metafunc.parametrize("layer_device", paths, indirect=True)
+
+
+@pytest.fixture
+def layer_device(request, monkeypatch):
+    """The device for one path (see LAYER_PATHS); SINGA_FORCE_TRITON sends CPU tensors to the kernels."""
+    if request.param == "torch":
+        monkeypatch.delenv("SINGA_FORCE_TRITON", raising=False)
+        return torch.device("cpu")
+    if request.param == "triton":
         if not INTERPRET:
             pytest.skip("CPU kernel tests need TRITON_INTERPRET=1")
         monkeypatch.setenv("SINGA_FORCE_TRITON", "1")
-    elif not HAS_CUDA:
+        return torch.device("cpu")
+    if not HAS_CUDA:
         pytest.skip("needs a CUDA device")
-    return torch.device(request.param)
+    return torch.device("cuda")
 
 
 _worlds: dict = {}

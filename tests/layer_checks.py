@@ -1,24 +1,6 @@
-"""What the native-layer tests share: the paths a layer can run on, and comparison with a float64 reference."""
-import pytest
+"""What the native-layer tests share: comparison with a float64 reference (the paths a layer runs on are the
+`layer_device` fixture in conftest.py)."""
 import torch
-
-from tests.conftest import HAS_CUDA, INTERPRET
-
-
-@pytest.fixture(params=["torch", "triton", "cuda"])
-def layer_device(request, monkeypatch):
-    """torch: the CPU path (torch ops); triton: the Triton kernels in the interpreter; cuda: a real GPU."""
-    if request.param == "torch":
-        monkeypatch.delenv("SINGA_FORCE_TRITON", raising=False)
-        return torch.device("cpu")
-    if request.param == "triton":
-        if not INTERPRET:
-            pytest.skip("CPU kernel tests need TRITON_INTERPRET=1")
-        monkeypatch.setenv("SINGA_FORCE_TRITON", "1")
-        return torch.device("cpu")
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
-    return torch.device("cuda")
 
 
 # Absolute-plus-relative tolerances against a float64 reference, per dtype of the layer's computation.

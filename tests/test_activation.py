@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import native_layers as nl
-from tests.layer_checks import LAYOUTS, assert_close, kernel_launches, layer_device, leaf64, with_layout  # noqa: F401
+from tests.layer_checks import LAYOUTS, assert_close, kernel_launches, leaf64, with_layout
 
 REFERENCE = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
              "stanh": lambda x: 1.7159 * torch.tanh(x * 2 / 3)}
@@ -60,18 +60,19 @@ def test_activation_five_dims(layer_device, layout):
 
 @pytest.mark.parametrize("layout,ndim", [("contiguous", 0), ("reversed", 0), ("channels_last", 0), ("strided", 1),
                                          ("sliced", 2), ("strided_all", 4)])
-def test_activation_kernels_read_any_layout_without_copies(kernel_device, monkeypatch, layout, ndim):
+@pytest.mark.kernels
+def test_activation_kernels_read_any_layout_without_copies(layer_device, monkeypatch, layout, ndim):
     from triton_kernels import activation as k
     forward = kernel_launches(monkeypatch, k, "_activation_forward_kernel")
     backward = kernel_launches(monkeypatch, k, "_activation_backward_kernel")
     torch.manual_seed(14)
-    x = with_layout(torch.randn(2, 3, 5, 7, device=kernel_device), layout)
+    x = with_layout(torch.randn(2, 3, 5, 7, device=layer_device), layout)
     y = k.activation_forward(x, "sigmoid")
     # one launch on x itself (no contiguous copy), flat when x is dense in any order
     ((args, kwargs),) = forward
     assert args[0] is x and args[1] is y and kwargs["NDIM"] == ndim
     assert y.stride() == torch.sigmoid(x).stride()
-    g = with_layout(torch.randn(y.shape, device=kernel_device), "reversed")
+    g = with_layout(torch.randn(y.shape, device=layer_device), "reversed")
     dx = k.activation_backward(y, g, "sigmoid")
     ((args, kwargs),) = backward
     assert args[0] is y and args[1] is g and dx.stride() == y.stride()
@@ -80,10 +81,11 @@ def test_activation_kernels_read_any_layout_without_copies(kernel_device, monkey
     assert_close(dx, g.double() * y64 * (1 - y64))
 
 
-def test_activation_kernels_broadcast_input(kernel_device):
+@pytest.mark.kernels
+def test_activation_kernels_broadcast_input(layer_device):
     from triton_kernels import activation as k
     torch.manual_seed(16)
-    x = torch.randn(5, 1, 7, device=kernel_device).expand(5, 3, 7)  # elements share memory (stride 0)
+    x = torch.randn(5, 1, 7, device=layer_device).expand(5, 3, 7)  # elements share memory (stride 0)
     y = k.activation_forward(x, "tanh")
     assert y.stride() == torch.tanh(x).stride()
     assert_close(y, torch.tanh(x.double()))
@@ -147,9 +149,10 @@ def test_activation_gpu_dtypes(dtype, mode):
     _check(nl.Activation(mode), mode, x, dtype)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_activation_half_precision_kernels(kernel_device, dtype):
+def test_activation_half_precision_kernels(layer_device, dtype):
     torch.manual_seed(11)
     for mode in REFERENCE:
-        x = (torch.randn(7, 129, device=kernel_device) * 3).to(dtype).requires_grad_()
+        x = (torch.randn(7, 129, device=layer_device) * 3).to(dtype).requires_grad_()
         _check(nl.Activation(mode), mode, x, dtype)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import native_layers as nl
-from tests.layer_checks import assert_close, layer_device, leaf64  # noqa: F401
+from tests.layer_checks import assert_close, leaf64
 
 
 def _compare(native_cls, torch_cls, x, steps=2, dtype=torch.float32, **kwargs):
@@ -130,14 +130,15 @@ def test_batchnorm_gpu_dtypes(dtype):
     assert_close(bn.running_var, ref.running_var, torch.float32)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_batchnorm_half_precision_kernels(kernel_device, dtype):
+def test_batchnorm_half_precision_kernels(layer_device, dtype):
     """Half-precision input with float32 parameters and statistics, as under autocast."""
     torch.manual_seed(47)
     for cls, ref_cls, shape in [(nl.BatchNorm1d, nn.BatchNorm1d, (33, 20)),
                                 (nl.BatchNorm2d, nn.BatchNorm2d, (4, 3, 5, 7))]:
-        x = (torch.randn(shape, device=kernel_device) + 2).to(dtype).requires_grad_()
-        bn = cls(shape[1]).to(kernel_device)
+        x = (torch.randn(shape, device=layer_device) + 2).to(dtype).requires_grad_()
+        bn = cls(shape[1]).to(layer_device)
         ref = ref_cls(shape[1]).double()
         y = bn(x)
         g = torch.randn_like(y)

@@ -49,16 +49,17 @@ SWEEP = [
 ]
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("case", range(len(SWEEP)))
-def test_conv2d_sweep(kernel_device, case):
+def test_conv2d_sweep(layer_device, case):
     kernel, stride, padding, dilation, groups, bias = SWEEP[case]
     rng = random.Random(case)
     torch.manual_seed(case)
     h, w = rng.choice([5, 7, 9]), rng.choice([5, 7])
     cin, cout = 6, {1: 5, 2: 4, 3: 6, 6: 6}[groups]
-    x = torch.randn(2, cin, h, w, device=kernel_device)
-    weight = torch.randn(cout, cin // groups, *kernel, device=kernel_device)
-    b = torch.randn(cout, device=kernel_device) if bias else None
+    x = torch.randn(2, cin, h, w, device=layer_device)
+    weight = torch.randn(cout, cin // groups, *kernel, device=layer_device)
+    b = torch.randn(cout, device=layer_device) if bias else None
     args = (stride, padding, dilation, groups)
     _grads_match(lambda x, w, b: conv2d(x, w, b, *args), lambda x, w, b: F.conv2d(x, w, b, *args), [x, weight, b])
 
@@ -68,53 +69,57 @@ def test_conv2d_sweep(kernel_device, case):
     (34, 36, 2, 1, 2, 2, "relu"),
     (40, 4, 2, (1, 2), (1, 0), 1, None),
 ])
-def test_conv2d_channel_blocks(kernel_device, cin, cout, groups, stride, padding, dilation, activation):
+@pytest.mark.kernels
+def test_conv2d_channel_blocks(layer_device, cin, cout, groups, stride, padding, dilation, activation):
     # 16 or more channels per group: the reduction runs over (kh, kw) with channel blocks inside (the sweep
     # above, with fewer channels, covers the flat reduction); partial last blocks included.
     torch.manual_seed(cin)
-    x = torch.randn(2, cin, 5, 7, device=kernel_device)
-    weight = torch.randn(cout, cin // groups, 3, 3, device=kernel_device)
-    b = torch.randn(cout, device=kernel_device)
+    x = torch.randn(2, cin, 5, 7, device=layer_device)
+    weight = torch.randn(cout, cin // groups, 3, 3, device=layer_device)
+    b = torch.randn(cout, device=layer_device)
     relu = F.relu if activation else (lambda t: t)
     _grads_match(lambda x, w, b: conv2d(x, w, b, stride, padding, dilation, groups, activation),
                  lambda x, w, b: relu(F.conv2d(x, w, b, stride, padding, dilation, groups)), [x, weight, b])
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("groups", [1, 2])
-def test_conv2d_fused_relu(kernel_device, groups):
-    x = torch.randn(2, 4, 7, 5, device=kernel_device)
-    weight = torch.randn(6, 4 // groups, 3, 3, device=kernel_device)
-    b = torch.randn(6, device=kernel_device)
+def test_conv2d_fused_relu(layer_device, groups):
+    x = torch.randn(2, 4, 7, 5, device=layer_device)
+    weight = torch.randn(6, 4 // groups, 3, 3, device=layer_device)
+    b = torch.randn(6, device=layer_device)
     _grads_match(lambda x, w, b: conv2d(x, w, b, 2, 1, 1, groups, activation="relu"),
                  lambda x, w, b: F.relu(F.conv2d(x, w, b, 2, 1, 1, groups)), [x, weight, b])
 
 
-def test_conv2d_non_contiguous(kernel_device):
+@pytest.mark.kernels
+def test_conv2d_non_contiguous(layer_device):
     # A strided slice, a permuted weight and a channels-last input: kernels read them through their strides.
-    base = torch.randn(2, 8, 9, 15, device=kernel_device)
+    base = torch.randn(2, 8, 9, 15, device=layer_device)
     x = base[:, ::2, 1:, ::2]
-    weight = torch.randn(3, 3, 4, 5, device=kernel_device).permute(3, 2, 0, 1)
-    b = torch.randn(10, device=kernel_device)[::2]  # 5 output channels
-    grad_out = torch.randn(2, 5, 4, 4, dtype=torch.float64, device=kernel_device).transpose(2, 3)
+    weight = torch.randn(3, 3, 4, 5, device=layer_device).permute(3, 2, 0, 1)
+    b = torch.randn(10, device=layer_device)[::2]  # 5 output channels
+    grad_out = torch.randn(2, 5, 4, 4, dtype=torch.float64, device=layer_device).transpose(2, 3)
     assert not x.is_contiguous() and not weight.is_contiguous()
     _grads_match(lambda x, w, b: conv2d(x, w, b, 2, 1), lambda x, w, b: F.conv2d(x, w, b, 2, 1), [x, weight, b],
                  grad_out=grad_out)
-    xl = torch.randn(2, 4, 5, 7, device=kernel_device).to(memory_format=torch.channels_last)
-    weight = torch.randn(3, 4, 3, 3, device=kernel_device)
+    xl = torch.randn(2, 4, 5, 7, device=layer_device).to(memory_format=torch.channels_last)
+    weight = torch.randn(3, 4, 3, 3, device=layer_device)
     _grads_match(lambda x, w: conv2d(x, w, padding=1), lambda x, w: F.conv2d(x, w, padding=1), [xl, weight])
 
 
-def test_conv2d_module_drop_in(kernel_device):
+@pytest.mark.kernels
+def test_conv2d_module_drop_in(layer_device):
     torch.manual_seed(0)
     for mode in ["zeros", "reflect", "circular", "replicate"]:
-        ref = nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(1, 1), padding_mode=mode).to(kernel_device)
-        native = Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(1, 1), padding_mode=mode).to(kernel_device)
+        ref = nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(1, 1), padding_mode=mode).to(layer_device)
+        native = Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(1, 1), padding_mode=mode).to(layer_device)
         assert list(native.state_dict()) == list(ref.state_dict())
         native.load_state_dict(ref.state_dict())
-        x = torch.randn(2, 3, 5, 7, device=kernel_device)
+        x = torch.randn(2, 3, 5, 7, device=layer_device)
         torch.testing.assert_close(native(x), ref(x), atol=1e-5, rtol=1e-5)
     # Unbatched input, as torch.nn.Conv2d takes it.
-    x = torch.randn(3, 5, 7, device=kernel_device)
+    x = torch.randn(3, 5, 7, device=layer_device)
     torch.testing.assert_close(native(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
@@ -130,11 +135,12 @@ def test_convert_shares_parameters():
     torch.testing.assert_close(model(x), expected)
 
 
-def test_conv2d_weight_grad_deterministic(kernel_device):
+@pytest.mark.kernels
+def test_conv2d_weight_grad_deterministic(layer_device):
     # Several split-K partial sums are reduced in a fixed order: repeated runs agree to the bit.
-    x = torch.randn(4, 3, 9, 7, device=kernel_device)
-    weight = torch.randn(5, 3, 3, 3, device=kernel_device, requires_grad=True)
-    b = torch.randn(5, device=kernel_device, requires_grad=True)
+    x = torch.randn(4, 3, 9, 7, device=layer_device)
+    weight = torch.randn(5, 3, 3, 3, device=layer_device, requires_grad=True)
+    b = torch.randn(5, device=layer_device, requires_grad=True)
     grads = []
     for _ in range(2):
         conv2d(x, weight, b, padding=1).square().sum().backward()
@@ -169,10 +175,11 @@ def test_conv2d_errors():
         Conv2d(3, 4, 3, activation="tanh")
 
 
-def test_conv2d_dtype_mismatch_triton(kernel_device):
+@pytest.mark.kernels
+def test_conv2d_dtype_mismatch_triton(layer_device):
     with pytest.raises(TypeError, match="dtype"):
-        conv2d(torch.randn(1, 2, 5, 5, device=kernel_device),
-               torch.randn(3, 2, 3, 3, device=kernel_device, dtype=torch.float16))
+        conv2d(torch.randn(1, 2, 5, 5, device=layer_device),
+               torch.randn(3, 2, 3, 3, device=layer_device, dtype=torch.float16))
 
 
 @pytest.mark.gpu

@@ -5,7 +5,6 @@ import torch
 import torch.nn as nn
 
 import native_layers as nl
-from tests.layer_checks import layer_device  # noqa: F401
 
 
 class _Custom(nn.Linear):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import native_layers as nl
-from tests.layer_checks import LAYOUTS, assert_close, kernel_launches, layer_device, with_layout  # noqa: F401
+from tests.layer_checks import LAYOUTS, assert_close, kernel_launches, with_layout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
@@ -112,11 +112,12 @@ def test_dropout_inplace_non_contiguous(layer_device, layout):
     assert_close(base.grad, torch.where(expected != 0, g.double() / 0.7, 0.0))
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("layout", ["reversed", "channels_last", "sliced"])
-def test_dropout_kernel_reads_any_layout_without_copies(kernel_device, monkeypatch, layout):
+def test_dropout_kernel_reads_any_layout_without_copies(layer_device, monkeypatch, layout):
     from triton_kernels import dropout as k
     launches = kernel_launches(monkeypatch, k, "_dropout_kernel")
-    x = with_layout(torch.rand(2, 3, 5, 7, device=kernel_device) + 0.5, layout)
+    x = with_layout(torch.rand(2, 3, 5, 7, device=layer_device) + 0.5, layout)
     y = k.dropout(x, 0.5, seed=4)
     ((args, _),) = launches
     assert args[0] is x and args[1] is y and y.stride() == torch.relu(x).stride()
@@ -147,10 +148,11 @@ def test_dropout_gpu_dtypes(dtype):
     assert_close(x.grad, kept.double() / 0.75, dtype)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dropout_half_precision_kernels(kernel_device, dtype):
+def test_dropout_half_precision_kernels(layer_device, dtype):
     torch.manual_seed(34)
-    x = (torch.rand(4, 2000, device=kernel_device) + 0.5).to(dtype).requires_grad_()
+    x = (torch.rand(4, 2000, device=layer_device) + 0.5).to(dtype).requires_grad_()
     y = nl.dropout(x, 0.3)
     kept = y != 0
     assert y.dtype == dtype and abs(kept.float().mean().item() - 0.7) < 5 * (0.3 * 0.7 / 8000) ** 0.5

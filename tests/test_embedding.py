@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import native_layers as nl
-from tests.layer_checks import assert_close, layer_device, leaf64  # noqa: F401
+from tests.layer_checks import assert_close, leaf64
 
 
 def _check(idx, weight, dtype=torch.float32, **kwargs):
@@ -96,9 +96,10 @@ def test_embedding_gpu_dtypes(dtype):
     _check(idx, weight, dtype, padding_idx=7)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_embedding_half_precision_kernels(kernel_device, dtype):
+def test_embedding_half_precision_kernels(layer_device, dtype):
     torch.manual_seed(55)
-    weight = torch.randn(13, 40, device=kernel_device).to(dtype).requires_grad_()
-    idx = torch.randint(0, 13, (6, 7), device=kernel_device)
+    weight = torch.randn(13, 40, device=layer_device).to(dtype).requires_grad_()
+    idx = torch.randint(0, 13, (6, 7), device=layer_device)
     _check(idx, weight, dtype, padding_idx=2)

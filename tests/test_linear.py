@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import native_layers as nl
-from tests.layer_checks import assert_close, layer_device, leaf64  # noqa: F401
+from tests.layer_checks import assert_close, leaf64
 
 ACTS = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
@@ -111,13 +111,14 @@ def test_linear_under_autocast_runs_in_half_precision():
     assert_close(y, ref, torch.bfloat16)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_linear_half_precision_kernels(kernel_device, dtype):
+def test_linear_half_precision_kernels(layer_device, dtype):
     """The kernels in half precision with float32 accumulation (interpreter on CPU, or the GPU)."""
     torch.manual_seed(7)
-    x = torch.randn(37, 45, device=kernel_device).to(dtype).requires_grad_()
-    w = (torch.randn(29, 45, device=kernel_device) / 7).to(dtype).requires_grad_()
-    b = torch.randn(29, device=kernel_device).to(dtype).requires_grad_()
+    x = torch.randn(37, 45, device=layer_device).to(dtype).requires_grad_()
+    w = (torch.randn(29, 45, device=layer_device) / 7).to(dtype).requires_grad_()
+    b = torch.randn(29, device=layer_device).to(dtype).requires_grad_()
     _check(x, w, b, "sigmoid", dtype)
 
 

@@ -16,29 +16,32 @@ PARAMS = [(5, 1e-4, 0.75, 2.0), (3, 5e-5, 0.75, 1.0), (4, 0.5, 0.75, 1.0), (2, 1
           (9, 2.0, 0.75, 1.0)]
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("case", range(len(PARAMS)))
-def test_lrn_matches_torch(kernel_device, case):
+def test_lrn_matches_torch(layer_device, case):
     torch.manual_seed(case)
     size, alpha, beta, k = PARAMS[case]
-    x = 2 * torch.randn(2, 7, 5, 3 + case % 2, device=kernel_device)
+    x = 2 * torch.randn(2, 7, 5, 3 + case % 2, device=layer_device)
     for fn in [lambda x: local_response_norm(x, size, alpha, beta, k), LRN(size, alpha, beta, k)]:
         assert_grads_match(fn, lambda x: F.local_response_norm(x, size, alpha, beta, k), x)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("shape", [(2, 6, 9), (2, 5, 3, 2, 3), (1, 17, 3, 3)])
-def test_lrn_other_ranks(kernel_device, shape):
-    x = torch.randn(shape, device=kernel_device)
+def test_lrn_other_ranks(layer_device, shape):
+    x = torch.randn(shape, device=layer_device)
     assert_grads_match(lambda x: local_response_norm(x, 5, 0.5, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 5, 0.5, 0.75, 1.0), x)
 
 
-def test_lrn_non_contiguous(kernel_device):
-    x = torch.randn(2, 5, 12, 10, device=kernel_device)[:, :, ::2, 1:].transpose(2, 3)
-    grad_out = torch.randn(2, 6, 9, 5, dtype=torch.float64, device=kernel_device).transpose(1, 3)
+@pytest.mark.kernels
+def test_lrn_non_contiguous(layer_device):
+    x = torch.randn(2, 5, 12, 10, device=layer_device)[:, :, ::2, 1:].transpose(2, 3)
+    grad_out = torch.randn(2, 6, 9, 5, dtype=torch.float64, device=layer_device).transpose(1, 3)
     assert not x.is_contiguous() and not grad_out.is_contiguous()
     assert_grads_match(lambda x: local_response_norm(x, 3, 0.5, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 3, 0.5, 0.75, 1.0), x, grad_out)
-    xl = torch.randn(2, 6, 3, 5, device=kernel_device).to(memory_format=torch.channels_last)
+    xl = torch.randn(2, 6, 3, 5, device=layer_device).to(memory_format=torch.channels_last)
     assert_grads_match(lambda x: local_response_norm(x, 3, 0.5, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 3, 0.5, 0.75, 1.0), xl)
 

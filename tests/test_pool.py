@@ -33,28 +33,31 @@ AVG_SWEEP = [
 ]
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("case", range(len(MAX_SWEEP)))
-def test_max_pool2d_sweep(kernel_device, case):
+def test_max_pool2d_sweep(layer_device, case):
     torch.manual_seed(case)
     kernel, stride, padding, dilation, ceil_mode = MAX_SWEEP[case]
-    x = torch.randn(2, 3, 7 + case % 3, 5 + 2 * (case % 2), device=kernel_device)
+    x = torch.randn(2, 3, 7 + case % 3, 5 + 2 * (case % 2), device=layer_device)
     args = (kernel, stride, padding, dilation, ceil_mode)
     assert_grads_match(lambda x: max_pool2d(x, *args), lambda x: F.max_pool2d(x, *args), x)
     y, idx = max_pool2d(x, *args, return_indices=True)
     torch.testing.assert_close(idx, F.max_pool2d(x, *args, return_indices=True)[1])
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("case", range(len(AVG_SWEEP)))
-def test_avg_pool2d_sweep(kernel_device, case):
+def test_avg_pool2d_sweep(layer_device, case):
     torch.manual_seed(case)
     args = AVG_SWEEP[case]
-    x = torch.randn(2, 3, 5 + 2 * (case % 3), 7 - 2 * (case % 2), device=kernel_device)
+    x = torch.randn(2, 3, 5 + 2 * (case % 3), 7 - 2 * (case % 2), device=layer_device)
     assert_grads_match(lambda x: avg_pool2d(x, *args), lambda x: F.avg_pool2d(x, *args), x)
 
 
-def test_max_pool2d_ties_and_infinities(kernel_device):
+@pytest.mark.kernels
+def test_max_pool2d_ties_and_infinities(layer_device):
     # Ties pick the first maximum in window order, and gradients follow it, as in torch; -inf is a value.
-    x = torch.randint(0, 3, (2, 2, 7, 5), device=kernel_device).float()
+    x = torch.randint(0, 3, (2, 2, 7, 5), device=layer_device).float()
     x[0, 0, :3, :3] = float("-inf")
     args = (3, 2, 1, 1, True)
     y, idx = max_pool2d(x, *args, return_indices=True)
@@ -64,19 +67,21 @@ def test_max_pool2d_ties_and_infinities(kernel_device):
     assert_grads_match(lambda x: max_pool2d(x, *args), lambda x: F.max_pool2d(x, *args), x)
 
 
-def test_pool_non_contiguous(kernel_device):
-    base = torch.randn(3, 8, 11, 9, device=kernel_device)
+@pytest.mark.kernels
+def test_pool_non_contiguous(layer_device):
+    base = torch.randn(3, 8, 11, 9, device=layer_device)
     x = base[1:, ::2, 1:, :].transpose(2, 3)
     assert not x.is_contiguous()
-    grad_out = torch.randn(2, 4, 5, 7, dtype=torch.float64, device=kernel_device)[..., :5].transpose(2, 3)
+    grad_out = torch.randn(2, 4, 5, 7, dtype=torch.float64, device=layer_device)[..., :5].transpose(2, 3)
     assert_grads_match(lambda x: max_pool2d(x, 3, 2, 1), lambda x: F.max_pool2d(x, 3, 2, 1), x, grad_out)
     assert_grads_match(lambda x: avg_pool2d(x, 3, 2, 1), lambda x: F.avg_pool2d(x, 3, 2, 1), x, grad_out)
-    xl = torch.randn(2, 4, 7, 5, device=kernel_device).to(memory_format=torch.channels_last)
+    xl = torch.randn(2, 4, 7, 5, device=layer_device).to(memory_format=torch.channels_last)
     assert_grads_match(lambda x: max_pool2d(x, 2), lambda x: F.max_pool2d(x, 2), xl)
 
 
-def test_pool_modules_drop_in(kernel_device):
-    x = torch.randn(2, 3, 7, 6, device=kernel_device)
+@pytest.mark.kernels
+def test_pool_modules_drop_in(layer_device):
+    x = torch.randn(2, 3, 7, 6, device=layer_device)
     pairs = [(MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(3, 2, 1, ceil_mode=True)),
              (MaxPool2d(2, return_indices=True), nn.MaxPool2d(2, return_indices=True)),
              (AvgPool2d(3, 2, 1, True, False), nn.AvgPool2d(3, 2, 1, True, False)),

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import native_layers as nl
-from tests.layer_checks import assert_close, layer_device, leaf64  # noqa: F401
+from tests.layer_checks import assert_close, leaf64
 
 
 def _check_ce(x, target, dtype=torch.float32, **kwargs):
@@ -196,19 +196,20 @@ def test_euclidean_loss_gpu_dtypes(dtype):
     assert_close(x.grad, x64.grad, dtype)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_softmax_and_losses_half_precision_kernels(kernel_device, dtype):
+def test_softmax_and_losses_half_precision_kernels(layer_device, dtype):
     torch.manual_seed(22)
-    x = (torch.randn(9, 301, device=kernel_device) * 2).to(dtype).requires_grad_()
-    target = torch.randint(0, 301, (9,), device=kernel_device)
+    x = (torch.randn(9, 301, device=layer_device) * 2).to(dtype).requires_grad_()
+    target = torch.randint(0, 301, (9,), device=layer_device)
     _check_ce(x, target, dtype, label_smoothing=0.1)
     x.grad = None
     y = nl.softmax(x, 1)
-    y.backward(torch.ones_like(y) * torch.linspace(-1, 1, 301, device=kernel_device).to(dtype))
+    y.backward(torch.ones_like(y) * torch.linspace(-1, 1, 301, device=layer_device).to(dtype))
     x64 = leaf64(x)
     ref = torch.softmax(x64, 1)
     ref.backward(torch.ones(9, 301, dtype=torch.float64) * torch.linspace(-1, 1, 301).to(dtype).double())
     assert_close(y, ref, dtype)
     assert_close(x.grad, x64.grad, dtype)
-    t = torch.randn(9, 301, device=kernel_device).to(dtype)
+    t = torch.randn(9, 301, device=layer_device).to(dtype)
     assert_close(nl.euclidean_loss(x, t), 0.5 * ((x64 - t.double().cpu()) ** 2).sum(1).mean(), dtype)

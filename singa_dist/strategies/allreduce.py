@@ -124,9 +124,16 @@ class _DenseExchange:
         self.wire, self.ctx = compressor.compress(bucket.buffer)
         self.bytes_sent = self.wire.numel() * self.wire.element_size()
         self.work = dist.all_reduce(self.wire, op=dist.ReduceOp.SUM, group=pg, async_op=True)
+        collectives.track(self)
+
+    def wait(self) -> None:
+        self.work.wait()
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
 
     def finish(self) -> None:
-        self.work.wait()
+        self.wait()
         out = self.compressor.decompress(self.wire, self.ctx)
         if out is not self.bucket.buffer:
             self.bucket.buffer.copy_(out)
@@ -151,6 +158,7 @@ class _SparseExchange:
             self.counts = torch.empty(size, dtype=torch.int64, device=flat.device)
             self.bytes_sent += self.count.element_size()
             self.works = [_all_gather_single(self.counts, self.count, group=pg, async_op=True)]
+        collectives.track(self)
 
     def _gather(self, most: int) -> None:
         values, index = self.values, self.index
@@ -164,17 +172,22 @@ class _SparseExchange:
         self.works = [_all_gather_single(self.all_values, values, group=self.pg, async_op=True),
                       _all_gather_single(self.all_index, index, group=self.pg, async_op=True)]
 
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
     def second_stage(self) -> None:
         """Threshold only: once the counts are known, send the padded values and indices."""
         if self.counts is not None:
-            for w in self.works:
-                w.wait()
+            self.wait()
             self._gather(int(self.counts.max()))
             self.counts = None
 
     def finish(self) -> None:
-        for w in self.works:
-            w.wait()
+        self.wait()
         buf = self.bucket.buffer
         buf.zero_().index_add_(0, self.all_index.long(), self.all_values)
         if self.op is Average:
@@ -238,6 +251,8 @@ class AllReduce(Strategy):
         self.size = runtime.size() if runtime.is_initialized() else 1
         self.active = collectives.is_active()
         self.pg = collectives.process_group() if self.active else None
+        if self.active:
+            runtime.on_shutdown(self.close, weak=True)  # lets go of the process group, see close()
         # Feature-split parameters (singa_dist.partition) are not replicated: never all-reduced.
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         self.named = [(n, p) for n, p in named if not is_feature_split(p)]
@@ -332,9 +347,9 @@ class AllReduce(Strategy):
         bucket.gather_grads(scale)
         with collectives.watch(bucket.describe()):
             if sparse:
-                bucket.exchange = _SparseExchange(bucket, self.compressor, self.op, self.size, self.pg)
+                bucket.exchange = _SparseExchange(bucket, self.compressor, self.op, self.size, self._group())
             else:
-                bucket.exchange = _DenseExchange(bucket, self.compressor, self.size, self.pg)
+                bucket.exchange = _DenseExchange(bucket, self.compressor, self.size, self._group())
 
     # -------------------------------------------------------------------------------------- synchronize
     def synchronize(self) -> None:
@@ -412,7 +427,7 @@ class AllReduce(Strategy):
         for group in _by_dtype(params):
             flat = torch.cat([p.reshape(-1) for p in group])
             with collectives.watch(f"partial update of {len(group)} parameters"):
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.pg)
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group())
             flat.div_(self.size)
             for view, p in zip(flat.split([p.numel() for p in group]), group):
                 p.copy_(view.view_as(p))
@@ -447,10 +462,19 @@ class AllReduce(Strategy):
                                          zip(bucket.params, bucket.numels)]).to(bucket.device)
 
     def close(self) -> None:
+        """Let go of the buffers and of the process group (singa_dist.shutdown() calls this), so that the
+        group's threads end when the runtime destroys it; the strategy cannot communicate afterwards."""
         for bucket in self.buckets if self.optimizer is not None else []:
             bucket.exchange = None
             bucket.buffer = None
             bucket.residual = None
+        self.pg = None
+
+    def _group(self):
+        if self.pg is None:
+            raise RuntimeError("this AllReduce strategy was closed (close() or singa_dist.shutdown()); "
+                               "after init() again, wrap the optimizer in a new DistributedOptimizer")
+        return self.pg
 
 
 def _by_dtype(params):

@@ -1,0 +1,179 @@
+"""`run(fn, np)`: a function on np local processes joined in one job, its results back in rank order
+(Horovod's `horovod.run` for one host).
+
+    import singa_dist as sd
+
+    def train(lr):
+        ...                      # sd.init() has been called; use sd.rank(), sd.DistributedOptimizer, ...
+        return final_loss
+
+    losses = sd.run(train, np=2, args=(0.1,))
+
+Each process starts fresh (torch.multiprocessing's spawn), with one intra-op thread as `singa-launch` gives
+processes that share a host, calls `sd.init()`, runs `fn(*args, **kwargs)` and `sd.shutdown()`. `fn`, its
+arguments and its results travel by pickle: `fn` must be importable by name (a module-level function).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import queue as queue_module
+import socket
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from . import runtime
+
+# After a rank fails, the others get this long to report (those waiting for it in a collective fail too).
+FAILURE_GRACE_S = 5.0
+# Processes still running when run() returns get this long to end after SIGTERM before SIGKILL.
+STOP_GRACE_S = 3.0
+
+
+class RunError(RuntimeError):
+    """Raised by `run()`: `failures` maps each rank that raised to its traceback; `missing` lists the ranks that
+    had not finished when the run was stopped."""
+
+    def __init__(self, message: str, failures: dict[int, str], missing: list[int]):
+        super().__init__(message)
+        self.failures = failures
+        self.missing = missing
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(index: int, nprocs: int, env: dict, fn, args, kwargs, results) -> None:
+    os.environ.update(env)
+    os.environ.update({"RANK": str(index), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(index),
+                       "LOCAL_WORLD_SIZE": str(nprocs), "GROUP_RANK": "0"})
+    if "SINGA_PROC_WORLD_SIZE" in env:  # a topology with separate servers: every process of it runs fn
+        os.environ["SINGA_PROC_RANK"] = str(index)
+    torch.set_num_threads(1)
+    try:
+        runtime.init()
+        results.put((index, "returned", pickle.dumps(fn(*args, **kwargs))))
+    except BaseException:
+        results.put((index, "error", traceback.format_exc()))
+        runtime.shutdown()  # with the exception in flight: leaves without waiting for the others
+        raise SystemExit(1) from None
+    try:
+        runtime.shutdown()
+    except BaseException:
+        results.put((index, "error", traceback.format_exc()))
+        raise SystemExit(1) from None
+    results.put((index, "left", None))
+
+
+def run(fn, np: int = 2, args: tuple = (), kwargs: dict | None = None, timeout: float | None = None,
+        env: dict | None = None) -> list:
+    """Run `fn(*args, **kwargs)` on `np` local processes joined in one job; return their results in rank order.
+
+    timeout: seconds the whole run may take (None: no limit; a collective waiting for a missing rank still
+             stops after the job's timeout, SINGA_TIMEOUT); past it, RunError names the ranks not finished.
+    env: variables added to every process's environment (SINGA_TIMEOUT, SINGA_STRATEGY, ...). With a
+         SINGA_TOPOLOGY that has separate servers, also give SINGA_PROC_WORLD_SIZE; np then counts every
+         process of the topology and `fn` runs on each (see `sd.role()`).
+
+    A rank that raises makes RunError name it, with its traceback, after the others had a moment to report
+    too; every process is stopped before run() returns or raises.
+    """
+    if np < 1:
+        raise ValueError(f"np must be at least 1, got {np}")
+    child_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    child_env.update(env or {})
+    results = mp.get_context("spawn").Queue()
+    context = mp.start_processes(_rank_main, args=(np, child_env, fn, tuple(args), dict(kwargs or {}), results),
+                                 nprocs=np, join=False, start_method="spawn")
+    try:
+        values, failures, missing = _collect(context.processes, results, timeout)
+    finally:
+        _stop(context.processes)
+        results.close()
+    if failures or missing:
+        raise RunError(_describe(failures, missing, timeout), failures, missing)
+    return [values[r] for r in range(np)]
+
+
+def _collect(processes, results, timeout: float | None):
+    """Read the ranks' reports until all have returned and left the job, one failed (plus a grace period for
+    the others to report), or time is up. Returns (values, failures, missing)."""
+    np = len(processes)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    values: dict[int, object] = {}
+    left: set[int] = set()
+    failures: dict[int, str] = {}  # in the order they arrived: the first is most likely the cause
+    silent_since: dict[int, float] = {}
+    stop_at = None
+    while len(left) + len(failures) < np:
+        now = time.monotonic()
+        if (deadline is not None and now >= deadline) or (stop_at is not None and now >= stop_at):
+            break
+        try:
+            index, kind, payload = results.get(timeout=0.1)
+        except queue_module.Empty:
+            for index, process in enumerate(processes):
+                if index in left or index in failures or process.exitcode is None:
+                    continue
+                # Ended without a last report (killed, or crashed in native code): give what it sent time to
+                # arrive through the queue, then count it as failed.
+                first = silent_since.setdefault(index, now)
+                if now - first > 1.0:
+                    failures[index] = f"the process ended without a report, {_exit_status(process.exitcode)}"
+                    stop_at = stop_at or now + FAILURE_GRACE_S
+            continue
+        if kind == "returned":
+            values[index] = pickle.loads(payload)
+        elif kind == "left":
+            left.add(index)
+        else:
+            failures[index] = payload
+            stop_at = stop_at or time.monotonic() + FAILURE_GRACE_S
+    # A rank that returned and waits in shutdown() for the others is not the one missing.
+    missing = [r for r in range(np) if r not in values and r not in failures]
+    if not missing and not failures and len(left) < np:
+        missing = [r for r in range(np) if r not in left]
+    return values, failures, missing
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        import signal
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _describe(failures: dict[int, str], missing: list[int], timeout: float | None) -> str:
+    if failures:
+        ranks = list(failures)
+        lines = [f"singa_dist.run: rank {ranks[0]} failed" + (f" (then ranks {ranks[1:]})" if ranks[1:] else "")]
+        for r in ranks:
+            lines.append(f"--- rank {r} ---\n{failures[r].rstrip()}")
+        if missing:
+            lines.append(f"ranks {missing} had not finished (likely waiting for the failed ones) and were stopped")
+        return "\n".join(lines)
+    return (f"singa_dist.run: rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not finish "
+            f"within {timeout:g} s; every process was stopped")
+
+
+def _stop(processes) -> None:
+    """SIGTERM the processes still running, SIGKILL those that outlive STOP_GRACE_S."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        process.join(timeout=max(deadline - time.monotonic(), 0.05))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)

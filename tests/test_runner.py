@@ -1,0 +1,76 @@
+"""sd.run: results in rank order, a failing rank named with its traceback, a hang stopped at the timeout, and no
+process left behind."""
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+
+import singa_dist as sd
+
+
+def _identity(offset):
+    t = torch.tensor([float(sd.rank())])
+    sd.allreduce_(t, op=sd.Sum)
+    return {"rank": sd.rank(), "size": sd.size(), "sum": t.item(), "offset": offset, "pid": os.getpid(),
+            "threads": torch.get_num_threads(), "timeout": sd.runtime.timeout_s()}
+
+
+def _fail_on_rank_1(message):
+    if sd.rank() == 1:
+        raise ValueError(message)
+    sd.barrier()  # ranks 0 and 2 wait for rank 1, which never comes
+    return os.getpid()
+
+
+def _hang_on_rank_1():
+    if sd.rank() == 1:
+        time.sleep(300)
+    return os.getpid()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by someone else) counts as gone.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_run_returns_results_in_rank_order():
+    before = set(multiprocessing.active_children())
+    results = sd.run(_identity, np=3, args=(7,), env={"SINGA_TIMEOUT": "42"}, timeout=120)
+    assert [(r["rank"], r["size"], r["sum"], r["offset"]) for r in results] == [(0, 3, 3.0, 7), (1, 3, 3.0, 7),
+                                                                                 (2, 3, 3.0, 7)]
+    assert all(r["threads"] == 1 and r["timeout"] == 42.0 for r in results)  # one intra-op thread; env applied
+    assert len({r["pid"] for r in results}) == 3
+    assert not any(_pid_alive(r["pid"]) for r in results)
+    assert set(multiprocessing.active_children()) == before
+
+
+def test_run_names_the_failing_rank_with_its_traceback():
+    before = set(multiprocessing.active_children())
+    start = time.monotonic()
+    with pytest.raises(sd.RunError) as info:
+        sd.run(_fail_on_rank_1, np=3, args=("rank one gives up",), env={"SINGA_TIMEOUT": "60"}, timeout=120)
+    error = info.value
+    assert list(error.failures)[0] == 1
+    assert str(error).startswith("singa_dist.run: rank 1 failed")
+    assert "ValueError: rank one gives up" in error.failures[1] and "_fail_on_rank_1" in error.failures[1]
+    assert set(error.missing) | set(error.failures) == {0, 1, 2}
+    assert time.monotonic() - start < 50  # stopped after the grace period, not after the collective timeout
+    assert set(multiprocessing.active_children()) == before
+
+
+def test_run_timeout_names_the_missing_rank_and_stops_every_process():
+    before = set(multiprocessing.active_children())
+    start = time.monotonic()
+    with pytest.raises(sd.RunError) as info:
+        sd.run(_hang_on_rank_1, np=2, env={"SINGA_TIMEOUT": "120"}, timeout=15)
+    assert info.value.missing == [1] and not info.value.failures  # rank 0 returned; it waited for rank 1
+    assert "rank 1 did not finish within 15 s" in str(info.value)
+    assert time.monotonic() - start < 40
+    assert set(multiprocessing.active_children()) == before
