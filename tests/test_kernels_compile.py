@@ -1,8 +1,9 @@
 """Every layer kernel compiles for an H100 (sm_90) on a host without a GPU.
 
 The interpreter runs kernels as numpy code and accepts things the GPU compiler rejects (types that do not
-unify, scalar masks, block shapes); compiling ahead of time through ptxas catches those here. Runs in a
-subprocess because kernels are interpreted objects once TRITON_INTERPRET=1 is set (tests/conftest.py).
+unify, scalar masks, block shapes); compiling ahead of time through ptxas catches those here. The convolution
+kernels are also checked for register spills (ptxas -v), as the GPU launches them. Runs in a subprocess
+because kernels are interpreted objects once TRITON_INTERPRET=1 is set (tests/conftest.py).
 """
 import os
 import subprocess
