@@ -2,7 +2,8 @@
 
 Forward, input gradient and weight gradient are Triton kernels on CUDA tensors (triton_kernels/conv.py);
 on CPU tensors the same convolution runs through torch's aten ops. `activation="relu"` fuses bias and
-ReLU into the forward's epilogue and the ReLU mask into both backward kernels.
+ReLU into the forward's epilogue, and the ReLU mask into the one pass that lays dy out for both backward
+kernels.
 """
 from __future__ import annotations
 
@@ -75,11 +76,11 @@ class Conv2dFunction(torch.autograd.Function):
         dx = dw = db = None
         if triton_path:
             k = kernels("conv")
+            dy = k.conv2d_grad_output(grad_y, y if relu else None)
             if need_x:
-                dx = k.conv2d_input_grad(grad_y, y, weight, x.shape, stride, (pt, pl), dilation, groups, relu)
+                dx = k.conv2d_input_grad(dy, weight, x.shape, stride, (pt, pl), dilation, groups)
             if need_w or need_b:
-                dw, db = k.conv2d_weight_grad(grad_y, y, x, weight.shape, stride, (pt, pl), dilation, groups,
-                                              has_bias, relu)
+                dw, db = k.conv2d_weight_grad(dy, x, weight.shape, stride, (pt, pl), dilation, groups, has_bias)
         else:
             if relu:
                 grad_y = grad_y * (y > 0)

@@ -1,14 +1,19 @@
 """Conv2d: Triton kernels (interpreter on CPU, or a GPU) against float64 torch, forward and every gradient."""
+import itertools
+import math
 import random
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import native_layers
 from native_layers import Conv2d, conv2d
 from native_layers.conv import Conv2dFunction
+from triton_kernels import conv as conv_kernels
 
 # The float64 reference warns that its own 'same' padding with an even kernel copies the input.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -80,6 +85,69 @@ def test_conv2d_channel_blocks(layer_device, cin, cout, groups, stride, padding,
     relu = F.relu if activation else (lambda t: t)
     _grads_match(lambda x, w, b: conv2d(x, w, b, stride, padding, dilation, groups, activation),
                  lambda x, w, b: relu(F.conv2d(x, w, b, stride, padding, dilation, groups)), [x, weight, b])
+
+
+# (kernel, stride, padding, dilation): strides whose phases get different tap sets, some none at all (a 1x1
+# kernel with stride 2; stride 2 with dilation 2, where odd rows see no tap).
+STRIDED = [
+    ((3, 3), 2, 1, 1),
+    ((3, 3), 2, 2, 2),
+    ((1, 1), 2, 0, 1),
+    ((5, 3), 3, (2, 1), (2, 1)),
+    ((3, 2), (2, 3), (1, 0), (1, 2)),
+    ((3, 3), 4, 1, 1),
+]
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("case", range(len(STRIDED)))
+@pytest.mark.parametrize("cin,cout,groups", [(4, 6, 1), (20, 18, 2)])
+def test_conv2d_strided_input_grad(layer_device, case, cin, cout, groups):
+    # The input gradient runs one stride phase (ih % stride, iw % stride) at a time over that phase's taps
+    # only, a flat reduction with few channels per group or channel blocks with many. 11x11 inputs make
+    # phases of different sizes, so the first phase has more tiles than the last.
+    kernel, stride, padding, dilation = STRIDED[case]
+    torch.manual_seed(case)
+    x = torch.randn(2, cin, 11, 11, device=layer_device)
+    weight = torch.randn(cout * groups, cin // groups, *kernel, device=layer_device)
+    args = (stride, padding, dilation, groups)
+    _grads_match(lambda x, w: conv2d(x, w, None, *args), lambda x, w: F.conv2d(x, w, None, *args), [x, weight])
+
+
+@triton.jit
+def _index_math_kernel(pix_ptr, tap_ptr, first, N, HEIGHT, WIDTH, offset, dil, stride, tap_step, KSIZE,
+                       BLOCK: tl.constexpr):
+    n, h, w = conv_kernels._pixels(first, BLOCK, HEIGHT, WIDTH)
+    offs = tl.arange(0, BLOCK)
+    tl.store(pix_ptr + offs, n)
+    tl.store(pix_ptr + BLOCK + offs, h)
+    tl.store(pix_ptr + 2 * BLOCK + offs, w)
+    tl.store(tap_ptr, conv_kernels._first_tap(offset, dil, stride, tap_step, KSIZE))
+    tl.store(tap_ptr + 1, tl.cdiv(tl.cast(N, tl.int64) * HEIGHT * WIDTH, BLOCK))
+
+
+@pytest.mark.kernels
+def test_conv2d_index_math(layer_device):
+    # Pixel numbers past 2**31 and 2**32 (a batch of N x 1000 x 1111 outputs) decode exactly, and the tile
+    # count of such a grid is not wrapped to 32 bits; the first tap of a stride phase is the first k with
+    # (offset - k * dil) % stride == 0, the rest following every stride // gcd(stride, dil).
+    block = 16
+    height, width = 1000, 1111
+    pix = torch.empty(3 * block, dtype=torch.int64, device=layer_device)
+    taps = torch.empty(2, dtype=torch.int64, device=layer_device)
+    for first in (2**31 - 5, 2**32 + 12345, 7 * height * width - 3):
+        n = 2**32 // (height * width) + 2
+        _index_math_kernel[(1,)](pix, taps, first, n, height, width, 0, 1, 1, 1, 1, BLOCK=block)
+        expected = [[(first + i) // (height * width) for i in range(block)],
+                    [(first + i) % (height * width) // width for i in range(block)],
+                    [(first + i) % width for i in range(block)]]
+        assert pix.view(3, block).tolist() == expected
+        assert taps[1].item() == triton.cdiv(n * height * width, block)
+    for stride, dil, ksize, offset in itertools.product([1, 2, 3, 4], [1, 2, 3], [1, 2, 3, 5], range(7)):
+        step = stride // math.gcd(stride, dil)
+        _index_math_kernel[(1,)](pix, taps, 0, 1, 4, 4, offset, dil, stride, step, ksize, BLOCK=block)
+        reaching = [k for k in range(ksize) if (offset - k * dil) % stride == 0]
+        assert list(range(taps[0].item(), ksize, step)) == reaching, (stride, dil, ksize, offset)
 
 
 @pytest.mark.kernels

@@ -1,8 +1,9 @@
 """Every layer kernel compiles for an H100 (sm_90) on a host without a GPU.
 
 The interpreter runs kernels as numpy code and accepts things the GPU compiler rejects (types that do not
-unify, scalar masks, block shapes); compiling ahead of time through ptxas catches those here. Runs in a
-subprocess because kernels are interpreted objects once TRITON_INTERPRET=1 is set (tests/conftest.py).
+unify, scalar masks, block shapes); compiling ahead of time through ptxas catches those here. The convolution
+kernels are also checked for register spills (ptxas -v), as the GPU launches them. Runs in a subprocess
+because kernels are interpreted objects once TRITON_INTERPRET=1 is set (tests/conftest.py).
 """
 import os
 import subprocess
@@ -76,22 +77,12 @@ def _variants():
 
 
 def _vision_variants():
-    """Convolution, pooling and LRN; arguments not named in a signature are i32 sizes and strides."""
-    from triton_kernels import conv, lrn, pool
+    """Pooling and LRN (convolution: _conv_variants); arguments not named in a signature are i32."""
+    from triton_kernels import lrn, pool
 
-    h, f, i, b = "*fp16", "*fp32", "*i64", "*bf16"
-    tile = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, PRECISION="ieee")
-    out = []
-    for flat in (True, False):
-        out.append((conv._conv2d_fwd_kernel, dict(x_ptr=h, w_ptr=h, b_ptr=h, y_ptr=h),
-                    dict(HAS_BIAS=True, RELU=True, FLAT_K=flat, **tile), 4))
-        out.append((conv._conv2d_dgrad_kernel, dict(dy_ptr=h, y_ptr=h, w_ptr=h, dx_ptr=h),
-                    dict(RELU=True, FLAT_K=flat, **tile), 4))
+    f, i, b = "*fp32", "*i64", "*bf16"
     scalars = dict(alpha="fp32", beta="fp32", k="fp32")
-    return out + [
-        (conv._conv2d_wgrad_kernel, dict(dy_ptr=h, y_ptr=h, x_ptr=h, dw_part_ptr=f, db_part_ptr=f),
-         dict(RELU=True, HAS_BIAS=True, **tile), 4),
-        (conv._sum_splits_kernel, dict(part_ptr=f, out_ptr=b), dict(BLOCK=1024), 4),
+    return [
         (pool._max_pool2d_fwd_kernel, dict(x_ptr=b, y_ptr=b, idx_ptr=i), dict(BLOCK=256), 4),
         (pool._max_pool2d_bwd_kernel, dict(dy_ptr=b, idx_ptr=i, dx_ptr=b), dict(BLOCK=256), 4),
         (pool._avg_pool2d_fwd_kernel, dict(x_ptr=b, y_ptr=b), dict(COUNT_INCLUDE_PAD=False, DIVISOR=0, BLOCK=256), 4),
@@ -100,6 +91,65 @@ def _vision_variants():
         (lrn._lrn_bwd_kernel, dict(dy_ptr=b, x_ptr=b, scale_ptr=f, dx_ptr=b, **scalars),
          dict(BLOCK_C=8, BLOCK_S=128), 4),
     ]
+
+
+# How the GPU launches the convolution kernels (triton_kernels/conv.py): activations and weights read with
+# channels innermost (unit channel strides, which triton specialises to constants), outputs NCHW (unit
+# width strides), and, for layers with multiples of 16 channels, sizes and other strides divisible by 16.
+_CONV_SPECIALISATION = {
+    "_conv2d_fwd_kernel": dict(unit=["sxc", "swc", "syw"], div16=["C_G", "K_G", "sxn", "sxh", "sxw", "swk", "swh",
+                                                                 "sww", "syn", "syc"]),
+    "_conv2d_dgrad_kernel": dict(unit=["sdyc", "swc", "sxw"], div16=["C_G", "K_G", "sdyn", "sdyh", "sdyw", "swk",
+                                                                    "swh", "sww", "sxn", "sxc"]),
+    "_conv2d_wgrad_kernel": dict(unit=["sdyc", "sxw"], div16=["C_G", "K_G", "sdyn", "sdyh", "sdyw", "sxn", "sxc"]),
+}
+
+
+def _conv_variants(all_tiles: bool):
+    """(kernel, signature, constexprs, num_warps, num_stages, divisible-by-16 args) for the convolution kernels
+    with fp16 and with fp32 (TF32) operands: every autotuned tile if `all_tiles`, else the first of each list."""
+    from triton_kernels import conv
+
+    out = []
+    for dt, precision in [("fp16", "ieee"), ("fp32", "tf32")]:
+        p = "*" + dt
+        gemm_tiles = conv._GEMM_TILES + (conv._GEMM_TILES_16BIT if dt == "fp16" else [])
+        kernels = [(conv._conv2d_fwd_kernel, dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p), gemm_tiles,
+                    [dict(HAS_BIAS=True, RELU=True, FLAT_K=flat) for flat in (False, True)]),
+                   (conv._conv2d_dgrad_kernel, dict(dy_ptr=p, w_ptr=p, dx_ptr=p), gemm_tiles,
+                    [dict(FLAT_K=flat) for flat in (False, True)]),
+                   (conv._conv2d_wgrad_kernel, dict(dy_ptr=p, x_ptr=p, dw_part_ptr="*fp32", db_part_ptr="*fp32"),
+                    conv._WGRAD_TILES, [dict(HAS_BIAS=True)])]
+        for fn, signature, tiles, flag_sets in kernels:
+            spec = _CONV_SPECIALISATION[fn.__name__]
+            for m, n, k, warps, stages in tiles if all_tiles else tiles[:1]:
+                for flags in flag_sets:
+                    constexprs = dict(flags, PRECISION=precision, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8,
+                                      **{a: 1 for a in spec["unit"]})
+                    out.append((fn, signature, constexprs, warps, stages, spec["div16"]))
+    out.append((conv._sum_splits_kernel, dict(part_ptr="*fp32", out_ptr="*bf16"), dict(BLOCK=1024), 4, 3, []))
+    return out
+
+
+def _ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers, spill-store bytes) of the one kernel in `ptx`, from ptxas -v for sm_90a."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia import compiler
+
+    try:
+        ptxas = compiler.get_ptxas(90)
+    except TypeError:  # older triton: no architecture argument
+        ptxas = compiler.get_ptxas()
+    ptxas = getattr(ptxas, "path", ptxas)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    return (int(re.search(r"Used (\d+) registers", log).group(1)),
+            int(re.search(r"(\d+) bytes spill stores", log).group(1)))
 
 
 def _batchnorm_variants(batchnorm, p, bn, stats, tiles, i32):
@@ -116,24 +166,38 @@ def _batchnorm_variants(batchnorm, p, bn, stats, tiles, i32):
     ]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """Compile every layer kernel, and the convolution kernels checking ptxas reports no register spills;
+    with --all-conv-tiles, compile each autotuned convolution tile instead."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    all_tiles = "--all-conv-tiles" in argv
+    variants = [] if all_tiles else [(*v, 3, []) for v in _variants()]
+    variants += [(*v, True) for v in _conv_variants(all_tiles)]
     failures = []
-    for fn, signature, constexprs, warps in _variants():
+    for fn, signature, constexprs, warps, stages, div16, *check_spills in variants:
         sig = {a: "constexpr" if a in constexprs else signature.get(a, "i32") for a in fn.arg_names}
+        # Specialised as a launch would be: fresh allocations are 16-byte aligned, and so are `div16` values.
+        aligned = div16 + ([a for a in fn.arg_names if sig[a].startswith("*")] if check_spills else [])
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
         try:
-            triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "num_stages": 3})
+            compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": warps, "num_stages": stages})
+            if check_spills:
+                regs, spilled = _ptxas_report(compiled.asm["ptx"])
+                if spilled:
+                    failures.append(f"{fn.__name__} {constexprs} num_warps={warps} num_stages={stages}: "
+                                    f"{regs} registers, {spilled} bytes spilled")
         except Exception as e:  # report every kernel that fails, not only the first
             failures.append(f"{fn.__name__} {constexprs}: {e!r}"[:1500])
     print("\n".join(failures) or "all kernels compiled")
     return 1 if failures else 0
 
 
-def test_kernels_compile_for_sm90():
+def _compile_in_subprocess(*args: str, timeout: int) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the layer tests compile and run every kernel on it")
     try:
@@ -144,10 +208,21 @@ def test_kernels_compile_for_sm90():
     if not has_nvidia:
         pytest.skip("triton has no NVIDIA backend here")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "SINGA_FORCE_TRITON": "0"}
-    out = subprocess.run([sys.executable, "-m", "tests.test_kernels_compile"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "tests.test_kernels_compile", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
 
 
+def test_kernels_compile_for_sm90():
+    _compile_in_subprocess(timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_conv_tiles_compile_without_spills():
+    # Every tile the convolution autotuner may pick, for 16-bit and fp32 operands.
+    _compile_in_subprocess("--all-conv-tiles", timeout=1200)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
