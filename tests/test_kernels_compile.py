@@ -197,7 +197,8 @@ def main(argv: list[str]) -> int:
     return 1 if failures else 0
 
 
-def _compile_in_subprocess(*args: str, timeout: int) -> None:
+def _compile_in_subprocess(*args: str, timeout: int, module: str = "tests.test_kernels_compile") -> None:
+    """Run `python -m module *args` compiling for sm_90 without the interpreter; fail on a non-zero exit."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the layer tests compile and run every kernel on it")
     try:
@@ -208,7 +209,7 @@ def _compile_in_subprocess(*args: str, timeout: int) -> None:
     if not has_nvidia:
         pytest.skip("triton has no NVIDIA backend here")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "SINGA_FORCE_TRITON": "0"}
-    out = subprocess.run([sys.executable, "-m", "tests.test_kernels_compile", *args], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
 

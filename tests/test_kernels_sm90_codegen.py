@@ -8,16 +8,9 @@ pointers and sizes divisible by 16), and checks the generated code: warp-group M
 into shared memory, no local-memory spills, and shared memory within the H100's 227 KiB per block.
 Runs in a subprocess because kernels are interpreted objects once TRITON_INTERPRET=1 is set (conftest.py).
 """
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-H100_SHARED_PER_BLOCK = 232448  # bytes (227 KiB) of opt-in shared memory per block on sm_90
+from tests.test_kernels_compile import _compile_in_subprocess, _ptxas_report
 
 # The operands of a dense layer's three products and which strides are 1 for contiguous x, W and dy.
 LINEAR_PRODUCTS = {
@@ -41,32 +34,19 @@ def compile_sm90(fn, pointer_types: dict, constexprs: dict, num_warps: int, num_
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def resource_usage(compiled) -> dict:
-    """Registers, local memory (spills) and stack of a compiled kernel, read from its cubin by cuobjdump."""
-    import re
-    import tempfile
-
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
-
-
 def check_fast_path(label: str, compiled, num_stages: int) -> list[str]:
+    from triton_kernels.matmul import SHARED_MEMORY_BYTES
+
     problems = []
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-    usage = resource_usage(compiled)
+    registers, spilled = _ptxas_report(ptx)
     if "wgmma.mma_async" not in ptx:
         problems.append(f"{label}: no wgmma (the dot does not use Hopper's warp-group MMA)")
     if num_stages > 1 and "async_copy_global_to_local" not in ttgir and "async_tma" not in ttgir:
         problems.append(f"{label}: loads are not pipelined (no async copies)")
-    if usage.get("LOCAL", 0) or usage.get("STACK", 0):
-        problems.append(f"{label}: spills ({usage})")
-    if compiled.metadata.shared > H100_SHARED_PER_BLOCK:
+    if spilled:
+        problems.append(f"{label}: {registers} registers, {spilled} bytes spilled")
+    if compiled.metadata.shared > SHARED_MEMORY_BYTES:
         problems.append(f"{label}: {compiled.metadata.shared} bytes of shared memory")
     return problems
 
@@ -96,19 +76,7 @@ def main() -> int:
 
 
 def test_linear_products_use_wgmma_pipelined_without_spills():
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here: benchmarks/layers.py measures the kernels themselves")
-    try:
-        import triton.backends
-        has_nvidia = "nvidia" in triton.backends.backends
-    except ImportError:
-        has_nvidia = False
-    if not has_nvidia:
-        pytest.skip("triton has no NVIDIA backend here")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "SINGA_FORCE_TRITON": "0"}
-    out = subprocess.run([sys.executable, "-m", "tests.test_kernels_sm90_codegen"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    _compile_in_subprocess(timeout=600, module="tests.test_kernels_sm90_codegen")
 
 
 if __name__ == "__main__":
