@@ -2,7 +2,7 @@
 # Runs the kernel tests (interpreter and sm_90 compilation) under other Triton releases than the one in .venv,
 # since the kernels must work with Triton 3.6 through 3.9. Each release is installed once into
 # .triton/<version> and put ahead of .venv's own triton on PYTHONPATH.
-#   bash scripts/test_triton_versions.sh [VERSION ...]     (default: SINGA_TRITON_VERSIONS or "3.6.0 3.8.0")
+#   bash scripts/test_triton_versions.sh [VERSION ...]     (default: SINGA_TRITON_VERSIONS or "3.6.0 3.7.1 3.8.0")
 # Extra pytest arguments go after "--".
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,7 +13,7 @@ py="${SINGA_VENV:-$root/.venv}/bin/python"
 versions=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do versions+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
-[ ${#versions[@]} -gt 0 ] || read -r -a versions <<< "${SINGA_TRITON_VERSIONS:-3.6.0 3.8.0}"
+[ ${#versions[@]} -gt 0 ] || read -r -a versions <<< "${SINGA_TRITON_VERSIONS:-3.6.0 3.7.1 3.8.0}"
 
 # The test files that exercise triton_kernels or native_layers.
 mapfile -t kernel_tests < <(grep -l -E "native_layers|triton_kernels" tests/test_*.py)

@@ -114,6 +114,22 @@ def test_conv2d_strided_input_grad(layer_device, case, cin, cout, groups):
     _grads_match(lambda x, w: conv2d(x, w, None, *args), lambda x, w: F.conv2d(x, w, None, *args), [x, weight])
 
 
+@pytest.mark.kernels
+@pytest.mark.parametrize("channel_major", [True, False])
+def test_conv2d_store_orders(layer_device, monkeypatch, channel_major):
+    # The forward and input-gradient kernels store their tiles as (channel, pixel) or (pixel, channel),
+    # whichever the Triton release compiles without spills; both orders give the same answer on any release.
+    monkeypatch.setattr(conv_kernels, "CHANNEL_MAJOR_STORE", channel_major)
+    torch.manual_seed(7)
+    for cin, cout, groups, stride in [(4, 6, 1, 2), (20, 18, 2, 1)]:
+        x = torch.randn(2, cin, 9, 7, device=layer_device)[:, :, 1:, :]  # strided rows
+        weight = torch.randn(cout, cin // groups, 3, 3, device=layer_device)
+        b = torch.randn(cout, device=layer_device)
+        args = (stride, 1, 1, groups)
+        _grads_match(lambda x, w, b: conv2d(x, w, b, *args, "relu"),
+                     lambda x, w, b: F.relu(F.conv2d(x, w, b, *args)), [x, weight, b])
+
+
 @triton.jit
 def _index_math_kernel(pix_ptr, tap_ptr, first, N, HEIGHT, WIDTH, offset, dil, stride, tap_step, KSIZE,
                        BLOCK: tl.constexpr):

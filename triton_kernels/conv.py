@@ -21,6 +21,12 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Order in which the forward and input-gradient kernels store their (pixel, channel) accumulator tile.
+# Triton 3.7 and later keep few addresses per thread when the tile is stored transposed, as (channel, pixel):
+# in NCHW neighbouring pixels are adjacent, so the stores coalesce; stored untransposed their 128x128 tiles
+# spill registers. Triton 3.6 is the other way round: its transposed store spills and the direct one does not.
+# tests/test_kernels_compile.py checks the tiles under each release.
+CHANNEL_MAJOR_STORE = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7)
 
 
 def _configs(tiles):
@@ -67,6 +73,17 @@ def _tuned(kernel, key, tiles, tiles_16bit=()):
 
 
 @triton.jit
+def _store_tile(out_ptr, acc, channel_offs, pixel_offs, col_ok, row_ok, CHANNEL_MAJOR: tl.constexpr):
+    # acc is a (pixel, channel) tile; stored in the order CHANNEL_MAJOR_STORE gives for this Triton release.
+    if CHANNEL_MAJOR:
+        tl.store(out_ptr + channel_offs[:, None] + pixel_offs[None, :], tl.trans(acc).to(out_ptr.dtype.element_ty),
+                 mask=col_ok[:, None] & row_ok[None, :])
+    else:
+        tl.store(out_ptr + pixel_offs[:, None] + channel_offs[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
     # Grouped ordering: neighbouring programs share rows of A, so their loads hit L2.
     width = GROUP_M * num_n
@@ -107,6 +124,7 @@ def _conv2d_fwd_kernel(
     sxn, sxc, sxh, sxw, swk, swc, swh, sww, syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # GEMM view: rows = (n, oh, ow), columns = output channels of the group, reduction = (kh, kw, c).
@@ -163,10 +181,8 @@ def _conv2d_fwd_kernel(
         acc += tl.load(b_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    # Stored as (channel, pixel): in NCHW neighbouring pixels are adjacent in memory, so a warp's stores
-    # coalesce, and each thread holds few pixel addresses (the (pixel, channel) order spills registers).
-    y = y_ptr + (co * syc)[:, None] + (n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[None, :]
-    tl.store(y, tl.trans(acc).to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    _store_tile(y_ptr, acc, co * syc, n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw, col_ok, row_ok,
+                CHANNEL_MAJOR)
 
 
 @triton.jit
@@ -175,7 +191,7 @@ def _conv2d_dgrad_kernel(
     N, H, W, OH, OW, C_G, K_G, KH, KW,
     sdyn, sdyc, sdyh, sdyw, swk, swc, swh, sww, sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_step_h, tap_step_w,
-    FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
+    FLAT_K: tl.constexpr, PRECISION: tl.constexpr, CHANNEL_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # GEMM view: rows = input pixels (n, ih, iw), columns = input channels of the group, reduction = (kh, kw, k)
@@ -248,13 +264,12 @@ def _conv2d_dgrad_kernel(
                     b = tl.load(b_cols[None, :] + (ks.to(tl.int64) * swk)[:, None],
                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                     acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
-    # Every pixel of the phase is written, zeros where no tap reaches it. Stored as (channel, pixel), as the
-    # forward's output.
+    # Every pixel of the phase is written, zeros where no tap reaches it.
     ih = ph + jh * stride_h
     iw = pw + jw * stride_w
     ci = (g * C_G + cols).to(tl.int64)
-    dx = dx_ptr + (ci * sxc)[:, None] + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[None, :]
-    tl.store(dx, tl.trans(acc).to(dx_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    _store_tile(dx_ptr, acc, ci * sxc, n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw, col_ok, row_ok,
+                CHANNEL_MAJOR)
 
 
 @triton.jit
@@ -387,7 +402,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, out_hw, r
         N, H, W, OH, OW, C_G, K_G, KH, KW,
         *x.stride(), *weight.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        HAS_BIAS=bias is not None, RELU=relu, FLAT_K=C_G < FLAT_K_BELOW, PRECISION=_precision(x.dtype), **_meta(),
+        HAS_BIAS=bias is not None, RELU=relu, FLAT_K=C_G < FLAT_K_BELOW, PRECISION=_precision(x.dtype),
+        CHANNEL_MAJOR=CHANNEL_MAJOR_STORE, **_meta(),
     )
     return y
 
@@ -421,7 +437,8 @@ def conv2d_input_grad(grad_y, weight, x_shape, stride, padding, dilation, groups
         N, H, W, OH, OW, C_G, K // groups, KH, KW,
         *grad_y.stride(), *weight.stride(), *dx.stride(),
         sh, sw, padding[0], padding[1], dilation[0], dilation[1], *tap_step,
-        FLAT_K=K // groups < FLAT_K_BELOW, PRECISION=_precision(grad_y.dtype), **_meta(),
+        FLAT_K=K // groups < FLAT_K_BELOW, PRECISION=_precision(grad_y.dtype),
+        CHANNEL_MAJOR=CHANNEL_MAJOR_STORE, **_meta(),
     )
     return dx
 
