@@ -115,6 +115,7 @@ class LaunchConfig:
             "SINGA_TOPOLOGY": self.topology.to_json(),
             "SINGA_STRATEGY": self.topology.strategy,
             "GROUP_RANK": str(self.node_rank),
+            "GROUP_WORLD_SIZE": str(self.nnodes),
             "TORCHELASTIC_RESTART_COUNT": str(restart_count),
             "TORCHELASTIC_MAX_RESTARTS": str(self.max_restarts),
             # Children write to files the launcher tails: unbuffered, so lines show when printed.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import weakref
 
 import torch
 import torch.distributed as dist

@@ -52,7 +52,7 @@ def _free_port() -> int:
 def _rank_main(index: int, nprocs: int, env: dict, fn, args, kwargs, results) -> None:
     os.environ.update(env)
     os.environ.update({"RANK": str(index), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(index),
-                       "LOCAL_WORLD_SIZE": str(nprocs), "GROUP_RANK": "0"})
+                       "LOCAL_WORLD_SIZE": str(nprocs), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1"})
     if "SINGA_PROC_WORLD_SIZE" in env:  # a topology with separate servers: every process of it runs fn
         os.environ["SINGA_PROC_RANK"] = str(index)
     torch.set_num_threads(1)

@@ -304,6 +304,7 @@ def test_dry_run_over_ssh_prints_each_host(capsys, tmp_path):
     assert "--node-slots 1,2 --node-rank 1 --master-addr localhost --master-port 29500" in lines[4]
     assert lines[5].startswith("  [1] ") and "LOCAL_RANK=0 " in lines[5] and "RANK=1 " in lines[5]
     assert lines[6].startswith("  [2] ") and "GROUP_RANK=1 " in lines[6] and "WORLD_SIZE=3 " in lines[6]
+    assert "GROUP_WORLD_SIZE=2 " in lines[5] and "GROUP_WORLD_SIZE=2 " in lines[6]
 
 
 @pytest.mark.parametrize("args, reason", [

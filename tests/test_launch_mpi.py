@@ -1,7 +1,5 @@
 """singa-launch --mpi: the exact mpirun command for Open MPI and for MPICH, and a real 3-rank run."""
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
