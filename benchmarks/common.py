@@ -90,5 +90,5 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
     return "" if value is None else str(value)

@@ -78,7 +78,7 @@ def cases(device, dtype, small):
         LayerCase("Tanh", shape, nl.Tanh, nn.Tanh, activations, min_bytes_forward=rw),
         LayerCase("STanh", shape, nl.STanh, _STanhTorch, activations, min_bytes_forward=rw),
         LayerCase("Dropout(0.5)", shape, lambda: nl.Dropout(0.5), lambda: nn.Dropout(0.5), activations,
-                  min_bytes_forward=rw),
+                  min_bytes_forward=rw, deterministic=False),
         LayerCase("Softmax", shape, lambda: nl.Softmax(1), lambda: nn.Softmax(1), activations,
                   min_bytes_forward=rw),
         LayerCase("BatchNorm1d", shape, lambda: on(nl.BatchNorm1d(features)), lambda: on(nn.BatchNorm1d(features)),

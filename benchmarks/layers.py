@@ -3,8 +3,10 @@
     python -m benchmarks.layers [--small] [--only NAME] [--dtype float32]
 
 Cases come from the `cases()` functions of benchmarks/layer_cases_*.py; each returns LayerCase objects.
-Prints a ratio table (torch time / native time: above 1 means the native layer is faster) and appends the
-rows to benchmarks/results/layers.csv with the device and versions. Without a GPU it runs the CPU paths
+Each case is first checked against the torch layer (same parameters, same inputs, forward and every gradient);
+a disagreement beyond TOLERANCE is marked in the table and makes the run exit with an error at the end. Prints a
+ratio table (torch time / native time: above 1 means the native layer is faster) and appends the rows to
+benchmarks/results/layers.csv with the device and versions. Without a GPU it runs the CPU paths
 at small sizes (a smoke run, not a performance figure).
 """
 from __future__ import annotations
@@ -32,6 +34,49 @@ class LayerCase:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     # Bytes a memory-bound forward must move at least (inputs read once, outputs written once); 0 if not.
     min_bytes_forward: int = 0
+    # Whether the native and torch outputs can be compared (not for dropout: the two draw different masks).
+    deterministic: bool = True
+
+
+# Largest error allowed before timing, relative to the reference's largest magnitude: float32 leaves room for
+# TF32 (which torch's cuDNN convolutions use by default), the 16-bit types for their rounding.
+TOLERANCE = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.detach().double(), ref.detach().double()
+    if ref.numel() == 0:
+        return 0.0
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def check(case: LayerCase) -> tuple[float, float]:
+    """(forward error, gradient error) of the native layer against the torch layer on the benchmark's inputs,
+    with the torch layer given the native one's parameters; each relative to the torch result's largest
+    magnitude, the gradient error the worst over the inputs and parameters. NaN where not comparable."""
+    if not case.deterministic:
+        return float("nan"), float("nan")
+    native, ref = case.make_native(), case.make_torch()
+    ours_p, ref_p = list(native.parameters()), list(ref.parameters())
+    if [p.shape for p in ours_p] != [p.shape for p in ref_p]:
+        raise ValueError(f"{case.layer} {case.shape}: the native and torch layers have different parameters")
+    with torch.no_grad():
+        for p, q in zip(ours_p, ref_p):
+            q.copy_(p)
+    inputs = case.make_inputs()
+    twins = [tuple(t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                   for t in inputs) for _ in range(2)]
+    reduce = case.reduce or (lambda out: out.sum())
+    out, out_ref = native(*twins[0]), ref(*twins[1])
+    fwd_err = _relative_error(out, out_ref)
+    # The same upstream gradient for both, not ones: a sum would hide errors that cancel.
+    upstream = torch.randn_like(out_ref) if out_ref.dim() else torch.ones_like(out_ref)
+    reduce(out * upstream).backward()
+    reduce(out_ref * upstream).backward()
+    pairs = [(a, b) for a, b in zip(twins[0], twins[1]) if isinstance(a, torch.Tensor) and a.requires_grad]
+    pairs += list(zip(ours_p, ref_p))
+    grad_err = max((_relative_error(a.grad, b.grad) for a, b in pairs if b.grad is not None), default=0.0)
+    return fwd_err, grad_err
 
 
 def _measure(module: torch.nn.Module, case: LayerCase) -> dict:
@@ -64,10 +109,15 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type == "cpu"
     dtype = getattr(torch, args.dtype)
-    rows = []
+    rows, wrong = [], []
     for case in discover_cases(device, dtype, small):
         if args.only and args.only.lower() not in case.layer.lower():
             continue
+        # Correct first, then timed: a wrong result is reported and its speed is still measured.
+        fwd_err, grad_err = check(case)
+        correct = not (fwd_err > TOLERANCE[dtype] or grad_err > TOLERANCE[dtype])
+        if not correct:
+            wrong.append(f"{case.layer} {case.shape}: forward error {fwd_err:.2e}, gradient error {grad_err:.2e}")
         native = _measure(case.make_native(), case)
         ref = _measure(case.make_torch(), case)
         row = {"layer": case.layer, "shape": case.shape, "dtype": args.dtype,
@@ -75,7 +125,8 @@ def main(argv=None) -> None:
                "fwd_speedup": ref["forward_ms"] / native["forward_ms"],
                "native_bwd_ms": native["backward_ms"], "torch_bwd_ms": ref["backward_ms"],
                "bwd_speedup": ref["backward_ms"] / native["backward_ms"],
-               "native_peak_mb": native["peak_mb"], "torch_peak_mb": ref["peak_mb"]}
+               "native_peak_mb": native["peak_mb"], "torch_peak_mb": ref["peak_mb"],
+               "fwd_err": fwd_err, "grad_err": grad_err, "correct": "yes" if correct else "NO"}
         if case.min_bytes_forward and device.type == "cuda":
             row["fwd_GBps"] = case.min_bytes_forward / native["forward_ms"] / 1e6
         rows.append(row)
@@ -83,9 +134,13 @@ def main(argv=None) -> None:
     if not rows:
         raise SystemExit("no benchmark cases found")
     print()
-    print_table(rows, ["layer", "shape", "dtype", "fwd_speedup", "bwd_speedup", "native_peak_mb", "torch_peak_mb"])
+    print_table(rows, ["layer", "shape", "dtype", "fwd_speedup", "bwd_speedup", "native_peak_mb", "torch_peak_mb",
+                       "correct"])
     path = write_csv("layers", rows)
     print(f"results appended to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    if wrong:
+        raise SystemExit(f"{len(wrong)} native layer(s) disagree with torch beyond {TOLERANCE[dtype]:g} "
+                         f"({args.dtype}):\n  " + "\n  ".join(wrong))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,18 @@ what="${1:-all}"
 python3 -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
+# Every step runs even when one before it fails; the exit status is the first failure's.
+status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
     mapfile -t kernel_tests < <(grep -l -E "native_layers|triton_kernels" tests/test_*.py)
-    python3 -m pytest -q -x -p no:cacheprovider "${kernel_tests[@]}" 2>&1 | tee "$out/gpu_tests.log"
+    python3 -m pytest -q -p no:cacheprovider "${kernel_tests[@]}" 2>&1 | tee "$out/gpu_tests.log" || status=$?
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
+    # Each benchmark case is checked against torch before it is timed; a mismatch fails the run at its end.
     for dtype in float32 bfloat16; do
-        python3 -m benchmarks.layers --dtype "$dtype" 2>&1 | tee "$out/layers_$dtype.log"
+        python3 -m benchmarks.layers --dtype "$dtype" 2>&1 | tee "$out/layers_$dtype.log" || \
+            { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
     done
     [ "$out" = "$root/benchmarks/results" ] || cp benchmarks/results/layers.csv "$out/"
 fi
+exit "$status"
