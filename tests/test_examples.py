@@ -17,43 +17,41 @@ def _accuracy(output: str) -> float:
     return float(found[-1])
 
 
-def test_main_job_reaches_095_with_two_processes():
-    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_mlp.py", "--quiet"],
+def _launch_example(script, *args, flags=()):
+    """`singa-launch -np 2 *flags python examples/<script> *args`, which must succeed; its completed process."""
+    result = run_command(LAUNCH + ["-np", "2", *flags, sys.executable, f"examples/{script}", *args],
                          timeout=240, cwd=str(ROOT))
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_main_job_reaches_095_with_two_processes():
+    result = _launch_example("digits_mlp.py", "--quiet")
     assert "[0] workers=2 strategy=allreduce" in result.stdout
     assert _accuracy(result.stdout) >= 0.95
 
 
 def test_main_job_progress_bar_only_on_rank_0():
-    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_mlp.py", "--epochs", "2"],
-                         timeout=240, cwd=str(ROOT))
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _launch_example("digits_mlp.py", "--epochs", "2")
     text = result.stdout + result.stderr
     assert re.search(r"\[0\].*train:.*step", text), text
     assert not re.search(r"\[1\].*train:", text), text
 
 
 def test_cnn_of_native_conv_pool_lrn_layers():
-    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_cnn.py", "--quiet"],
-                         timeout=240, cwd=str(ROOT))
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _launch_example("digits_cnn.py", "--quiet")
     assert _accuracy(result.stdout) >= 0.96
 
 
 def test_cnn_with_hybrid_partitioning():
     # Convolutions data parallel, dense layers model parallel across the two workers.
-    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_hybrid.py", "--quiet"],
-                         timeout=240, cwd=str(ROOT))
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _launch_example("digits_hybrid.py", "--quiet")
     assert "[0] workers=2 feature-split parameters: classifier.0.weight, classifier.0.bias" in result.stdout
     assert _accuracy(result.stdout) >= 0.97
 
 
 def test_rbm_pretraining_then_finetuning():
-    result = run_command(LAUNCH + ["-np", "2", sys.executable, "examples/digits_rbm.py", "--epochs", "10",
-                                   "--finetune-epochs", "15"], timeout=240, cwd=str(ROOT))
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _launch_example("digits_rbm.py", "--epochs", "10", "--finetune-epochs", "15")
     assert _accuracy(result.stdout) >= 0.93
 
 
@@ -73,9 +71,7 @@ def test_char_rnn_learns_the_text():
 ], ids=["sandblaster", "downpour", "hogwild"])
 def test_main_job_unchanged_under_every_framework(flags):
     # The launcher starts the servers and hands every process its role; the script names no strategy.
-    result = run_command(LAUNCH + ["-np", "2", *flags, sys.executable, "examples/digits_mlp.py", "--quiet"],
-                         timeout=240, cwd=str(ROOT))
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _launch_example("digits_mlp.py", "--quiet", flags=flags)
     assert f"strategy={flags[1]}" in result.stdout
     assert _accuracy(result.stdout) >= 0.95
     assert "encountered error" not in result.stdout + result.stderr  # the RPC group closes cleanly
