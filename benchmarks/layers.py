@@ -30,8 +30,6 @@ class LayerCase:
     make_native: Callable[[], torch.nn.Module]
     make_torch: Callable[[], torch.nn.Module]
     make_inputs: Callable[[], tuple]  # fresh inputs; tensors that need gradients have requires_grad set
-    # Reduces the layer's output to the tensor that backward starts from (default: output.sum()).
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     # Bytes a memory-bound forward must move at least (inputs read once, outputs written once); 0 if not.
     min_bytes_forward: int = 0
     # Whether the native and torch outputs can be compared (not for dropout: the two draw different masks).
@@ -66,27 +64,37 @@ def check(case: LayerCase) -> tuple[float, float]:
     inputs = case.make_inputs()
     twins = [tuple(t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
                    for t in inputs) for _ in range(2)]
-    reduce = case.reduce or (lambda out: out.sum())
     out, out_ref = native(*twins[0]), ref(*twins[1])
     fwd_err = _relative_error(out, out_ref)
-    # The same upstream gradient for both, not ones: a sum would hide errors that cancel.
-    upstream = torch.randn_like(out_ref) if out_ref.dim() else torch.ones_like(out_ref)
-    reduce(out * upstream).backward()
-    reduce(out_ref * upstream).backward()
+    # The same random upstream gradient for both: ones would hide errors that cancel.
+    upstream = _upstream(out_ref)
+    out.backward(upstream)
+    out_ref.backward(upstream)
     pairs = [(a, b) for a, b in zip(twins[0], twins[1]) if isinstance(a, torch.Tensor) and a.requires_grad]
     pairs += list(zip(ours_p, ref_p))
     grad_err = max((_relative_error(a.grad, b.grad) for a, b in pairs if b.grad is not None), default=0.0)
     return fwd_err, grad_err
 
 
+def _upstream(out: torch.Tensor) -> torch.Tensor | None:
+    """The gradient backward starts from: dense and random as in training (the gradient of out.sum() would be
+    a zero-stride tensor of ones that kernels read as one number); None for a loss, which starts from 1."""
+    return torch.randn_like(out, memory_format=torch.contiguous_format) if out.dim() else None
+
+
 def _measure(module: torch.nn.Module, case: LayerCase) -> dict:
     """Forward (as in training, building the graph), backward alone, and peak memory of both."""
     inputs = case.make_inputs()
-    reduce = case.reduce or (lambda out: out.sum())
-    loss = reduce(module(*inputs))
+    out = module(*inputs)
+    upstream = _upstream(out)
     fwd = time_ms(lambda: module(*inputs))
-    bwd = time_ms(lambda: loss.backward(retain_graph=True))
-    mem = peak_memory_mb(lambda: reduce(module(*case.make_inputs())).backward())
+    bwd = time_ms(lambda: out.backward(upstream, retain_graph=True))
+
+    def step():
+        out = module(*case.make_inputs())
+        out.backward(_upstream(out))
+
+    mem = peak_memory_mb(step)
     return {"forward_ms": fwd, "backward_ms": bwd, "peak_mb": mem}
 
 

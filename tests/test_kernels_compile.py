@@ -87,9 +87,10 @@ def _vision_variants():
         (pool._max_pool2d_bwd_kernel, dict(dy_ptr=b, idx_ptr=i, dx_ptr=b), dict(BLOCK=256), 4),
         (pool._avg_pool2d_fwd_kernel, dict(x_ptr=b, y_ptr=b), dict(COUNT_INCLUDE_PAD=False, DIVISOR=0, BLOCK=256), 4),
         (pool._avg_pool2d_bwd_kernel, dict(dy_ptr=b, dx_ptr=b), dict(COUNT_INCLUDE_PAD=True, DIVISOR=3, BLOCK=256), 4),
-        (lrn._lrn_fwd_kernel, dict(x_ptr=b, y_ptr=b, scale_ptr=f, **scalars), dict(BLOCK_C=8, BLOCK_S=128), 4),
+        (lrn._lrn_fwd_kernel, dict(x_ptr=b, y_ptr=b, scale_ptr=f, **scalars),
+         dict(X_DENSE=True, BLOCK_C=8, BLOCK_S=128), 4),
         (lrn._lrn_bwd_kernel, dict(dy_ptr=b, x_ptr=b, scale_ptr=f, dx_ptr=b, **scalars),
-         dict(BLOCK_C=8, BLOCK_S=128), 4),
+         dict(DY_DENSE=False, X_DENSE=True, BLOCK_C=8, BLOCK_S=128), 4),
     ]
 
 

@@ -44,6 +44,11 @@ def test_lrn_non_contiguous(layer_device):
     xl = torch.randn(2, 6, 3, 5, device=layer_device).to(memory_format=torch.channels_last)
     assert_grads_match(lambda x: local_response_norm(x, 3, 0.5, 0.75, 1.0),
                  lambda x: F.local_response_norm(x, 3, 0.5, 0.75, 1.0), xl)
+    # Every other channel: each plane is one dense run, read as such, between gaps.
+    xc = torch.randn(2, 10, 4, 6, device=layer_device)[:, ::2]
+    grad_c = torch.randn(3, 5, 4, 6, dtype=torch.float64, device=layer_device)[1:]
+    assert_grads_match(lambda x: local_response_norm(x, 3, 0.5, 0.75, 1.0),
+                 lambda x: F.local_response_norm(x, 3, 0.5, 0.75, 1.0), xc, grad_c)
 
 
 def test_lrn_cpu_path_gradcheck():

@@ -13,6 +13,13 @@ import triton.language as tl
 BLOCK_I, BLOCK_D = 16, 128
 
 
+def _backward_tile(D: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) of the backward, whose program holds one row slice: 8 elements per thread, so
+    that 16-bit rows move in 16-byte vectors (4 warps over a 128-wide slice would give each thread one)."""
+    block = min(1024, max(32, triton.next_power_of_2(D)))
+    return block, max(1, min(4, block // 256))
+
+
 @triton.jit
 def _embedding_forward_kernel(idx_ptr, w_ptr, out_ptr, n, D, stride_wr, stride_wc,
                               BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -65,7 +72,9 @@ def embedding_backward(idx: torch.Tensor, grad: torch.Tensor, num_embeddings: in
     dw = torch.zeros((num_embeddings, D), device=grad.device, dtype=grad.dtype)
     if n and D:
         sorted_idx, order = torch.sort(idx, stable=True)
-        _embedding_backward_kernel[(n, triton.cdiv(D, BLOCK_D))](
+        block, warps = _backward_tile(D)
+        _embedding_backward_kernel[(n, triton.cdiv(D, block))](
             sorted_idx, order, grad, dw, n, D, grad.stride(0), grad.stride(1),
-            -1 if padding_idx is None else padding_idx, SCALE_BY_FREQ=scale_grad_by_freq, BLOCK_D=BLOCK_D)
+            -1 if padding_idx is None else padding_idx, SCALE_BY_FREQ=scale_grad_by_freq, BLOCK_D=block,
+            num_warps=warps)
     return dw
