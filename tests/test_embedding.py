@@ -19,10 +19,11 @@ def _check(idx, weight, dtype=torch.float32, **kwargs):
     assert_close(weight.grad, w64.grad, dtype, "grad weight")
 
 
+@pytest.mark.parametrize("width", [131, 1100])  # odd; the second needs two column blocks both ways
 @pytest.mark.parametrize("kwargs", [{}, {"padding_idx": 3}, {"padding_idx": -2, "scale_grad_by_freq": True}])
-def test_embedding_matches_reference(layer_device, kwargs):
+def test_embedding_matches_reference(layer_device, kwargs, width):
     torch.manual_seed(50)
-    weight = torch.randn(11, 131, device=layer_device, requires_grad=True)  # odd width, over one block
+    weight = torch.randn(11, width, device=layer_device, requires_grad=True)
     idx = torch.randint(0, 11, (7, 5), device=layer_device)  # repeats: rows summed in the backward
     idx[0, :3] = 3
     idx[1, 1] = 9
