@@ -134,6 +134,20 @@ def _conv_variants(all_tiles: bool):
     return out
 
 
+def compile_sm90(fn, types: dict, constexprs: dict, aligned, num_warps: int, num_stages: int):
+    """Compile the jitted `fn` for an H100 (sm_90): arguments in `constexprs` are constants, the others have
+    the types in `types` (default i32), and those named in `aligned` are marked divisible by 16, as Triton
+    marks 16-byte aligned pointers and integers that are multiples of 16 at a launch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    return triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
 def _ptxas_report(ptx: str) -> tuple[int, int]:
     """(registers, spill-store bytes) of the one kernel in `ptx`, from ptxas -v for sm_90a."""
     import re
@@ -172,23 +186,16 @@ def _batchnorm_variants(batchnorm, p, bn, stats, tiles, i32):
 def main(argv: list[str]) -> int:
     """Compile every layer kernel, and the convolution kernels checking ptxas reports no register spills;
     with --all-conv-tiles, compile each autotuned convolution tile instead."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     all_tiles = "--all-conv-tiles" in argv
     variants = [] if all_tiles else [(*v, 3, []) for v in _variants()]
     variants += [(*v, True) for v in _conv_variants(all_tiles)]
     failures = []
     for fn, signature, constexprs, warps, stages, div16, *check_spills in variants:
-        sig = {a: "constexpr" if a in constexprs else signature.get(a, "i32") for a in fn.arg_names}
         # Specialised as a launch would be: fresh allocations are 16-byte aligned, and so are `div16` values.
-        aligned = div16 + ([a for a in fn.arg_names if sig[a].startswith("*")] if check_spills else [])
-        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+        aligned = div16 + ([a for a in fn.arg_names if a not in constexprs and signature.get(a, "").startswith("*")]
+                           if check_spills else [])
         try:
-            compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                                      target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": warps, "num_stages": stages})
+            compiled = compile_sm90(fn, signature, constexprs, aligned, warps, stages)
             if check_spills:
                 regs, spilled = _ptxas_report(compiled.asm["ptx"])
                 if spilled:

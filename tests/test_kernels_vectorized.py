@@ -16,7 +16,7 @@ import pkgutil
 import re
 import sys
 
-from tests.test_kernels_compile import _compile_in_subprocess
+from tests.test_kernels_compile import _compile_in_subprocess, compile_sm90
 
 # Kernels whose stores are per-row or per-channel results (losses, partial sums), not tensors of the input's
 # size: only their loads need to be vectors.
@@ -77,9 +77,6 @@ def _compile_launch(kernel, args, kwargs):
     """Compile a recorded launch for sm_90, specialised as Triton specialises that call; returns the
     kernel's name and its PTX."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
 
     options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
@@ -99,7 +96,7 @@ def _compile_launch(kernel, args, kwargs):
             constexprs[name] = value
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + types[value.dtype]
-            aligned.append(i)
+            aligned.append(name)
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int) and value == 1:
@@ -107,13 +104,10 @@ def _compile_launch(kernel, args, kwargs):
         elif isinstance(value, int):
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
             if value % 16 == 0:
-                aligned.append(i)
+                aligned.append(name)
         else:
             signature[name] = "fp32"
-    signature.update({name: "constexpr" for name in constexprs})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = compile_sm90(kernel, signature, constexprs, aligned, options["num_warps"], options["num_stages"])
     return kernel.__name__, compiled.asm["ptx"]
 
 
