@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import runtime
+from .collectives import watch
 
 SHARD_ATTR = "_singa_shard"
 
@@ -93,14 +94,18 @@ def _group():
 
 # ------------------------------------------------------------------------------------------------- collectives
 
-def _gather_sizes(local: int, pg, n: int) -> list[int]:
+# Every collective runs under collectives.watch(what): a worker that never arrives is named in the error
+# (within the job's timeout) instead of leaving the others waiting.
+
+def _gather_sizes(local: int, pg, n: int, what: str) -> list[int]:
     mine = torch.tensor([local], dtype=torch.int64)
     everyone = [torch.empty_like(mine) for _ in range(n)]
-    dist.all_gather(everyone, mine, group=pg)
+    with watch(f"{what} (the workers' sizes)"):
+        dist.all_gather(everyone, mine, group=pg)
     return [int(t) for t in everyone]
 
 
-def _all_gather(x: torch.Tensor, dim: int, sizes: list[int], pg) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, dim: int, sizes: list[int], pg, what: str) -> torch.Tensor:
     """Concatenate every worker's `x` along `dim` (lengths `sizes`, which may differ) in rank order."""
     most = max(sizes)
     x = x.contiguous()
@@ -109,12 +114,13 @@ def _all_gather(x: torch.Tensor, dim: int, sizes: list[int], pg) -> torch.Tensor
         pad[dim] = most - x.shape[dim]
         x = torch.cat([x, x.new_zeros(pad)], dim)
     parts = [torch.empty_like(x) for _ in sizes]
-    dist.all_gather(parts, x, group=pg)
+    with watch(what):
+        dist.all_gather(parts, x, group=pg)
     return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim)
 
 
 def _all_to_all(x: torch.Tensor, split_dim: int, split: list[int], cat_dim: int, cat: list[int], pg,
-                rank: int) -> torch.Tensor:
+                rank: int, what: str) -> torch.Tensor:
     """Send part r of `x` along `split_dim` to worker r; concatenate what arrives along `cat_dim`.
 
     Worker q's part has length cat[q] along `cat_dim`; the result's length along `split_dim` is split[rank].
@@ -129,8 +135,9 @@ def _all_to_all(x: torch.Tensor, split_dim: int, split: list[int], cat_dim: int,
         recv_shapes.append(s)
     recv_numels = [int(torch.Size(s).numel()) for s in recv_shapes]
     out = x.new_empty(sum(recv_numels))
-    dist.all_to_all_single(out, torch.cat(send), output_split_sizes=recv_numels,
-                           input_split_sizes=[p.numel() for p in send], group=pg)
+    with watch(what):
+        dist.all_to_all_single(out, torch.cat(send), output_split_sizes=recv_numels,
+                               input_split_sizes=[p.numel() for p in send], group=pg)
     return torch.cat([p.view(s) for p, s in zip(out.split(recv_numels), recv_shapes)], cat_dim)
 
 
@@ -146,7 +153,7 @@ class _ConcateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, pg, rank):
         ctx.dim, ctx.start, ctx.length = dim, sum(sizes[:rank]), sizes[rank]
-        return _all_gather(x, dim, sizes, pg)
+        return _all_gather(x, dim, sizes, pg, f"Concate of {tuple(x.shape)} along dim {dim}")
 
     @staticmethod
     def backward(ctx, grad):
@@ -161,7 +168,8 @@ class _SliceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.sizes, ctx.pg), None, None, None, None
+        what = f"the gradient of Slice {tuple(grad.shape)} along dim {ctx.dim}"
+        return _all_gather(grad, ctx.dim, ctx.sizes, ctx.pg, what), None, None, None, None
 
 
 class _SplitFunction(torch.autograd.Function):
@@ -173,19 +181,21 @@ class _SplitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.pg)
+        with watch(f"the gradient of Split {tuple(grad.shape)}"):
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.pg)
         return grad, None
 
 
 class _AllToAllFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, split_dim, split, cat_dim, cat, pg, rank):
-        ctx.args = (cat_dim, cat, split_dim, split, pg, rank)
-        return _all_to_all(x, split_dim, split, cat_dim, cat, pg, rank)
+    def forward(ctx, x, split_dim, split, cat_dim, cat, pg, rank, name):
+        ctx.args, ctx.name = (cat_dim, cat, split_dim, split, pg, rank), name
+        return _all_to_all(x, split_dim, split, cat_dim, cat, pg, rank, f"{name} of {tuple(x.shape)}")
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_to_all(grad, *ctx.args), None, None, None, None, None, None
+        what = f"the gradient of {ctx.name} {tuple(grad.shape)}"
+        return _all_to_all(grad, *ctx.args, what), None, None, None, None, None, None, None
 
 
 def _dim(x: torch.Tensor, dim: int) -> int:
@@ -208,7 +218,8 @@ class Concate(nn.Module):
         if n == 1:
             return x
         dim = _dim(x, self.dim)
-        sizes = list(self.sizes) if self.sizes is not None else _gather_sizes(x.shape[dim], pg, n)
+        sizes = list(self.sizes) if self.sizes is not None else \
+            _gather_sizes(x.shape[dim], pg, n, f"Concate of {tuple(x.shape)} along dim {dim}")
         if dim == 0 and self.batch is not None:
             self.batch.sizes = sizes
         return _ConcateFunction.apply(x, dim, sizes, pg, rank)
@@ -262,11 +273,11 @@ class BridgeSrc(nn.Module):
         pg, rank, n = _group()
         if n == 1:
             return x
-        rows = _gather_sizes(x.shape[0], pg, n)
+        rows = _gather_sizes(x.shape[0], pg, n, f"BridgeSrc of {tuple(x.shape)}")
         if self.batch is not None:
             self.batch.sizes = rows
         features = list(self.sizes) if self.sizes is not None else split_sizes(x.shape[1], n)
-        return _AllToAllFunction.apply(x, 1, features, 0, rows, pg, rank)
+        return _AllToAllFunction.apply(x, 1, features, 0, rows, pg, rank, "BridgeSrc")
 
 
 class BridgeDst(nn.Module):
@@ -286,8 +297,9 @@ class BridgeDst(nn.Module):
         rows = self.batch.sizes if self.batch is not None and self.batch.sizes is not None else None
         if rows is None or sum(rows) != x.shape[0]:
             rows = split_sizes(x.shape[0], n)
-        features = list(self.sizes) if self.sizes is not None else _gather_sizes(x.shape[1], pg, n)
-        return _AllToAllFunction.apply(x, 0, rows, 1, features, pg, rank)
+        features = list(self.sizes) if self.sizes is not None else \
+            _gather_sizes(x.shape[1], pg, n, f"BridgeDst of {tuple(x.shape)}")
+        return _AllToAllFunction.apply(x, 0, rows, 1, features, pg, rank, "BridgeDst")
 
 
 # ------------------------------------------------------------------------------------------------ partition()
@@ -438,6 +450,6 @@ def full_state_dict(model: nn.Module) -> dict:
     for key, value in model.state_dict(keep_vars=True).items():
         info = shard_of(value) if isinstance(value, torch.Tensor) else None
         if info is not None and n > 1:
-            value = _all_gather(value.detach(), info.dim, list(info.sizes), pg)
+            value = _all_gather(value.detach(), info.dim, list(info.sizes), pg, f"full_state_dict() of {key}")
         out[key] = value.detach() if isinstance(value, torch.Tensor) else value
     return out

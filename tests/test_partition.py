@@ -5,6 +5,8 @@ AllReduce against one process on the whole batch, and the full state_dict round 
 Connection layers follow SINGA's gradient semantics: a tensor every worker holds whole carries the same
 (whole) gradient on every worker; Split sums the partitions' gradients into it.
 """
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -14,6 +16,7 @@ import singa_dist as sd
 from singa_dist.partition import (BridgeDst, BridgeSrc, Concate, Slice, Split, _BatchSizes, full_state_dict,
                                   is_feature_split, partition, split_sizes)
 from tests.conftest import get_world
+from tests.dist_harness import RankFailure
 
 STEPS = 5
 
@@ -264,3 +267,23 @@ def reject_in_parameter_server():
 def test_parameter_server_strategies_refuse_feature_split_parameters():
     for message in get_world(2).run(reject_in_parameter_server, timeout=30):
         assert message is not None and "feature-split parameters (0.weight, 0.bias, 2.weight" in message
+
+
+def missing_in_bridge():
+    if sd.rank() == 1:
+        time.sleep(3600)
+    BridgeSrc()(torch.ones(2, 4))
+
+
+@pytest.mark.timeout(120)
+def test_missing_worker_is_named_in_a_connection_layer():
+    world = get_world(2, SINGA_TIMEOUT="3")
+    start = time.monotonic()
+    try:
+        with pytest.raises(RankFailure) as failure:
+            world.run(missing_in_bridge, timeout=60)
+        seconds = time.monotonic() - start
+    finally:
+        world.close()  # kills the sleeping rank
+    assert "rank 0: rank 1 did not reach BridgeSrc of (2, 4)" in str(failure.value)
+    assert seconds < 30
