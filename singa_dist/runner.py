@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_module
-import socket
 import time
 import traceback
 
@@ -41,12 +40,6 @@ class RunError(RuntimeError):
         super().__init__(message)
         self.failures = failures
         self.missing = missing
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(index: int, nprocs: int, env: dict, fn, args, kwargs, results) -> None:
@@ -86,7 +79,7 @@ def run(fn, np: int = 2, args: tuple = (), kwargs: dict | None = None, timeout: 
     """
     if np < 1:
         raise ValueError(f"np must be at least 1, got {np}")
-    child_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    child_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(runtime.free_port("127.0.0.1")), "OMP_NUM_THREADS": "1"}
     child_env.update(env or {})
     results = mp.get_context("spawn").Queue()
     context = mp.start_processes(_rank_main, args=(np, child_env, fn, tuple(args), dict(kwargs or {}), results),

@@ -162,6 +162,13 @@ def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int 
     return (local_rank, local_size) + _ranks_within(local_ranks)[proc_rank]
 
 
+def free_port(host: str = "") -> int:
+    """A TCP port free on `host` (every interface by default) at the time of the call."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _rendezvous_address(launcher: str, rank: int) -> None:
     """Make MASTER_ADDR/MASTER_PORT known on every rank when the launcher did not set them."""
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
@@ -175,9 +182,7 @@ def _rendezvous_address(launcher: str, rank: int) -> None:
                 "(pip install 'singa[mpi]'); or start the job with singa-launch --mpi") from None
         address = None
         if rank == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             host = socket.gethostbyname(socket.gethostname())
             ifname = os.environ.get("GLOO_SOCKET_IFNAME")
             if ifname:  # the interface the job was told to use (singa-launch --network-interface)

@@ -13,18 +13,13 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from singa_dist.runtime import free_port
 
 
 class RankFailure(AssertionError):
@@ -88,7 +83,7 @@ class World:
 
     def __init__(self, nprocs: int, env: dict | None = None, start_timeout: float = 60.0):
         self.nprocs = nprocs
-        self.env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+        self.env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.env.update(env or {})
         self.ctx = mp.get_context("spawn")

@@ -22,7 +22,7 @@ sd.shutdown()
 
 def test_server_process_exits_after_workers_shut_down():
     topology = sd.ClusterTopology.sandblaster(1, 1)
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "OMP_NUM_THREADS": "1",
             "SINGA_TOPOLOGY": topology.to_json(), "SINGA_PROC_WORLD_SIZE": "2", "SINGA_TIMEOUT": "30",
             "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     procs = []

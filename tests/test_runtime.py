@@ -88,7 +88,7 @@ def test_cross_ranks_from_slurm(distribution, expected, monkeypatch):
 def _run_processes(envs: list[dict], code: str, timeout: float = 120.0) -> list[str]:
     """Start one `python -c code` per environment (each in its own session), return their outputs."""
     base = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"})
+    base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "OMP_NUM_THREADS": "1"})
     procs = [subprocess.Popen([sys.executable, "-c", code], env={**base, **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True) for env in envs]
     outputs = []
