@@ -49,7 +49,7 @@ def main(argv=None) -> float:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategy", default=None,
-                        help="allreduce, sandblaster, downpour, hogwild, hybrid (default: the launcher's)")
+                        help=f"{', '.join(sd.STRATEGIES)} (default: the launcher's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 

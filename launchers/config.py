@@ -9,10 +9,10 @@ import argparse
 import os
 import shlex
 import shutil
-import socket
 import sys
 from dataclasses import dataclass, field
 
+from singa_dist.environment import free_port
 from singa_dist.topology import STRATEGIES, ClusterTopology, TopologyError
 
 DEFAULT_MASTER_PORT = 29500
@@ -163,12 +163,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, SignalException, start_processes
 
-from .config import LaunchConfig, ProcessSpec, free_port
+from singa_dist.environment import free_port
+
+from .config import LaunchConfig, ProcessSpec
 from .tag_output import LineSplitter
 
 POLL_S = 0.05

@@ -6,37 +6,52 @@
                                   named_parameters=model.named_parameters())
     sd.broadcast_parameters(model.state_dict(), root_rank=0)
 """
+import sys as _sys
+
 from .runtime import (cross_rank, cross_size, device, group_process_group, init, is_distributed, is_initialized,
                       local_rank, local_size, on_shutdown, proc_rank, proc_size, rank, role, shutdown, size,
                       strategy_name, topology, worker_group, workers_process_group)
-from .topology import ClusterTopology, ProcessRole, TopologyError
+from .topology import STRATEGIES, ClusterTopology, ProcessRole, StrategyKind, TopologyError
+from .primitives import CollectiveError
 from .collectives import (Average, Max, Min, Product, ReduceOp, Sum, allgather, allgather_async, allgather_object,
                           allreduce, allreduce_, allreduce_async, allreduce_async_, barrier, broadcast, broadcast_,
-                          broadcast_async, broadcast_async_, broadcast_object, broadcast_optimizer_state,
-                          broadcast_parameters, poll, synchronize)
+                          broadcast_async, broadcast_async_, broadcast_object, poll, synchronize)
+from .functions import broadcast_optimizer_state, broadcast_parameters
 from .compression import Compression
 from .optimizer import DistributedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .strategies import Strategy
 from .strategies.allreduce import AllReduce
+from .strategies.partial_update import PartialUpdate
 from .runner import RunError, run
 from . import partition
 
 __version__ = "0.1.0"
 
 # The parameter-server strategies bring the RPC transport and the server loop with them: imported on first use.
-_PARAMETER_SERVER_STRATEGIES = {"Sandblaster": "sandblaster", "Downpour": "downpour", "Hogwild": "hogwild",
-                                "Hybrid": "hybrid"}
+_LAZY_STRATEGIES = {kind.class_name: name for name, kind in STRATEGIES.items() if kind.parameter_servers}
 
 
 def __getattr__(name: str):
-    if name in _PARAMETER_SERVER_STRATEGIES:
+    if name in _LAZY_STRATEGIES:
         from .strategies import strategy_class
-        cls = globals()[name] = strategy_class(_PARAMETER_SERVER_STRATEGIES[name])
+        cls = globals()[name] = strategy_class(_LAZY_STRATEGIES[name])
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_PARAMETER_SERVER_STRATEGIES))
+    return sorted(set(globals()) | set(_LAZY_STRATEGIES))
 
+
+def _release_parameter_servers() -> None:
+    """shutdown()'s "release" phase, for the transport that may not be imported yet: separate parameter servers
+    wait for every worker's goodbye, whether or not the worker ever used them."""
+    if "singa_dist.ps.transport" in _sys.modules or (
+            is_initialized() and is_distributed() and role().is_worker and topology().server_worker_separate
+            and topology().nservers > 0):
+        from .ps import transport
+        transport.leave_job()
+
+
+on_shutdown(_release_parameter_servers, phase="release", persistent=True)

@@ -168,20 +168,16 @@ def resolve(compression) -> Compressor:
     return compression
 
 
-def residual_state(residuals: dict[str, torch.Tensor]) -> dict:
-    """The checkpoint form of this rank's error-feedback residuals (parameter name -> tensor)."""
-    from . import runtime
-    rank = runtime.rank() if runtime.is_initialized() else 0
+def residual_state(residuals: dict[str, torch.Tensor], rank: int) -> dict:
+    """The checkpoint form of rank `rank`'s error-feedback residuals (parameter name -> tensor)."""
     return {"rank": rank, "params": {n: r.detach().cpu().clone() for n, r in residuals.items()}}
 
 
-def load_residual_state(state: dict | None, what: str) -> dict[str, torch.Tensor]:
-    """This rank's residuals from `residual_state`'s form; empty (zero residuals) with a warning when the
+def load_residual_state(state: dict | None, what: str, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s residuals from `residual_state`'s form; empty (zero residuals) with a warning when the
     checkpoint holds another rank's, since adopting them would count that rank's held-back gradient twice."""
     if not state:
         return {}
-    from . import runtime
-    rank = runtime.rank() if runtime.is_initialized() else 0
     if int(state["rank"]) != rank:
         warnings.warn(f"the checkpoint holds rank {state['rank']}'s {what} residual; rank {rank} starts with a "
                       "zero residual (save opt.state_dict() on every rank to keep each rank's own)", stacklevel=3)

@@ -19,9 +19,9 @@ import torch
 from . import runtime
 from .collectives import (Average, Max, Min, Product, Sum, allgather, allgather_async, allgather_object, allreduce,
                           allreduce_, allreduce_async, allreduce_async_, barrier, broadcast, broadcast_,
-                          broadcast_async, broadcast_async_, broadcast_object, broadcast_optimizer_state,
-                          broadcast_parameters, poll, synchronize)
+                          broadcast_async, broadcast_async_, broadcast_object, poll, synchronize)
 from .compression import Compression, Compressor
+from .functions import broadcast_optimizer_state, broadcast_parameters
 from .optimizer import DistributedOptimizer as _DistributedOptimizer
 from .runtime import (cross_rank, cross_size, is_initialized, local_rank, local_size, rank, shutdown, size)
 from .strategies.allreduce import AllReduce

@@ -10,8 +10,9 @@ import contextlib
 
 import torch
 
-from . import collectives, strategies
+from . import strategies
 from .collectives import Average
+from .functions import check_consistency
 
 
 class _DistributedOptimizer:
@@ -22,7 +23,7 @@ class _DistributedOptimizer:
             raise ValueError(f"backward_passes_per_step must be at least 1, got {backward_passes_per_step}")
         named = _named_parameters(self, named_parameters)
         # Before any training: workers with different models would otherwise hang or mix data later.
-        collectives.check_consistency(named, "parameter")
+        check_consistency(named, "parameter")
         self._singa_strategy = strategies.make(strategy)
         self._singa_named = named
         self._singa_skip_sync = False
@@ -122,7 +123,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     base = type(optimizer)
     cls = _classes.get(base)
     if cls is None:
-        cls = _classes[base] = type(base.__name__, (_DistributedOptimizer, base), {"__doc__": base.__doc__})
+        cls = _classes[base] = type(base.__name__, (_DistributedOptimizer, base),
+                                    {"__doc__": base.__doc__, "_singa_user_class": base})
     optimizer.__class__ = cls
     try:
         optimizer._singa_setup(named_parameters, strategy, compression, backward_passes_per_step, op)

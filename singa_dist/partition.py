@@ -31,57 +31,15 @@ and inserts the connection layers. The model's input and output are split by bat
 from __future__ import annotations
 
 import copy
-import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import runtime
-from .collectives import watch
-
-SHARD_ATTR = "_singa_shard"
-
-
-@dataclass(frozen=True)
-class Shard:
-    """What a feature-split parameter holds: rows `start:start+length` along `dim` of a tensor of `full_shape`."""
-
-    dim: int
-    full_shape: tuple
-    start: int
-    length: int
-    sizes: tuple  # every worker's length, in rank order
-
-
-# A state_dict() holds detached tensors, which lose the marker: they are recognised by their memory.
-_shards_by_ptr: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
-
-
-def shard_of(tensor: torch.Tensor) -> Shard | None:
-    """The Shard a feature-split parameter (or a detached view of one, as in a state_dict) holds, else None."""
-    found = getattr(tensor, SHARD_ATTR, None)
-    if found is not None:
-        return found
-    if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
-        return None
-    param = _shards_by_ptr.get(tensor.data_ptr())
-    if param is not None and param.shape == tensor.shape and param.dtype == tensor.dtype:
-        return getattr(param, SHARD_ATTR, None)
-    return None
-
-
-def is_feature_split(tensor: torch.Tensor) -> bool:
-    """True for a parameter that `partition()` split across the workers (not replicated)."""
-    return shard_of(tensor) is not None
-
-
-def split_sizes(total: int, parts: int) -> list[int]:
-    """torch.tensor_split's sizes: the first `total % parts` parts get one more."""
-    return [total // parts + (1 if r < total % parts else 0) for r in range(parts)]
+from . import primitives, runtime
+from .shards import Shard, is_feature_split, mark_shard, shard_of, split_sizes  # noqa: F401 (public here too)
 
 
 def _group():
@@ -94,15 +52,12 @@ def _group():
 
 # ------------------------------------------------------------------------------------------------- collectives
 
-# Every collective runs under collectives.watch(what): a worker that never arrives is named in the error
+# Every collective is a primitive's (singa_dist.primitives): a worker that never arrives is named in the error
 # (within the job's timeout) instead of leaving the others waiting.
 
 def _gather_sizes(local: int, pg, n: int, what: str) -> list[int]:
     mine = torch.tensor([local], dtype=torch.int64)
-    everyone = [torch.empty_like(mine) for _ in range(n)]
-    with watch(f"{what} (the workers' sizes)"):
-        dist.all_gather(everyone, mine, group=pg)
-    return [int(t) for t in everyone]
+    return primitives.all_gather_into(mine.new_empty(n), mine, f"{what} (the workers' sizes)", group=pg).tolist()
 
 
 def _all_gather(x: torch.Tensor, dim: int, sizes: list[int], pg, what: str) -> torch.Tensor:
@@ -113,9 +68,8 @@ def _all_gather(x: torch.Tensor, dim: int, sizes: list[int], pg, what: str) -> t
         pad = list(x.shape)
         pad[dim] = most - x.shape[dim]
         x = torch.cat([x, x.new_zeros(pad)], dim)
-    parts = [torch.empty_like(x) for _ in sizes]
-    with watch(what):
-        dist.all_gather(parts, x, group=pg)
+    parts = primitives.all_gather_into(x.new_empty((len(sizes) * x.shape[0], *x.shape[1:])), x, what,
+                                       group=pg).chunk(len(sizes))
     return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim)
 
 
@@ -134,10 +88,9 @@ def _all_to_all(x: torch.Tensor, split_dim: int, split: list[int], cat_dim: int,
         s[cat_dim] = cat[q]
         recv_shapes.append(s)
     recv_numels = [int(torch.Size(s).numel()) for s in recv_shapes]
-    out = x.new_empty(sum(recv_numels))
-    with watch(what):
-        dist.all_to_all_single(out, torch.cat(send), output_split_sizes=recv_numels,
-                               input_split_sizes=[p.numel() for p in send], group=pg)
+    out = primitives.all_to_all_single(x.new_empty(sum(recv_numels)), torch.cat(send), what,
+                                       output_split_sizes=recv_numels, input_split_sizes=[p.numel() for p in send],
+                                       group=pg)
     return torch.cat([p.view(s) for p, s in zip(out.split(recv_numels), recv_shapes)], cat_dim)
 
 
@@ -180,9 +133,8 @@ class _SplitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        with watch(f"the gradient of Split {tuple(grad.shape)}"):
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.pg)
+        grad = primitives.all_reduce(grad.contiguous().clone(), f"the gradient of Split {tuple(grad.shape)}",
+                                     group=ctx.pg)
         return grad, None
 
 
@@ -338,9 +290,8 @@ def _shard_parameters(module: nn.Module, rank: int, n: int) -> None:
         if p is None:
             continue
         shard = nn.Parameter(p.detach()[start:start + sizes[rank]].clone(), requires_grad=p.requires_grad)
-        setattr(shard, SHARD_ATTR, Shard(0, tuple(p.shape), start, sizes[rank], tuple(sizes)))
+        mark_shard(shard, Shard(0, tuple(p.shape), start, sizes[rank], tuple(sizes)))
         setattr(module, name, shard)
-        _shards_by_ptr[shard.data_ptr()] = shard
     if isinstance(module, nn.Linear):
         module.out_features = sizes[rank]
     else:

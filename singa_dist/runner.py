@@ -25,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from . import runtime
+from .environment import free_port
 
 # After a rank fails, the others get this long to report (those waiting for it in a collective fail too).
 FAILURE_GRACE_S = 5.0
@@ -79,7 +80,7 @@ def run(fn, np: int = 2, args: tuple = (), kwargs: dict | None = None, timeout: 
     """
     if np < 1:
         raise ValueError(f"np must be at least 1, got {np}")
-    child_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(runtime.free_port("127.0.0.1")), "OMP_NUM_THREADS": "1"}
+    child_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "OMP_NUM_THREADS": "1"}
     child_env.update(env or {})
     results = mp.get_context("spawn").Queue()
     context = mp.start_processes(_rank_main, args=(np, child_env, fn, tuple(args), dict(kwargs or {}), results),

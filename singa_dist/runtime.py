@@ -1,16 +1,14 @@
-"""The process runtime: who this process is, and the torch.distributed groups it talks through.
+"""The process runtime: who this process is, the torch.distributed groups it talks through, and leaving.
 
-`init()` reads the environment of whatever started the process:
-- `singa-launch` and `torchrun`: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
-  `singa-launch` adds SINGA_PROC_RANK/SINGA_PROC_WORLD_SIZE (every process of the job, servers included),
-  SINGA_TOPOLOGY (a ClusterTopology as JSON) and SINGA_STRATEGY;
-- `mpirun` (Open MPI's OMPI_COMM_WORLD_*, MPICH/Intel MPI's PMI_*) and SLURM's `srun` (SLURM_PROCID, ...);
-- nothing: a single process, with every collective an identity.
+`init()` reads the launch environment (`singa_dist.environment`: singa-launch, torchrun, mpirun, SLURM, or
+nothing for a single process), joins the job's process group and creates the groups of the topology: all
+workers, and each worker group. `rank()` and `size()` count the workers only; servers run no user code.
 
-`rank()` and `size()` count the workers only; servers run no user code.
-
-`shutdown()` leaves the job; it also runs when the interpreter exits after `init()` if the script did not call
-it (not when the script is dying of an uncaught exception: then the process leaves at once).
+`shutdown()` leaves the job in phases. The layers above register what they must do then with
+`on_shutdown(fn, phase=...)` (this module imports none of them): "drain" waits for communication in flight,
+"close" releases the strategies, "release" says goodbye to parameter servers; then every process meets
+and the groups are destroyed. It also runs when the interpreter exits after `init()` if the script did not
+call it (not when the script is dying of an uncaught exception: then the process leaves at once).
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ import datetime
 import gc
 import importlib
 import os
-import socket
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -27,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .environment import detect_launcher, layout_from_slurm, node_key, ranks_within, rendezvous_address
 from .topology import ClusterTopology, ProcessRole
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -61,80 +59,6 @@ _state = _Runtime()
 _inits = 0  # init() calls that joined a job, the same count on every process of it
 
 
-def _env_int(*names: str) -> int | None:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return None
-
-
-def _detect_launcher() -> tuple[str, int, int, int | None, int | None] | None:
-    """(launcher, rank, size, local_rank, local_size) from the environment, or None for a lone process.
-
-    local_rank and local_size are None where the launcher does not export them; init() then finds them from
-    the host names of all processes."""
-    env = os.environ
-    if "SINGA_PROC_RANK" in env:
-        rank, size = int(env["SINGA_PROC_RANK"]), int(env["SINGA_PROC_WORLD_SIZE"])
-        return ("singa-launch", rank, size, _env_int("LOCAL_RANK"), _env_int("LOCAL_WORLD_SIZE"))
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return ("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), _env_int("LOCAL_RANK"),
-                _env_int("LOCAL_WORLD_SIZE"))
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return ("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                _env_int("OMPI_COMM_WORLD_LOCAL_RANK"), _env_int("OMPI_COMM_WORLD_LOCAL_SIZE"))
-    if "PMI_RANK" in env and "PMI_SIZE" in env:
-        return ("mpirun", int(env["PMI_RANK"]), int(env["PMI_SIZE"]), _env_int("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
-                _env_int("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return ("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _env_int("SLURM_LOCALID"),
-                _local_size_from_slurm())
-    return None
-
-
-def _slurm_tasks_per_node() -> list[int]:
-    # SLURM_TASKS_PER_NODE lists every node's task count, compressed: "2(x3),1" is 2,2,2,1.
-    counts = []
-    for item in os.environ.get("SLURM_TASKS_PER_NODE", "").split(","):
-        if not item:
-            continue
-        value, _, repeat = item.partition("(x")
-        counts += [int(value)] * (int(repeat.rstrip(")")) if repeat else 1)
-    return counts
-
-
-def _local_size_from_slurm() -> int | None:
-    # This node is SLURM_NODEID; SLURM_NTASKS_PER_NODE (the requested count) is the fallback.
-    counts = _slurm_tasks_per_node()
-    node = _env_int("SLURM_NODEID") or 0
-    if node < len(counts):
-        return counts[node]
-    return _env_int("SLURM_NTASKS_PER_NODE")
-
-
-def _ranks_within(keys: list) -> list[tuple[int, int]]:
-    """For every process (keys[p] for process p): its rank among the processes with the same key, in process
-    order, and their number. Keyed by local rank this is Horovod's (cross_rank, cross_size): one process per
-    node; keyed by host, (local_rank, local_size)."""
-    seen: dict = {}
-    ranks = []
-    for key in keys:
-        ranks.append(seen.get(key, 0))
-        seen[key] = ranks[-1] + 1
-    return [(r, seen[key]) for r, key in zip(ranks, keys)]
-
-
-def _layout_from_slurm(local_rank: int) -> tuple[int, int] | None:
-    """(cross_rank, cross_size) from SLURM's node list alone, when tasks fill the nodes in order (block)."""
-    counts = _slurm_tasks_per_node()
-    node = _env_int("SLURM_NODEID")
-    distribution = os.environ.get("SLURM_DISTRIBUTION", "block")
-    if node is None or node >= len(counts) or not distribution.startswith("block"):
-        return None
-    return (sum(1 for c in counts[:node] if c > local_rank), sum(1 for c in counts if c > local_rank))
-
-
 def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int | None,
                  local_size: int | None) -> tuple[int, int, int, int]:
     """(local_rank, local_size, cross_rank, cross_size) of this process.
@@ -144,69 +68,20 @@ def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int 
     if local_size == proc_size and local_rank is not None:  # every process is on this node
         return local_rank, local_size, 0, 1
     if launcher == "srun" and local_rank is not None and local_size is not None:
-        found = _layout_from_slurm(local_rank)
+        found = layout_from_slurm(local_rank)
         if found is not None:
             return (local_rank, local_size) + found
-    # Otherwise every process says where it runs: the launcher's node index (torchrun and singa-launch's
-    # GROUP_RANK: distinct even for nodes sharing a host name) or the host name, and its local rank if known.
-    node = os.environ.get("GROUP_RANK") if launcher in ("torchrun", "singa-launch") else None
-    mine = (f"node {node}" if node is not None else socket.gethostname(), local_rank)
+    # Otherwise every process says where it runs (see node_key) and its local rank if known.
+    mine = (node_key(launcher), local_rank)
     everyone = [None] * proc_size
     dist.all_gather_object(everyone, mine)
     if local_rank is None or local_size is None:  # numbered by host, in process order
-        by_host = _ranks_within([host for host, _ in everyone])
+        by_host = ranks_within([host for host, _ in everyone])
         local_rank, local_size = by_host[proc_rank]
         local_ranks = [local for local, _ in by_host]
     else:
         local_ranks = [local for _, local in everyone]
-    return (local_rank, local_size) + _ranks_within(local_ranks)[proc_rank]
-
-
-def free_port(host: str = "") -> int:
-    """A TCP port free on `host` (every interface by default) at the time of the call."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _rendezvous_address(launcher: str, rank: int) -> None:
-    """Make MASTER_ADDR/MASTER_PORT known on every rank when the launcher did not set them."""
-    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        return
-    if launcher == "mpirun":
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            raise RuntimeError(
-                "singa_dist.init() under mpirun needs MASTER_ADDR and MASTER_PORT, or mpi4py to agree on them "
-                "(pip install 'singa[mpi]'); or start the job with singa-launch --mpi") from None
-        address = None
-        if rank == 0:
-            port = free_port()
-            host = socket.gethostbyname(socket.gethostname())
-            ifname = os.environ.get("GLOO_SOCKET_IFNAME")
-            if ifname:  # the interface the job was told to use (singa-launch --network-interface)
-                import fcntl
-                import struct
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
-                host = socket.inet_ntoa(packed[20:24])
-            elif host.startswith("127."):
-                # The host name maps to loopback (as on Debian): other hosts need the routed address.
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    try:
-                        s.connect(("10.255.255.255", 1))  # UDP: picks the route, sends nothing
-                        host = s.getsockname()[0]
-                    except OSError:
-                        pass
-            address = (host, port)
-        address = MPI.COMM_WORLD.bcast(address, root=0)
-        os.environ.setdefault("MASTER_ADDR", address[0])
-        os.environ.setdefault("MASTER_PORT", str(address[1]))
-        return
-    raise RuntimeError(
-        f"singa_dist.init(): started by {launcher} but MASTER_ADDR/MASTER_PORT are not set; "
-        "set them to the address and a free port of rank 0's host")
+    return (local_rank, local_size) + ranks_within(local_ranks)[proc_rank]
 
 
 def init(timeout: float | None = None, backend: str | None = None) -> None:
@@ -225,7 +100,7 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
     _state.timeout_s = float(timeout)
     _state.strategy = os.environ.get("SINGA_STRATEGY", "allreduce").lower()
 
-    found = _detect_launcher()
+    found = detect_launcher()
     if found is None:
         _state.initialized = True
         _state.topology = ClusterTopology.allreduce(1)
@@ -257,7 +132,7 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
     _state.backend = backend
 
     if proc_size > 1 or not dist.is_initialized():
-        _rendezvous_address(launcher, proc_rank)
+        rendezvous_address(launcher, proc_rank)
         # This module's functions take the WORLD group as a default argument, evaluated when it is imported
         # (torch imports it with the first optimizer): imported after the group exists, it would keep the
         # group alive until the interpreter exits, past shutdown().
@@ -274,16 +149,18 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
     _state.local_rank = 0 if local_rank is None else local_rank
     _state.local_size = 1 if local_size is None else local_size
 
-    # Every process takes part in creating every group, as torch.distributed requires.
+    # Every process takes part in creating every group, as torch.distributed requires. A group's own timeout
+    # defaults to torch's (30 minutes), not the job's: each is given the job's.
+    wait = datetime.timedelta(seconds=_state.timeout_s)
     if topology.nprocs == topology.nworkers:
         _state.workers_pg = dist.group.WORLD
     else:
-        _state.workers_pg = dist.new_group(topology.worker_ranks())
+        _state.workers_pg = dist.new_group(topology.worker_ranks(), timeout=wait)
     if topology.nworker_groups == 1:
         _state.group_pgs[0] = _state.workers_pg
     else:
         for g in range(topology.nworker_groups):
-            _state.group_pgs[g] = dist.new_group(topology.worker_ranks(g))
+            _state.group_pgs[g] = dist.new_group(topology.worker_ranks(g), timeout=wait)
     _state.initialized = True
 
 
@@ -380,21 +257,41 @@ def device() -> torch.device:
     return _require_init().device
 
 
-# Strategies that hold resources beyond the process groups (parameter-server connections) register here.
-_closers: list = []
+# What the layers above do when the process leaves the job, by phase, in this order:
+SHUTDOWN_PHASES = ("drain", "close", "release")
+_hooks: dict[str, list] = {phase: [] for phase in SHUTDOWN_PHASES}  # (callable or weak method, persistent)
 
 
-def on_shutdown(close, weak: bool = False) -> None:
-    """Call `close()` at `shutdown()`, before the process groups go (strategies release their servers).
+def on_shutdown(close, weak: bool = False, *, phase: str = "close", persistent: bool = False) -> None:
+    """Call `close()` at `shutdown()`, before the process groups go.
 
+    phase: "drain" (wait for communication in flight; skipped when leaving because of an error), "close"
+           (strategies release their resources), "release" (goodbyes to parameter servers). Within a phase
+           the latest registered runs first.
     weak: hold a bound method weakly, so that registering does not keep its object alive (nothing is called
-    if the object is gone by then)."""
-    _closers.append(weakref.WeakMethod(close) if weak else (lambda: close))
+          if the object is gone by then).
+    persistent: keep the hook for every later shutdown (a module's own hook, registered when it is
+          imported); otherwise it runs once."""
+    if phase not in _hooks:
+        raise ValueError(f"phase must be one of {', '.join(SHUTDOWN_PHASES)}, got {phase!r}")
+    _hooks[phase].append((weakref.WeakMethod(close) if weak else (lambda: close), persistent))
+
+
+def _run_hooks(phase: str, errors: list) -> None:
+    hooks = _hooks[phase]
+    _hooks[phase] = [h for h in hooks if h[1]]
+    for get, _ in reversed(hooks):
+        close = get()
+        try:
+            if close is not None:
+                close()
+        except Exception as exc:  # one failed hook must not keep the other resources from being released
+            errors.append(exc)
 
 
 def shutdown() -> None:
     """Leave the job. In order: wait for the asynchronous collectives still in flight, close the strategies
-    that asked to be closed, release separate parameter servers (they exit once every worker has left), meet
+    that asked to be closed, release the parameter servers (they exit once every worker has left), meet
     every other process of the job (bounded by the job's timeout; a RuntimeError names the processes that
     never came), then destroy the process groups and let go of them, so that their communication threads end
     while the interpreter is whole.
@@ -410,27 +307,9 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
     global _state
     errors = []
     if meeting_s != 0.0 and _state.distributed:
-        # Communication still in flight holds tensors on the groups' threads; let it finish first.
-        from .collectives import wait_outstanding
-        try:
-            wait_outstanding()
-        except Exception as exc:
-            errors.append(exc)
-    while _closers:
-        close = _closers.pop()()
-        try:
-            if close is not None:
-                close()
-        except Exception as exc:  # a dead server must not keep the other resources from being released
-            errors.append(exc)
-    if _state.initialized and _state.distributed and _state.role.is_worker \
-            and _state.topology.server_worker_separate and _state.topology.nservers > 0:
-        from .ps.transport import release_servers
-        release_servers()
-    else:
-        transport = sys.modules.get(__package__ + ".ps.transport")
-        if transport is not None:
-            transport.leave()
+        _run_hooks("drain", errors)  # communication still in flight holds tensors on the groups' threads
+    _run_hooks("close", errors)
+    _run_hooks("release", errors)
     groups = []
     if _state.distributed and dist.is_initialized():
         if meeting_s != 0.0:

@@ -10,6 +10,9 @@ One topology expresses every framework (SINGA.md sections 1-2):
 | hogwild     | g             | 1             | g             | 1             | no       |
 | hybrid      | g > 1         | n > 1         | 1             | s             | yes      |
 
+`STRATEGIES` below is the table every part of the project reads (the launcher, the presets and checks here,
+`DistributedOptimizer`); `partial_update` runs on AllReduce's shape.
+
 Process numbering (the contract between `singa-launch`, `singa_dist.init()` and the servers): the job's
 processes are numbered 0..nprocs-1; workers come first, worker group by worker group
 (worker `i` of group `g` is process `g * nworkers_per_group + i`), then, when servers are separate, the
@@ -21,13 +24,95 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-STRATEGIES = ("allreduce", "sandblaster", "downpour", "hogwild", "hybrid")
-# Frameworks whose parameters live on server processes (or co-located servers) rather than on every worker.
-PARAMETER_SERVER_STRATEGIES = ("sandblaster", "downpour", "hogwild", "hybrid")
-
-
 class TopologyError(ValueError):
     """A topology whose numbers do not fit together."""
+
+
+@dataclass(frozen=True)
+class StrategyKind:
+    """One training framework: its name, its class, and the topology shapes it runs on.
+
+    This table is the one place a framework is described: `singa-launch` reads it for `--strategy` and the
+    processes to start, `ClusterTopology` for its presets and checks, `DistributedOptimizer` (through
+    `singa_dist.strategies.make`) for the class to build, and each strategy's set-up for the job it needs.
+    """
+
+    name: str
+    cls: str  # "module:Class" inside singa_dist.strategies, imported when first used
+    summary: str
+    parameter_servers: bool = False  # parameters live on servers (separate or co-located), not on every worker
+    separate_servers: bool = False  # the servers run as processes of their own (server_worker_separate)
+    worker_groups: str = "one"  # "one", "one per worker" (each worker its own group) or "several"
+    default_worker_groups: int | None = None  # for "several": None is one group per worker
+    min_workers_per_group: int = 1
+    server_groups: str = "one"  # "one", or "one per worker group" (each group has its own server group)
+
+    @property
+    def class_name(self) -> str:
+        return self.cls.partition(":")[2]
+
+    def unfit(self, topology: "ClusterTopology") -> str | None:
+        """Why this framework cannot run on `topology` (a job started for another one, say), or None."""
+        t = topology
+        if not self.parameter_servers and t.server_worker_separate:
+            return (f"{self.name} has no server processes (every worker reduces a share of the gradients): "
+                    "drop --separate-servers")
+        if self.parameter_servers and self.separate_servers and \
+                (not t.server_worker_separate or t.nservers_per_group < 1):
+            return (f"{self.name} needs separate parameter-server processes but this job's topology has none; "
+                    f"start it with `singa-launch --strategy {self.name} --servers S ...` (or SINGA_TOPOLOGY with "
+                    "server_worker_separate=true)")
+        if self.parameter_servers and not self.separate_servers and t.server_worker_separate:
+            return (f"{self.name} runs a server group inside every worker process: the topology must have "
+                    "co-located servers (server_worker_separate=false)")
+        if self.worker_groups == "one" and t.nworker_groups != 1:
+            return (f"{self.name} is synchronous: it has exactly one worker group, got {t.nworker_groups} "
+                    "(use the downpour or hybrid strategy for several)")
+        if self.worker_groups == "one per worker" and t.nworkers_per_group != 1:
+            return f"{self.name} runs one worker per group, got {t.nworkers_per_group} workers per group"
+        if t.nworkers_per_group < self.min_workers_per_group:
+            return (f"{self.name} all-reduces inside worker groups of several workers; this topology has "
+                    f"{t.nworkers_per_group} worker per group (use the downpour strategy, or --workers-per-group "
+                    f"{self.min_workers_per_group} or more)")
+        if self.parameter_servers and self.server_groups == "one" and t.nserver_groups != 1:
+            return (f"{self.name} runs one server group (got {t.nserver_groups}); several replicated server "
+                    "groups that exchange deltas are the hogwild strategy")
+        if self.server_groups == "one per worker group" and t.nserver_groups != t.nworker_groups:
+            return (f"{self.name} runs one server group per worker group; got {t.nserver_groups} server groups "
+                    f"for {t.nworker_groups} worker groups")
+        return None
+
+
+_KINDS = (
+    StrategyKind("allreduce", "allreduce:AllReduce",
+                 "synchronous: gradients averaged by all-reduce, every worker reduces a share"),
+    StrategyKind("partial_update", "partial_update:PartialUpdate",
+                 "synchronous steps on local gradients; one chunk of the parameters averaged per step, cycling"),
+    StrategyKind("sandblaster", "sandblaster:Sandblaster",
+                 "synchronous: separate parameter servers run the optimizer on the averaged gradients",
+                 parameter_servers=True, separate_servers=True),
+    StrategyKind("downpour", "downpour:Downpour",
+                 "asynchronous: worker groups push to separate parameter servers at their own pace",
+                 parameter_servers=True, separate_servers=True, worker_groups="several"),
+    StrategyKind("hogwild", "hogwild:Hogwild",
+                 "asynchronous: every worker is its own server group; groups exchange deltas every sync_freq",
+                 parameter_servers=True, worker_groups="one per worker", server_groups="one per worker group"),
+    StrategyKind("hybrid", "hybrid:Hybrid",
+                 "all-reduce inside each worker group, Downpour between groups",
+                 parameter_servers=True, separate_servers=True, worker_groups="several", default_worker_groups=2,
+                 min_workers_per_group=2),
+)
+STRATEGIES: dict[str, StrategyKind] = {kind.name: kind for kind in _KINDS}
+# Frameworks whose parameters live on server processes (or co-located servers) rather than on every worker.
+PARAMETER_SERVER_STRATEGIES = tuple(name for name, kind in STRATEGIES.items() if kind.parameter_servers)
+
+
+def strategy_kind(name: str) -> StrategyKind:
+    """The table's row for `name` (case-insensitive)."""
+    try:
+        return STRATEGIES[name.lower()]
+    except (KeyError, AttributeError):
+        raise TopologyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None
 
 
 @dataclass(frozen=True)
@@ -99,11 +184,10 @@ class ClusterTopology:
     ) -> "ClusterTopology":
         """The topology for `strategy` with `nworkers` worker processes in all, as `singa-launch` flags give it.
 
-        `servers` is the number of servers per server group. Unset fields take the framework's preset.
+        `servers` is the number of servers per server group. Unset fields take the framework's preset (the
+        strategy table); the result is one the framework runs on, or a TopologyError says why not.
         """
-        strategy = strategy.lower()
-        if strategy not in STRATEGIES:
-            raise TopologyError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        kind = strategy_kind(strategy)
         if nworkers < 1:
             raise TopologyError(f"the number of worker processes must be at least 1, got {nworkers}")
         if workers_per_group is not None and worker_groups is None:
@@ -111,56 +195,64 @@ class ClusterTopology:
                 raise TopologyError(
                     f"{nworkers} workers do not divide into groups of {workers_per_group}")
             worker_groups = nworkers // workers_per_group
-        if strategy == "allreduce":
+        if kind.worker_groups == "one":
             groups = worker_groups or 1
             if groups != 1:
-                raise TopologyError("allreduce has a single worker group; use --strategy hybrid or downpour")
-            return cls(1, nworkers, 1, nworkers, False if separate is None else separate, sync_freq, strategy)
-        if strategy == "hogwild":
+                raise TopologyError(f"{kind.name} has a single worker group; use --strategy downpour or hybrid "
+                                    "for several")
+        elif kind.worker_groups == "one per worker":
             groups = worker_groups or nworkers
             if groups != nworkers:
-                raise TopologyError(f"hogwild runs one worker per group: {groups} groups for {nworkers} workers")
-            return cls(groups, 1, server_groups or groups, servers or 1,
-                       False if separate is None else separate, sync_freq, strategy)
-        if strategy == "sandblaster":
-            if (worker_groups or 1) != 1:
-                raise TopologyError("sandblaster has a single worker group; use --strategy downpour for several")
-            groups = 1
-        else:  # downpour, hybrid
-            groups = worker_groups or (nworkers if strategy == "downpour" else 2)
+                raise TopologyError(f"{kind.name} runs one worker per group: {groups} groups for {nworkers} workers")
+        else:
+            groups = worker_groups or kind.default_worker_groups or nworkers
         if nworkers % groups:
             raise TopologyError(f"{nworkers} workers do not divide into {groups} worker groups")
-        return cls(groups, nworkers // groups, server_groups or 1, 1 if servers is None else servers,
-                   True if separate is None else separate, sync_freq, strategy)
+        per_group = nworkers // groups
+        separate = kind.separate_servers if separate is None else separate
+        if kind.parameter_servers:
+            server_groups = server_groups or (groups if kind.server_groups == "one per worker group" else 1)
+            servers = 1 if servers is None else servers
+        else:  # every worker reduces a share: one server beside each worker
+            server_groups, servers = 1, per_group
+        topology = cls(groups, per_group, server_groups, servers, separate, sync_freq, kind.name)
+        unfit = kind.unfit(topology)
+        if unfit:
+            raise TopologyError(unfit)
+        return topology
 
     # ---- checks --------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """SINGA's rules for a topology (any framework may further restrict the shapes it runs on: see
+        StrategyKind.unfit)."""
         for field in ("nworker_groups", "nworkers_per_group", "nserver_groups", "sync_freq"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise TopologyError(f"{field} must be a positive integer, got {value!r}")
         if not isinstance(self.nservers_per_group, int) or self.nservers_per_group < 0:
             raise TopologyError(f"nservers_per_group must be a non-negative integer, got {self.nservers_per_group!r}")
-        if self.strategy not in STRATEGIES:
-            raise TopologyError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        kind = strategy_kind(self.strategy)
         if self.nworker_groups % self.nserver_groups:
             raise TopologyError(
                 f"{self.nworker_groups} worker groups cannot share {self.nserver_groups} server groups evenly "
                 "(nworker_groups must be a multiple of nserver_groups)")
-        if self.strategy in PARAMETER_SERVER_STRATEGIES and self.nservers_per_group < 1:
+        if kind.parameter_servers and self.nservers_per_group < 1:
             raise TopologyError(f"{self.strategy} keeps parameters on servers: it needs at least one server per group")
-        if self.strategy in ("sandblaster",) and self.nworker_groups != 1:
-            raise TopologyError("sandblaster is synchronous: it has exactly one worker group")
-        if self.strategy == "allreduce" and self.nworker_groups != 1:
-            raise TopologyError("allreduce has exactly one worker group")
-        if self.strategy == "hogwild" and self.nworkers_per_group != 1:
-            raise TopologyError("hogwild runs one worker per group")
+        if kind.worker_groups == "one" and self.nworker_groups != 1:
+            raise TopologyError(f"{self.strategy} is synchronous: it has exactly one worker group")
+        if kind.worker_groups == "one per worker" and self.nworkers_per_group != 1:
+            raise TopologyError(f"{self.strategy} runs one worker per group")
         if not self.server_worker_separate and self.nservers_per_group > self.nworkers_per_group:
             raise TopologyError(
                 f"co-located servers live inside worker processes: {self.nservers_per_group} servers per group "
                 f"need at least as many workers per group, got {self.nworkers_per_group}")
         if not self.server_worker_separate and self.nserver_groups > self.nworker_groups:
             raise TopologyError("co-located server groups cannot outnumber worker groups")
+
+    @property
+    def kind(self) -> StrategyKind:
+        """The strategy table's row for this topology's framework."""
+        return STRATEGIES[self.strategy]
 
     # ---- counts and roles ----------------------------------------------------------------------------
     @property

@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from singa_dist.runtime import free_port
+from singa_dist.environment import free_port
 
 
 class RankFailure(AssertionError):
@@ -140,6 +140,18 @@ class World:
             self.tasks[r].put(_Task(fn, args, kwargs))
         got = self._collect(set(self.workers), timeout, getattr(fn, "__name__", str(fn)))
         return [got[r][1] for r in self.workers]
+
+    def run_failing(self, fn, *args, timeout: float = 60.0, **kwargs) -> tuple[str, float]:
+        """Call fn on every worker rank expecting some rank to fail; return the failure's message (every rank's
+        traceback) and the seconds until it came. The world is closed afterwards (ranks left asleep die)."""
+        start = time.monotonic()
+        try:
+            self.run(fn, *args, timeout=timeout, **kwargs)
+        except RankFailure as failure:
+            return str(failure), time.monotonic() - start
+        finally:
+            self.close()
+        raise AssertionError(f"{getattr(fn, '__name__', fn)}: every rank finished, but a failure was expected")
 
     def close(self) -> None:
         if not self.alive:

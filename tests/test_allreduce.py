@@ -212,12 +212,12 @@ def test_unused_parameters_count_as_zero_and_do_not_deadlock(world2):
 # ------------------------------------------------------------------------------------------------------------
 # Partial update and single-process path
 
-def train_partial(chunks):
+def train_partial(chunks, spelling="alias"):
     rank, size = sd.rank(), sd.size()
     model = make_model()
+    strategy = sd.AllReduce(partial_update_chunks=chunks) if spelling == "alias" else sd.PartialUpdate(chunks)
     opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                  named_parameters=model.named_parameters(),
-                                  strategy=sd.AllReduce(partial_update_chunks=chunks))
+                                  named_parameters=model.named_parameters(), strategy=strategy)
     names = [n for n, _ in model.named_parameters()]
     synced_per_step = []
     for x, y in batches():
@@ -229,8 +229,9 @@ def train_partial(chunks):
     return synced_per_step, opt.strategy.bytes_sent_last_step
 
 
-def test_partial_update_averages_one_chunk_per_step(world2):
-    (steps, sent), _ = world2.run(train_partial, 3, timeout=60)
+@pytest.mark.parametrize("spelling", ["alias", "class"])
+def test_partial_update_averages_one_chunk_per_step(world2, spelling):
+    (steps, sent), _ = world2.run(train_partial, 3, spelling, timeout=60)
     names = [n for n, _ in make_model().named_parameters()]
     assert sorted(steps[0]) == sorted(names)  # the first step averages everything
     # afterwards exactly one chunk is equal across ranks (the others moved by local gradients)
@@ -239,6 +240,21 @@ def test_partial_update_averages_one_chunk_per_step(world2):
     assert set().union(*chunks) == set(names) and sum(len(c) for c in chunks) == len(names)
     assert steps[4] == steps[1]  # cycling
     assert 0 < sent < sum(p.numel() * 4 for p in make_model().parameters())
+
+
+def test_partial_update_is_its_own_strategy():
+    from singa_dist.strategies import make
+
+    assert isinstance(sd.AllReduce(partial_update_chunks=2), sd.PartialUpdate)
+    assert sd.AllReduce(partial_update_chunks=2).partial_update_chunks == 2
+    assert isinstance(make("partial_update"), sd.PartialUpdate) and make("partial_update").partial_update_chunks == 4
+    assert type(sd.AllReduce()) is sd.AllReduce
+    with pytest.raises(ValueError, match="bucket_mb and compression only"):
+        sd.AllReduce(partial_update_chunks=2, num_buckets=3)
+    with pytest.raises(ValueError, match="positive number of chunks"):
+        sd.PartialUpdate(0)
+    with pytest.raises(ValueError, match="0 \\(off\\) or positive"):
+        sd.AllReduce(partial_update_chunks=-1)
 
 
 def test_single_process_is_plain_torch():

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import singa_dist as sd
 from tests.conftest import get_world
-from tests.dist_harness import RankFailure
 
 
 def mismatched_model(kind):
@@ -61,14 +60,7 @@ def sleeping_rank():
 
 def test_missing_rank_is_named_instead_of_hanging():
     world = get_world(2, SINGA_TIMEOUT="3")
-    start = time.monotonic()
-    try:
-        with pytest.raises(RankFailure) as failure:
-            world.run(sleeping_rank, timeout=60)
-        seconds = time.monotonic() - start
-    finally:
-        world.close()  # kills the sleeping rank
-    message = str(failure.value)
+    message, seconds = world.run_failing(sleeping_rank)
     assert "rank 0: rank 1 did not reach gradient bucket 0 (bias, weight) within the 3 s timeout" in message
     assert "ranks [1] were still waiting" in message or "ranks [1] did not finish" in message
     assert seconds < 30
@@ -83,14 +75,7 @@ def missing_in_collective():
 
 def test_missing_rank_in_a_tensor_collective():
     world = get_world(3, SINGA_TIMEOUT="3")
-    start = time.monotonic()
-    try:
-        with pytest.raises(RankFailure) as failure:
-            world.run(missing_in_collective, timeout=60)
-        seconds = time.monotonic() - start
-    finally:
-        world.close()
-    message = str(failure.value)
+    message, seconds = world.run_failing(missing_in_collective)
     for r in (0, 1):
         assert f"rank {r}: rank 2 did not reach allreduce of loss (2,)" in message
     assert seconds < 30

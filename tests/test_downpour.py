@@ -146,3 +146,27 @@ def test_hybrid_parameter_without_gradient_in_any_worker_is_not_stepped():
     for err, steps in world.run(_hybrid_unused_parameter, timeout=120):
         assert err < 1e-5, err
         assert steps == 3
+
+
+def _worker_missing_in_its_group():
+    """Worker 1 of the only group never reaches the step; worker 0 must stop and name it."""
+    model = torch.nn.Linear(3, 2)
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                                  strategy="hybrid")
+    if sd.rank() == 1:
+        time.sleep(3600)
+    torch.nn.functional.mse_loss(model(torch.ones(4, 3)), torch.zeros(4, 2)).backward()
+    opt.step()
+
+
+def test_missing_worker_inside_a_group_is_named():
+    """The collectives inside a worker group go through the watched primitives too."""
+    from tests.conftest import get_world
+
+    topology = sd.ClusterTopology.hybrid(1, 2, nservers=1)
+    world = get_world(topology.nprocs, SINGA_TOPOLOGY=topology.to_json(), SINGA_PROC_WORLD_SIZE=str(topology.nprocs),
+                      SINGA_TEST_ENTRY="singa_dist.ps.server:serve", SINGA_TIMEOUT="3")
+    message, seconds = world.run_failing(_worker_missing_in_its_group)
+    assert "rank 0: rank 1 did not reach gradients of worker group 0 of 2 parameters (weight, ...) within the 3 s " \
+           "timeout" in message
+    assert seconds < 30

@@ -311,6 +311,8 @@ def test_dry_run_over_ssh_prints_each_host(capsys, tmp_path):
     (["-np", "0"], "-np must be at least 1"),
     (["-np", "5", "--hosts", "localhost:2,127.0.0.1:2"], "needs 5 processes but the hosts give only 4 slots"),
     (["-np", "5", "--strategy", "hybrid", "--worker-groups", "2"], "do not divide into 2 worker groups"),
+    (["-np", "2", "--strategy", "hybrid"], "hybrid all-reduces inside worker groups of several workers"),
+    (["-np", "2", "--strategy", "sandblaster", "--colocate-servers"], "needs separate parameter-server processes"),
     (["-np", "2", "--strategy", "parameter-soup"], "unknown strategy 'parameter-soup'"),
     (["-np", "2", "--hosts", "nohost.invalid:2"], "unreachable host(s): nohost.invalid"),
     (["-np", "2", "--no-such-flag"], "unrecognized arguments"),

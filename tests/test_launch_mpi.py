@@ -184,9 +184,9 @@ _LAUNCHER_VARS = ("SINGA_PROC_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_
       "SLURM_TASKS_PER_NODE": "2(x3),1"}, ("srun", 3, 7, 1, 2)),
 ])
 def test_runtime_reads_mpi_and_slurm_ranks(env, expected, monkeypatch):
-    from singa_dist import runtime
+    from singa_dist import environment
     for name in _LAUNCHER_VARS + ("SLURM_NTASKS_PER_NODE",):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert runtime._detect_launcher() == expected
+    assert environment.detect_launcher() == expected

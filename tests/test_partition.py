@@ -16,7 +16,6 @@ import singa_dist as sd
 from singa_dist.partition import (BridgeDst, BridgeSrc, Concate, Slice, Split, _BatchSizes, full_state_dict,
                                   is_feature_split, partition, split_sizes)
 from tests.conftest import get_world
-from tests.dist_harness import RankFailure
 
 STEPS = 5
 
@@ -277,13 +276,6 @@ def missing_in_bridge():
 
 @pytest.mark.timeout(120)
 def test_missing_worker_is_named_in_a_connection_layer():
-    world = get_world(2, SINGA_TIMEOUT="3")
-    start = time.monotonic()
-    try:
-        with pytest.raises(RankFailure) as failure:
-            world.run(missing_in_bridge, timeout=60)
-        seconds = time.monotonic() - start
-    finally:
-        world.close()  # kills the sleeping rank
-    assert "rank 0: rank 1 did not reach BridgeSrc of (2, 4)" in str(failure.value)
+    message, seconds = get_world(2, SINGA_TIMEOUT="3").run_failing(missing_in_bridge)
+    assert "rank 0: rank 1 did not reach BridgeSrc of (2, 4)" in message
     assert seconds < 30

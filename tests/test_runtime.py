@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import singa_dist as sd
-from singa_dist import runtime
+from singa_dist import environment
 from tests.dist_harness import free_port, kill_session
 
 
@@ -61,8 +61,8 @@ def test_import_leaves_the_parameter_server_modules_out():
 def test_cross_ranks_follow_horovod_for_uneven_nodes():
     # Nodes of 3, 1 and 2 processes: a process's cross rank counts the processes with its local rank before it.
     local_ranks = [0, 1, 2, 0, 0, 1]
-    assert runtime._ranks_within(local_ranks) == [(0, 3), (0, 2), (0, 1), (1, 3), (2, 3), (1, 2)]
-    assert runtime._ranks_within([0, 1, 0, 1]) == [(0, 2), (0, 2), (1, 2), (1, 2)]  # uniform: node index, nodes
+    assert environment.ranks_within(local_ranks) == [(0, 3), (0, 2), (0, 1), (1, 3), (2, 3), (1, 2)]
+    assert environment.ranks_within([0, 1, 0, 1]) == [(0, 2), (0, 2), (1, 2), (1, 2)]  # uniform: node index, nodes
 
 
 @pytest.mark.parametrize("distribution, expected", [
@@ -81,7 +81,7 @@ def test_cross_ranks_from_slurm(distribution, expected, monkeypatch):
     found = []
     for node, local in [(0, 0), (1, 0), (2, 1)]:
         monkeypatch.setenv("SLURM_NODEID", str(node))
-        found.append(runtime._layout_from_slurm(local))
+        found.append(environment.layout_from_slurm(local))
     assert found == expected
 
 
@@ -180,3 +180,33 @@ def test_shutdown_names_a_process_that_never_comes():
     outputs = _run_processes(envs, _LATE)
     assert outputs[0].startswith("error: process 0: process 1 did not reach singa_dist.shutdown() within 3 s")
     assert time.monotonic() - start < 60
+
+
+def test_shutdown_runs_the_registered_phases_in_order():
+    """The layers above the runtime register what shutdown() must do; the runtime imports none of them."""
+    from singa_dist import runtime
+
+    calls = []
+    runtime.on_shutdown(lambda: calls.append("release"), phase="release")
+    runtime.on_shutdown(lambda: calls.append("close, first registered"))
+    runtime.on_shutdown(lambda: calls.append("close, last registered"), phase="close")
+
+    def failing():
+        calls.append("failing")
+        raise OSError("a dead server")
+    runtime.on_shutdown(failing, phase="close")
+    kept = []
+
+    def keep():
+        kept.append(1)
+    runtime.on_shutdown(keep, phase="release", persistent=True)
+    try:
+        with pytest.raises(OSError, match="a dead server"):
+            runtime.shutdown()  # a failed hook does not stop the others; its error is raised at the end
+        assert calls == ["failing", "close, last registered", "close, first registered", "release"]
+        runtime.shutdown()
+        assert calls[4:] == [] and kept == [1, 1]  # one-shot hooks ran once; the persistent one runs every time
+    finally:
+        runtime._hooks["release"] = [h for h in runtime._hooks["release"] if h[0]() is not keep]
+    with pytest.raises(ValueError, match="phase must be one of drain, close, release"):
+        runtime.on_shutdown(print, phase="later")

@@ -55,3 +55,42 @@ def test_for_strategy_and_json_round_trip():
         ClusterTopology.for_strategy("downpour", 5, worker_groups=2)
     with pytest.raises(TopologyError, match="unknown strategy"):
         ClusterTopology.for_strategy("ring", 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The strategy table: one row per framework, read by the launcher, the presets and the strategies' set-up
+
+def test_strategy_table_describes_every_framework():
+    from singa_dist.topology import PARAMETER_SERVER_STRATEGIES, STRATEGIES
+
+    assert list(STRATEGIES) == ["allreduce", "partial_update", "sandblaster", "downpour", "hogwild", "hybrid"]
+    assert PARAMETER_SERVER_STRATEGIES == ("sandblaster", "downpour", "hogwild", "hybrid")
+    t = ClusterTopology.for_strategy("partial_update", 3)
+    assert (t.nworker_groups, t.nworkers_per_group, t.nservers_per_group, t.nprocs) == (1, 3, 3, 3)
+    assert t.kind is STRATEGIES["partial_update"]
+
+
+@pytest.mark.parametrize("strategy, options, message", [
+    ("hybrid", dict(), "hybrid all-reduces inside worker groups of several workers"),
+    ("sandblaster", dict(separate=False), "sandblaster needs separate parameter-server processes"),
+    ("hogwild", dict(separate=True), "hogwild runs a server group inside every worker process"),
+    ("allreduce", dict(separate=True), "allreduce has no server processes"),
+    ("downpour", dict(server_groups=2, worker_groups=2), r"downpour runs one server group \(got 2\)"),
+    ("hogwild", dict(server_groups=1), "hogwild runs one server group per worker group"),
+    ("sandblaster", dict(worker_groups=2), "sandblaster has a single worker group"),
+])
+def test_for_strategy_refuses_shapes_the_framework_cannot_run(strategy, options, message):
+    with pytest.raises(TopologyError, match=message):
+        ClusterTopology.for_strategy(strategy, 2, **options)
+
+
+def test_unfit_says_why_a_job_does_not_suit_a_framework():
+    from singa_dist.topology import strategy_kind
+
+    plain = ClusterTopology.allreduce(2)
+    assert strategy_kind("allreduce").unfit(plain) is None
+    assert "needs separate parameter-server processes" in strategy_kind("downpour").unfit(plain)
+    assert "one worker per group, got 2" in strategy_kind("hogwild").unfit(plain)
+    assert strategy_kind("hybrid").unfit(ClusterTopology.hybrid(2, 2)) is None
+    with pytest.raises(TopologyError, match="unknown strategy 'ring'"):
+        strategy_kind("ring")

@@ -1,8 +1,7 @@
 """A parameter-server process, as `singa-launch` starts it: `python -m singa_dist.ps`."""
-import singa_dist as sd
+from singa_dist import runtime
 from singa_dist.ps.server import serve
 
 if __name__ == "__main__":
-    sd.init()
-    serve()
-    sd.shutdown()
+    serve()  # joins the job itself
+    runtime.shutdown()

@@ -5,9 +5,10 @@ import itertools
 
 import torch
 
-from .. import runtime
+from .. import primitives, runtime
 from ..compression import Compressor
 from ..compression import resolve as resolve_compression
+from ..functions import user_optimizer_class
 from . import server, transport
 from .slicing import slice_params
 from .wire import Packer, payload_bytes
@@ -24,18 +25,6 @@ def value_dtype(compressor) -> torch.dtype | None:
     """The dtype values travel in from the servers: the 16-bit casts halve that traffic too (the servers keep
     full-precision values and optimizer state, as fp32 master weights do in mixed precision)."""
     return getattr(compressor, "wire_dtype", None) if isinstance(compressor, Compressor) else None
-
-
-def require_servers(strategy: str) -> None:
-    topo = runtime.topology()
-    if not topo.server_worker_separate or topo.nservers_per_group < 1:
-        raise RuntimeError(
-            f"{strategy} needs separate parameter-server processes but this job's topology has none; start it "
-            f"with `singa-launch --strategy {strategy} --servers S ...` (or SINGA_TOPOLOGY with "
-            "server_worker_separate=true)")
-    if topo.nserver_groups != 1:
-        raise RuntimeError(f"{strategy} runs one server group (got {topo.nserver_groups}); several replicated "
-                           "server groups that exchange deltas are the hogwild strategy")
 
 
 def write_slice(param: torch.Tensor, start: int, end: int, value: torch.Tensor) -> None:
@@ -97,7 +86,7 @@ class ParameterClient:
                         "values": [read_slice(self.params[s.param], self.params[s.param], s.start, s.end)
                                    for s in mine],
                         "param_group": [self.param_group[s.param] for s in mine],
-                        "optimizer_class": user_class(optimizer),
+                        "optimizer_class": user_optimizer_class(optimizer),
                         "defaults": dict(optimizer.defaults),
                         "group_options": self.options(),
                         "replicas": replicas, "staleness": staleness, "clients": clients,
@@ -193,8 +182,7 @@ class ParameterClient:
             for proc, fut in zip(self.servers, futures):
                 transport.wait(proc, fut, "load_state")
         self.packer.load_residual_state(state.get("residual"), self.slices)
-        import torch.distributed as dist
-        dist.barrier(group=runtime.workers_process_group())
+        primitives.barrier("restoring the parameter servers from a checkpoint")
         self.pull()
 
     def close(self) -> None:
@@ -205,8 +193,3 @@ class ParameterClient:
         for proc, fut in zip(self.servers, futures):
             transport.wait(proc, fut, "close_table")
 
-
-def user_class(optimizer) -> type:
-    """The user's optimizer class (DistributedOptimizer re-classes the object to a subclass of it)."""
-    from ..optimizer import _DistributedOptimizer
-    return next(c for c in type(optimizer).__mro__ if not issubclass(c, _DistributedOptimizer))

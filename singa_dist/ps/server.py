@@ -14,8 +14,8 @@ and the slices' versions. The RPC handlers below run on the server; workers call
   another computing group more than N versions behind is held back until that group has pushed, and a
   group more than N versions behind is made to pull.
 - `pull`, `fetch_state`, `load_state`: reads, checkpoints and restores.
-- `close_table` / `stop`: a client leaves a table; a worker leaves the job. The server exits once every
-  worker of the job has sent `stop` (`singa_dist.shutdown()` on the workers does it).
+- `close_table`: a client leaves a table. The server exits once every worker of the job has said goodbye
+  (`transport.release_servers`, from `singa_dist.shutdown()` on the workers).
 """
 from __future__ import annotations
 
@@ -269,7 +269,7 @@ def close_table(session: int, group: int) -> None:
             server.tables.pop(session, None)
 
 
-def stop(worker_proc: int) -> None:
+def _goodbye(worker_proc: int) -> None:
     server = _me()
     with server.lock:
         server.stopped_by.add(worker_proc)
@@ -285,8 +285,10 @@ def serve() -> None:
     if not role.is_server:
         raise RuntimeError(f"process {runtime.proc_rank()} is a worker; only server processes run serve()")
     _server = ParameterServer(runtime.topology().nworkers)
+    transport.on_goodbye(_goodbye)
     transport.join()
     _server.stopped.wait()
-    time.sleep(0.2)  # let the answers to the last stop messages leave before the agent goes
+    time.sleep(0.2)  # let the answers to the last goodbyes leave before the agent goes
     transport.leave()
+    transport.on_goodbye(None)
     _server = None

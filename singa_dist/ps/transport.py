@@ -4,6 +4,9 @@ Every process of the job (workers and servers) joins one RPC group named by proc
 rendezvousing through the same MASTER_ADDR/MASTER_PORT store as the process group. Workers join lazily, when
 their first parameter-server strategy is set up (or at `singa_dist.shutdown()`, to release the servers);
 servers join in `serve()`. CUDA tensors never travel: callers stage them through pinned host memory.
+
+A worker leaving the job says goodbye to every separate server (`release_servers`); a server learns of it
+through the callback it registered with `on_goodbye`, so this module needs nothing from the server's.
 """
 from __future__ import annotations
 
@@ -116,15 +119,29 @@ class PeerError(RuntimeError):
                          f"during {what}: {detail}")
 
 
+_goodbye_callback = None
+
+
+def on_goodbye(callback) -> None:
+    """On a server: `callback(worker_proc)` runs when a worker says goodbye (None: stop listening)."""
+    global _goodbye_callback
+    _goodbye_callback = callback
+
+
+def goodbye(worker_proc: int) -> None:
+    """RPC handler (runs on a server): worker `worker_proc` has left the job."""
+    if _goodbye_callback is None:
+        raise RuntimeError(f"process {runtime.proc_rank()} is not serving parameters")
+    _goodbye_callback(worker_proc)
+
+
 def release_servers() -> None:
     """A worker's goodbye: tell every separate server that this worker is done, then leave the RPC group.
     Servers exit when every worker has said it. A server that is gone already is skipped."""
-    from . import server
-
     join()
     topo = runtime.topology()
     me = runtime.proc_rank()
-    futures = [(proc, call_async(proc, server.stop, me, timeout=min(runtime.timeout_s(), 10.0)))
+    futures = [(proc, call_async(proc, goodbye, me, timeout=min(runtime.timeout_s(), 10.0)))
                for proc in topo.server_ranks()]
     for proc, fut in futures:
         try:
@@ -132,3 +149,14 @@ def release_servers() -> None:
         except Exception:
             pass
     leave()
+
+
+def leave_job() -> None:
+    """shutdown()'s "release" phase: a worker of a job with separate servers releases them (they wait for
+    every worker's goodbye, whether or not this worker used them); any other process leaves the RPC group."""
+    topo = runtime.topology() if runtime.is_initialized() else None
+    if topo is not None and runtime.is_distributed() and runtime.role().is_worker \
+            and topo.server_worker_separate and topo.nservers > 0:
+        release_servers()
+    else:
+        leave()

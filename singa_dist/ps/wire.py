@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import runtime
 from ..compression import SparseCompressor, load_residual_state, residual_state
 
 
@@ -53,7 +54,6 @@ class Packer:
                 self.residuals[sid] = r.to(t.dtype)
         return ("sparse", present, index, values), payload_bytes((index, values))
 
-
     def residual_state(self, slices, params) -> dict | None:
         """The residuals' checkpoint form, per parameter name (zeros where a slice has none yet)."""
         if not self.residuals:
@@ -64,12 +64,12 @@ class Packer:
             flat = full.setdefault(s.name, (torch.zeros(p.numel(), dtype=p.dtype), p.shape))[0]
             if s.id in self.residuals:
                 flat[s.start:s.end] = self.residuals[s.id]
-        return residual_state({name: flat.view(shape) for name, (flat, shape) in full.items()})
+        return residual_state({name: flat.view(shape) for name, (flat, shape) in full.items()}, runtime.rank())
 
     def load_residual_state(self, state: dict | None, slices) -> None:
         """Take this sender's residuals back from `residual_state`'s form (nothing to do without sparsity)."""
         if self.sparse:
-            saved = load_residual_state(state, self.compressor.name)
+            saved = load_residual_state(state, self.compressor.name, runtime.rank())
             self.residuals = {s.id: saved[s.name].reshape(-1)[s.start:s.end].clone()
                               for s in slices if s.name in saved}
 

@@ -1,28 +1,25 @@
 """Training frameworks: how a DistributedOptimizer turns each worker's gradients into parameter updates.
 
-Each strategy's whole story sits in one module here; `make()` resolves a name lazily so that a strategy's
-module is imported only when used.
+Each strategy's whole story sits in one module here. Which class a name means comes from the strategy
+table (`singa_dist.topology.STRATEGIES`); a strategy's module is imported only when used, so that the
+parameter-server ones bring the RPC transport and the server loop only into jobs that use them.
 """
 from __future__ import annotations
 
 import importlib
 
+from .. import runtime
+from ..topology import STRATEGIES, TopologyError, strategy_kind
 from .base import Strategy
-
-_BY_NAME = {
-    "allreduce": ("allreduce", "AllReduce"),
-    "sandblaster": ("sandblaster", "Sandblaster"),
-    "downpour": ("downpour", "Downpour"),
-    "hogwild": ("hogwild", "Hogwild"),
-    "hybrid": ("hybrid", "Hybrid"),
-}
 
 
 def strategy_class(name: str) -> type[Strategy]:
+    """The class of the strategy called `name` in the strategy table."""
     try:
-        module, cls = _BY_NAME[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(_BY_NAME)}") from None
+        kind = strategy_kind(name)
+    except TopologyError as exc:
+        raise ValueError(str(exc)) from None
+    module, _, cls = kind.cls.partition(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
@@ -31,9 +28,8 @@ def make(strategy: "str | Strategy | None", **options) -> Strategy:
     if isinstance(strategy, Strategy):
         return strategy
     if strategy is None:
-        from .. import runtime
         strategy = runtime.strategy_name() if runtime.is_initialized() else "allreduce"
     return strategy_class(strategy)(**options)
 
 
-__all__ = ["Strategy", "make", "strategy_class"]
+__all__ = ["STRATEGIES", "Strategy", "make", "strategy_class"]

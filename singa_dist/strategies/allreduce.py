@@ -5,7 +5,8 @@ In SINGA's topology this is one worker group of n workers with one server beside
 
 How a step goes:
 - Parameters are fused into buckets of about `bucket_mb` MB (one dtype and device type per bucket), in the
-  reverse of the optimizer's order, since backward produces the last layers' gradients first.
+  reverse of the optimizer's order, since backward produces the last layers' gradients first
+  (`strategies/buckets.py`).
 - Each gradient hook marks its parameter ready; a bucket is sent (asynchronous all-reduce on the workers'
   group) as soon as it and every earlier bucket are ready, so buckets go out in the same order on every rank
   and communication overlaps the rest of the backward pass.
@@ -23,117 +24,36 @@ the wire; sparse ones (topk, threshold) send chosen elements and their indices w
 the rest as a local residual added to the next step (error feedback). The residual is part of the
 optimizer's `state_dict()` (this rank's, by parameter name), so a restarted job continues with it.
 
-Partial update (`partial_update_chunks=n`, SINGA's `backward_and_partial_update`): gradients are not
-communicated at all. Each worker applies its own local gradients with the wrapped optimizer, then the
-*values* of one chunk of the parameters (about 1/n of the bytes, in bucket order) are averaged across the
-workers; the chunk cycles with every step, so each parameter is re-synchronised every n steps. The very
-first step averages every parameter. Optimizer state (momentum, Adam moments) stays local.
+Partial update (SINGA's `backward_and_partial_update`) is its own strategy beside this one:
+`singa_dist.strategies.partial_update` (`AllReduce(partial_update_chunks=n)` gives it too).
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
-import torch.distributed as dist
 
-from .. import collectives, runtime
-from ..collectives import Average, Sum, _all_gather_single
-from ..compression import NoneCompressor, SparseCompressor, load_residual_state, residual_state
+from .. import primitives, runtime
+from ..collectives import Average
+from ..compression import SparseCompressor, load_residual_state, residual_state
 from ..compression import resolve as resolve_compression
-from ..partition import is_feature_split
-from .base import Strategy
-
-
-# Measured with benchmarks/dist_overhead.py: on CPU/Gloo 4 MB buckets beat 25 MB ones (more overlap).
-DEFAULT_BUCKET_MB = {"cpu": 4.0, "cuda": 25.0}
-
-
-class _Bucket:
-    """Gradients of some parameters fused into one flat buffer, communicated as one message."""
-
-    def __init__(self, index: int, params: list[tuple[str, torch.nn.Parameter]]):
-        self.index = index
-        self.params = params
-        self.numels = [p.numel() for _, p in params]
-        self.numel = sum(self.numels)
-        self.dtype = params[0][1].dtype
-        self.device = params[0][1].device
-        self.nbytes = self.numel * params[0][1].element_size()
-        self.buffer: torch.Tensor | None = None
-        self.pending = len(params)  # parameters not yet ready in this round
-        self.exchange = None  # the communication in flight
-        self.residual: torch.Tensor | None = None  # sparse compression's error feedback
-
-    def describe(self) -> str:
-        names = [n for n, _ in self.params]
-        shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3 else "")
-        return f"gradient bucket {self.index} ({shown})"
-
-    def _views(self) -> list[torch.Tensor]:
-        if self.buffer is None:
-            self.buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-            self.views = [v.view_as(p) for v, (_, p) in zip(self.buffer.split(self.numels), self.params)]
-        return self.views
-
-    def gather_grads(self, scale: float = 1.0) -> torch.Tensor:
-        """Copy the parameters' gradients, times `scale`, into the flat buffer (zeros where a parameter has
-        none). Few large tensors are scaled while copied (one pass over memory, as DDP does); many small
-        ones are copied in one call and scaled together."""
-        views = self._views()
-        dst, src, in_place = [], [], []
-        for view, (_, p) in zip(views, self.params):
-            g = p.grad
-            if g is None:
-                view.zero_()
-            elif _is_view(g, view):
-                in_place.append(view)  # backward accumulated straight into the bucket (set_to_none=False)
-            else:
-                dst.append(view)
-                src.append(g.to_dense().to(self.dtype) if g.is_sparse else g.to(self.dtype))
-        if len(dst) <= 16:
-            for d, g in zip(dst, src):
-                torch.mul(g, scale, out=d) if scale != 1.0 else d.copy_(g)
-            if scale != 1.0:
-                for view in in_place:
-                    view.mul_(scale)
-        else:
-            torch._foreach_copy_(dst, src)  # one call instead of one per tensor
-            if scale != 1.0:
-                self.buffer.mul_(scale)  # one pass over the whole bucket is cheaper than per-tensor calls
-        return self.buffer
-
-    def scatter_grads(self) -> None:
-        """Make every parameter's `.grad` its slice of the reduced buffer (no copy, as DDP's
-        gradient_as_bucket_view): the buffer is only refilled by the next step's communication."""
-        for view, (_, p) in zip(self.views, self.params):
-            if not _is_view(p.grad, view):
-                p.grad = view
-
-
-def _is_view(grad, view) -> bool:
-    return grad is not None and not grad.is_sparse and grad.data_ptr() == view.data_ptr() and \
-        grad.shape == view.shape and grad.dtype == view.dtype
+from ..shards import is_feature_split
+from .base import Strategy, check_op
+from .buckets import Bucket, plan_buckets
 
 
 class _DenseExchange:
     """All-reduce of a bucket, possibly in a cheaper dtype. The buffer arrives already divided by the number
     of ranks for Average (so that a sum of many ranks cannot overflow fp16 either)."""
 
-    def __init__(self, bucket: _Bucket, compressor, size: int, pg):
+    def __init__(self, bucket: Bucket, compressor, pg):
         self.bucket, self.compressor = bucket, compressor
         self.wire, self.ctx = compressor.compress(bucket.buffer)
         self.bytes_sent = self.wire.numel() * self.wire.element_size()
-        self.work = dist.all_reduce(self.wire, op=dist.ReduceOp.SUM, group=pg, async_op=True)
-        collectives.track(self)
-
-    def wait(self) -> None:
-        self.work.wait()
-
-    def is_completed(self) -> bool:
-        return self.work.is_completed()
+        self.handle = primitives.all_reduce(self.wire, bucket.description, group=pg, async_op=True)
 
     def finish(self) -> None:
-        self.wait()
+        self.handle.wait()
         out = self.compressor.decompress(self.wire, self.ctx)
         if out is not self.bucket.buffer:
             self.bucket.buffer.copy_(out)
@@ -142,7 +62,7 @@ class _DenseExchange:
 class _SparseExchange:
     """Top-k or threshold sparsification with error feedback: all-gather (indices, values) of every rank."""
 
-    def __init__(self, bucket: _Bucket, compressor: SparseCompressor, op, size: int, pg):
+    def __init__(self, bucket: Bucket, compressor: SparseCompressor, op, size: int, pg):
         self.bucket, self.op, self.size, self.pg = bucket, op, size, pg
         flat = bucket.buffer
         if compressor.error_feedback and bucket.residual is None:
@@ -157,8 +77,8 @@ class _SparseExchange:
             self.count = torch.tensor([self.values.numel()], dtype=torch.int64, device=flat.device)
             self.counts = torch.empty(size, dtype=torch.int64, device=flat.device)
             self.bytes_sent += self.count.element_size()
-            self.works = [_all_gather_single(self.counts, self.count, group=pg, async_op=True)]
-        collectives.track(self)
+            self.handles = [primitives.all_gather_into(self.counts, self.count, bucket.description, group=pg,
+                                                       async_op=True)]
 
     def _gather(self, most: int) -> None:
         values, index = self.values, self.index
@@ -169,15 +89,13 @@ class _SparseExchange:
         self.bytes_sent += values.numel() * values.element_size() + index.numel() * index.element_size()
         self.all_values = values.new_empty(most * self.size)
         self.all_index = index.new_empty(most * self.size)
-        self.works = [_all_gather_single(self.all_values, values, group=self.pg, async_op=True),
-                      _all_gather_single(self.all_index, index, group=self.pg, async_op=True)]
+        what = self.bucket.description
+        self.handles = [primitives.all_gather_into(self.all_values, values, what, group=self.pg, async_op=True),
+                        primitives.all_gather_into(self.all_index, index, what, group=self.pg, async_op=True)]
 
     def wait(self) -> None:
-        for w in self.works:
-            w.wait()
-
-    def is_completed(self) -> bool:
-        return all(w.is_completed() for w in self.works)
+        for h in self.handles:
+            h.wait()
 
     def second_stage(self) -> None:
         """Threshold only: once the counts are known, send the padded values and indices."""
@@ -203,7 +121,7 @@ class AllReduce(Strategy):
     first_bucket_mb: the first bucket (the last layers, whose gradients come first) is smaller, so that
                  communication starts early in the backward pass (as DDP does).
     compression: sd.Compression.none/.fp16/.bf16/.topk(ratio)/.threshold(t) (or give it to DistributedOptimizer).
-    partial_update_chunks: 0 for ordinary training; n > 0 for SINGA's partial update (see the module doc).
+    partial_update_chunks: n > 0 gives SINGA's partial update instead: `PartialUpdate(chunks=n)`.
     num_buckets: instead of a size, cut the parameters into this many buckets of about equal bytes
                  (Horovod's num_groups).
     prescale_factor / postscale_factor: multiply gradients before / after the reduction (Horovod's
@@ -212,19 +130,27 @@ class AllReduce(Strategy):
 
     name = "allreduce"
 
+    def __new__(cls, bucket_mb: float | None = None, compression=None, partial_update_chunks: int = 0, *args,
+                **kwargs):
+        if partial_update_chunks < 0:
+            raise ValueError(f"partial_update_chunks must be 0 (off) or positive, got {partial_update_chunks}")
+        if partial_update_chunks and cls is AllReduce:
+            if args or kwargs:
+                raise ValueError("partial update takes bucket_mb and compression only (it sends no gradients)")
+            from .partial_update import PartialUpdate
+            return PartialUpdate(partial_update_chunks, bucket_mb=bucket_mb, compression=compression)
+        return super().__new__(cls)
+
     def __init__(self, bucket_mb: float | None = None, compression=None, partial_update_chunks: int = 0,
                  num_buckets: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                  first_bucket_mb: float = 1.0):
         if (bucket_mb is not None and bucket_mb <= 0) or first_bucket_mb <= 0:
             raise ValueError(f"bucket_mb and first_bucket_mb must be positive, got {bucket_mb}, {first_bucket_mb}")
-        if partial_update_chunks < 0:
-            raise ValueError(f"partial_update_chunks must be 0 (off) or positive, got {partial_update_chunks}")
         if num_buckets is not None and num_buckets < 1:
             raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
         self.bucket_mb = None if bucket_mb is None else float(bucket_mb)
         self.first_bucket_mb = float(first_bucket_mb)
         self.compression = compression
-        self.partial_update_chunks = int(partial_update_chunks)
         self.num_buckets = num_buckets
         self.prescale_factor = float(prescale_factor)
         self.postscale_factor = float(postscale_factor)
@@ -236,82 +162,33 @@ class AllReduce(Strategy):
     def setup(self, optimizer, named_parameters, *, backward_passes_per_step=1, compression=None, op=None):
         if self.optimizer is not None:
             raise RuntimeError("this AllReduce strategy already serves an optimizer; create one per optimizer")
-        op = Average if op is None else op
-        if op is not Average and op is not Sum:
-            raise ValueError(f"AllReduce reduces gradients with sd.Average or sd.Sum, got {op!r}")
+        self.op = check_op(op, self.name)
         if compression is not None and self.compression is not None and compression is not self.compression:
             raise ValueError(f"compression given twice: {self.compression!r} to AllReduce and {compression!r} "
                              "to DistributedOptimizer")
         self.compressor = resolve_compression(compression if compression is not None else self.compression)
-        if self.partial_update_chunks and not isinstance(self.compressor, NoneCompressor):
-            raise ValueError("partial update averages parameter values, uncompressed; use compression=none with it")
         self.optimizer = optimizer
-        self.op = op
         self.passes = int(backward_passes_per_step)
         self.size = runtime.size() if runtime.is_initialized() else 1
-        self.active = collectives.is_active()
-        self.pg = collectives.process_group() if self.active else None
+        self.active = primitives.is_active()
+        self.pg = runtime.workers_process_group() if self.active else None
         if self.active:
             runtime.on_shutdown(self.close, weak=True)  # lets go of the process group, see close()
         # Feature-split parameters (singa_dist.partition) are not replicated: never all-reduced.
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         self.named = [(n, p) for n, p in named if not is_feature_split(p)]
         self.feature_split = {id(p): p for _, p in named if is_feature_split(p)}
-        self.buckets = self._make_buckets()
+        self.buckets = plan_buckets(self.named, bucket_mb=self.bucket_mb, first_bucket_mb=self.first_bucket_mb,
+                                    num_buckets=self.num_buckets)
         self.bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
-        self.name_of = {id(p): n for n, p in self.named}
         self.counts = {id(p): 0 for _, p in self.named}
         self.next_launch = 0
         self.synced = False  # synchronize() ran since the last gradient arrived
         self.round_open = False  # some gradient arrived since the last synchronize()
-        self.partial_step = 0
-        if self.partial_update_chunks:
-            self.chunks = self._make_chunks(self.partial_update_chunks)
-
-    def _make_buckets(self) -> list[_Bucket]:
-        """Reverse optimizer order; one dtype and device type per bucket; about bucket_mb (or num_buckets)."""
-        params = list(reversed(self.named))
-        total = sum(p.numel() * p.element_size() for _, p in params)
-        even = max(total / self.num_buckets, 1) if self.num_buckets else None
-        open_, order = {}, []
-        for name, p in params:
-            key = (p.dtype, p.device.type)
-            group = open_.get(key)
-            if group is None:
-                group = open_[key] = [[], 0, len(order)]
-                order.append(group)
-            group[0].append((name, p))
-            group[1] += p.numel() * p.element_size()
-            if even is not None:
-                limit = even
-            else:
-                mb = self.bucket_mb if self.bucket_mb is not None else DEFAULT_BUCKET_MB.get(p.device.type, 25.0)
-                limit = (min(self.first_bucket_mb, mb) if group[2] == 0 else mb) * 2**20
-            if group[1] >= limit:  # full: the next tensor opens a new bucket
-                del open_[key]
-        return [_Bucket(i, g[0]) for i, g in enumerate(order)]
-
-    def _make_chunks(self, n: int) -> list[list[torch.nn.Parameter]]:
-        """Up to n non-empty groups of consecutive parameters (bucket order) of about equal bytes."""
-        params = [p for b in self.buckets for _, p in b.params]
-        chunks, current, current_bytes = [], [], 0
-        left_bytes, left_chunks = sum(p.numel() * p.element_size() for p in params), min(n, len(params))
-        for i, p in enumerate(params):
-            current.append(p)
-            current_bytes += p.numel() * p.element_size()
-            params_left = len(params) - i - 1
-            if left_chunks > 1 and (current_bytes >= left_bytes / left_chunks or params_left == left_chunks - 1):
-                chunks.append(current)
-                left_bytes -= current_bytes
-                left_chunks -= 1
-                current, current_bytes = [], 0
-        if current:
-            chunks.append(current)
-        return chunks
 
     # ----------------------------------------------------------------------------------------- backward
     def grad_ready(self, name, param):
-        if not self.active or self.partial_update_chunks:
+        if not self.active:
             return
         key = id(param)
         if key in self.feature_split:
@@ -339,24 +216,23 @@ class AllReduce(Strategy):
             self._launch(self.buckets[self.next_launch])
             self.next_launch += 1
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> None:
         sparse = isinstance(self.compressor, SparseCompressor)
         scale = self.prescale_factor
         if self.op is Average and not sparse:  # sparse sums divide afterwards: the residual keeps raw units
             scale /= self.size
         bucket.gather_grads(scale)
-        with collectives.watch(bucket.describe()):
-            if sparse:
-                bucket.exchange = _SparseExchange(bucket, self.compressor, self.op, self.size, self._group())
-            else:
-                bucket.exchange = _DenseExchange(bucket, self.compressor, self.size, self._group())
+        if sparse:
+            bucket.exchange = _SparseExchange(bucket, self.compressor, self.op, self.size, self._group())
+        else:
+            bucket.exchange = _DenseExchange(bucket, self.compressor, self._group())
 
     # -------------------------------------------------------------------------------------- synchronize
     def synchronize(self) -> None:
         self._finish_round(write_back=True)
 
     def _finish_round(self, write_back: bool) -> None:
-        if not self.active or self.partial_update_chunks or self.synced:
+        if not self.active or self.synced:
             self.synced = True
             return
         while self.next_launch < len(self.buckets):
@@ -365,11 +241,9 @@ class AllReduce(Strategy):
         sent = 0
         for bucket in self.buckets:
             if isinstance(bucket.exchange, _SparseExchange):
-                with collectives.watch(bucket.describe()):
-                    bucket.exchange.second_stage()
+                bucket.exchange.second_stage()
         for bucket in self.buckets:
-            with collectives.watch(bucket.describe()):
-                bucket.exchange.finish()
+            bucket.exchange.finish()
             sent += bucket.exchange.bytes_sent
             bucket.exchange = None
             if write_back:
@@ -406,79 +280,49 @@ class AllReduce(Strategy):
                     loss = closure()
                 self.synchronize()
                 return loss
-            loss = local_step(synchronized_closure)
-        else:
-            if not getattr(self.optimizer, "_singa_skip_sync", False):
-                self.synchronize()
-            loss = local_step(None)
-        if self.partial_update_chunks and self.active:
-            self._average_chunk()
-        return loss
-
-    @torch.no_grad()
-    def _average_chunk(self) -> None:
-        """Partial update: average the values of this step's chunk (all parameters on the first step)."""
-        if self.partial_step == 0:
-            params = [p for c in self.chunks for p in c]
-        else:
-            params = self.chunks[(self.partial_step - 1) % len(self.chunks)]
-        self.partial_step += 1
-        sent = 0
-        for group in _by_dtype(params):
-            flat = torch.cat([p.reshape(-1) for p in group])
-            with collectives.watch(f"partial update of {len(group)} parameters"):
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group())
-            flat.div_(self.size)
-            for view, p in zip(flat.split([p.numel() for p in group]), group):
-                p.copy_(view.view_as(p))
-            sent += flat.numel() * flat.element_size()
-        self.bytes_sent_last_step = sent
-        self.bytes_sent_total += sent
+            return local_step(synchronized_closure)
+        if not getattr(self.optimizer, "_singa_skip_sync", False):
+            self.synchronize()
+        return local_step(None)
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        state = {"partial_update_step": self.partial_step} if self.partial_update_chunks else {}
         residuals = {}
         for bucket in self.buckets if self.optimizer is not None else []:
             if bucket.residual is not None:
                 residuals.update((name, r.view_as(p)) for (name, p), r in
                                  zip(bucket.params, bucket.residual.split(bucket.numels)))
-        if residuals:
-            state["residual"] = residual_state(residuals)
-        return state
+        return {"residual": residual_state(residuals, self._rank())} if residuals else {}
 
     def load_state_dict(self, state: dict) -> None:
-        unknown = set(state) - {"partial_update_step", "residual"}
+        unknown = set(state) - {"residual"}
         if unknown:
             raise ValueError(f"AllReduce strategy state has unknown keys {sorted(unknown)}")
-        self.partial_step = int(state.get("partial_update_step", self.partial_step))
         if self.optimizer is None or not isinstance(self.compressor, SparseCompressor):
             return
-        saved = load_residual_state(state.get("residual"), self.compressor.name)
+        saved = load_residual_state(state.get("residual"), self.compressor.name, self._rank())
         for bucket in self.buckets:
             # Parameters the checkpoint has no residual for (or every one, for another rank's) start at zero.
             bucket.residual = torch.cat([saved[name].reshape(-1).to(bucket.dtype) if name in saved
                                          else torch.zeros(n, dtype=bucket.dtype) for (name, _), n in
                                          zip(bucket.params, bucket.numels)]).to(bucket.device)
 
+    @staticmethod
+    def _rank() -> int:
+        return runtime.rank() if runtime.is_initialized() else 0
+
     def close(self) -> None:
         """Let go of the buffers and of the process group (singa_dist.shutdown() calls this), so that the
         group's threads end when the runtime destroys it; the strategy cannot communicate afterwards."""
         for bucket in self.buckets if self.optimizer is not None else []:
             bucket.exchange = None
-            bucket.buffer = None
+            bucket.release()
             bucket.residual = None
         self.pg = None
 
     def _group(self):
         if self.pg is None:
-            raise RuntimeError("this AllReduce strategy was closed (close() or singa_dist.shutdown()); "
+            raise RuntimeError(f"this {type(self).__name__} strategy was closed (close() or singa_dist.shutdown()); "
                                "after init() again, wrap the optimizer in a new DistributedOptimizer")
         return self.pg
 
-
-def _by_dtype(params):
-    groups: dict = {}
-    for p in params:
-        groups.setdefault((p.dtype, p.device), []).append(p)
-    return list(groups.values())

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import runtime
+from ..collectives import Average, Sum
+from ..compression import resolve as resolve_compression
+from ..shards import is_feature_split
+from ..topology import strategy_kind
+
 
 class Strategy:
     """How one framework synchronises training. DistributedOptimizer calls, in this order:
@@ -51,23 +57,27 @@ class ParameterServerStrategy(Strategy):
     """What the parameter-server frameworks (Sandblaster, Downpour, Hybrid, Hogwild) share."""
 
     def _begin_setup(self, optimizer, named_parameters, compression, op) -> bool:
-        """Record the optimizer and parameters; True when this process trains alone (no job to talk to)."""
-        from .. import runtime
-        from ..collectives import Sum
-        from ..compression import resolve
-
-        self.compression = resolve(compression)  # for what goes to the servers (a lone process sends nothing)
+        """Record the optimizer and parameters; True when this process trains alone (no job to talk to).
+        In a job, the job's topology must be one this framework runs on (the strategy table says which)."""
+        self.compression = resolve_compression(compression)  # what goes to the servers (a lone process sends none)
         self.optimizer = optimizer
         self.named = list(named_parameters)
-        from ..partition import is_feature_split
         split = [n for n, p in self.named if is_feature_split(p)]
         if split:
             # The servers hold one copy of each parameter; a shard differs on every worker.
             raise ValueError(f"the {self.name} strategy cannot train feature-split parameters ({', '.join(split[:3])}"
                              f"{', ...' if len(split) > 3 else ''}) of a partitioned model; use AllReduce")
-        self.average = op is not Sum
+        self.average = check_op(op, self.name) is not Sum
         # A lone process is its own server: the same updates, with no one to talk to.
         self.local = not runtime.is_initialized() or not runtime.is_distributed()
+        if not self.local:
+            topology = runtime.topology()
+            unfit = strategy_kind(self.name).unfit(topology)
+            if unfit:
+                if topology.strategy != self.name:
+                    unfit += (f" (this job was started for {topology.strategy}: start it with "
+                              f"`singa-launch --strategy {self.name} ...`)")
+                raise RuntimeError(unfit)
         return self.local
 
     @staticmethod
@@ -94,3 +104,11 @@ class ParameterServerStrategy(Strategy):
         """Bytes of parameter values this process received from the servers."""
         client = getattr(self, "client", None)
         return client.bytes_received_total if client is not None else 0
+
+
+def check_op(op, strategy: str):
+    """The op gradients are combined with: sd.Average (the default) or sd.Sum."""
+    op = Average if op is None else op
+    if op is not Average and op is not Sum:
+        raise ValueError(f"the {strategy} strategy combines gradients with sd.Average or sd.Sum, got {op!r}")
+    return op

@@ -12,11 +12,8 @@ would put a computing group more than N behind until that group has pushed). Non
 """
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-
-from .. import runtime
-from ..collectives import allreduce_gradients_
+from .. import primitives, runtime
+from ..functions import allreduce_gradients_, broadcast_flat_
 from ..ps import client as ps_client
 from ..ps import transport
 from .base import ParameterServerStrategy
@@ -42,7 +39,6 @@ class Downpour(ParameterServerStrategy):
         if self._begin_setup(optimizer, named_parameters, compression, op):
             return
         topo = runtime.topology()
-        ps_client.require_servers(self.name)
         self.group = runtime.worker_group()
         self.group_ranks = topo.worker_ranks(self.group)
         self.leader = self.group_ranks[0]
@@ -57,20 +53,17 @@ class Downpour(ParameterServerStrategy):
         runtime.on_shutdown(self.close)
 
     def _broadcast_in_group(self) -> None:
-        if len(self.group_ranks) == 1:
-            return
-        params = [p.data for _, p in self.named]
-        flat = torch._utils._flatten_dense_tensors(params)
-        dist.broadcast(flat, src=self.leader, group=self.group_pg)
-        for p, v in zip(params, torch._utils._unflatten_dense_tensors(flat, params)):
-            p.copy_(v)
+        if len(self.group_ranks) > 1:
+            broadcast_flat_([p.data for _, p in self.named], 0,
+                            f"the values of worker group {self.group} from its first worker", group=self.group_pg)
 
     def synchronize(self) -> None:
         """All-reduce the gradients inside this worker group."""
         if self.local or self.synced:
             return
         if len(self.group_ranks) > 1:
-            allreduce_gradients_(self.named, self.group_pg, len(self.group_ranks), self.average)
+            allreduce_gradients_(self.named, self.group_pg, len(self.group_ranks), self.average,
+                                 what=f"gradients of worker group {self.group}")
         self.synced = True
 
     def step(self, closure, local_step):
@@ -111,9 +104,9 @@ class Downpour(ParameterServerStrategy):
             state = self.client.state_dict()
         else:
             state = None
-        holder = [state]
-        dist.broadcast_object_list(holder, src=self.leader, group=self.group_pg)
-        return {**holder[0], "steps": self.steps}
+        state = primitives.broadcast_object(state, 0, f"the servers' state in worker group {self.group}",
+                                            group=self.group_pg)
+        return {**state, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         if self.local:
@@ -126,7 +119,7 @@ class Downpour(ParameterServerStrategy):
         if self.client is not None:
             self.client.load_state_dict(state)
         else:
-            dist.barrier(group=runtime.workers_process_group())  # matches worker 0's, after it restored
+            primitives.barrier("restoring the parameter servers from a checkpoint")  # matches the client's
         self._broadcast_in_group()
 
     def close(self) -> None:

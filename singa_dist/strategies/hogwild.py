@@ -12,9 +12,9 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.distributed as dist
 
-from .. import runtime
+from .. import primitives, runtime
+from ..functions import broadcast_flat_
 from ..ps import client as ps_client
 from ..ps import transport, wire
 from ..ps.slicing import slice_params
@@ -58,13 +58,6 @@ class Hogwild(ParameterServerStrategy):
         if local:
             return
         topo = runtime.topology()
-        if topo.server_worker_separate:
-            raise RuntimeError("hogwild runs a server group inside every worker process: the topology must have "
-                               "co-located servers (server_worker_separate=false)")
-        if topo.nworkers_per_group != 1 or topo.nserver_groups != topo.nworker_groups:
-            raise RuntimeError(f"hogwild runs one worker and one server group per process; got "
-                               f"{topo.nworkers_per_group} workers per group and {topo.nserver_groups} server "
-                               f"groups for {topo.nworker_groups} worker groups")
         if self.sync_freq is None:
             self.sync_freq = topo.sync_freq
         self.group = runtime.worker_group()
@@ -81,11 +74,7 @@ class Hogwild(ParameterServerStrategy):
         _live[self.session] = self
         transport.join()
         # Every group starts from worker 0's values, as the servers' initial values.
-        params = [p.data for p in self.params]
-        flat = torch._utils._flatten_dense_tensors(params)
-        dist.broadcast(flat, src=0, group=runtime.workers_process_group())
-        for p, v in zip(params, torch._utils._unflatten_dense_tensors(flat, params)):
-            p.copy_(v)
+        broadcast_flat_([p.data for p in self.params], 0, "the initial values of every hogwild group")
         self.last_sync = {s.id: self._read(s) for group in self.remote.values() for s in group}
         self.syncs = 0
         runtime.on_shutdown(self.close)
@@ -192,7 +181,7 @@ class Hogwild(ParameterServerStrategy):
             return
         try:
             self.sync()
-            dist.barrier(group=runtime.workers_process_group())
+            primitives.barrier("the last hogwild delta exchange")
             self.flush()
         finally:
             _live.pop(self.session, None)

@@ -6,15 +6,10 @@ update goes through the parameter servers as in Downpour (pull frequency and sta
 """
 from __future__ import annotations
 
-from .. import runtime
 from .downpour import Downpour
 
 
 class Hybrid(Downpour):
-    name = "hybrid"
+    """Downpour whose worker groups have several workers each (the strategy table requires at least two)."""
 
-    def setup(self, optimizer, named_parameters, **kwargs):
-        if runtime.is_initialized() and runtime.is_distributed() and runtime.topology().nworkers_per_group < 2:
-            raise RuntimeError("hybrid all-reduces inside worker groups of several workers; this topology has one "
-                               "worker per group (use the downpour strategy, or --workers-per-group 2 or more)")
-        super().setup(optimizer, named_parameters, **kwargs)
+    name = "hybrid"

@@ -10,7 +10,7 @@ workers keep working.
 from __future__ import annotations
 
 from .. import runtime
-from ..collectives import allreduce_gradients_
+from ..functions import allreduce_gradients_
 from ..ps import client as ps_client
 from ..ps import transport
 from .base import ParameterServerStrategy
@@ -28,10 +28,6 @@ class Sandblaster(ParameterServerStrategy):
         if self._begin_setup(optimizer, named_parameters, compression, op):
             return
         topo = runtime.topology()
-        ps_client.require_servers(self.name)
-        if topo.nworker_groups != 1:
-            raise RuntimeError(f"sandblaster is synchronous: one worker group, got {topo.nworker_groups} "
-                               "(use the downpour or hybrid strategy for several)")
         transport.join()
         self.client = ps_client.ParameterClient(
             optimizer, self.named, group=0, replicas=topo.nworkers_per_group, staleness=None,
@@ -42,7 +38,7 @@ class Sandblaster(ParameterServerStrategy):
         """Average the gradients over the workers now (e.g. to clip them before step())."""
         if self.local or self.synced:
             return
-        allreduce_gradients_(self.named, runtime.workers_process_group(), runtime.size(), self.average)
+        allreduce_gradients_(self.named, None, runtime.size(), self.average)
         self.synced = True
 
     def step(self, closure, local_step):

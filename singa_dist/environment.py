@@ -1,0 +1,157 @@
+"""The launch environment: which launcher started this process, where it runs, and how ranks meet.
+
+Read once by `runtime.init()`:
+- `singa-launch` and `torchrun`: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
+  `singa-launch` adds SINGA_PROC_RANK/SINGA_PROC_WORLD_SIZE (every process of the job, servers included),
+  SINGA_TOPOLOGY (a ClusterTopology as JSON) and SINGA_STRATEGY;
+- `mpirun` (Open MPI's OMPI_COMM_WORLD_*, MPICH/Intel MPI's PMI_*) and SLURM's `srun` (SLURM_PROCID, ...);
+- nothing: a single process.
+
+Nothing here talks to other processes except `rendezvous_address` under mpirun (through mpi4py).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import NamedTuple
+
+
+class Launch(NamedTuple):
+    """What the launcher told this process. local_rank and local_size are None where the launcher does not
+    export them; `runtime.init()` then finds them from the host names of all processes."""
+
+    launcher: str  # "singa-launch", "torchrun", "mpirun" or "srun"
+    rank: int
+    size: int
+    local_rank: int | None
+    local_size: int | None
+
+
+def env_int(*names: str) -> int | None:
+    """The first of the variables `names` that is set and not empty, as an int."""
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return None
+
+
+def detect_launcher() -> Launch | None:
+    """The launcher's numbering of this process, from the environment; None for a lone process."""
+    env = os.environ
+    if "SINGA_PROC_RANK" in env:
+        return Launch("singa-launch", int(env["SINGA_PROC_RANK"]), int(env["SINGA_PROC_WORLD_SIZE"]),
+                      env_int("LOCAL_RANK"), env_int("LOCAL_WORLD_SIZE"))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), env_int("LOCAL_RANK"),
+                      env_int("LOCAL_WORLD_SIZE"))
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return Launch("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                      env_int("OMPI_COMM_WORLD_LOCAL_RANK"), env_int("OMPI_COMM_WORLD_LOCAL_SIZE"))
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return Launch("mpirun", int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
+                      env_int("MPI_LOCALRANKID", "PMI_LOCAL_RANK"), env_int("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), env_int("SLURM_LOCALID"),
+                      _local_size_from_slurm())
+    return None
+
+
+def slurm_tasks_per_node() -> list[int]:
+    """Every node's task count; SLURM_TASKS_PER_NODE compresses it: "2(x3),1" is 2,2,2,1."""
+    counts = []
+    for item in os.environ.get("SLURM_TASKS_PER_NODE", "").split(","):
+        if not item:
+            continue
+        value, _, repeat = item.partition("(x")
+        counts += [int(value)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def _local_size_from_slurm() -> int | None:
+    # This node is SLURM_NODEID; SLURM_NTASKS_PER_NODE (the requested count) is the fallback.
+    counts = slurm_tasks_per_node()
+    node = env_int("SLURM_NODEID") or 0
+    if node < len(counts):
+        return counts[node]
+    return env_int("SLURM_NTASKS_PER_NODE")
+
+
+def ranks_within(keys: list) -> list[tuple[int, int]]:
+    """For every process (keys[p] for process p): its rank among the processes with the same key, in process
+    order, and their number. Keyed by local rank this is Horovod's (cross_rank, cross_size): one process per
+    node; keyed by host, (local_rank, local_size)."""
+    seen: dict = {}
+    ranks = []
+    for key in keys:
+        ranks.append(seen.get(key, 0))
+        seen[key] = ranks[-1] + 1
+    return [(r, seen[key]) for r, key in zip(ranks, keys)]
+
+
+def layout_from_slurm(local_rank: int) -> tuple[int, int] | None:
+    """(cross_rank, cross_size) from SLURM's node list alone, when tasks fill the nodes in order (block)."""
+    counts = slurm_tasks_per_node()
+    node = env_int("SLURM_NODEID")
+    distribution = os.environ.get("SLURM_DISTRIBUTION", "block")
+    if node is None or node >= len(counts) or not distribution.startswith("block"):
+        return None
+    return (sum(1 for c in counts[:node] if c > local_rank), sum(1 for c in counts if c > local_rank))
+
+
+def node_key(launcher: str) -> str:
+    """What names this process's node: the launcher's node index (torchrun's and singa-launch's GROUP_RANK,
+    distinct even for nodes sharing a host name) or the host name."""
+    node = os.environ.get("GROUP_RANK") if launcher in ("torchrun", "singa-launch") else None
+    return f"node {node}" if node is not None else socket.gethostname()
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free on `host` (every interface by default) at the time of the call."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _interface_address(ifname: str) -> str:
+    import fcntl
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _routed_address() -> str:
+    """This host's address as other hosts reach it (the host name may map to loopback, as on Debian)."""
+    host = socket.gethostbyname(socket.gethostname())
+    if host.startswith("127."):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(("10.255.255.255", 1))  # UDP: picks the route, sends nothing
+                host = s.getsockname()[0]
+            except OSError:
+                pass
+    return host
+
+
+def rendezvous_address(launcher: str, rank: int) -> None:
+    """Make MASTER_ADDR/MASTER_PORT known on every rank when the launcher did not set them."""
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return
+    if launcher != "mpirun":
+        raise RuntimeError(
+            f"singa_dist.init(): started by {launcher} but MASTER_ADDR/MASTER_PORT are not set; "
+            "set them to the address and a free port of rank 0's host")
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError(
+            "singa_dist.init() under mpirun needs MASTER_ADDR and MASTER_PORT, or mpi4py to agree on them "
+            "(pip install 'singa[mpi]'); or start the job with singa-launch --mpi") from None
+    address = None
+    if rank == 0:
+        ifname = os.environ.get("GLOO_SOCKET_IFNAME")  # the interface the job was told to use
+        address = (_interface_address(ifname) if ifname else _routed_address(), free_port())
+    address = MPI.COMM_WORLD.bcast(address, root=0)
+    os.environ.setdefault("MASTER_ADDR", address[0])
+    os.environ.setdefault("MASTER_PORT", str(address[1]))

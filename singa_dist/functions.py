@@ -1,0 +1,205 @@
+"""Model-level functions: what walks a model's or an optimizer's tensors and exchanges them all.
+
+- `check_consistency`: before any training, every worker has the same parameter names, shapes and dtypes;
+- `broadcast_parameters` / `broadcast_optimizer_state`: every worker starts from the root's state;
+- `allreduce_gradients_`: one fused all-reduce of every parameter's `.grad` inside a group (the
+  parameter-server strategies' synchronous step inside a worker group);
+- `broadcast_flat_`: one fused broadcast of many tensors inside a group.
+Feature-split parameters (`singa_dist.shards`) differ by worker by design: they are compared by the shape
+of the whole tensor they were cut from and are never broadcast.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import primitives, runtime
+from .collectives import _broadcast_start, allgather_object, broadcast_object, check_root
+from .primitives import is_active
+from .shards import is_feature_split, shard_of
+
+
+def check_consistency(named_tensors, what: str = "parameter") -> None:
+    """Raise on every worker when workers disagree on tensor names, shapes or dtypes (before any training).
+
+    Mismatched models otherwise fail late and obscurely: collectives of different sizes hang or mix data.
+    """
+    if not is_active():
+        return
+    # A feature-split parameter's shard differs by rank; the whole tensor it was cut from must agree.
+    mine = [(name, tuple(getattr(shard_of(t), "full_shape", t.shape)), str(t.dtype).replace("torch.", ""))
+            for name, t in named_tensors]
+    everyone = allgather_object(mine, name=f"the {what} list (model consistency check)")
+    problems = []
+    ref = {n: (s, d) for n, s, d in everyone[0]}
+    for r, theirs in enumerate(everyone[1:], start=1):
+        own = {n: (s, d) for n, s, d in theirs}
+        for n, s, d in theirs:
+            if n not in ref:
+                problems.append(f"rank {r} has {what} '{n}' {s} {d} that rank 0 does not have")
+            elif ref[n] != (s, d):
+                problems.append(f"rank {r}'s {what} '{n}' is {s} {d} but rank 0's is {ref[n][0]} {ref[n][1]}")
+        for n, s, d in everyone[0]:
+            if n not in own:
+                problems.append(f"rank {r} lacks {what} '{n}' {s} {d} that rank 0 has")
+        if not problems and [n for n, _, _ in theirs] != [n for n, _, _ in everyone[0]]:
+            problems.append(f"rank {r} lists its {what}s in a different order than rank 0")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise RuntimeError(f"rank {runtime.rank()}: the workers' models differ: {shown}. Every worker must build "
+                           "the same model (same parameter names, shapes and dtypes).")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Starting every worker from the same state
+
+def _named_tensors(params) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(params, dict):
+        items = list(params.items())
+    else:
+        items = list(params)
+        if items and not isinstance(items[0], tuple):
+            items = [(f"tensor.{i}", t) for i, t in enumerate(items)]
+    return [(n, t) for n, t in items if isinstance(t, torch.Tensor)]
+
+
+def broadcast_parameters(params, root_rank: int = 0) -> None:
+    """Overwrite every worker's tensors with the root's, in place.
+
+    params: a `state_dict()`, `named_parameters()`, or a list of tensors. Names, shapes and dtypes are
+    compared first, so workers with different models get an error naming the tensor instead of a hang.
+    """
+    named = _named_tensors(params)
+    check_root(root_rank)
+    if not is_active():
+        return
+    check_consistency(named, "tensor")
+    pending = []
+    with torch.no_grad():
+        for name, t in named:
+            if is_feature_split(t):
+                continue  # each worker keeps its own shard
+            # torch.distributed needs contiguous memory; a strided tensor is received in a copy
+            buf = t.data if t.is_contiguous() else t.data.contiguous()
+            pending.append((_broadcast_start(buf, root_rank, name), t, buf))
+        for handle, t, buf in pending:
+            handle.wait()
+            if buf is not t.data:
+                t.data.copy_(buf)
+
+
+def user_optimizer_class(optimizer) -> type:
+    """The user's optimizer class: DistributedOptimizer re-classes the object to a subclass of it."""
+    return getattr(type(optimizer), "_singa_user_class", type(optimizer))
+
+
+def _base_state_dict(optimizer):
+    """The wrapped torch optimizer's own state dict (without a DistributedOptimizer's strategy state)."""
+    base = user_optimizer_class(optimizer)
+    return base.state_dict(optimizer), functools.partial(base.load_state_dict, optimizer)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
+    """Give every worker the root's optimizer state and hyperparameters (values and dtypes).
+
+    Works for every torch.optim optimizer but LBFGS. An optimizer that has not stepped yet has an empty
+    state: then every worker ends with the root's (empty) state and hyperparameters, and the state is
+    created identically on every worker by the first step. (Horovod instead creates it with a step on zero
+    gradients, which moves parameters under weight decay and advances Adam's step count; this does neither.)
+    """
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("broadcast_optimizer_state does not support torch.optim.LBFGS (its state holds closures' "
+                         "history that is not per parameter)")
+    check_root(root_rank)
+    if not is_active():
+        return
+    state, load = _base_state_dict(optimizer)
+    is_root = runtime.rank() == root_rank
+    # The structure travels as a pickled object with tensors replaced by (index, shape, dtype, on_cpu);
+    # the tensors themselves go through torch.distributed (NCCL for CUDA tensors).
+    tensors: list[torch.Tensor] = []
+
+    def strip(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            return ("__singa_tensor__", len(tensors) - 1, tuple(value.shape), value.dtype, value.device.type == "cpu")
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(strip(v) for v in value)
+        return value
+
+    skeleton = broadcast_object(strip(state) if is_root else None, root_rank, name="optimizer state")
+    if is_root:
+        received = tensors
+    else:
+        received = []
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+
+        def fill(value):
+            if isinstance(value, tuple) and len(value) == 5 and value[0] == "__singa_tensor__":
+                _, i, shape, dtype, on_cpu = value
+                t = torch.empty(shape, dtype=dtype, device="cpu" if on_cpu else device)
+                received.append(t)
+                return t
+            if isinstance(value, dict):
+                return {k: fill(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(fill(v) for v in value)
+            return value
+        state = fill(skeleton)
+    handles = [_broadcast_start(t if t.is_contiguous() else t.contiguous(), root_rank, f"optimizer state #{i}")
+               for i, t in enumerate(received)]
+    for h in handles:
+        h.wait()
+    if not is_root:
+        load(state)
+        _restore_dtypes(optimizer, state)
+
+
+def _restore_dtypes(optimizer, state) -> None:
+    """load_state_dict casts floating state to the parameter's dtype; keep the root's dtypes exactly."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, entry in state["state"].items():
+        live = optimizer.state[params[index]]
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and isinstance(live.get(key), torch.Tensor) \
+                    and live[key].dtype != value.dtype:
+                live[key] = live[key].to(value.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused exchanges inside a group
+
+def allreduce_gradients_(named_params, group, group_size: int, average: bool = True, what: str = "gradients") -> None:
+    """Sum (or average) every parameter's `.grad` over `group` in one fused message; a parameter with no
+    gradient on this rank counts as zeros, and one with no gradient on any rank keeps `.grad = None` (so the
+    optimizer skips it, as torch's optimizers and DDP's find_unused_parameters do). The parameter-server
+    strategies use it inside a worker group."""
+    named_params = list(named_params)
+    if not named_params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in named_params]
+    # One more element per parameter counts the ranks that had a gradient for it, in the same message.
+    had = torch.tensor([float(p.grad is not None) for _, p in named_params], dtype=grads[0].dtype,
+                       device=grads[0].device)
+    flat = torch._utils._flatten_dense_tensors(grads + [had])
+    primitives.all_reduce(flat, f"{what} of {len(named_params)} parameters ({named_params[0][0]}, ...)",
+                          group=group)
+    counts = flat[-len(grads):].tolist()
+    if average:
+        flat[:-len(grads)] /= group_size
+    for (_, p), g, count in zip(named_params, torch._utils._unflatten_dense_tensors(flat, grads), counts):
+        p.grad = g.view_as(p) if count > 0 else None
+
+
+@torch.no_grad()
+def broadcast_flat_(tensors: list[torch.Tensor], root: int, what: str, group=None) -> None:
+    """Overwrite `tensors` with member `root`'s (counted within `group`), in one fused message."""
+    if not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    primitives.broadcast(flat, root, what, group=group)
+    for t, v in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(v)

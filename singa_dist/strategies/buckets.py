@@ -1,0 +1,147 @@
+"""Fused buffers of many parameters (buckets): how AllReduce and PartialUpdate send many tensors as one.
+
+Parameters are fused in the reverse of the optimizer's order, since backward produces the last layers'
+gradients first, with one dtype and device type per bucket. A bucket's flat buffer is cut into one view per
+parameter, so that the reduced gradients can become the parameters' `.grad` without a copy (as DDP's
+gradient_as_bucket_view).
+"""
+from __future__ import annotations
+
+import torch
+
+# Measured with benchmarks/dist_overhead.py: on CPU/Gloo 4 MB buckets beat 25 MB ones (more overlap).
+DEFAULT_BUCKET_MB = {"cpu": 4.0, "cuda": 25.0}
+
+
+class Bucket:
+    """Some parameters' tensors fused into one flat buffer, communicated as one message."""
+
+    def __init__(self, index: int, params: list[tuple[str, torch.nn.Parameter]]):
+        self.index = index
+        self.params = params
+        self.numels = [p.numel() for _, p in params]
+        self.numel = sum(self.numels)
+        self.dtype = params[0][1].dtype
+        self.device = params[0][1].device
+        self.nbytes = self.numel * params[0][1].element_size()
+        self.buffer: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+        self.pending = len(params)  # parameters not yet ready in this round
+        self.exchange = None  # the communication in flight
+        self.residual: torch.Tensor | None = None  # sparse compression's error feedback
+        names = [n for n, _ in params]
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3 else "")
+        self.description = f"gradient bucket {index} ({shown})"
+
+    def _views(self) -> list[torch.Tensor]:
+        if self.buffer is None:
+            self.buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            self.views = [v.view_as(p) for v, (_, p) in zip(self.buffer.split(self.numels), self.params)]
+        return self.views
+
+    def release(self) -> None:
+        """Let go of the buffer (it is made again when next needed)."""
+        self.buffer, self.views = None, []
+
+    def gather_grads(self, scale: float = 1.0) -> torch.Tensor:
+        """Copy the parameters' gradients, times `scale`, into the flat buffer (zeros where a parameter has
+        none). Few large tensors are scaled while copied (one pass over memory, as DDP does); many small
+        ones are copied in one call and scaled together."""
+        views = self._views()
+        dst, src, in_place = [], [], []
+        for view, (_, p) in zip(views, self.params):
+            g = p.grad
+            if g is None:
+                view.zero_()
+            elif _is_view(g, view):
+                in_place.append(view)  # backward accumulated straight into the bucket (set_to_none=False)
+            else:
+                dst.append(view)
+                src.append(g.to_dense().to(self.dtype) if g.is_sparse else g.to(self.dtype))
+        if len(dst) <= 16:
+            for d, g in zip(dst, src):
+                torch.mul(g, scale, out=d) if scale != 1.0 else d.copy_(g)
+            if scale != 1.0:
+                for view in in_place:
+                    view.mul_(scale)
+        else:
+            torch._foreach_copy_(dst, src)  # one call instead of one per tensor
+            if scale != 1.0:
+                self.buffer.mul_(scale)  # one pass over the whole bucket is cheaper than per-tensor calls
+        return self.buffer
+
+    def scatter_grads(self) -> None:
+        """Make every parameter's `.grad` its slice of the reduced buffer (no copy, as DDP's
+        gradient_as_bucket_view): the buffer is only refilled by the next step's communication."""
+        for view, (_, p) in zip(self.views, self.params):
+            if not _is_view(p.grad, view):
+                p.grad = view
+
+    @torch.no_grad()
+    def gather_values(self) -> torch.Tensor:
+        """Copy the parameters' values into the flat buffer."""
+        torch._foreach_copy_(self._views(), [p.detach() for _, p in self.params])
+        return self.buffer
+
+    @torch.no_grad()
+    def scatter_values(self) -> None:
+        """Copy the flat buffer back into the parameters' values."""
+        torch._foreach_copy_([p.data for _, p in self.params], self.views)
+
+
+def _is_view(grad, view) -> bool:
+    return grad is not None and not grad.is_sparse and grad.data_ptr() == view.data_ptr() and \
+        grad.shape == view.shape and grad.dtype == view.dtype
+
+
+def plan_buckets(named: list[tuple[str, torch.nn.Parameter]], *, bucket_mb: float | None = None,
+                 first_bucket_mb: float = 1.0, num_buckets: int | None = None) -> list[Bucket]:
+    """Buckets in the reverse of `named`'s order, one dtype and device type per bucket, each of about
+    `bucket_mb` MB (DEFAULT_BUCKET_MB for the device when None; the first one `first_bucket_mb`, so that
+    communication starts early in the backward pass), or `num_buckets` of about equal bytes."""
+    params = list(reversed(named))
+    total = sum(p.numel() * p.element_size() for _, p in params)
+    even = max(total / num_buckets, 1) if num_buckets else None
+    open_, order = {}, []
+    for name, p in params:
+        key = (p.dtype, p.device.type)
+        group = open_.get(key)
+        if group is None:
+            group = open_[key] = [[], 0, len(order)]
+            order.append(group)
+        group[0].append((name, p))
+        group[1] += p.numel() * p.element_size()
+        if even is not None:
+            limit = even
+        else:
+            mb = bucket_mb if bucket_mb is not None else DEFAULT_BUCKET_MB.get(p.device.type, 25.0)
+            limit = (min(first_bucket_mb, mb) if group[2] == 0 else mb) * 2**20
+        if group[1] >= limit:  # full: the next tensor opens a new bucket
+            del open_[key]
+    return [Bucket(i, g[0]) for i, g in enumerate(order)]
+
+
+def split_evenly(named: list[tuple[str, torch.nn.Parameter]], n: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """Up to n non-empty runs of consecutive parameters of about equal bytes."""
+    chunks, current, current_bytes = [], [], 0
+    left_bytes, left_chunks = sum(p.numel() * p.element_size() for _, p in named), min(n, len(named))
+    for i, (name, p) in enumerate(named):
+        current.append((name, p))
+        current_bytes += p.numel() * p.element_size()
+        params_left = len(named) - i - 1
+        if left_chunks > 1 and (current_bytes >= left_bytes / left_chunks or params_left == left_chunks - 1):
+            chunks.append(current)
+            left_bytes -= current_bytes
+            left_chunks -= 1
+            current, current_bytes = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def by_dtype(named: list[tuple[str, torch.nn.Parameter]]) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """`named` grouped by (dtype, device), each group in the given order."""
+    groups: dict = {}
+    for name, p in named:
+        groups.setdefault((p.dtype, p.device), []).append((name, p))
+    return list(groups.values())
