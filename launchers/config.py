@@ -130,6 +130,14 @@ class LaunchConfig:
         env.update(self.extra_env)
         return env
 
+    def workers_per_node(self) -> list[int]:
+        """How many of each node's processes are workers (they come first in the numbering, servers last)."""
+        counts, offset = [], 0
+        for count in self.node_procs:
+            counts.append(max(0, min(count, self.topology.nworkers - offset)))
+            offset += count
+        return counts
+
     def node_plan(self, node_rank: int | None = None, restart_count: int = 0) -> list[ProcessSpec]:
         """The processes of one node, numbered as topology.py says: workers first, then separate servers."""
         node = self.node_rank if node_rank is None else node_rank
@@ -138,6 +146,7 @@ class LaunchConfig:
         topo = self.topology
         base = self.common_env(restart_count)
         base["GROUP_RANK"] = str(node)
+        workers_per_node = self.workers_per_node()
         specs = []
         for local in range(count):
             proc = offset + local
@@ -149,6 +158,14 @@ class LaunchConfig:
                 index = proc
                 env.update({"RANK": str(proc), "WORLD_SIZE": str(topo.nworkers),
                             "ROLE_RANK": str(proc), "ROLE_WORLD_SIZE": str(topo.nworkers)})
+                # What horovodrun sets, for scripts and tools that read it (workers only: servers run no user code).
+                here = workers_per_node[node]
+                env.update({"HOROVOD_RANK": str(proc), "HOROVOD_SIZE": str(topo.nworkers),
+                            "HOROVOD_LOCAL_RANK": str(local), "HOROVOD_LOCAL_SIZE": str(here),
+                            "HOROVOD_CROSS_RANK": str(sum(1 for n in workers_per_node[:node] if n > local)),
+                            "HOROVOD_CROSS_SIZE": str(sum(1 for n in workers_per_node if n > local)),
+                            "HOROVOD_HOSTNAME": self.hosts[node].name if self.hosts else "localhost",
+                            "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo"})
                 argv = list(self.command)
             else:
                 index = proc - topo.nworkers

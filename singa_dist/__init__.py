@@ -13,9 +13,15 @@ from .runtime import (cross_rank, cross_size, device, group_process_group, init,
                       strategy_name, topology, worker_group, workers_process_group)
 from .topology import STRATEGIES, ClusterTopology, ProcessRole, StrategyKind, TopologyError
 from .primitives import CollectiveError
-from .collectives import (Average, Max, Min, Product, ReduceOp, Sum, allgather, allgather_async, allgather_object,
-                          allreduce, allreduce_, allreduce_async, allreduce_async_, barrier, broadcast, broadcast_,
-                          broadcast_async, broadcast_async_, broadcast_object, poll, synchronize)
+from .coordinator import (CollectiveMismatchError, ProcessSet, add_process_set, global_process_set,
+                          remove_process_set)
+from .collectives import (Adasum, Average, Max, Min, Product, ReduceOp, Sum, allgather, allgather_async,
+                          allgather_object, allreduce, allreduce_, allreduce_async, allreduce_async_, alltoall,
+                          alltoall_async, barrier, broadcast, broadcast_, broadcast_async, broadcast_async_,
+                          broadcast_object, grouped_allgather, grouped_allgather_async, grouped_allreduce,
+                          grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_,
+                          grouped_reducescatter, grouped_reducescatter_async, join, poll, reducescatter,
+                          reducescatter_async, sparse_allreduce_async, synchronize)
 from .functions import broadcast_optimizer_state, broadcast_parameters
 from .compression import Compression
 from .optimizer import DistributedOptimizer

@@ -75,18 +75,11 @@ def broadcast_parameters(params, root_rank: int = 0) -> None:
     if not is_active():
         return
     check_consistency(named, "tensor")
-    pending = []
     with torch.no_grad():
-        for name, t in named:
-            if is_feature_split(t):
-                continue  # each worker keeps its own shard
-            # torch.distributed needs contiguous memory; a strided tensor is received in a copy
-            buf = t.data if t.is_contiguous() else t.data.contiguous()
-            pending.append((_broadcast_start(buf, root_rank, name), t, buf))
-        for handle, t, buf in pending:
+        # each worker keeps its own shard of a feature-split tensor
+        pending = [_broadcast_start(t.data, root_rank, name) for name, t in named if not is_feature_split(t)]
+        for handle in pending:
             handle.wait()
-            if buf is not t.data:
-                t.data.copy_(buf)
 
 
 def user_optimizer_class(optimizer) -> type:
@@ -100,13 +93,13 @@ def _base_state_dict(optimizer):
     return base.state_dict(optimizer), functools.partial(base.load_state_dict, optimizer)
 
 
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0, model=None) -> None:
     """Give every worker the root's optimizer state and hyperparameters (values and dtypes).
 
-    Works for every torch.optim optimizer but LBFGS. An optimizer that has not stepped yet has an empty
-    state: then every worker ends with the root's (empty) state and hyperparameters, and the state is
-    created identically on every worker by the first step. (Horovod instead creates it with a step on zero
-    gradients, which moves parameters under weight decay and advances Adam's step count; this does neither.)
+    Works for every torch.optim optimizer but LBFGS. As in Horovod, an optimizer that has not stepped yet first
+    gets its state made by one step of the wrapped optimizer on zero gradients (sparse ones for SparseAdam and
+    for the sparse embeddings of `model`); the parameters' `.grad` are those zeros afterwards, and the
+    parameters keep their values.
     """
     if isinstance(optimizer, torch.optim.LBFGS):
         raise ValueError("broadcast_optimizer_state does not support torch.optim.LBFGS (its state holds closures' "
@@ -115,6 +108,9 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     if not is_active():
         return
     state, load = _base_state_dict(optimizer)
+    if not state["state"]:
+        _make_state(optimizer, model)
+        state, load = _base_state_dict(optimizer)
     is_root = runtime.rank() == root_rank
     # The structure travels as a pickled object with tensors replaced by (index, shape, dtype, on_cpu);
     # the tensors themselves go through torch.distributed (NCCL for CUDA tensors).
@@ -156,6 +152,24 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     if not is_root:
         load(state)
         _restore_dtypes(optimizer, state)
+
+
+@torch.no_grad()
+def _make_state(optimizer, model) -> None:
+    """One step of the wrapped optimizer (not the distributed one: no communication) on zero gradients. The
+    parameters are put back afterwards: weight decay would otherwise move them on the workers that had no state
+    yet, and only theirs."""
+    sparse = {id(m.weight) for m in (model.modules() if model is not None else [])
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse}
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+        if isinstance(optimizer, torch.optim.SparseAdam) or id(p) in sparse:
+            p.grad = p.grad.to_sparse()
+    user_optimizer_class(optimizer).step(optimizer)
+    for p, value in zip(params, saved):
+        p.copy_(value)
 
 
 def _restore_dtypes(optimizer, state) -> None:

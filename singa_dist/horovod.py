@@ -8,128 +8,206 @@
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
-Start it with `singa-launch -np N python train.py` (or torchrun / mpirun) instead of `horovodrun`.
-What Horovod offers beyond this (Adasum, process sets other than the global one, elastic training, the
-timeline, join for uneven inputs) is absent or raises a clear error rather than silently doing something else.
+Start it with `singa-launch -np N python train.py` (or torchrun / mpirun) instead of `horovodrun`. Every
+collective of horovod.torch 0.28 is here with its signature and defaults (allreduce, grouped_allreduce,
+allgather, broadcast, alltoall, reducescatter, their async and in-place forms, join, barrier, process sets,
+Adasum, SyncBatchNorm); like Horovod's coordinator, the ranks agree on each collective before it runs, and a
+mismatch raises HorovodInternalError on every rank.
 """
 from __future__ import annotations
+
+import os
+import socket
+import sys
+import warnings
 
 import torch
 
 from . import runtime
-from .collectives import (Average, Max, Min, Product, Sum, allgather, allgather_async, allgather_object, allreduce,
-                          allreduce_, allreduce_async, allreduce_async_, barrier, broadcast, broadcast_,
-                          broadcast_async, broadcast_async_, broadcast_object, poll, synchronize)
-from .compression import Compression, Compressor
-from .functions import broadcast_optimizer_state, broadcast_parameters
+from .collectives import (Adasum, Average, Max, Min, Product, Sum, allgather, allgather_async,  # noqa: F401
+                          allgather_object, allreduce, allreduce_, allreduce_async, allreduce_async_, alltoall,
+                          alltoall_async, barrier, broadcast, broadcast_, broadcast_async, broadcast_async_,
+                          broadcast_object, grouped_allgather, grouped_allgather_async, grouped_allreduce,
+                          grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_,
+                          grouped_reducescatter, grouped_reducescatter_async, join, poll, reducescatter,
+                          reducescatter_async, sparse_allreduce_async, synchronize)
+from .compression import Compression, Compressor  # noqa: F401
+from .coordinator import (ProcessSet, add_process_set, global_process_set, remove_process_set)  # noqa: F401
+from .functions import broadcast_optimizer_state, broadcast_parameters  # noqa: F401
 from .optimizer import DistributedOptimizer as _DistributedOptimizer
-from .runtime import (cross_rank, cross_size, is_initialized, local_rank, local_size, rank, shutdown, size)
-from .strategies.allreduce import AllReduce
+from .primitives import CollectiveError
+from .runtime import (cross_rank, cross_size, is_initialized, local_rank, local_size, rank, shutdown,  # noqa: F401
+                      size)
+from .runner import run as _run
+from .strategies.allreduce import AllReduce  # noqa: F401
+from .sync_batch_norm import SyncBatchNorm  # noqa: F401
+
+HorovodInternalError = CollectiveError  # what a failed or mismatched collective raises, on every rank
 
 
-class _Adasum:
-    name = "Adasum"
+class HostsUpdatedInterrupt(RuntimeError):
+    """The set of hosts of an elastic job changed (Horovod's elastic interrupt); skip_sync as in Horovod."""
 
-    def __repr__(self) -> str:
-        return "singa_dist.horovod.Adasum"
-
-
-Adasum = _Adasum()  # accepted as a name so scripts import cleanly; using it raises (see DistributedOptimizer)
-
-
-class ProcessSet:
-    """Only the global process set (all workers) exists here."""
-
-    process_set_id = 0
-
-    def __init__(self, ranks=None):
-        if ranks is not None:
-            raise ValueError("singa_dist.horovod supports only the global process set (all workers)")
-
-    def size(self) -> int:
-        return size()
-
-    def rank(self) -> int:
-        return rank()
-
-    def included(self) -> bool:
-        return True
-
-
-global_process_set = ProcessSet()
+    def __init__(self, skip_sync: bool = False):
+        super().__init__("the hosts of the job changed")
+        self.skip_sync = skip_sync
 
 
 def init(comm=None, process_sets=None) -> None:
-    """Join the job (from singa-launch, torchrun, mpirun or SLURM; a single process otherwise)."""
-    if comm is not None:
-        raise ValueError("singa_dist.horovod.init() takes its ranks from the launcher, not from an MPI communicator")
-    if process_sets not in (None, [], [global_process_set]):
-        raise ValueError("singa_dist.horovod supports only the global process set")
+    """Join the job (from singa-launch, torchrun, mpirun or SLURM; a single process otherwise).
+
+    comm: None, or every worker's rank (a list), or an mpi4py communicator of the whole job: the job is the one
+    the launcher started. process_sets: ProcessSets (or lists of ranks) to register now, in this order, or
+    "dynamic" (sets may be added later with add_process_set, as they may here in any case).
+    """
     runtime.init()
+    if comm is not None:
+        members = list(range(runtime.size()))
+        ranks = list(comm) if isinstance(comm, (list, tuple, range)) else None
+        if ranks is None and hasattr(comm, "Get_size"):
+            ranks = list(range(comm.Get_size())) if comm.Get_size() == runtime.size() else None
+        if ranks is not None and sorted(ranks) not in ([], members):
+            raise ValueError(f"singa_dist.horovod.init(comm=...) runs the job the launcher started ({len(members)} "
+                             f"workers); for a subset of them, use a process set: add_process_set({ranks})")
+        if ranks is None:
+            raise ValueError("singa_dist.horovod.init(comm=...) takes a list of ranks or an mpi4py communicator "
+                             "of the whole job")
+    if process_sets == "dynamic":
+        os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"
+    elif process_sets:
+        for i, ps in enumerate(process_sets):
+            if isinstance(ps, ProcessSet) and ps.process_set_id is not None:
+                raise ValueError(f"Horovod could not be initialized because process_sets entry number {i} is a "
+                                 f"duplicate: {ps}")
+            add_process_set(ps)
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none,
                          backward_passes_per_step: int = 1, op=Average, gradient_predivide_factor: float = 1.0,
                          num_groups: int = 0, groups=None, sparse_as_dense: bool = False,
                          process_set=global_process_set):
-    """horovod.torch.DistributedOptimizer: gradients averaged (or summed) with fused, overlapped all-reduce.
+    """horovod.torch.DistributedOptimizer: gradients averaged (or summed) with fused, overlapped all-reduce;
+    op=Adasum combines each worker's update with Adasum instead (Horovod's Adasum optimizer)."""
+    return _DistributedOptimizer(optimizer, named_parameters=named_parameters,
+                                 strategy="adasum" if op is Adasum else "allreduce", compression=compression,
+                                 backward_passes_per_step=backward_passes_per_step, op=op,
+                                 gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
+                                 groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set)
 
-    gradient_predivide_factor f divides the gradients by f before the sum and multiplies by f/size after
-    (with op=Average), as Horovod does; num_groups cuts the parameters into that many fused buckets. Sparse
-    gradients are always communicated as dense ones (sparse_as_dense is accepted for that reason).
-    """
-    if op is Adasum:
-        raise ValueError("Adasum is not available in singa_dist; use hvd.Average or hvd.Sum")
-    if process_set is not global_process_set and getattr(process_set, "process_set_id", 0) != 0:
-        raise ValueError("singa_dist.horovod supports only the global process set")
-    if groups is not None:
-        raise ValueError("explicit parameter groups are not supported; use num_groups (or sd.AllReduce(bucket_mb=))")
-    if gradient_predivide_factor != 1.0 and op is not Average:
-        raise ValueError("gradient_predivide_factor requires op == Average (as in Horovod)")
-    strategy = AllReduce(num_buckets=num_groups or None, prescale_factor=1.0 / gradient_predivide_factor,
-                         postscale_factor=gradient_predivide_factor)
-    return _DistributedOptimizer(optimizer, named_parameters=named_parameters, strategy=strategy,
-                                 compression=compression, backward_passes_per_step=backward_passes_per_step, op=op)
+
+def is_homogeneous() -> bool:
+    """True when every node runs the same number of workers."""
+    return runtime.size() % runtime.local_size() == 0 and runtime.cross_size() * runtime.local_size() == runtime.size()
 
 
 def mpi_threads_supported() -> bool:
-    return False
+    if not mpi_enabled():
+        raise ValueError("Horovod MPI is not enabled; Please make sure it's installed and enabled.")
+    from mpi4py import MPI
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
 
 def mpi_enabled() -> bool:
-    return False
+    """True when the job was started by mpirun (singa-launch --mpi included)."""
+    return runtime.is_initialized() and runtime.launcher() == "mpirun"
 
 
 def mpi_built() -> bool:
-    return False
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def gloo_enabled() -> bool:
-    return True
+    return runtime.is_initialized() and "gloo" in runtime.backend()
 
 
 def gloo_built() -> bool:
-    return True
+    return torch.distributed.is_gloo_available()
 
 
-def nccl_built() -> bool:
-    return torch.cuda.is_available() and torch.distributed.is_nccl_available()
+def nccl_built() -> int:
+    """NCCL's version code (2.21.5 is 22105) when torch has NCCL, else 0."""
+    if not (torch.cuda.is_available() and torch.distributed.is_nccl_available()):
+        return 0
+    major, minor, patch = torch.cuda.nccl.version()
+    return major * 10000 + minor * 100 + patch
 
 
-def cuda_built() -> bool:
-    return torch.cuda.is_available()
-
-
-def rocm_built() -> bool:
+def ddl_built() -> bool:
     return False
 
 
-__all__ = [
-    "Adasum", "AllReduce", "Average", "Compression", "Compressor", "DistributedOptimizer", "Max", "Min", "Product",
-    "ProcessSet", "Sum", "allgather", "allgather_async", "allgather_object", "allreduce", "allreduce_",
-    "allreduce_async", "allreduce_async_", "barrier", "broadcast", "broadcast_", "broadcast_async",
-    "broadcast_async_", "broadcast_object", "broadcast_optimizer_state", "broadcast_parameters", "cross_rank",
-    "cross_size", "cuda_built", "global_process_set", "gloo_built", "gloo_enabled", "init", "is_initialized",
-    "local_rank", "local_size", "mpi_built", "mpi_enabled", "mpi_threads_supported", "nccl_built", "poll",
-    "rank", "rocm_built", "shutdown", "size", "synchronize",
-]
+def ccl_built() -> bool:
+    return False
+
+
+def cuda_built() -> bool:
+    return torch.version.cuda is not None
+
+
+def rocm_built() -> bool:
+    return getattr(torch.version, "hip", None) is not None
+
+
+def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
+    """Horovod's timeline: not recorded by singa_dist yet (see docs); raises rather than pretending."""
+    if not runtime.is_initialized():
+        raise ValueError("Horovod has not been initialized; use hvd.init().")
+    raise NotImplementedError("singa_dist does not record a Horovod timeline yet: start_timeline() writes nothing. "
+                              "Profile with torch.profiler meanwhile.")
+
+
+def stop_timeline() -> None:
+    if not runtime.is_initialized():
+        raise ValueError("Horovod has not been initialized; use hvd.init().")
+    warnings.warn("stop_timeline(): no timeline was started (singa_dist does not record one yet)")
+
+
+def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_proc=None, slots=None,
+        reset_limit=None, cooldown_range=None, hosts=None, hostfile=None, host_discovery_script=None,
+        start_timeout=None, ssh_port=None, ssh_identity_file=None, disable_cache=None, output_filename=None,
+        verbose=None, use_gloo=None, use_mpi=None, mpi_args=None, network_interface=None, network_interfaces=None,
+        executable=None, np=None, min_np=None, max_np=None):
+    """horovod.run: run `func(*args, **kwargs)` on `num_proc` processes of this host joined in one job and return
+    their results in rank order (singa_dist.run does the work). Processes run on this host only: `hosts` may
+    name it (localhost:N); elastic arguments raise."""
+    if hosts is not None and hostfile is not None:
+        raise ValueError("Argument hosts and hostfile only allow one provided.")
+    if use_gloo and use_mpi:
+        raise ValueError("Argument use_gloo and use_mpi only allow one set True.")
+    for name, value in (("min_num_proc", min_num_proc or min_np), ("max_num_proc", max_num_proc or max_np),
+                        ("host_discovery_script", host_discovery_script), ("reset_limit", reset_limit)):
+        if value is not None:
+            raise NotImplementedError(f"singa_dist.horovod.run does not run elastic jobs ({name}); use "
+                                      "singa-launch --max-restarts for restarts")
+    num_proc = np if np is not None else num_proc
+    slots_here = _local_slots(hosts, hostfile)
+    if num_proc is None:
+        num_proc = slots_here if slots_here is not None else 1
+    if slots_here is not None and num_proc > slots_here:
+        raise ValueError(f"{num_proc} processes requested but the hosts give {slots_here} slots")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return _run(func, np=num_proc, args=tuple(args), kwargs=kwargs, env=env)
+
+
+def _local_slots(hosts, hostfile) -> int | None:
+    """The slots `hosts` ("localhost:2,127.0.0.1:2") or a hostfile give on this host; an error for other hosts."""
+    if hostfile is not None:
+        with open(hostfile) as f:
+            entries = [line.split()[0] + ":" + (line.split("slots=")[1].split()[0] if "slots=" in line else "1")
+                       for line in f if line.strip() and not line.startswith("#")]
+        hosts = ",".join(entries)
+    if hosts is None:
+        return None
+    total = 0
+    here = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
+    for item in str(hosts).split(","):
+        host, _, count = item.strip().partition(":")
+        if host not in here:
+            raise ValueError(f"singa_dist.horovod.run starts processes on this host only, got host {host!r}; for "
+                             "several hosts use singa-launch --hosts")
+        total += int(count or 1)
+    return total

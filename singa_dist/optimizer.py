@@ -7,26 +7,28 @@ strategy as soon as backward has accumulated it, and whose `step()` lets the str
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
 from . import strategies
-from .collectives import Average
+from .collectives import Adasum, Average
+from .coordinator import global_process_set
 from .functions import check_consistency
+from .strategies.allreduce import AllReduce
 
 
 class _DistributedOptimizer:
     """Mixed in front of the user's optimizer class by DistributedOptimizer()."""
 
     def _singa_setup(self, named_parameters, strategy, compression, backward_passes_per_step, op):
-        if backward_passes_per_step < 1:
-            raise ValueError(f"backward_passes_per_step must be at least 1, got {backward_passes_per_step}")
         named = _named_parameters(self, named_parameters)
         # Before any training: workers with different models would otherwise hang or mix data later.
         check_consistency(named, "parameter")
-        self._singa_strategy = strategies.make(strategy)
+        self._singa_strategy = strategy
         self._singa_named = named
         self._singa_skip_sync = False
+        self._singa_user_synced = False
         self._singa_strategy.setup(self, named, backward_passes_per_step=backward_passes_per_step,
                                    compression=compression, op=op)
         self._singa_hooks = []
@@ -42,10 +44,13 @@ class _DistributedOptimizer:
     def synchronize(self) -> None:
         """Wait for the gradients' communication; afterwards `.grad` holds the synchronised gradients."""
         self._singa_strategy.synchronize()
+        self._singa_user_synced = True
 
     @contextlib.contextmanager
     def skip_synchronize(self):
         """Inside this block step() does not synchronise again (call synchronize() before it yourself)."""
+        if not self._singa_strategy.allows_skip_synchronize:
+            raise AssertionError("Skipping synchronization is not supported when using Adasum optimizer.")
         self._singa_skip_sync = True
         try:
             yield
@@ -54,6 +59,12 @@ class _DistributedOptimizer:
 
     def step(self, closure=None):
         parent = super(_DistributedOptimizer, self)
+        if self._singa_user_synced and not self._singa_skip_sync:
+            warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
+                          "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
+                          "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your "
+                          "code.", stacklevel=2)
+        self._singa_user_synced = False
 
         def local_step(closure=None):
             return parent.step(closure)
@@ -108,18 +119,27 @@ _classes: dict[type, type] = {}
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, strategy=None,
-                         compression=None, backward_passes_per_step: int = 1, op=Average):
+                         compression=None, backward_passes_per_step: int = 1, op=Average,
+                         gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
+                         sparse_as_dense: bool = False, process_set=global_process_set):
     """Make `optimizer` distributed; returns the same object, now an instance of a subclass of its class.
 
-    strategy: "allreduce", "sandblaster", "downpour", "hogwild", "hybrid", a Strategy object
-              (e.g. sd.AllReduce(bucket_mb=8)), or None for the strategy the launcher was given.
+    strategy: "allreduce", "adasum", "partial_update", "sandblaster", "downpour", "hogwild", "hybrid", a
+              Strategy object (e.g. sd.AllReduce(bucket_mb=8)), or None for the strategy the launcher was given.
     compression: gradient compression for strategies that communicate gradients (sd.Compression.*).
     backward_passes_per_step: gradients are accumulated locally over this many backward passes and
               communicated once.
-    op: sd.Average (default) or sd.Sum over the workers' gradients.
+    op: sd.Average (default) or sd.Sum over the workers' gradients; sd.Adasum combines each worker's update
+              with Horovod's Adasum (the "adasum" strategy).
+    Horovod's arguments, for the allreduce strategy: gradient_predivide_factor f divides the gradients by f
+    before the sum and multiplies them by f/size after it (op=Average only); groups (an int, or lists of
+    parameters each fused into one message; num_groups is its older name); sparse_as_dense (sparse gradients
+    travel densely); process_set (average over that set's workers; the others train on their own).
     """
     if isinstance(optimizer, _DistributedOptimizer):
         raise ValueError("this optimizer is already a DistributedOptimizer")
+    strategy = _make_strategy(strategy, op, backward_passes_per_step, gradient_predivide_factor, num_groups,
+                              groups, sparse_as_dense, process_set)
     base = type(optimizer)
     cls = _classes.get(base)
     if cls is None:
@@ -134,12 +154,52 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     return optimizer
 
 
+def _make_strategy(strategy, op, backward_passes_per_step, gradient_predivide_factor, num_groups, groups,
+                   sparse_as_dense, process_set) -> strategies.Strategy:
+    """The strategy object, with Horovod's arguments checked as Horovod checks them and handed to AllReduce."""
+    if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
+            or backward_passes_per_step <= 0:
+        raise ValueError(f"backward_passes_per_step must be > 0 (a whole number of backward passes), "
+                         f"got {backward_passes_per_step!r}")
+    if gradient_predivide_factor != 1.0 and op is not Average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    if num_groups:
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed in v0.23.0.",
+                      DeprecationWarning, stacklevel=3)
+        groups = num_groups if groups is None else groups
+    options = {}
+    if gradient_predivide_factor != 1.0:
+        options.update(prescale_factor=1.0 / gradient_predivide_factor, postscale_factor=gradient_predivide_factor)
+    if groups is not None:
+        options["groups"] = groups
+    if sparse_as_dense:
+        options["sparse_as_dense"] = True
+    if process_set is not None and process_set is not global_process_set:
+        options["process_set"] = process_set
+    if op is Adasum:
+        if strategy not in (None, "adasum") and not isinstance(strategy, strategies.strategy_class("adasum")):
+            raise ValueError(f"op=Adasum is the adasum strategy; it does not combine with strategy={strategy!r}")
+        if "process_set" in options:
+            raise NotImplementedError("Adasum does not support non-global process sets yet.")
+        strategy = strategy if isinstance(strategy, strategies.Strategy) else "adasum"
+        options = {}
+    if isinstance(strategy, strategies.Strategy):
+        if options:
+            raise ValueError(f"{', '.join(sorted(options))} configure the allreduce strategy: give them to the "
+                             f"strategy object (sd.AllReduce(...)), not to DistributedOptimizer as well")
+        return strategy
+    name = (strategy if strategy is not None else strategies.default_name()).lower()
+    if options and name != "allreduce":
+        raise ValueError(f"{', '.join(sorted(options))} configure the allreduce strategy, not {name}")
+    return AllReduce(**options) if name == "allreduce" else strategies.make(name)
+
+
 def _synchronize_before_unscale(unscale_):
     """GradScaler.unscale_ (and so GradScaler.step) must see the synchronised gradients, not local ones."""
 
     def patched(self, optimizer):
         if isinstance(optimizer, _DistributedOptimizer):
-            optimizer.synchronize()
+            optimizer.strategy.synchronize()
         return unscale_(self, optimizer)
     patched._singa_original = unscale_
     patched.__doc__ = unscale_.__doc__

@@ -133,6 +133,14 @@ def track(work) -> None:
     _outstanding.append(work)
 
 
+def untrack(work) -> None:
+    """`work` has finished (or failed and was reported): shutdown() need not wait for it."""
+    for i, w in enumerate(_outstanding):
+        if w is work:
+            del _outstanding[i]
+            return
+
+
 def wait_outstanding() -> None:
     """Wait for every tracked asynchronous operation that has not finished (after a failed one, for no more)."""
     try:
@@ -163,14 +171,15 @@ class Handle:
 
     def wait(self):
         if not self._done:
-            with watch(self._what, self._group):
-                for w in self._works:
-                    w.wait()
-            self._result = self._finish()
+            try:
+                with watch(self._what, self._group):
+                    for w in self._works:
+                        w.wait()
+                self._result = self._finish()
+            finally:
+                untrack(self)  # a failure is reported here, once: shutdown() does not raise it again
             self._done = True
             self._works = []
-            if self in _outstanding:
-                _outstanding.remove(self)
         return self._result
 
 

@@ -52,11 +52,22 @@ class _Runtime:
     launcher: str = "none"
     workers_pg: object = None  # all workers
     group_pgs: dict = field(default_factory=dict)  # worker group index -> process group of that group
+    named_pgs: dict = field(default_factory=dict)  # name -> a group of all workers that a layer above asked for
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 _state = _Runtime()
 _inits = 0  # init() calls that joined a job, the same count on every process of it
+_worker_group_names: list[str] = []  # see request_worker_group
+
+
+def request_worker_group(name: str) -> None:
+    """Have every init() create one more process group of all workers, named `name` (`named_process_group`).
+
+    A layer above calls this when it is imported, so that the group exists on every process of every job
+    (servers included take part in creating it, as torch.distributed requires) in the same order."""
+    if name not in _worker_group_names:
+        _worker_group_names.append(name)
 
 
 def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int | None,
@@ -161,7 +172,13 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
     else:
         for g in range(topology.nworker_groups):
             _state.group_pgs[g] = dist.new_group(topology.worker_ranks(g), timeout=wait)
+    for name in _worker_group_names:
+        _state.named_pgs[name] = dist.new_group(topology.worker_ranks(), timeout=wait)
     _state.initialized = True
+    if role.is_worker:  # what horovodrun sets, true whatever launched the job (tools read it after init)
+        os.environ.update({"HOROVOD_RANK": str(_state.rank), "HOROVOD_SIZE": str(_state.size),
+                           "HOROVOD_LOCAL_RANK": str(_state.local_rank), "HOROVOD_LOCAL_SIZE": str(_state.local_size),
+                           "HOROVOD_CROSS_RANK": str(_state.cross_rank), "HOROVOD_CROSS_SIZE": str(_state.cross_size)})
 
 
 def _require_init() -> _Runtime:
@@ -237,6 +254,21 @@ def group_process_group(group: int | None = None):
     if not st.distributed:
         return None
     return st.group_pgs[st.role.group if group is None else group]
+
+
+def named_process_group(name: str):
+    """The group of all workers that `request_worker_group(name)` asked for (None in a single process)."""
+    return _require_init().named_pgs.get(name)
+
+
+def launcher() -> str:
+    """What started this process: "singa-launch", "torchrun", "mpirun", "srun" or "none"."""
+    return _require_init().launcher
+
+
+def backend() -> str:
+    """The torch.distributed backend of the job ("gloo", "cpu:gloo,cuda:nccl", ...; "none" in a single process)."""
+    return _require_init().backend
 
 
 def proc_rank() -> int:
@@ -322,8 +354,8 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
                     f"singa_dist.shutdown() within {bound:g} s (stopped, hung, or still working); "
                     "the process groups were destroyed without them"))
         # (A process outside a group holds a marker, not a group.)
-        groups = [weakref.ref(pg) for pg in {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values()}
-                  if isinstance(pg, dist.ProcessGroup)]
+        groups = [weakref.ref(pg) for pg in {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values(),
+                                             *_state.named_pgs.values()} if isinstance(pg, dist.ProcessGroup)]
         dist.destroy_process_group()
     _state = _Runtime()
     # A group's C++ side ends, joining its communication threads, when its last reference goes; a strategy

@@ -11,7 +11,7 @@ One topology expresses every framework (SINGA.md sections 1-2):
 | hybrid      | g > 1         | n > 1         | 1             | s             | yes      |
 
 `STRATEGIES` below is the table every part of the project reads (the launcher, the presets and checks here,
-`DistributedOptimizer`); `partial_update` runs on AllReduce's shape.
+`DistributedOptimizer`); `adasum` and `partial_update` run on AllReduce's shape.
 
 Process numbering (the contract between `singa-launch`, `singa_dist.init()` and the servers): the job's
 processes are numbered 0..nprocs-1; workers come first, worker group by worker group
@@ -86,6 +86,8 @@ class StrategyKind:
 _KINDS = (
     StrategyKind("allreduce", "allreduce:AllReduce",
                  "synchronous: gradients averaged by all-reduce, every worker reduces a share"),
+    StrategyKind("adasum", "adasum:AdasumUpdate",
+                 "synchronous: each worker's optimizer update combined with Adasum (Horovod's Adasum optimizer)"),
     StrategyKind("partial_update", "partial_update:PartialUpdate",
                  "synchronous steps on local gradients; one chunk of the parameters averaged per step, cycling"),
     StrategyKind("sandblaster", "sandblaster:Sandblaster",

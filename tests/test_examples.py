@@ -75,3 +75,14 @@ def test_main_job_unchanged_under_every_framework(flags):
     assert f"strategy={flags[1]}" in result.stdout
     assert _accuracy(result.stdout) >= 0.95
     assert "encountered error" not in result.stdout + result.stderr  # the RPC group closes cleanly
+
+
+def test_horovod_script_with_join_syncbn_grouped_allreduce_and_process_sets():
+    """A horovod.torch script, only its import changed, under singa-launch -np 3 (uneven data per rank)."""
+    result = run_command(LAUNCH + ["-np", "3", sys.executable, "examples/horovod_digits.py", "--epochs", "6"],
+                         timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _accuracy(result.stdout) >= 0.95
+    assert "last to join: rank 2" in result.stdout  # the rank with the largest share joins last
+    assert "replicas identical: True" in result.stdout
+    assert re.search(r"even ranks' best test accuracy: 0\.9[5-9]", result.stdout), result.stdout

@@ -63,7 +63,8 @@ def test_for_strategy_and_json_round_trip():
 def test_strategy_table_describes_every_framework():
     from singa_dist.topology import PARAMETER_SERVER_STRATEGIES, STRATEGIES
 
-    assert list(STRATEGIES) == ["allreduce", "partial_update", "sandblaster", "downpour", "hogwild", "hybrid"]
+    assert list(STRATEGIES) == ["allreduce", "adasum", "partial_update", "sandblaster", "downpour", "hogwild",
+                                "hybrid"]
     assert PARAMETER_SERVER_STRATEGIES == ("sandblaster", "downpour", "hogwild", "hybrid")
     t = ClusterTopology.for_strategy("partial_update", 3)
     assert (t.nworker_groups, t.nworkers_per_group, t.nservers_per_group, t.nprocs) == (1, 3, 3, 3)

@@ -23,13 +23,16 @@ def strategy_class(name: str) -> type[Strategy]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
+def default_name() -> str:
+    """The strategy a script that names none gets: the launcher's."""
+    return runtime.strategy_name() if runtime.is_initialized() else "allreduce"
+
+
 def make(strategy: "str | Strategy | None", **options) -> Strategy:
     """A Strategy from a name, an instance (returned as is), or None (the launcher's strategy)."""
     if isinstance(strategy, Strategy):
         return strategy
-    if strategy is None:
-        strategy = runtime.strategy_name() if runtime.is_initialized() else "allreduce"
-    return strategy_class(strategy)(**options)
+    return strategy_class(strategy if strategy is not None else default_name())(**options)
 
 
-__all__ = ["STRATEGIES", "Strategy", "make", "strategy_class"]
+__all__ = ["STRATEGIES", "Strategy", "default_name", "make", "strategy_class"]

@@ -33,13 +33,13 @@ import warnings
 
 import torch
 
-from .. import primitives, runtime
-from ..collectives import Average
+from .. import coordinator, primitives, runtime
+from ..collectives import Average, sparse_allreduce_async
 from ..compression import SparseCompressor, load_residual_state, residual_state
 from ..compression import resolve as resolve_compression
 from ..shards import is_feature_split
 from .base import Strategy, check_op
-from .buckets import Bucket, plan_buckets
+from .buckets import Bucket, plan_buckets, plan_groups
 
 
 class _DenseExchange:
@@ -62,12 +62,12 @@ class _DenseExchange:
 class _SparseExchange:
     """Top-k or threshold sparsification with error feedback: all-gather (indices, values) of every rank."""
 
-    def __init__(self, bucket: Bucket, compressor: SparseCompressor, op, size: int, pg):
+    def __init__(self, bucket: Bucket, compressor: SparseCompressor, op, size: int, pg, residual=None):
         self.bucket, self.op, self.size, self.pg = bucket, op, size, pg
         flat = bucket.buffer
-        if compressor.error_feedback and bucket.residual is None:
+        if compressor.error_feedback and bucket.residual is None and residual is None:
             bucket.residual = torch.zeros_like(flat)
-        self.index, self.values = compressor.sparsify(flat, bucket.residual)
+        self.index, self.values = compressor.sparsify(flat, bucket.residual if residual is None else residual)
         self.fixed = hasattr(compressor, "count")  # top-k sends the same count everywhere
         self.counts = None
         self.bytes_sent = 0
@@ -122,10 +122,14 @@ class AllReduce(Strategy):
                  communication starts early in the backward pass (as DDP does).
     compression: sd.Compression.none/.fp16/.bf16/.topk(ratio)/.threshold(t) (or give it to DistributedOptimizer).
     partial_update_chunks: n > 0 gives SINGA's partial update instead: `PartialUpdate(chunks=n)`.
-    num_buckets: instead of a size, cut the parameters into this many buckets of about equal bytes
-                 (Horovod's num_groups).
+    num_buckets: instead of a size, cut the parameters into this many buckets of about equal bytes.
+    groups: Horovod's: an int n (n buckets of near-equal parameter counts) or lists of parameters, each list
+                 one bucket (every other parameter a bucket of its own).
     prescale_factor / postscale_factor: multiply gradients before / after the reduction (Horovod's
                  gradient_predivide_factor is prescale 1/f, postscale f).
+    sparse_as_dense: sparse gradients (nn.Embedding(sparse=True)) travel densely in the buckets; otherwise each
+                 is gathered as indices and values (Horovod's sparse allreduce) and stays sparse.
+    process_set: average over the workers of this set only (the others train on their own).
     """
 
     name = "allreduce"
@@ -143,17 +147,22 @@ class AllReduce(Strategy):
 
     def __init__(self, bucket_mb: float | None = None, compression=None, partial_update_chunks: int = 0,
                  num_buckets: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
-                 first_bucket_mb: float = 1.0):
+                 first_bucket_mb: float = 1.0, groups=None, sparse_as_dense: bool = False, process_set=None):
         if (bucket_mb is not None and bucket_mb <= 0) or first_bucket_mb <= 0:
             raise ValueError(f"bucket_mb and first_bucket_mb must be positive, got {bucket_mb}, {first_bucket_mb}")
         if num_buckets is not None and num_buckets < 1:
             raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
+        if groups is not None and not (isinstance(groups, list) or (isinstance(groups, int) and groups > 0)):
+            raise ValueError("groups should be a non-negative integer or a list of list of torch.Tensor.")
         self.bucket_mb = None if bucket_mb is None else float(bucket_mb)
         self.first_bucket_mb = float(first_bucket_mb)
         self.compression = compression
         self.num_buckets = num_buckets
+        self.groups = groups
         self.prescale_factor = float(prescale_factor)
         self.postscale_factor = float(postscale_factor)
+        self.sparse_as_dense = bool(sparse_as_dense)
+        self.process_set = process_set
         self.bytes_sent_last_step = 0  # payload bytes this rank put on the wire in the last synchronize()
         self.bytes_sent_total = 0
         self.optimizer = None
@@ -169,46 +178,97 @@ class AllReduce(Strategy):
         self.compressor = resolve_compression(compression if compression is not None else self.compression)
         self.optimizer = optimizer
         self.passes = int(backward_passes_per_step)
-        self.size = runtime.size() if runtime.is_initialized() else 1
-        self.active = primitives.is_active()
-        self.pg = runtime.workers_process_group() if self.active else None
+        self.set = coordinator.resolve_set(self.process_set)
+        self.active = primitives.is_active() and bool(self.set.included()) and (self.set.size() or 1) > 1
+        self.size = self.set.size() if self.active else 1
+        self.engine = coordinator.engine_of(self.set) if self.active else None
+        self.pg = self.engine.strategy_pg if self.active else None
         if self.active:
             runtime.on_shutdown(self.close, weak=True)  # lets go of the process group, see close()
         # Feature-split parameters (singa_dist.partition) are not replicated: never all-reduced.
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         self.named = [(n, p) for n, p in named if not is_feature_split(p)]
         self.feature_split = {id(p): p for _, p in named if is_feature_split(p)}
-        self.buckets = plan_buckets(self.named, bucket_mb=self.bucket_mb, first_bucket_mb=self.first_bucket_mb,
-                                    num_buckets=self.num_buckets)
-        self.bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
+        self.sparse: dict[int, str] = {}  # parameters whose gradients are sparse -> their names
+        self.sparse_handles: dict[int, object] = {}
+        self._plan()
         self.counts = {id(p): 0 for _, p in self.named}
         self.next_launch = 0
         self.synced = False  # synchronize() ran since the last gradient arrived
         self.round_open = False  # some gradient arrived since the last synchronize()
+        self.round = None  # this round's announcement to the other ranks (see coordinator.GradientRound)
+        self.rounds = 0
+
+    def _plan(self) -> None:
+        """Buckets of the parameters whose gradients are dense (sparse ones travel on their own)."""
+        dense = [(n, p) for n, p in self.named if id(p) not in self.sparse]
+        if self.groups is not None:
+            self.buckets = plan_groups(dense, self.groups)
+        else:
+            self.buckets = plan_buckets(dense, bucket_mb=self.bucket_mb, first_bucket_mb=self.first_bucket_mb,
+                                        num_buckets=self.num_buckets)
+        self.bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
+        self.plan_hash = coordinator.signature_hash(
+            tuple((b.dtype, tuple(b.numels), tuple(n for n, _ in b.params)) for b in self.buckets) +
+            (self.compressor.name, self.op.name, self.passes, tuple(sorted(self.sparse.values()))))
+        if self.buckets:
+            more = len(self.buckets) - 1
+            self.round_label = self.buckets[0].description + (f" and {more} more bucket{'s' * (more > 1)}"
+                                                               if more else "")
+        else:
+            self.round_label = "a gradient step (no dense gradients)"
+        if self.active:
+            coordinator.register_round_owner(self.plan_hash, self)
 
     # ----------------------------------------------------------------------------------------- backward
+    def _open_round(self) -> None:
+        """The first gradient of a round: tell the other ranks (a joined rank then takes part with zeros)."""
+        self.synced = False
+        if not self.round_open:
+            self.round_open = True
+            self.rounds += 1
+            self.round = coordinator.submit(coordinator.GradientRound(self.plan_hash, self.rounds, self.round_label),
+                                            self.set)
+
     def grad_ready(self, name, param):
         if not self.active:
             return
         key = id(param)
+        self._open_round()
         if key in self.feature_split:
-            self.synced = False
-            self.round_open = True
             return
         count = self.counts[key] + 1
         if count > self.passes:
-            raise RuntimeError(
-                f"rank {runtime.rank()}: parameter '{name}' received gradients in {count} backward passes before "
-                f"step() or synchronize(), but backward_passes_per_step={self.passes}; call step() every "
-                f"{self.passes} backward passes or raise backward_passes_per_step")
+            raise AssertionError(
+                "Gradients were computed more than backward_passes_per_step times before call to step(). Increase "
+                f"backward_passes_per_step to accumulate gradients locally. (rank {runtime.rank()}: parameter "
+                f"'{name}' got its gradient in {count} backward passes, backward_passes_per_step={self.passes})")
         self.counts[key] = count
-        self.synced = False
-        self.round_open = True
-        if count == self.passes:
+        if count < self.passes:
+            return
+        if key in self.sparse or (param.grad is not None and param.grad.is_sparse and not self.sparse_as_dense):
+            self._sparse_ready(name, param)
+            return
+        bucket = self.bucket_of[key]
+        bucket.pending -= 1
+        if bucket.pending == 0 and bucket.index == self.next_launch:
+            self._launch_ready()
+
+    def _sparse_ready(self, name, param) -> None:
+        """A sparse gradient is gathered as indices and values (Horovod's sparse allreduce)."""
+        key = id(param)
+        if key not in self.sparse:
+            # First seen sparse (the same parameter on every rank, in the same round): from the next round on
+            # it leaves its bucket; in this one its place there travels as zeros.
+            self.sparse[key] = name
             bucket = self.bucket_of[key]
             bucket.pending -= 1
+            self.replan = True
             if bucket.pending == 0 and bucket.index == self.next_launch:
                 self._launch_ready()
+        grad = param.grad if param.grad is not None else torch.zeros_like(param).to_sparse()
+        self.sparse_handles[key] = sparse_allreduce_async(grad * self.prescale_factor if self.prescale_factor != 1
+                                                          else grad, f"sparse.{name}", self.op, self.set)
 
     def _launch_ready(self) -> None:
         # Only in bucket order: every rank must issue the same collectives in the same sequence.
@@ -216,14 +276,19 @@ class AllReduce(Strategy):
             self._launch(self.buckets[self.next_launch])
             self.next_launch += 1
 
-    def _launch(self, bucket: Bucket) -> None:
+    def _launch(self, bucket: Bucket, shadow: bool = False) -> None:
         sparse = isinstance(self.compressor, SparseCompressor)
         scale = self.prescale_factor
         if self.op is Average and not sparse:  # sparse sums divide afterwards: the residual keeps raw units
             scale /= self.size
-        bucket.gather_grads(scale)
+        if shadow:
+            bucket._views()
+            bucket.buffer.zero_()
+        else:
+            bucket.gather_grads(scale, skip=self.sparse)
         if sparse:
-            bucket.exchange = _SparseExchange(bucket, self.compressor, self.op, self.size, self._group())
+            bucket.exchange = _SparseExchange(bucket, self.compressor, self.op, self.size, self._group(),
+                                              residual=torch.zeros_like(bucket.buffer) if shadow else None)
         else:
             bucket.exchange = _DenseExchange(bucket, self.compressor, self._group())
 
@@ -235,6 +300,32 @@ class AllReduce(Strategy):
         if not self.active or self.synced:
             self.synced = True
             return
+        if not self.round_open:  # synchronize() without a backward pass: the round still takes place
+            self._open_round()
+        # The announcement first: with a joined rank, this is where it learns of the round and takes part.
+        round_, self.round = self.round, None
+        try:
+            round_.wait()
+        except BaseException:
+            self._abandon_round()  # another rank is elsewhere: its buckets would never come
+            raise
+        self._complete_round(write_back)
+
+    def _abandon_round(self) -> None:
+        for bucket in self.buckets:
+            if bucket.exchange is not None:
+                for handle in getattr(bucket.exchange, "handles", [getattr(bucket.exchange, "handle", None)]):
+                    primitives.untrack(handle)
+            bucket.exchange = None
+            bucket.pending = len(bucket.params)
+        self.sparse_handles.clear()
+        for key in self.counts:
+            self.counts[key] = 0
+        self.next_launch = 0
+        self.synced = True
+        self.round_open = False
+
+    def _complete_round(self, write_back: bool) -> None:
         while self.next_launch < len(self.buckets):
             self._launch(self.buckets[self.next_launch])
             self.next_launch += 1
@@ -249,8 +340,14 @@ class AllReduce(Strategy):
             if write_back:
                 if self.postscale_factor != 1.0:
                     bucket.buffer.mul_(self.postscale_factor)
-                bucket.scatter_grads()
+                bucket.scatter_grads(skip=self.sparse)
             bucket.pending = len(bucket.params)
+        for key, handle in list(self.sparse_handles.items()):
+            grad = handle.wait()
+            if write_back:
+                param = next(p for _, p in self.named if id(p) == key)
+                param.grad = grad * self.postscale_factor if self.postscale_factor != 1 else grad
+        self.sparse_handles.clear()
         if write_back and self.op is Average:
             # Each holds the gradient of every worker's loss; Average means that of their mean.
             for p in self.feature_split.values():
@@ -263,14 +360,35 @@ class AllReduce(Strategy):
         self.next_launch = 0
         self.synced = True
         self.round_open = False
+        if getattr(self, "replan", False):
+            self.replan = False
+            self._plan()
+
+    def shadow_round(self) -> primitives.Handle:
+        """This rank has joined: take part in the others' round with zeros (no gradient of its own changes). The
+        buckets are started now; the handle finishes them."""
+        for bucket in self.buckets:
+            self._launch(bucket, shadow=True)
+        for bucket in self.buckets:
+            if isinstance(bucket.exchange, _SparseExchange):
+                bucket.exchange.second_stage()  # (threshold compression: waits for the others' counts)
+        exchanges = [bucket.exchange for bucket in self.buckets]
+        for bucket in self.buckets:
+            bucket.exchange = None
+
+        def finish():
+            for exchange in exchanges:
+                exchange.finish()
+        return primitives.Handle([], finish, "a gradient step taken part in with zeros")
 
     def zero_grad_done(self) -> None:
         # Gradients zeroed between backward and step: finish the round's communication (other ranks take
-        # part in it) and drop its result, so every rank keeps issuing the same collectives.
+        # part in it) so every rank keeps issuing the same collectives, drop its result, and say so.
         if self.active and self.round_open and not self.synced:
-            warnings.warn("zero_grad() was called after backward() but before step()/synchronize(): the gradients "
-                          "of that backward pass were communicated and discarded", stacklevel=3)
             self._finish_round(write_back=False)
+            raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
+                                 "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause a "
+                                 "race condition.")
 
     # --------------------------------------------------------------------------------------------- step
     def step(self, closure, local_step):
@@ -319,10 +437,10 @@ class AllReduce(Strategy):
             bucket.release()
             bucket.residual = None
         self.pg = None
+        self.engine = None
 
     def _group(self):
         if self.pg is None:
             raise RuntimeError(f"this {type(self).__name__} strategy was closed (close() or singa_dist.shutdown()); "
                                "after init() again, wrap the optimizer in a new DistributedOptimizer")
         return self.pg
-

@@ -25,6 +25,7 @@ class Strategy:
     """
 
     name = "base"
+    allows_skip_synchronize = True  # optimizer.skip_synchronize() means something for this framework
 
     def setup(self, optimizer: torch.optim.Optimizer, named_parameters: list[tuple[str, torch.nn.Parameter]],
               *, backward_passes_per_step: int = 1, compression=None, op=None) -> None:

@@ -43,15 +43,15 @@ class Bucket:
         """Let go of the buffer (it is made again when next needed)."""
         self.buffer, self.views = None, []
 
-    def gather_grads(self, scale: float = 1.0) -> torch.Tensor:
+    def gather_grads(self, scale: float = 1.0, skip=()) -> torch.Tensor:
         """Copy the parameters' gradients, times `scale`, into the flat buffer (zeros where a parameter has
-        none). Few large tensors are scaled while copied (one pass over memory, as DDP does); many small
-        ones are copied in one call and scaled together."""
+        none, and for the parameters whose ids are in `skip`). Few large tensors are scaled while copied (one
+        pass over memory, as DDP does); many small ones are copied in one call and scaled together."""
         views = self._views()
         dst, src, in_place = [], [], []
         for view, (_, p) in zip(views, self.params):
             g = p.grad
-            if g is None:
+            if g is None or id(p) in skip:
                 view.zero_()
             elif _is_view(g, view):
                 in_place.append(view)  # backward accumulated straight into the bucket (set_to_none=False)
@@ -70,11 +70,11 @@ class Bucket:
                 self.buffer.mul_(scale)  # one pass over the whole bucket is cheaper than per-tensor calls
         return self.buffer
 
-    def scatter_grads(self) -> None:
-        """Make every parameter's `.grad` its slice of the reduced buffer (no copy, as DDP's
-        gradient_as_bucket_view): the buffer is only refilled by the next step's communication."""
+    def scatter_grads(self, skip=()) -> None:
+        """Make every parameter's `.grad` (but those whose ids are in `skip`) its slice of the reduced buffer (no
+        copy, as DDP's gradient_as_bucket_view): the buffer is only refilled by the next step's communication."""
         for view, (_, p) in zip(self.views, self.params):
-            if not _is_view(p.grad, view):
+            if id(p) not in skip and not _is_view(p.grad, view):
                 p.grad = view
 
     @torch.no_grad()
@@ -119,6 +119,35 @@ def plan_buckets(named: list[tuple[str, torch.nn.Parameter]], *, bucket_mb: floa
         if group[1] >= limit:  # full: the next tensor opens a new bucket
             del open_[key]
     return [Bucket(i, g[0]) for i, g in enumerate(order)]
+
+
+def plan_groups(named: list[tuple[str, torch.nn.Parameter]], groups) -> list[Bucket]:
+    """Buckets as Horovod's `groups` says: an int n cuts the parameters (in `named`'s order) into n runs of
+    near-equal count; a list of lists of parameters makes each list a bucket and every other parameter a bucket
+    of its own. Buckets keep one dtype and device type each and go out in the reverse of `named`'s order (of
+    each bucket's last parameter), as backward produces them."""
+    position = {id(p): i for i, (_, p) in enumerate(named)}
+    if isinstance(groups, int):
+        d, r = divmod(len(named), groups)
+        runs = [named[i * d + min(i, r):(i + 1) * d + min(i + 1, r)] for i in range(groups)]
+    else:
+        runs, seen = [], set()
+        for group in groups:
+            run = []
+            for p in group:
+                if not isinstance(p, torch.Tensor):
+                    raise ValueError("groups must consist of torch.Tensor.")
+                if id(p) in seen:
+                    raise ValueError("A parameter can only appear once in groups.")
+                seen.add(id(p))
+                if id(p) in position:
+                    run.append(named[position[id(p)]])
+            runs.append(run)
+        runs += [[item] for item in named if id(item[1]) not in seen]
+    runs = [sorted(run, key=lambda item: position[id(item[1])]) for run in runs if run]
+    runs.sort(key=lambda run: -position[id(run[-1][1])])
+    parts = [part for run in runs for part in by_dtype(run)]
+    return [Bucket(i, part) for i, part in enumerate(parts)]
 
 
 def split_evenly(named: list[tuple[str, torch.nn.Parameter]], n: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
