@@ -6,8 +6,8 @@ Starts --np ranks on this host (Gloo, one intra-op thread each) and, in one run,
 (zero_grad, forward, backward, optimizer step) of two models with the same world size:
 - "many_small": 100 Linear(32, 32) layers (200 small tensors): per-tensor overheads dominate;
 - "few_large": 4 Linear(1024, 1024) layers (8 tensors, 16 MiB of gradients): bandwidth dominates.
-For each: no communication at all (the floor), torch DDP, sd.AllReduce with each compression and with
-partial update. Prints the table (ratio = step time / DDP step time; goal: AllReduce/none at most 1.0) and
+For each: no communication at all (the floor), torch DDP, the negotiation alone (one gradient step's header
+exchange, which every AllReduce step includes), sd.AllReduce with each compression and with partial update. Prints the table (ratio = step time / DDP step time; goal: AllReduce/none at most 1.0) and
 appends the rows to benchmarks/results/dist_overhead.csv.
 
 When singa_dist/strategies/sandblaster.py exists, a second world with separate parameter servers
@@ -69,6 +69,18 @@ def _step_fn(model, opt, x, y):
     return step
 
 
+def _negotiation_step():
+    """What AllReduce's negotiation costs a step on its own: one gradient round announced and settled."""
+    from singa_dist import coordinator
+
+    count = [0]
+
+    def step():
+        count[0] += 1
+        coordinator.submit(coordinator.GradientRound(0, count[0], "a benchmark round")).wait()
+    return step
+
+
 def measure(kinds, reps: int, small: bool, strategy_only: str | None = None) -> list[dict]:
     """Runs on every worker rank; returns rank 0's rows.
 
@@ -95,6 +107,7 @@ def measure(kinds, reps: int, small: bool, strategy_only: str | None = None) -> 
             model, x, y = fresh()
             ddp = nn.parallel.DistributedDataParallel(model, process_group=sd.workers_process_group())
             methods["torch DDP"] = (_step_fn(ddp, torch.optim.SGD(ddp.parameters(), lr=1e-3), x, y), None, nbytes)
+            methods["negotiation alone (one step's header)"] = (_negotiation_step(), None, 0)
             variants = _variants()
         else:
             variants = {strategy_only: lambda: dict(strategy=strategy_only)}

@@ -224,17 +224,17 @@ class AllReduce(Strategy):
     def _open_round(self) -> None:
         """The first gradient of a round: tell the other ranks (a joined rank then takes part with zeros)."""
         self.synced = False
-        if not self.round_open:
-            self.round_open = True
-            self.rounds += 1
-            self.round = coordinator.submit(coordinator.GradientRound(self.plan_hash, self.rounds, self.round_label),
-                                            self.set)
+        self.round_open = True
+        self.rounds += 1
+        self.round = coordinator.submit(coordinator.GradientRound(self.plan_hash, self.rounds, self.round_label),
+                                        self.set)
 
     def grad_ready(self, name, param):
         if not self.active:
             return
         key = id(param)
-        self._open_round()
+        if not self.round_open:
+            self._open_round()
         if key in self.feature_split:
             return
         count = self.counts[key] + 1

@@ -49,15 +49,18 @@ class Bucket:
         pass over memory, as DDP does); many small ones are copied in one call and scaled together."""
         views = self._views()
         dst, src, in_place = [], [], []
+        dtype = self.dtype
         for view, (_, p) in zip(views, self.params):
             g = p.grad
-            if g is None or id(p) in skip:
+            if g is None or (skip and id(p) in skip):
                 view.zero_()
-            elif _is_view(g, view):
+            elif g is view:  # (the same object: cheaper to ask than the memory it points at)
                 in_place.append(view)  # backward accumulated straight into the bucket (set_to_none=False)
             else:
                 dst.append(view)
-                src.append(g.to_dense().to(self.dtype) if g.is_sparse else g.to(self.dtype))
+                if g.is_sparse:
+                    g = g.to_dense()
+                src.append(g if g.dtype == dtype else g.to(dtype))
         if len(dst) <= 16:
             for d, g in zip(dst, src):
                 torch.mul(g, scale, out=d) if scale != 1.0 else d.copy_(g)
@@ -74,7 +77,7 @@ class Bucket:
         """Make every parameter's `.grad` (but those whose ids are in `skip`) its slice of the reduced buffer (no
         copy, as DDP's gradient_as_bucket_view): the buffer is only refilled by the next step's communication."""
         for view, (_, p) in zip(self.views, self.params):
-            if id(p) not in skip and not _is_view(p.grad, view):
+            if p.grad is not view and not (skip and id(p) in skip):
                 p.grad = view
 
     @torch.no_grad()
@@ -87,11 +90,6 @@ class Bucket:
     def scatter_values(self) -> None:
         """Copy the flat buffer back into the parameters' values."""
         torch._foreach_copy_([p.data for _, p in self.params], self.views)
-
-
-def _is_view(grad, view) -> bool:
-    return grad is not None and not grad.is_sparse and grad.data_ptr() == view.data_ptr() and \
-        grad.shape == view.shape and grad.dtype == view.dtype
 
 
 def plan_buckets(named: list[tuple[str, torch.nn.Parameter]], *, bucket_mb: float | None = None,
