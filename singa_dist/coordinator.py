@@ -114,7 +114,6 @@ class ProcessSet:
 global_process_set = ProcessSet([])
 global_process_set.process_set_id = 0
 _sets: dict[int, ProcessSet] = {0: global_process_set}
-_next_id = [1]
 _lock = threading.RLock()
 
 
@@ -147,8 +146,8 @@ def add_process_set(process_set) -> ProcessSet:
         if any(s.ranks == process_set.ranks for i, s in _sets.items() if i):
             raise ValueError(f"Attempted to add a duplicate process set: {process_set} (the same ranks are "
                              "registered already)")
-        process_set.process_set_id = _next_id[0]
-        _next_id[0] += 1
+        # The lowest free id, as Horovod reuses the ids of removed sets (the same on every worker).
+        process_set.process_set_id = next(i for i in range(1, len(_sets) + 2) if i not in _sets)
         _sets[process_set.process_set_id] = process_set
     if runtime.is_distributed():
         topology = runtime.topology()
@@ -202,7 +201,6 @@ def _forget_sets() -> None:
                 s.process_set_id = None
                 s._engine = None
                 del _sets[i]
-        _next_id[0] = 1
         global_process_set._engine = None
         _round_owners.clear()
 

@@ -792,3 +792,26 @@ def shutdown_after_failure():
 
 def test_shutdown_does_not_raise_a_reported_failure_again(world2):
     assert world2.run(shutdown_after_failure, timeout=60) == ["CollectiveMismatchError"] * 2
+
+
+def process_sets_at_init():
+    r, n = hvd.rank(), hvd.size()
+    first, second = hvd.ProcessSet([0, 1]), hvd.ProcessSet(list(range(n)))
+    hvd.init(process_sets=[first, second])  # the job is already joined: this registers the sets
+    try:
+        out = [s.process_set_id for s in (first, second)]
+        if first.included():
+            out.append(hvd.allreduce(torch.tensor([1.0]), op=hvd.Sum, process_set=first).item())
+        out.append(hvd.allgather(torch.tensor([r]), process_set=second).tolist())
+        out.append(_attempt(lambda: hvd.init(process_sets=[first]))[0])  # registered already
+        return out
+    finally:
+        hvd.remove_process_set(first)
+        hvd.remove_process_set(second)
+
+
+def test_process_sets_given_to_init(world3):
+    for r, out in enumerate(world3.run(process_sets_at_init, timeout=60)):
+        assert out[:2] == [1, 2]
+        assert out[2:-1] == ([2.0, [0, 1, 2]] if r < 2 else [[0, 1, 2]])
+        assert out[-1] == "ValueError"

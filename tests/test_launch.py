@@ -286,7 +286,10 @@ def test_dry_run_prints_commands_and_environment(capsys, tmp_path):
     assert lines[2].endswith(f"{sys.executable} {script} --lr 0.1")
     assert "RANK=1 " in lines[2] and "WORLD_SIZE=4 " in lines[2] and "SINGA_PROC_RANK=1 " in lines[2]
     assert "SINGA_STRATEGY=downpour" in lines[2] and '"nworker_groups": 2' in lines[2]
-    assert " RANK=" not in lines[6] and "SINGA_PROC_RANK=5 " in lines[6]
+    # what horovodrun sets, on the workers
+    assert "HOROVOD_RANK=1 " in lines[2] and "HOROVOD_SIZE=4 " in lines[2] and "HOROVOD_LOCAL_RANK=1 " in lines[2]
+    assert "HOROVOD_LOCAL_SIZE=4 " in lines[2] and "HOROVOD_CROSS_SIZE=1 " in lines[2]
+    assert " RANK=" not in lines[6] and "SINGA_PROC_RANK=5 " in lines[6] and "HOROVOD_RANK" not in lines[6]
     assert lines[6].endswith(f"{sys.executable} -m singa_dist.ps")
     assert not list(tmp_path.glob("pid*"))
 

@@ -107,6 +107,28 @@ def test_real_mpirun_three_ranks(script, where):
     assert lines == [f"[{r}] worker {r} of 3 local {r}/3: sum 6" for r in range(3)], res.stdout
 
 
+HOROVOD_SCRIPT = textwrap.dedent("""
+    import os
+    import singa_dist.horovod as hvd
+    hvd.init()
+    print(f"rank {hvd.rank()} mpi_enabled {hvd.mpi_enabled()} HOROVOD_RANK {os.environ['HOROVOD_RANK']} "
+          f"HOROVOD_SIZE {os.environ['HOROVOD_SIZE']} sum {hvd.allreduce(hvd.rank() + 1.0, op=hvd.Sum)}")
+    hvd.shutdown()
+""").replace("hvd.rank() + 1.0", "__import__('torch').tensor(hvd.rank() + 1.0)")
+
+
+@pytest.mark.skipif(_mpirun() is None, reason="no mpirun installed (pip install 'singa[mpi]')")
+def test_horovod_script_under_mpirun_knows_mpi_is_enabled(tmp_path):
+    path = tmp_path / "hvd_train.py"
+    path.write_text(HOROVOD_SCRIPT)
+    res = run_command([sys.executable, "-m", "launchers.launch", "--mpi", "-np", "2", str(path)], timeout=180,
+                      env={"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = sorted(line for line in res.stdout.splitlines() if "mpi_enabled" in line)
+    assert lines == [f"[{r}] rank {r} mpi_enabled True HOROVOD_RANK {r} HOROVOD_SIZE 2 sum 3.0" for r in range(2)], \
+        res.stdout
+
+
 HELLO = textwrap.dedent("""
     import os, sys
     rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK"))
