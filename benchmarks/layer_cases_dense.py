@@ -1,7 +1,8 @@
 """Dense-layer cases for benchmarks/layers.py: native layers against torch eager at realistic sizes.
 
 Batch 256 x 4096 features for dense layers, activations, dropout and batch norm; 8192 x 32000 logits for the
-loss (a language model's vocabulary). With `small`, sizes a CPU run finishes in seconds.
+loss (a language model's vocabulary). `sizes="cpu"`: 256 x 1024 features, 1024 x 1000 logits (ImageNet's
+classes), a 10000 x 256 embedding; "small": sizes a smoke run finishes in seconds.
 """
 import torch
 import torch.nn as nn
@@ -29,10 +30,10 @@ class _EuclideanTorch(nn.Module):
         return 0.5 * ((x - t) ** 2).sum(1).mean()
 
 
-def cases(device, dtype, small):
-    batch, features = (64, 256) if small else (256, 4096)
-    rows, classes = (64, 1000) if small else (8192, 32000)
-    vocab, dim, tokens = (1000, 64, 512) if small else (32000, 1024, 8192)
+def cases(device, dtype, sizes):
+    batch, features = {"full": (256, 4096), "cpu": (256, 1024), "small": (64, 256)}[sizes]
+    rows, classes = {"full": (8192, 32000), "cpu": (1024, 1000), "small": (64, 1000)}[sizes]
+    vocab, dim, tokens = {"full": (32000, 1024, 8192), "cpu": (10000, 256, 4096), "small": (1000, 64, 512)}[sizes]
     size = torch.finfo(dtype).bits // 8
     elems = batch * features
 

@@ -1,13 +1,14 @@
 """Forward and backward time, and peak memory, of each native layer against the torch eager layer.
 
-    python -m benchmarks.layers [--small] [--only NAME] [--dtype float32]
+    python -m benchmarks.layers [--small | --cpu-sizes] [--threads N] [--only NAME] [--dtype float32]
 
 Cases come from the `cases()` functions of benchmarks/layer_cases_*.py; each returns LayerCase objects.
 Each case is first checked against the torch layer (same parameters, same inputs, forward and every gradient);
 a disagreement beyond TOLERANCE is marked in the table and makes the run exit with an error at the end. Prints a
 ratio table (torch time / native time: above 1 means the native layer is faster) and appends the rows to
 benchmarks/results/layers.csv with the device and versions. Without a GPU it runs the CPU paths
-at small sizes (a smoke run, not a performance figure).
+at small sizes (a smoke run, not a performance figure); --cpu-sizes times the CPU paths at sizes a CPU
+trains at (e.g. ResNet-18's 32x64x28x28 activations), which is the CPU performance figure.
 """
 from __future__ import annotations
 
@@ -82,43 +83,73 @@ def _upstream(out: torch.Tensor) -> torch.Tensor | None:
     return torch.randn_like(out, memory_format=torch.contiguous_format) if out.dim() else None
 
 
-def _measure(module: torch.nn.Module, case: LayerCase) -> dict:
-    """Forward (as in training, building the graph), backward alone, and peak memory of both."""
+# Native and torch are timed in alternating rounds and each keeps its fastest round: load from other work on the
+# machine (a shared CPU) then slows both alike instead of whichever happened to run during it.
+ROUNDS = 3  # of 10 timed repetitions each
+
+
+def _timers(module: torch.nn.Module, case: LayerCase):
+    """Forward (as in training, building the graph) and backward alone, as functions to time."""
     inputs = case.make_inputs()
     out = module(*inputs)
     upstream = _upstream(out)
-    fwd = time_ms(lambda: module(*inputs))
-    bwd = time_ms(lambda: out.backward(upstream, retain_graph=True))
+    return lambda: module(*inputs), lambda: out.backward(upstream, retain_graph=True)
 
+
+def _peak_mb(module: torch.nn.Module, case: LayerCase) -> float:
     def step():
         out = module(*case.make_inputs())
         out.backward(_upstream(out))
 
-    mem = peak_memory_mb(step)
-    return {"forward_ms": fwd, "backward_ms": bwd, "peak_mb": mem}
+    return peak_memory_mb(step)
 
 
-def discover_cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[LayerCase]:
+def _measure(native: torch.nn.Module, ref: torch.nn.Module, case: LayerCase) -> tuple[dict, dict]:
+    """Forward and backward times, and peak memory of both, of the native and the torch layer."""
+    timers = [_timers(native, case), _timers(ref, case)]
+    results = [{"forward_ms": float("inf"), "backward_ms": float("inf")} for _ in timers]
+    for _ in range(ROUNDS):
+        for (fwd, bwd), result in zip(timers, results):
+            result["forward_ms"] = min(result["forward_ms"], time_ms(fwd, reps=10))
+            result["backward_ms"] = min(result["backward_ms"], time_ms(bwd, reps=10))
+    for module, result in zip((native, ref), results):
+        result["peak_mb"] = _peak_mb(module, case)
+    return results[0], results[1]
+
+
+# The sizes a run times: "full" (a GPU's training sizes), "cpu" (a CPU's), "small" (a smoke run in seconds).
+SIZES = ("full", "cpu", "small")
+
+
+def discover_cases(device: torch.device, dtype: torch.dtype, sizes: str) -> list[LayerCase]:
+    if sizes not in SIZES:
+        raise ValueError(f"sizes must be one of {SIZES}, got {sizes!r}")
     cases = []
     here = Path(__file__).resolve().parent
     for info in sorted(pkgutil.iter_modules([str(here)]), key=lambda m: m.name):
         if info.name.startswith("layer_cases_"):
             module = importlib.import_module(f"benchmarks.{info.name}")
-            cases.extend(module.cases(device, dtype, small))
+            cases.extend(module.cases(device, dtype, sizes))
     return cases
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="small sizes (default without a GPU)")
+    size_group = parser.add_mutually_exclusive_group()
+    size_group.add_argument("--small", action="store_true", help="small sizes, a smoke run (default without a GPU)")
+    size_group.add_argument("--cpu-sizes", action="store_true",
+                            help="sizes a CPU trains at (batch 32 convolutions, 256x1024 dense layers)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--only", help="run only the layers whose name contains this")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    small = args.small or device.type == "cpu"
+    sizes = "small" if args.small else "cpu" if args.cpu_sizes else "small" if device.type == "cpu" else "full"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     rows, wrong = [], []
-    for case in discover_cases(device, dtype, small):
+    for case in discover_cases(device, dtype, sizes):
         if args.only and args.only.lower() not in case.layer.lower():
             continue
         # Correct first, then timed: a wrong result is reported and its speed is still measured.
@@ -126,13 +157,14 @@ def main(argv=None) -> None:
         correct = not (fwd_err > TOLERANCE[dtype] or grad_err > TOLERANCE[dtype])
         if not correct:
             wrong.append(f"{case.layer} {case.shape}: forward error {fwd_err:.2e}, gradient error {grad_err:.2e}")
-        native = _measure(case.make_native(), case)
-        ref = _measure(case.make_torch(), case)
-        row = {"layer": case.layer, "shape": case.shape, "dtype": args.dtype,
+        native, ref = _measure(case.make_native(), case.make_torch(), case)
+        row = {"layer": case.layer, "shape": case.shape, "dtype": args.dtype, "threads": torch.get_num_threads(),
                "native_fwd_ms": native["forward_ms"], "torch_fwd_ms": ref["forward_ms"],
                "fwd_speedup": ref["forward_ms"] / native["forward_ms"],
                "native_bwd_ms": native["backward_ms"], "torch_bwd_ms": ref["backward_ms"],
                "bwd_speedup": ref["backward_ms"] / native["backward_ms"],
+               "fwd_bwd_speedup": (ref["forward_ms"] + ref["backward_ms"]) / (native["forward_ms"]
+                                                                               + native["backward_ms"]),
                "native_peak_mb": native["peak_mb"], "torch_peak_mb": ref["peak_mb"],
                "fwd_err": fwd_err, "grad_err": grad_err, "correct": "yes" if correct else "NO"}
         if case.min_bytes_forward and device.type == "cuda":
@@ -142,8 +174,8 @@ def main(argv=None) -> None:
     if not rows:
         raise SystemExit("no benchmark cases found")
     print()
-    print_table(rows, ["layer", "shape", "dtype", "fwd_speedup", "bwd_speedup", "native_peak_mb", "torch_peak_mb",
-                       "correct"])
+    print_table(rows, ["layer", "shape", "dtype", "fwd_speedup", "bwd_speedup", "fwd_bwd_speedup", "native_peak_mb",
+                       "torch_peak_mb", "correct"])
     path = write_csv("layers", rows)
     print(f"results appended to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     if wrong:
