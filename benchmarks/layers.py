@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -83,9 +84,9 @@ def _upstream(out: torch.Tensor) -> torch.Tensor | None:
     return torch.randn_like(out, memory_format=torch.contiguous_format) if out.dim() else None
 
 
-# Native and torch are timed in alternating rounds and each keeps its fastest round: load from other work on the
-# machine (a shared CPU) then slows both alike instead of whichever happened to run during it.
-ROUNDS = 3  # of 10 timed repetitions each
+# Native and torch are timed in turn, one repetition each, and each keeps its median: load from other work on
+# the machine (a shared CPU) then falls on both alike instead of on whichever ran while it lasted.
+REPS = 30
 
 
 def _timers(module: torch.nn.Module, case: LayerCase):
@@ -107,11 +108,15 @@ def _peak_mb(module: torch.nn.Module, case: LayerCase) -> float:
 def _measure(native: torch.nn.Module, ref: torch.nn.Module, case: LayerCase) -> tuple[dict, dict]:
     """Forward and backward times, and peak memory of both, of the native and the torch layer."""
     timers = [_timers(native, case), _timers(ref, case)]
-    results = [{"forward_ms": float("inf"), "backward_ms": float("inf")} for _ in timers]
-    for _ in range(ROUNDS):
-        for (fwd, bwd), result in zip(timers, results):
-            result["forward_ms"] = min(result["forward_ms"], time_ms(fwd, reps=10))
-            result["backward_ms"] = min(result["backward_ms"], time_ms(bwd, reps=10))
+    samples = [{"forward_ms": [], "backward_ms": []} for _ in timers]
+    for fwd, bwd in timers:
+        time_ms(fwd, reps=1)  # warm-up (time_ms runs each a few times first; this one timing is dropped)
+        time_ms(bwd, reps=1)
+    for _ in range(REPS):
+        for (fwd, bwd), times in zip(timers, samples):
+            times["forward_ms"].append(time_ms(fwd, warmup=0, reps=1))
+            times["backward_ms"].append(time_ms(bwd, warmup=0, reps=1))
+    results = [{name: statistics.median(t) for name, t in times.items()} for times in samples]
     for module, result in zip((native, ref), results):
         result["peak_mb"] = _peak_mb(module, case)
     return results[0], results[1]
