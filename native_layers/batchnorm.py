@@ -1,8 +1,10 @@
 """SINGA's BatchNorm layer: `BatchNorm1d`/`2d`/`3d`, drop-in for torch's (arguments, state_dict keys incl.
 num_batches_tracked, running statistics and momentum, including momentum=None for a cumulative average).
 
-Statistics and their gradients are computed in float32 per channel over the batch (and spatial) values;
-the backward keeps x and the batch mean and 1/std, as torch does.
+On CUDA tensors Triton kernels compute the statistics and their gradients in float32 per channel over the
+batch (and spatial) values; the backward keeps x and the batch mean and 1/std, as torch does. On CPU
+tensors the layer is torch's own batch norm, the same math; where a channel's mean lies far from zero in
+units of its spread, it runs on x minus one of the channel's values (see `_batch_norm_torch`).
 """
 from __future__ import annotations
 
@@ -10,54 +12,40 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .convert import register_conversion
 from .dispatch import kernels, use_triton_float
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm of x: (N, C, S). With `batch_stats`, normalises by the batch's statistics and blends them
-    into the running buffers with `factor`; otherwise normalises by the running statistics."""
+    """Batch norm of x: (N, C, S) on the Triton kernels. With `batch_stats`, normalises by the batch's statistics
+    and blends them into the running buffers with `factor`; otherwise normalises by the running statistics."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, batch_stats, factor, eps):
         N, C, S = x.shape
         R = N * S
-        triton = use_triton_float(x)
-        cdt = _compute_dtype(x)
+        k = kernels("batchnorm")
         # Statistics are of x - pivot (pivot: a value of the channel in the batch), so a large mean with a
         # small spread loses nothing in float32; the mean is pivot + mean.
-        pivot = torch.zeros(C, device=x.device, dtype=cdt)
+        pivot = torch.zeros(C, device=x.device, dtype=torch.float32)
         if batch_stats:
             if R == 0:
-                mean = torch.zeros(C, device=x.device, dtype=cdt)
-                var = torch.ones(C, device=x.device, dtype=cdt)
-            elif triton:
-                pivot, mean, var = kernels("batchnorm").batch_stats(x)
+                mean = torch.zeros(C, device=x.device, dtype=torch.float32)
+                var = torch.ones(C, device=x.device, dtype=torch.float32)
             else:
-                pivot = x[0, :, 0].to(cdt)
-                xc = x.to(cdt) - pivot[:, None]
-                mean, var = xc.mean((0, 2)), xc.var((0, 2), unbiased=False)
+                pivot, mean, var = k.batch_stats(x)
             if running_mean is not None and R > 0:
                 with torch.no_grad():
                     running_mean.mul_(1 - factor).add_((pivot + mean).to(running_mean.dtype), alpha=factor)
                     unbiased = var * (R / (R - 1))
                     running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
         else:
-            mean, var = running_mean.to(cdt), running_var.to(cdt)
+            mean, var = running_mean.float(), running_var.float()
         invstd = torch.rsqrt(var + eps)
-        if triton:
-            y = kernels("batchnorm").forward(x, pivot, mean, invstd, weight, bias)
-        else:
-            y = (x.to(cdt) - pivot[:, None] - mean[:, None]) * invstd[:, None]
-            if weight is not None:
-                y = y * weight.to(cdt)[:, None] + bias.to(cdt)[:, None]
-            y = y.to(x.dtype)
-        ctx.batch_stats, ctx.triton = batch_stats, triton
+        y = k.forward(x, pivot, mean, invstd, weight, bias)
+        ctx.batch_stats = batch_stats
         ctx.save_for_backward(x, weight, pivot, mean, invstd)
         return y
 
@@ -65,24 +53,13 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, pivot, mean, invstd = ctx.saved_tensors
         N, C, S = x.shape
-        R = N * S
-        if R == 0:
+        if N * S == 0:
             zeros = torch.zeros(C, device=x.device, dtype=weight.dtype) if weight is not None else None
             return torch.zeros_like(x), zeros, zeros, None, None, None, None, None
-        if ctx.triton:
-            k = kernels("batchnorm")
-            sum_g, sum_gx = k.grad_sums(x, grad_y, pivot, mean, invstd)
-            grad_x = k.backward_input(x, grad_y, pivot, mean, invstd, weight, sum_g, sum_gx, ctx.batch_stats) \
-                if ctx.needs_input_grad[0] else None
-        else:
-            cdt = mean.dtype
-            g = grad_y.to(cdt)
-            xhat = (x.to(cdt) - pivot[:, None] - mean[:, None]) * invstd[:, None]
-            sum_g, sum_gx = g.sum((0, 2)), (g * xhat).sum((0, 2))
-            k = invstd if weight is None else invstd * weight.to(cdt)
-            if ctx.batch_stats:
-                g = g - sum_g[:, None] / R - xhat * (sum_gx / R)[:, None]
-            grad_x = (g * k[:, None]).to(x.dtype)
+        k = kernels("batchnorm")
+        sum_g, sum_gx = k.grad_sums(x, grad_y, pivot, mean, invstd)
+        grad_x = k.backward_input(x, grad_y, pivot, mean, invstd, weight, sum_g, sum_gx, ctx.batch_stats) \
+            if ctx.needs_input_grad[0] else None
         grad_w = sum_gx.to(weight.dtype) if weight is not None else None
         grad_b = sum_g.to(weight.dtype) if weight is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None
@@ -102,9 +79,46 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: 
         raise ValueError("BatchNorm: evaluation without running statistics needs training=True")
     if (weight is None) != (bias is None):
         raise ValueError("BatchNorm: give both weight and bias, or neither")
-    x3 = x.reshape(N, C, S)
-    y = BatchNormFunction.apply(x3, weight, bias, running_mean, running_var, training, momentum, eps)
+    if not use_triton_float(x):
+        return _batch_norm_torch(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = BatchNormFunction.apply(x.reshape(N, C, S), weight, bias, running_mean, running_var, training, momentum, eps)
     return y.reshape(x.shape)
+
+
+# torch's float32 batch norm loses about |mean| / std ulps per channel (its mean is accumulated in float32 and
+# it normalises as x * a + b): exact enough up to this ratio, beyond which x is shifted first.
+PIVOT_RATIO = 8.0
+
+
+def _centred(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
+    """Whether every channel's mean lies within PIVOT_RATIO standard deviations of zero."""
+    return (mean * invstd).abs_().max().item() <= PIVOT_RATIO
+
+
+def _batch_norm_torch(x, running_mean, running_var, weight, bias, batch_stats, factor, eps):
+    """torch's batch norm (its fused kernels and derivative), exact in float32 for any mean: a channel whose mean
+    is more than PIVOT_RATIO standard deviations from zero is normalised as x - pivot, pivot being one of its
+    values (in training) or its running mean, which loses nothing when the spread is small next to the mean."""
+    if x.dtype == torch.float64 or x.numel() == 0:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, factor, eps)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    if not batch_stats:
+        if _centred(running_mean, torch.rsqrt(running_var + eps)):
+            return F.batch_norm(x, running_mean, running_var, weight, bias, False, factor, eps)
+        return F.batch_norm(x - running_mean.reshape(shape), torch.zeros_like(running_mean), running_var, weight,
+                            bias, False, factor, eps)
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
+    if _centred(mean, invstd):
+        return y
+    pivot = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+    y, shifted_mean, shifted_invstd = torch.native_batch_norm(x - pivot.reshape(shape), weight, bias, None, None,
+                                                              True, 0.0, eps)
+    if running_mean is not None:
+        # The first try blended torch's statistics into the running ones: replace them by the exact ones.
+        n = x.numel() // x.shape[1]
+        running_mean.add_(pivot + shifted_mean - mean, alpha=factor)
+        running_var.add_(shifted_invstd.pow(-2) - invstd.pow(-2), alpha=factor * n / (n - 1))
+    return y
 
 
 class _NativeBatchNorm:
