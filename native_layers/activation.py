@@ -1,6 +1,7 @@
 """SINGA's activation layers: ReLU, Sigmoid, Tanh, STanh (1.7159 tanh(2x/3)) and `Activation(mode)`.
 
-Each saves only its output: every derivative here is a function of the output.
+On CUDA tensors each runs one Triton kernel each way and saves only its output: every derivative here is a
+function of the output. On CPU tensors they are torch's own ops, whose derivatives also use the output.
 """
 from __future__ import annotations
 
@@ -14,34 +15,25 @@ MODES = ("relu", "sigmoid", "tanh", "stanh")
 STANH_A, STANH_B = 1.7159, 2.0 / 3.0
 
 
-def _forward_torch(x: torch.Tensor, mode: str) -> torch.Tensor:
+def _activation_torch(x: torch.Tensor, mode: str, inplace: bool) -> torch.Tensor:
     if mode == "relu":
-        return torch.relu(x)
+        return torch.relu_(x) if inplace else torch.relu(x)
     if mode == "sigmoid":
-        return torch.sigmoid(x)
+        return torch.sigmoid_(x) if inplace else torch.sigmoid(x)
     if mode == "tanh":
-        return torch.tanh(x)
-    return STANH_A * torch.tanh(STANH_B * x)
-
-
-def _backward_torch(y: torch.Tensor, g: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "relu":
-        return g * (y > 0).to(g.dtype)
-    if mode == "sigmoid":
-        return g * y * (1 - y)
-    if mode == "tanh":
-        return g * (1 - y * y)
-    return g * STANH_B * (STANH_A - y * y / STANH_A)
+        return torch.tanh_(x) if inplace else torch.tanh(x)
+    # Out of place, then copied: an in-place chain would overwrite the tanh that its derivative reads.
+    y = STANH_A * torch.tanh(STANH_B * x)
+    return x.copy_(y) if inplace else y
 
 
 class ActivationFunction(torch.autograd.Function):
+    """The Triton kernels' activation of x, optionally in place."""
+
     @staticmethod
     def forward(ctx, x, mode, inplace):
         ctx.mode = mode
-        if use_triton_float(x):
-            y = kernels("activation").activation_forward(x, mode, out=x if inplace else None)
-        else:
-            y = _forward_torch(x, mode)
+        y = kernels("activation").activation_forward(x, mode, out=x if inplace else None)
         if inplace:
             if y is not x:
                 x.copy_(y)
@@ -53,16 +45,14 @@ class ActivationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        if use_triton_float(grad_y):
-            grad_x = kernels("activation").activation_backward(y, grad_y, ctx.mode)
-        else:
-            grad_x = _backward_torch(y, grad_y, ctx.mode)
-        return grad_x, None, None
+        return kernels("activation").activation_backward(y, grad_y, ctx.mode), None, None
 
 
 def activation(x: torch.Tensor, mode: str, inplace: bool = False) -> torch.Tensor:
     if mode not in MODES:
         raise ValueError(f"Activation: mode must be one of {MODES}, got {mode!r}")
+    if not use_triton_float(x):
+        return _activation_torch(x, mode, inplace)
     return ActivationFunction.apply(x, mode, inplace)
 
 
@@ -115,28 +105,26 @@ register_conversion(nn.Tanh, lambda m: Tanh())
 
 
 class SoftmaxFunction(torch.autograd.Function):
-    """Softmax over the last dimension of a 2-d x; saves only the output."""
+    """The Triton kernels' softmax over the last dimension of a 2-d x; saves only the output."""
 
     @staticmethod
     def forward(ctx, x):
-        if use_triton_float(x):
-            y = kernels("softmax").softmax_forward(x)
-        else:
-            y = torch.softmax(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, -1).to(x.dtype)
+        y = kernels("softmax").softmax_forward(x)
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        if use_triton_float(grad_y):
-            return kernels("softmax").softmax_backward(y, grad_y)
-        y32, g32 = (y.float(), grad_y.float()) if y.dtype in (torch.float16, torch.bfloat16) else (y, grad_y)
-        return (y32 * (g32 - (g32 * y32).sum(-1, keepdim=True))).to(y.dtype)
+        return kernels("softmax").softmax_backward(y, grad_y)
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """exp(x) / sum(exp(x)) along `dim`, computed stably (float32 inside for half precisions)."""
+    if not use_triton_float(x):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return torch.softmax(x, dim, dtype=torch.float32).to(x.dtype)
+        return torch.softmax(x, dim)
     if x.dim() == 0:
         return SoftmaxFunction.apply(x.reshape(1, 1)).reshape(())
     moved = x.movedim(dim, -1)
