@@ -61,7 +61,7 @@ class Conv2dFunction(torch.autograd.Function):
         else:
             y = F.conv2d(_pad_end(x, pads), weight, bias, stride, (pt, pl), dilation, groups)
             if relu:
-                y = torch.relu(y)
+                y = y.relu_()  # y is this call's own tensor: no second output
         ctx.save_for_backward(x, weight, y if relu else None)
         ctx.conf = (stride, pads, dilation, groups, relu, bias is not None, triton_path)
         return y
@@ -83,7 +83,7 @@ class Conv2dFunction(torch.autograd.Function):
                 dw, db = k.conv2d_weight_grad(dy, x, weight.shape, stride, (pt, pl), dilation, groups, has_bias)
         else:
             if relu:
-                grad_y = grad_y * (y > 0)
+                grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)  # torch's ReLU derivative: one pass
             xp = _pad_end(x, pads)
             dx, dw, db = torch.ops.aten.convolution_backward(
                 grad_y, xp, weight, [weight.shape[0]] if has_bias else None, list(stride), [pt, pl],
