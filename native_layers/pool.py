@@ -1,12 +1,14 @@
 """SINGA's Pooling layer (max and average): `MaxPool2d` and `AvgPool2d`, drop-in for torch.nn's.
 
-Triton kernels on CUDA tensors (triton_kernels/pool.py), torch's aten pooling ops on CPU tensors; both
-backward passes gather per input pixel, so they are deterministic.
+Triton kernels on CUDA tensors (triton_kernels/pool.py), whose backward passes gather per input pixel, so
+they are deterministic; on CPU tensors torch's own pooling ops and their derivatives (deterministic too). The
+Functions also run torch's aten ops on CPU tensors, for callers that apply them directly.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
@@ -107,6 +109,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     xb = _batched(x, "max_pool2d")
     kernel, stride, padding, dilation, out_hw = _pool_args("max_pool2d", xb, kernel_size, stride, padding,
                                                            dilation, ceil_mode)
+    if not use_triton(x):
+        # torch's op and derivative: an autograd Function would only add its own overhead on small planes.
+        return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices)
     y, idx = MaxPool2dFunction.apply(xb, kernel, stride, padding, dilation, ceil_mode, out_hw)
     if x.dim() == 3:
         y, idx = y.squeeze(0), idx.squeeze(0)
@@ -120,6 +125,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
         raise ValueError(f"avg_pool2d: divisor_override must be positive, got {divisor_override}")
     xb = _batched(x, "avg_pool2d")
     kernel, stride, padding, _, out_hw = _pool_args("avg_pool2d", xb, kernel_size, stride, padding, 1, ceil_mode)
+    if not use_triton(x):
+        return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
     y = AvgPool2dFunction.apply(xb, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override, out_hw)
     return y.squeeze(0) if x.dim() == 3 else y
 
