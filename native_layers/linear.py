@@ -3,11 +3,14 @@
 With an activation the forward is one matrix-multiply kernel (bias and activation in its epilogue) and the
 backward applies the activation's derivative, computed from the saved output, while loading the output
 gradient inside the two gradient products (the bias gradient comes out of the weight-gradient kernel).
+On CPU tensors `linear` is torch's F.linear followed by torch's activation op; LinearFunction computes the
+same in torch ops for callers that apply it directly.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .convert import register_conversion
 from .dispatch import kernels, use_triton_float
@@ -90,6 +93,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         dt = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
+    if not use_triton_float(x):
+        if x.dtype != weight.dtype:
+            raise TypeError(f"Linear: input has dtype {x.dtype} but the weight has {weight.dtype}")
+        return _activate(F.linear(x, weight, bias), activation)
     lead = x.shape[:-1]
     y = LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, activation)
     return y.reshape(*lead, weight.shape[0])
