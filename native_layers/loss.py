@@ -1,8 +1,10 @@
 """SINGA's loss layers: `SoftmaxCrossEntropy` (SoftmaxLoss; nn.CrossEntropyLoss's arguments and results) and
 `EuclideanLoss` (0.5 * squared distance per sample).
 
-SoftmaxCrossEntropy keeps only each row's log-sum-exp for the backward, never the (rows x classes)
-log-probabilities that torch's log_softmax + nll_loss keep.
+On CUDA tensors SoftmaxCrossEntropy keeps only each row's log-sum-exp for the backward, never the
+(rows x classes) log-probabilities that torch's log_softmax + nll_loss keep. On CPU tensors both losses are
+torch's own ops (F.cross_entropy, F.mse_loss), the same math; half precisions are computed in float32 there,
+as the kernels do.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .convert import register_conversion
 from .dispatch import kernels, use_triton_float
@@ -17,58 +20,14 @@ from .dispatch import kernels, use_triton_float
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _rows_torch(x, target, weight, ignore_index, smoothing):
-    """The same per-row quantities as the Triton forward (see triton_kernels/cross_entropy.py), in torch."""
-    R, C = x.shape
-    lse = torch.logsumexp(x, dim=1)
-    w = weight.to(x.dtype) if weight is not None else None
-    if target.dim() == 2:
-        c = (1 - smoothing) * target.to(x.dtype) + smoothing / C
-        if w is not None:
-            c = c * w
-        coef = c.sum(1)
-        return lse * coef - (c * x).sum(1), lse, coef, torch.ones_like(lse)
-    keep = target != ignore_index
-    t = torch.where(keep, target, 0)
-    x_t = x.gather(1, t[:, None]).squeeze(1)
-    w_t = w[t] if w is not None else torch.ones_like(lse)
-    loss = (1 - smoothing) * w_t * (lse - x_t)
-    coef = (1 - smoothing) * w_t
-    if smoothing > 0:
-        sum_w = w.sum() if w is not None else C
-        loss = loss + smoothing / C * (lse * sum_w - (x @ w if w is not None else x.sum(1)))
-        coef = coef + smoothing / C * sum_w
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(keep, loss, zero), lse, torch.where(keep, coef, zero), torch.where(keep, w_t, zero)
-
-
-def _grad_torch(x, target, weight, lse, coef, scale, ignore_index, smoothing):
-    R, C = x.shape
-    g = torch.exp(x - lse[:, None]) * coef[:, None]
-    w = weight.to(x.dtype) if weight is not None else torch.ones(C, dtype=x.dtype, device=x.device)
-    if target.dim() == 2:
-        g = g - w * ((1 - smoothing) * target.to(x.dtype) + smoothing / C)
-        return g * scale.reshape(-1, 1)
-    keep = target != ignore_index
-    t = torch.where(keep, target, 0)
-    if smoothing > 0:
-        g = g - smoothing / C * w
-    g = g.scatter_add(1, t[:, None], -((1 - smoothing) * w[t])[:, None])
-    return g * (scale.reshape(-1, 1) * keep[:, None].to(x.dtype))
-
-
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy of softmax(x) on a 2-d x (rows x classes) and class indices or probabilities."""
+    """The Triton kernels' cross-entropy of softmax(x) on a 2-d x (rows x classes) and class indices or
+    probabilities."""
 
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, smoothing, reduction):
-        triton = use_triton_float(x)
-        if triton:
-            loss, lse, coef, valid = kernels("cross_entropy").cross_entropy_forward(
-                x, target, weight, ignore_index, smoothing)
-        else:
-            xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # accumulate in float32
-            loss, lse, coef, valid = _rows_torch(xc, target, weight, ignore_index, smoothing)
+        loss, lse, coef, valid = kernels("cross_entropy").cross_entropy_forward(x, target, weight, ignore_index,
+                                                                                smoothing)
         if reduction == "none":
             out, denom = loss, None
         elif reduction == "sum":
@@ -78,7 +37,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             # by the number of rows. An empty or fully ignored batch gives nan, as in torch.
             denom = valid.sum()
             out = loss.sum() / denom
-        ctx.triton, ctx.ignore_index, ctx.smoothing, ctx.reduction = triton, ignore_index, smoothing, reduction
+        ctx.ignore_index, ctx.smoothing, ctx.reduction = ignore_index, smoothing, reduction
         ctx.save_for_backward(x, target, weight, lse, coef, denom)
         return out.to(x.dtype)
 
@@ -90,15 +49,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             scale = scale / denom
         grad_x = grad_t = None
         if ctx.needs_input_grad[0]:
-            if ctx.triton:
-                grad_x = kernels("cross_entropy").cross_entropy_backward(
-                    x, target, weight, lse, coef, scale, ctx.ignore_index, ctx.smoothing)
-            else:
-                xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-                grad_x = _grad_torch(xc, target, weight, lse.to(xc.dtype), coef.to(xc.dtype), scale.to(xc.dtype),
-                                     ctx.ignore_index, ctx.smoothing).to(x.dtype)
+            grad_x = kernels("cross_entropy").cross_entropy_backward(x, target, weight, lse, coef, scale,
+                                                                     ctx.ignore_index, ctx.smoothing)
         if ctx.needs_input_grad[1]:
-            # Probability targets: d loss / d q_j = -(1 - e) w_j log p_j (rare; torch ops on every device).
+            # Probability targets: d loss / d q_j = -(1 - e) w_j log p_j (rare; in torch ops).
             logp = x.to(lse.dtype) - lse[:, None]
             w = weight.to(logp.dtype) if weight is not None else 1.0
             grad_t = (-(1 - ctx.smoothing) * w * logp * scale.reshape(-1, 1)).to(target.dtype)
@@ -134,16 +88,37 @@ def softmax_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: tor
             raise ValueError(f"SoftmaxCrossEntropy: target of shape {tuple(target.shape)} does not match the "
                              f"input's {tuple(input.shape)} (expected {tuple(x.shape[:1] + x.shape[2:])})")
         t2 = t.reshape(-1).long()
-        bad = ((t2 < 0) | (t2 >= C)) & (t2 != ignore_index)
-        if bad.any():
-            raise IndexError(f"SoftmaxCrossEntropy: target {t2[bad][0].item()} is out of bounds for {C} classes")
     if weight is not None and (weight.dim() != 1 or weight.numel() != C):
         raise ValueError(f"SoftmaxCrossEntropy: weight must be a 1-d tensor of {C} values")
+    if not use_triton_float(input):
+        try:
+            return _cross_entropy_torch(input, target, weight, ignore_index, reduction, label_smoothing)
+        except IndexError:
+            if not prob:  # torch checks the targets itself; this names the one out of bounds
+                _check_classes(t2, C, ignore_index)
+            raise
+    if not prob:
+        _check_classes(t2, C, ignore_index)
     x2 = x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, C)
     out = SoftmaxCrossEntropyFunction.apply(x2, t2, weight, ignore_index, float(label_smoothing), reduction)
     if reduction == "none":
         out = out.reshape(()) if single else out.reshape(x.shape[:1] + x.shape[2:])
     return out
+
+
+def _check_classes(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    if bad.any():
+        raise IndexError(f"SoftmaxCrossEntropy: target {target[bad][0].item()} is out of bounds for {classes} classes")
+
+
+def _cross_entropy_torch(x, target, weight, ignore_index, reduction, smoothing):
+    """torch's cross-entropy (its log_softmax and nll_loss kernels and their derivatives)."""
+    xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    target = target.to(xc.dtype) if target.is_floating_point() else target.long()
+    weight = weight.to(xc.dtype) if weight is not None else None
+    return F.cross_entropy(xc, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=smoothing).to(x.dtype)
 
 
 class SoftmaxCrossEntropy(nn.CrossEntropyLoss):
@@ -163,15 +138,11 @@ register_conversion(nn.CrossEntropyLoss, _from_cross_entropy)
 
 
 class EuclideanLossFunction(torch.autograd.Function):
-    """Per-row 0.5 * ||x - t||^2 on 2-d x and t, reduced by `reduction`."""
+    """The Triton kernels' per-row 0.5 * ||x - t||^2 on 2-d x and t, reduced by `reduction`."""
 
     @staticmethod
     def forward(ctx, x, t, reduction):
-        if use_triton_float(x):
-            rows = kernels("euclidean").euclidean_forward(x, t)
-        else:
-            d = (x.float() - t.float()) if x.dtype in (torch.float16, torch.bfloat16) else x - t
-            rows = 0.5 * (d * d).sum(1)
+        rows = kernels("euclidean").euclidean_forward(x, t)
         ctx.reduction = reduction
         ctx.save_for_backward(x, t)
         if reduction == "none":
@@ -186,12 +157,7 @@ class EuclideanLossFunction(torch.autograd.Function):
         if ctx.reduction == "mean":
             scale = scale / x.shape[0]
         need_x, need_t = ctx.needs_input_grad[:2]
-        if use_triton_float(x):
-            dx, dt = kernels("euclidean").euclidean_backward(x, t, scale, need_x, need_t)
-        else:
-            d = (x.to(scale.dtype) - t.to(scale.dtype)) * scale.reshape(-1, 1)
-            dx = d.to(x.dtype) if need_x else None
-            dt = (-d).to(t.dtype) if need_t else None
+        dx, dt = kernels("euclidean").euclidean_backward(x, t, scale, need_x, need_t)
         return dx, dt, None
 
 
@@ -209,6 +175,12 @@ def euclidean_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "
     t2 = target.reshape(target.shape[0], features)
     if not target.dtype == input.dtype:
         t2 = t2.to(input.dtype)
+    if not use_triton_float(x2):
+        # torch's fused squared error and its derivative; float32 inside for half precisions, as the kernels.
+        xc, tc = (x2.float(), t2.float()) if x2.dtype in (torch.float16, torch.bfloat16) else (x2, t2)
+        if reduction == "none":
+            return (0.5 * F.mse_loss(xc, tc, reduction="none").sum(1)).to(input.dtype)
+        return (F.mse_loss(xc, tc, reduction="sum") / (2 * x2.shape[0] if reduction == "mean" else 2)).to(input.dtype)
     return EuclideanLossFunction.apply(x2, t2, reduction)
 
 
