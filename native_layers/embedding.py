@@ -3,11 +3,14 @@
 The weight gradient sums each index's gradient rows in a fixed order (sorted indices, one writer per row),
 so two runs give bit-identical gradients. max_norm renormalises the looked-up rows in place before the
 lookup, as torch does (with torch's own op: it changes the weight, it is not part of the layer's math).
+On CPU tensors a float32 or float64 weight goes through torch's own embedding (F.embedding), whose CPU
+gradient is deterministic too; half precisions keep this layer's float32 accumulation of the gradient.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .convert import register_conversion
 from .dispatch import kernels, use_triton_float
@@ -72,6 +75,12 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
         if not -num <= padding_idx < num:
             raise ValueError(f"Embedding: padding_idx {padding_idx} is outside the {num} embeddings")
         padding_idx = padding_idx % num
+    torch_path = weight.dtype in (torch.float32, torch.float64) and not use_triton_float(weight)
+    if torch_path and max_norm is None:
+        try:
+            return F.embedding(input, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
+        except IndexError:
+            pass  # torch checks the indices itself; the check below names the one out of range
     idx = input.reshape(-1).long()
     if idx.numel():
         bad = (idx < 0) | (idx >= num)
@@ -80,6 +89,8 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     if max_norm is not None:
         with torch.no_grad():
             torch.embedding_renorm_(weight, idx, max_norm, norm_type)
+    if torch_path:
+        return F.embedding(input, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     out = EmbeddingFunction.apply(idx, weight, padding_idx, scale_grad_by_freq, sparse)
     return out.reshape(*input.shape, weight.shape[1])
 
