@@ -3,8 +3,8 @@ num_batches_tracked, running statistics and momentum, including momentum=None fo
 
 On CUDA tensors Triton kernels compute the statistics and their gradients in float32 per channel over the
 batch (and spatial) values; the backward keeps x and the batch mean and 1/std, as torch does. On CPU
-tensors the layer is torch's own batch norm, the same math; where a channel's mean lies far from zero in
-units of its spread, it runs on x minus one of the channel's values (see `_batch_norm_torch`).
+tensors the layer is torch's own batch norm, the same math; where a channel's batch mean lies far from zero
+in units of its spread, it runs on x minus one of the channel's values (see `_batch_norm_torch`).
 """
 from __future__ import annotations
 
@@ -85,34 +85,25 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: 
     return y.reshape(x.shape)
 
 
-# torch's float32 batch norm loses about |mean| / std ulps per channel (its mean is accumulated in float32 and
-# it normalises as x * a + b): exact enough up to this ratio, beyond which x is shifted first.
+# torch's float32 batch statistics lose about |mean| / std ulps per channel (its mean is accumulated in float32
+# and it normalises as x * a + b): exact enough up to this ratio, beyond which x is shifted first.
 PIVOT_RATIO = 8.0
 
 
-def _centred(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
-    """Whether every channel's mean lies within PIVOT_RATIO standard deviations of zero."""
-    return (mean * invstd).abs_().max().item() <= PIVOT_RATIO
-
-
 def _batch_norm_torch(x, running_mean, running_var, weight, bias, batch_stats, factor, eps):
-    """torch's batch norm (its fused kernels and derivative), exact in float32 for any mean: a channel whose mean
-    is more than PIVOT_RATIO standard deviations from zero is normalised as x - pivot, pivot being one of its
-    values (in training) or its running mean, which loses nothing when the spread is small next to the mean."""
-    if x.dtype == torch.float64 or x.numel() == 0:
+    """torch's batch norm (its fused kernels and derivative), exact in float32 for any mean: in training, a
+    channel whose mean is more than PIVOT_RATIO standard deviations from zero is normalised as x - pivot,
+    pivot being one of its values, which loses nothing when the spread is small next to the mean.
+
+    Normalising by running statistics needs no shift: their own float32 rounding costs about as much."""
+    if not batch_stats or x.dtype == torch.float64 or x.numel() == 0:
         return F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, factor, eps)
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    if not batch_stats:
-        if _centred(running_mean, torch.rsqrt(running_var + eps)):
-            return F.batch_norm(x, running_mean, running_var, weight, bias, False, factor, eps)
-        return F.batch_norm(x - running_mean.reshape(shape), torch.zeros_like(running_mean), running_var, weight,
-                            bias, False, factor, eps)
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
-    if _centred(mean, invstd):
+    if (mean * invstd).abs_().max().item() <= PIVOT_RATIO:
         return y
     pivot = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
-    y, shifted_mean, shifted_invstd = torch.native_batch_norm(x - pivot.reshape(shape), weight, bias, None, None,
-                                                              True, 0.0, eps)
+    shifted = x - pivot.reshape((1, x.shape[1]) + (1,) * (x.dim() - 2))
+    y, shifted_mean, shifted_invstd = torch.native_batch_norm(shifted, weight, bias, None, None, True, 0.0, eps)
     if running_mean is not None:
         # The first try blended torch's statistics into the running ones: replace them by the exact ones.
         n = x.numel() // x.shape[1]
