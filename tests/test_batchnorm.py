@@ -70,6 +70,14 @@ def test_batchnorm_many_rows_split_across_programs(layer_device):
     _compare(nl.BatchNorm1d, nn.BatchNorm1d, x, steps=1)
 
 
+def test_batchnorm2d_large_mean_small_spread_channels_last(layer_device):
+    # Far off-centre channels (the CPU path shifts them before torch's batch norm), a cumulative average of the
+    # running statistics (momentum=None: factors 1 then 1/2) and a channels-last input.
+    torch.manual_seed(48)
+    x = (torch.randn(4, 3, 6, 5, device=layer_device) * 0.1 + 50).contiguous(memory_format=torch.channels_last)
+    _compare(nl.BatchNorm2d, nn.BatchNorm2d, x, momentum=None)
+
+
 def test_batchnorm_edge_cases(layer_device):
     bn = nl.BatchNorm1d(4).to(layer_device)
     with pytest.raises(ValueError, match="more than 1 value per channel"):

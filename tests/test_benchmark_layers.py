@@ -57,3 +57,8 @@ def test_small_run_checks_then_writes_rows(monkeypatch, tmp_path):
     layers.main(["--small", "--only", "LRN"])
     rows = written["layers"]
     assert rows and all(r["layer"] == "LRN" and r["correct"] == "yes" and r["fwd_err"] < 1e-5 for r in rows)
+
+
+def test_cpu_sizes_time_resnet18_activations():
+    cases = {(c.layer, c.shape) for c in layers.discover_cases(torch.device("cpu"), torch.float32, "cpu")}
+    assert {("BatchNorm2d", "resnet18 32x64x28x28 64ch"), ("ReLU", "resnet18 32x64x28x28 64ch")} <= cases
