@@ -10,15 +10,12 @@ For each: no communication at all (the floor), torch DDP, the negotiation alone 
 exchange, which every AllReduce step includes), sd.AllReduce with each compression and with partial update. Prints the table (ratio = step time / DDP step time; goal: AllReduce/none at most 1.0) and
 appends the rows to benchmarks/results/dist_overhead.csv.
 
-When singa_dist/strategies/sandblaster.py exists, a second world with separate parameter servers
-(ClusterTopology.sandblaster) times Sandblaster on the same models; its servers run
-`singa_dist.ps.server:serve` unless --server-entry names another "module:function".
+A second world with separate parameter servers (ClusterTopology.sandblaster) times Sandblaster on the same
+models; its server processes serve from sd.init() on.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import statistics
 import time
@@ -138,22 +135,18 @@ def measure(kinds, reps: int, small: bool, strategy_only: str | None = None) -> 
     return rows
 
 
-def _measure_rank(kinds, reps, small, strategy_only, server_entry):
-    """One process of the run: a server serves; worker rank 0 returns the rows."""
+def _measure_rank(kinds, reps, small, strategy_only):
+    """One worker of the run (servers serve inside sd.init()); worker rank 0 returns the rows."""
     import singa_dist as sd
 
-    if sd.role().is_server:
-        module, _, func = server_entry.partition(":")
-        getattr(importlib.import_module(module), func)()
-        return None
     rows = measure(kinds, reps, small, strategy_only)
     return rows if sd.rank() == 0 else None
 
 
-def run_world(nprocs: int, env: dict, kinds, reps, small, strategy_only=None, server_entry="") -> list[dict]:
+def run_world(nprocs: int, env: dict, kinds, reps, small, strategy_only=None) -> list[dict]:
     import singa_dist as sd
 
-    results = sd.run(_measure_rank, np=nprocs, args=(kinds, reps, small, strategy_only, server_entry),
+    results = sd.run(_measure_rank, np=nprocs, args=(kinds, reps, small, strategy_only),
                      env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **env}, timeout=900)
     return results[0]
 
@@ -164,26 +157,18 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=100, help="timed steps per method (median reported)")
     parser.add_argument("--small", action="store_true", help="smaller models (a quick smoke run)")
     parser.add_argument("--servers", type=int, default=1, help="parameter servers for the Sandblaster run")
-    parser.add_argument("--server-entry", default="singa_dist.ps.server:serve",
-                        help="module:function the Sandblaster server processes run")
     args = parser.parse_args(argv)
     kinds = ["many_small", "few_large"]
 
     rows = run_world(args.np, {}, kinds, args.reps, args.small)
-    if importlib.util.find_spec("singa_dist.strategies.sandblaster") is not None:
-        from singa_dist.topology import ClusterTopology
-
-        topo = ClusterTopology.sandblaster(args.np, args.servers)
-        env = {"SINGA_TOPOLOGY": topo.to_json(), "SINGA_STRATEGY": "sandblaster",
-               "SINGA_PROC_WORLD_SIZE": str(topo.nprocs)}
-        sb_rows = run_world(topo.nprocs, env, kinds, args.reps, args.small, "sandblaster", args.server_entry)
-        for row in sb_rows:
-            row["method"] = f"sandblaster ({args.servers} server{'s' if args.servers > 1 else ''})"
-            ddp = next(r for r in rows if r["model"] == row["model"] and r["method"] == "torch DDP")
-            row["ratio_vs_ddp"] = row["step_ms"] / ddp["step_ms"]
-        rows += sb_rows
-    else:
-        print("(singa_dist/strategies/sandblaster.py is not there: Sandblaster not measured)")
+    # The same job shape under Sandblaster: the last processes are parameter servers.
+    sb_rows = run_world(args.np + args.servers, {"SINGA_STRATEGY": "sandblaster", "SINGA_SERVERS": str(args.servers)},
+                        kinds, args.reps, args.small, "sandblaster")
+    for row in sb_rows:
+        row["method"] = f"sandblaster ({args.servers} server{'s' if args.servers > 1 else ''})"
+        ddp = next(r for r in rows if r["model"] == row["model"] and r["method"] == "torch DDP")
+        row["ratio_vs_ddp"] = row["step_ms"] / ddp["step_ms"]
+    rows += sb_rows
 
     print(f"\n{machine()['device']}, torch {torch.__version__}, {args.np} ranks, Gloo, one thread per rank")
     print_table(rows, ["model", "tensors", "grad_mb", "method", "step_ms", "ratio_vs_ddp", "bytes_per_step",

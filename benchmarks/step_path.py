@@ -18,23 +18,19 @@ import sys
 import torch
 import torch.nn as nn
 
-CASES = {  # strategy -> (topology preset and its arguments, or None for plain workers; workers)
-    "allreduce": (None, 2),
-    "partial_update": (None, 2),
-    "sandblaster": (("sandblaster", (2, 1)), 2),
-    "downpour": (("downpour", (2, 2, 1)), 4),
-    "hybrid": (("hybrid", (2, 2, 1)), 4),
-    "hogwild": (("hogwild", (2,)), 2),
+CASES = {  # strategy -> (processes, the topology's settings: SINGA_* variables)
+    "allreduce": (2, {}),
+    "partial_update": (2, {}),
+    "sandblaster": (3, {"SINGA_SERVERS": "1"}),
+    "downpour": (5, {"SINGA_SERVERS": "1", "SINGA_WORKER_GROUPS": "2"}),
+    "hybrid": (5, {"SINGA_SERVERS": "1", "SINGA_WORKER_GROUPS": "2"}),
+    "hogwild": (2, {}),
 }
 
 
 def _trace_rank(strategy: str) -> list[tuple[str, list[str]]] | None:
     import singa_dist as sd
 
-    if sd.role().is_server:
-        from singa_dist.ps.server import serve
-        serve()
-        return None
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
@@ -70,13 +66,8 @@ def _trace_rank(strategy: str) -> list[tuple[str, list[str]]] | None:
 def trace(strategy: str) -> list[tuple[str, list[str]]]:
     import singa_dist as sd
 
-    preset, workers = CASES[strategy]
-    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "SINGA_STRATEGY": strategy}
-    nprocs = workers
-    if preset is not None:
-        topology = getattr(sd.ClusterTopology, preset[0])(*preset[1])
-        env.update(SINGA_TOPOLOGY=topology.to_json(), SINGA_PROC_WORLD_SIZE=str(topology.nprocs))
-        nprocs = topology.nprocs
+    nprocs, settings = CASES[strategy]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "SINGA_STRATEGY": strategy, **settings}
     return sd.run(_trace_rank, np=nprocs, args=(strategy,), env=env, timeout=300)[0]
 
 

@@ -6,6 +6,7 @@ carries a one-line reason and the launcher exits with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import shutil
@@ -70,6 +71,7 @@ class LaunchConfig:
     master_port: int = 0
     max_restarts: int = 0
     log_dir: str | None = None
+    tee: int = 0  # with log_dir: also to the console, stdout (1), stderr (2) or both (3)
     omp_num_threads: int | None = None
     network_interface: str | None = None
     grace_period: float = 5.0
@@ -188,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a singa (or any torch.distributed) job: local processes, several hosts over ssh or "
                     "per node, or through mpirun.",
         usage="singa-launch [options] [-np N] COMMAND [ARGS...]")
+    p.add_argument("--version", action="version", version=f"singa-launch {_version()}")
     p.add_argument("-np", "--num-proc", dest="np", type=int, help="number of worker processes in the whole job")
+    p.add_argument("-m", "--module", action="store_true",
+                   help="run COMMAND as a Python module, as `python -m COMMAND` (as torchrun -m)")
     p.add_argument("--nproc-per-node", type=int, help="processes on this node (with --nnodes; as torchrun)")
     g = p.add_argument_group("topology (SINGA's cluster fields)")
     g.add_argument("--strategy", default="allreduce", help=f"one of {', '.join(STRATEGIES)}")
@@ -204,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="servers run as their own processes")
     g.add_argument("--topology-json", help=argparse.SUPPRESS)  # a whole topology, as the ssh path hands it on
     m = p.add_argument_group("several nodes")
-    m.add_argument("--hosts", help="h1:2,h2:2 -- hosts and their slots, started over ssh")
+    m.add_argument("-H", "--hosts", help="h1:2,h2:2 -- hosts and their slots, started over ssh (horovodrun's -H)")
     m.add_argument("--hostfile", help="a file with one 'host slots' (or host:slots) a line")
     m.add_argument("--nnodes", type=int, help="nodes in the job; run singa-launch on each with its --node-rank")
     m.add_argument("--node-rank", type=int, default=0)
@@ -218,10 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ssh-identity")
     m.add_argument("--exit-on-stdin-close", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--mpi", action="store_true", help="start the job with mpirun (Open MPI or MPICH)")
+    m.add_argument("--gloo", action="store_true",
+                   help="start the processes and meet through Gloo, without mpirun (the default; horovodrun's --gloo)")
+    m.add_argument("--standalone", action="store_true",
+                   help="one node, rendezvous on this host (the default for one node; torchrun's --standalone)")
     m.add_argument("--mpi-args", default="", help="extra options for mpirun, as one string")
     r = p.add_argument_group("processes")
     r.add_argument("--max-restarts", type=int, default=0, help="restart the whole job this many times after a failure")
     r.add_argument("--log-dir", help="write each process's output to files there instead of the console")
+    r.add_argument("--tee", type=int, choices=[0, 1, 2, 3], default=0,
+                   help="with --log-dir, also show stdout (1), stderr (2) or both (3) on the console (as torchrun)")
     r.add_argument("--omp-num-threads", type=int,
                    help="intra-op threads per process (default: the cores shared out among the processes)")
     r.add_argument("--grace-period", type=float, default=5.0,
@@ -297,6 +308,26 @@ def resolve_command(command: list[str]) -> list[str]:
     return list(command)
 
 
+def resolve_module(command: list[str]) -> list[str]:
+    """`-m module args`: the module runs with this Python, as `python -m module args`."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("-m: no module given: singa-launch [options] -m MODULE [ARGS...]")
+    top = command[0].split(".")[0]
+    if not top.isidentifier() or importlib.util.find_spec(top) is None:
+        raise UsageError(f"-m: no module named {command[0]!r} (looked for {top!r} from {os.getcwd()})")
+    return [sys.executable, "-m", *command]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("singa")
+    except Exception:
+        return "unknown"
+
+
 def _extra_env(items: list[str]) -> dict[str, str]:
     env = {}
     for item in items:
@@ -320,6 +351,13 @@ def parse_args(argv: list[str]) -> LaunchConfig:
     hosts = parse_hosts(args.hosts) if args.hosts else parse_hostfile(args.hostfile) if args.hostfile else []
     if hosts and args.nnodes:
         raise UsageError("--hosts/--hostfile start every node over ssh; --nnodes is for starting each node yourself")
+    if args.mpi and args.gloo:
+        raise UsageError("--mpi starts the job with mpirun, --gloo without it: give one of them")
+    if args.standalone and (hosts or (args.nnodes or 1) > 1):
+        raise UsageError("--standalone runs one node on this host: it does not combine with --hosts or --nnodes")
+    if args.tee and not args.log_dir:
+        raise UsageError("--tee copies the --log-dir files to the console: give --log-dir too (without it, all "
+                         "output goes to the console already)")
     if args.mpi and (args.max_restarts or args.nnodes or args.log_dir):
         raise UsageError("--mpi: mpirun starts and stops the job itself; --max-restarts, --nnodes and --log-dir "
                          "do not apply (use --mpi-args for mpirun's own options)")
@@ -330,7 +368,7 @@ def parse_args(argv: list[str]) -> LaunchConfig:
     if args.grace_period < 0:
         raise UsageError("--grace-period must not be negative")
 
-    command = resolve_command(args.command)
+    command = resolve_module(args.command) if args.module else resolve_command(args.command)
 
     # Workers: -np, else what the nodes hold.
     nworkers = args.np
@@ -399,7 +437,7 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         grace_period=args.grace_period, extra_env=_extra_env(args.env),
         ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
         mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
-        exit_on_stdin_close=args.exit_on_stdin_close)
+        exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee)
 
 
 def _fill_hosts(hosts: list[Host], nprocs: int) -> list[int]:

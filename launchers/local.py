@@ -63,7 +63,7 @@ class _Source:
 
 class OutputPump:
     """Copies the processes' output files to the console, each line prefixed with its rank (lines split
-    as LineSplitter says: a carriage return ends one too, for progress bars)."""
+    as LineSplitter says: a carriage return ends one too and is passed on, so progress bars redraw in place)."""
 
     def __init__(self):
         self._sources: list[_Source] = []
@@ -112,7 +112,7 @@ class OutputPump:
         if not lines:
             return
         try:
-            src.stream.write("".join(f"[{src.label}] {line}\n" for line in lines))
+            src.stream.write("".join(f"[{src.label}] {line}" for line in lines))
             src.stream.flush()
         except (BrokenPipeError, ValueError):
             pass
@@ -155,7 +155,7 @@ class LocalJob:
         self.attempt = attempt
         self.specs = cfg.node_plan(restart_count=attempt)
         self.contexts: list[tuple[object, list[ProcessSpec]]] = []
-        self.pump = None if cfg.log_dir else OutputPump()
+        self.pump = None if cfg.log_dir and not cfg.tee else OutputPump()
         if cfg.log_dir:
             self.folder = cfg.log_dir if attempt == 0 else os.path.join(cfg.log_dir, f"restart{attempt}")
             self._temp = None
@@ -179,9 +179,12 @@ class LocalJob:
                 logs_specs=_RankFiles(self.folder, names))
             self.contexts.append((ctx, specs))
             if self.pump is not None:
+                tee = self.cfg.tee if self.cfg.log_dir else 3
                 for i, s in enumerate(specs):
-                    self.pump.add(s.label, ctx.stdouts[i], sys.stdout)
-                    self.pump.add(s.label, ctx.stderrs[i], sys.stderr)
+                    if tee & 1:
+                        self.pump.add(s.label, ctx.stdouts[i], sys.stdout)
+                    if tee & 2:
+                        self.pump.add(s.label, ctx.stderrs[i], sys.stderr)
 
     def _codes(self) -> list[tuple[ProcessSpec, int | None]]:
         return [(spec, ctx.subprocess_handlers[i].proc.poll())

@@ -53,7 +53,7 @@ def node_command(cfg: LaunchConfig, node: int) -> str:
             "--topology-json", cfg.topology.to_json(), "--max-restarts", str(cfg.max_restarts),
             "--grace-period", str(cfg.grace_period), "--exit-on-stdin-close"]
     if cfg.log_dir:
-        args += ["--log-dir", cfg.log_dir]
+        args += ["--log-dir", cfg.log_dir, "--tee", str(cfg.tee)]
     if cfg.omp_num_threads:
         args += ["--omp-num-threads", str(cfg.omp_num_threads)]
     if cfg.network_interface:

@@ -24,35 +24,41 @@ _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
 class LineSplitter:
-    """Bytes in, whole lines out. A carriage return ends a line too, so that a progress bar (tqdm redraws
-    with '\\r') shows as it advances; the '\\n' of a '\\r\\n' ends no second line."""
+    """Bytes in, whole lines out, each with the character that ended it. A carriage return ends a line too and
+    is kept, so that a progress bar (tqdm and rich redraw with '\\r') redraws in place on a terminal, behind
+    its rank's prefix; the '\\n' of a '\\r\\n' ends the line as one newline."""
 
     def __init__(self):
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.pending = ""
-        self.last_was_cr = False
+        self.held: str | None = None  # a line ended by '\r': '\r' or '\r\n' depends on what comes next
 
     def feed(self, data: bytes) -> list[str]:
-        lines, pending, last_was_cr = [], self.pending, self.last_was_cr
+        lines, pending, held = [], self.pending, self.held
         for ch in self.decoder.decode(data):
-            if ch == "\n" and last_was_cr:
-                last_was_cr = False
-                continue
-            last_was_cr = ch == "\r"
-            if ch in "\r\n":
-                if pending or ch == "\n":  # a '\r' right after a line's end adds no empty line
-                    lines.append(pending)
+            if held is not None:
+                lines.append(held + ("\n" if ch == "\n" else "\r"))
+                held = None
+                if ch == "\n":
+                    continue
+            if ch == "\r":
+                if pending:  # a '\r' right after a line's end adds no empty line
+                    held = pending
+                pending = ""
+            elif ch == "\n":
+                lines.append(pending + "\n")
                 pending = ""
             else:
                 pending += ch
-        self.pending, self.last_was_cr = pending, last_was_cr
+        self.pending, self.held = pending, held
         return lines
 
     def finish(self) -> list[str]:
-        """The last line, when the output ended without a newline."""
+        """What is left, ended with a newline (the output ended without one)."""
         rest = self.pending + self.decoder.decode(b"", final=True)
-        self.pending = ""
-        return [rest] if rest else []
+        lines = [] if self.held is None else [self.held + "\n"]
+        self.pending, self.held = "", None
+        return lines + ([rest + "\n"] if rest else [])
 
 
 def rank_label(nworkers: int, environ=os.environ) -> str:
@@ -80,7 +86,7 @@ def _copy(pipe, out, label: str) -> None:
     def write(lines):
         if lines:
             try:
-                out.write("".join(f"{prefix}{line}\n" for line in lines).encode("utf-8", "replace"))
+                out.write("".join(f"{prefix}{line}" for line in lines).encode("utf-8", "replace"))
                 out.flush()
             except (BrokenPipeError, ValueError):
                 pass

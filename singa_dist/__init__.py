@@ -8,9 +8,10 @@
 """
 import sys as _sys
 
-from .runtime import (cross_rank, cross_size, device, group_process_group, init, is_distributed, is_initialized,
-                      local_rank, local_size, on_shutdown, proc_rank, proc_size, rank, role, shutdown, size,
-                      strategy_name, topology, worker_group, workers_process_group)
+from . import runtime
+from .runtime import (NotInitializedError, cross_rank, cross_size, device, group_process_group, init,
+                      is_distributed, is_initialized, local_rank, local_size, on_shutdown, proc_rank, proc_size, rank,
+                      role, shutdown, size, strategy_name, topology, worker_group, workers_process_group)
 from .topology import STRATEGIES, ClusterTopology, ProcessRole, StrategyKind, TopologyError
 from .primitives import CollectiveError
 from .coordinator import (CollectiveMismatchError, ProcessSet, add_process_set, global_process_set,
@@ -61,3 +62,12 @@ def _release_parameter_servers() -> None:
 
 
 on_shutdown(_release_parameter_servers, phase="release", persistent=True)
+
+
+def _serve_parameters() -> None:
+    """What a separate server process does between init() and shutdown() (see runtime.init)."""
+    from .ps.server import serve
+    serve()
+
+
+runtime.on_server_role(_serve_parameters)

@@ -102,6 +102,7 @@ def _name(prefix: str, name: str | None) -> str:
 
 def _set_and_engine(process_set, what: str):
     """(the ProcessSet, True when there are others in it to talk to); a rank outside the set gets Horovod's error."""
+    runtime.require_init(f"{what.lower()}()")
     ps = coordinator.resolve_set(process_set)
     if ps.process_set_id != 0 and runtime.rank() not in ps.ranks:
         raise ValueError(f"{what}: Rank {runtime.rank()} is not a member of the provided process set.")

@@ -15,6 +15,8 @@ import os
 import socket
 from typing import NamedTuple
 
+from .topology import ClusterTopology, TopologyError, strategy_kind
+
 
 class Launch(NamedTuple):
     """What the launcher told this process. local_rank and local_size are None where the launcher does not
@@ -55,6 +57,43 @@ def detect_launcher() -> Launch | None:
         return Launch("srun", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), env_int("SLURM_LOCALID"),
                       _local_size_from_slurm())
     return None
+
+
+def job_topology(nprocs: int, strategy: str | None = None, *, servers: int | None = None,
+                 worker_groups: int | None = None, server_groups: int | None = None,
+                 sync_freq: int | None = None) -> ClusterTopology:
+    """The topology of a job of `nprocs` processes: SINGA_TOPOLOGY when singa-launch wrote it; otherwise the one
+    of `strategy` (sd.init's argument, else SINGA_STRATEGY, else allreduce) with the shape given to sd.init or
+    in SINGA_SERVERS, SINGA_WORKER_GROUPS, SINGA_SERVER_GROUPS and SINGA_SYNC_FREQ. So torchrun, mpirun and srun,
+    which start every process with the user's script, run the parameter-server frameworks too: the last
+    processes are the servers."""
+    if "SINGA_TOPOLOGY" in os.environ:
+        return ClusterTopology.from_json(os.environ["SINGA_TOPOLOGY"])
+    name = (strategy or os.environ.get("SINGA_STRATEGY") or "allreduce").lower()
+    kind = strategy_kind(name)
+
+    def setting(value, variable):
+        if value is not None:
+            return value
+        text = os.environ.get(variable)
+        if text in (None, ""):
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise TopologyError(f"{variable} must be a whole number, got {text!r}") from None
+
+    servers = setting(servers, "SINGA_SERVERS")
+    groups = setting(server_groups, "SINGA_SERVER_GROUPS")
+    separate = 0
+    if kind.parameter_servers and kind.separate_servers:
+        separate = (1 if servers is None else servers) * (groups or 1)
+    if nprocs - separate < 1:
+        raise TopologyError(f"{name} with {separate} server process(es) needs more than the {nprocs} process(es) "
+                            "the launcher started")
+    return ClusterTopology.for_strategy(name, nprocs - separate, worker_groups=setting(worker_groups,
+                                        "SINGA_WORKER_GROUPS"), servers=servers, server_groups=groups,
+                                        sync_freq=setting(sync_freq, "SINGA_SYNC_FREQ") or 1)
 
 
 def slurm_tasks_per_node() -> list[int]:

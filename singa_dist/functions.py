@@ -70,6 +70,7 @@ def broadcast_parameters(params, root_rank: int = 0) -> None:
     params: a `state_dict()`, `named_parameters()`, or a list of tensors. Names, shapes and dtypes are
     compared first, so workers with different models get an error naming the tensor instead of a hang.
     """
+    runtime.require_init("broadcast_parameters()")
     named = _named_tensors(params)
     check_root(root_rank)
     if not is_active():
@@ -101,6 +102,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     for the sparse embeddings of `model`); the parameters' `.grad` are those zeros afterwards, and the
     parameters keep their values.
     """
+    runtime.require_init("broadcast_optimizer_state()")
     if isinstance(optimizer, torch.optim.LBFGS):
         raise ValueError("broadcast_optimizer_state does not support torch.optim.LBFGS (its state holds closures' "
                          "history that is not per parameter)")

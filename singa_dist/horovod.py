@@ -17,7 +17,6 @@ mismatch raises HorovodInternalError on every rank.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import warnings
 
@@ -172,8 +171,8 @@ def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_pr
         verbose=None, use_gloo=None, use_mpi=None, mpi_args=None, network_interface=None, network_interfaces=None,
         executable=None, np=None, min_np=None, max_np=None):
     """horovod.run: run `func(*args, **kwargs)` on `num_proc` processes of this host joined in one job and return
-    their results in rank order (singa_dist.run does the work). Processes run on this host only: `hosts` may
-    name it (localhost:N); elastic arguments raise."""
+    their results in rank order (singa_dist.run does the work). `hosts` (or a hostfile) may name this host;
+    elastic arguments raise."""
     if hosts is not None and hostfile is not None:
         raise ValueError("Argument hosts and hostfile only allow one provided.")
     if use_gloo and use_mpi:
@@ -183,31 +182,13 @@ def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_pr
         if value is not None:
             raise NotImplementedError(f"singa_dist.horovod.run does not run elastic jobs ({name}); use "
                                       "singa-launch --max-restarts for restarts")
-    num_proc = np if np is not None else num_proc
-    slots_here = _local_slots(hosts, hostfile)
-    if num_proc is None:
-        num_proc = slots_here if slots_here is not None else 1
-    if slots_here is not None and num_proc > slots_here:
-        raise ValueError(f"{num_proc} processes requested but the hosts give {slots_here} slots")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return _run(func, np=num_proc, args=tuple(args), kwargs=kwargs, env=env)
-
-
-def _local_slots(hosts, hostfile) -> int | None:
-    """The slots `hosts` ("localhost:2,127.0.0.1:2") or a hostfile give on this host; an error for other hosts."""
     if hostfile is not None:
         with open(hostfile) as f:
-            entries = [line.split()[0] + ":" + (line.split("slots=")[1].split()[0] if "slots=" in line else "1")
-                       for line in f if line.strip() and not line.startswith("#")]
-        hosts = ",".join(entries)
-    if hosts is None:
-        return None
-    total = 0
-    here = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
-    for item in str(hosts).split(","):
-        host, _, count = item.strip().partition(":")
-        if host not in here:
-            raise ValueError(f"singa_dist.horovod.run starts processes on this host only, got host {host!r}; for "
-                             "several hosts use singa-launch --hosts")
-        total += int(count or 1)
-    return total
+            hosts = ",".join(line.split()[0] + ":" + (line.split("slots=")[1].split()[0] if "slots=" in line else "1")
+                             for line in f if line.strip() and not line.lstrip().startswith("#"))
+    num_proc = np if np is not None else num_proc
+    if num_proc is None and hosts is None:
+        num_proc = 1
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return _run(func, np=num_proc, args=tuple(args), kwargs=kwargs, env=env, hosts=hosts, use_gloo=use_gloo,
+                use_mpi=use_mpi)

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from . import strategies
+from . import runtime, strategies
 from .collectives import Adasum, Average
 from .coordinator import global_process_set
 from .functions import check_consistency
@@ -136,6 +136,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     parameters each fused into one message; num_groups is its older name); sparse_as_dense (sparse gradients
     travel densely); process_set (average over that set's workers; the others train on their own).
     """
+    runtime.require_init("DistributedOptimizer()")
     if isinstance(optimizer, _DistributedOptimizer):
         raise ValueError("this optimizer is already a DistributedOptimizer")
     strategy = _make_strategy(strategy, op, backward_passes_per_step, gradient_predivide_factor, num_groups,
@@ -151,7 +152,28 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     except BaseException:
         optimizer.__class__ = base
         raise
+    _settle_the_job_strategy(strategy.name)
     return optimizer
+
+
+def _settle_the_job_strategy(name: str) -> None:
+    """The script's strategy wins over the one the job was started for: say so, and let separate parameter
+    servers that this strategy does not use go now instead of idling until the end (every worker makes the
+    same DistributedOptimizer at the same point, so they all let them go together)."""
+    topology = runtime.topology()
+    started_for = runtime.job_strategy()
+    runtime.note_strategy(name)
+    if name == started_for or not runtime.is_distributed():
+        return
+    kind = topology.kind
+    if started_for != "allreduce" or kind.parameter_servers:
+        warnings.warn(f"this job was started for the {started_for} strategy (singa-launch --strategy, SINGA_STRATEGY "
+                      f"or sd.init(strategy=...)) but this DistributedOptimizer trains with {name}: the script's "
+                      "choice is used", stacklevel=3)
+    mine = strategies.STRATEGIES.get(name)
+    if topology.server_worker_separate and topology.nservers and not (mine and mine.parameter_servers):
+        from .ps import transport
+        transport.release_servers()
 
 
 def _make_strategy(strategy, op, backward_passes_per_step, gradient_predivide_factor, num_groups, groups,

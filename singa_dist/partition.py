@@ -321,6 +321,7 @@ def partition(model: nn.Sequential, dims: dict | Callable | None = None, *, line
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"partition() takes an nn.Sequential (nested ones included), got {type(model).__name__}")
+    runtime.require_init("partition()")
     _, rank, n = _group()
     if callable(dims):
         choose = dims

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_module
+import socket
 import time
 import traceback
 
@@ -53,6 +54,10 @@ def _rank_main(index: int, nprocs: int, env: dict, fn, args, kwargs, results) ->
     try:
         runtime.init()
         results.put((index, "returned", pickle.dumps(fn(*args, **kwargs))))
+    except runtime.ServerDone:  # a parameter server: init() served until the workers were done
+        results.put((index, "returned", pickle.dumps(None)))
+        results.put((index, "left", None))
+        return
     except BaseException:
         results.put((index, "error", traceback.format_exc()))
         runtime.shutdown()  # with the exception in flight: leaves without waiting for the others
@@ -65,19 +70,31 @@ def _rank_main(index: int, nprocs: int, env: dict, fn, args, kwargs, results) ->
     results.put((index, "left", None))
 
 
-def run(fn, np: int = 2, args: tuple = (), kwargs: dict | None = None, timeout: float | None = None,
-        env: dict | None = None) -> list:
+def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None, timeout: float | None = None,
+        env: dict | None = None, hosts: str | None = None, use_gloo: bool | None = None,
+        use_mpi: bool | None = None) -> list:
     """Run `fn(*args, **kwargs)` on `np` local processes joined in one job; return their results in rank order.
 
+    np: the number of processes (default: the slots `hosts` gives, else 2).
     timeout: seconds the whole run may take (None: no limit; a collective waiting for a missing rank still
              stops after the job's timeout, SINGA_TIMEOUT); past it, RunError names the ranks not finished.
-    env: variables added to every process's environment (SINGA_TIMEOUT, SINGA_STRATEGY, ...). With a
-         SINGA_TOPOLOGY that has separate servers, also give SINGA_PROC_WORLD_SIZE; np then counts every
-         process of the topology and `fn` runs on each (see `sd.role()`).
+    env: variables added to every process's environment (SINGA_TIMEOUT, SINGA_STRATEGY, SINGA_SERVERS, ...).
+         With a parameter-server strategy the last processes are the servers (np counts them): they serve, and
+         their results are None.
+    hosts, use_gloo, use_mpi: horovod.run's. The processes run on this host and meet over Gloo: `hosts` may
+         name this host ("localhost:4"); use_mpi=True is refused (singa-launch --mpi runs a script with mpirun).
 
     A rank that raises makes RunError name it, with its traceback, after the others had a moment to report
     too; every process is stopped before run() returns or raises.
     """
+    if use_mpi:
+        raise ValueError("sd.run starts its processes itself and joins them over Gloo; to run through mpirun, use "
+                         "`singa-launch --mpi -np N python script.py`")
+    slots = local_slots(hosts)
+    if np is None:
+        np = slots if slots is not None else 2
+    if slots is not None and np > slots:
+        raise ValueError(f"{np} processes requested but hosts={hosts!r} gives {slots} slots")
     if np < 1:
         raise ValueError(f"np must be at least 1, got {np}")
     child_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "OMP_NUM_THREADS": "1"}
@@ -93,6 +110,25 @@ def run(fn, np: int = 2, args: tuple = (), kwargs: dict | None = None, timeout: 
     if failures or missing:
         raise RunError(_describe(failures, missing, timeout), failures, missing)
     return [values[r] for r in range(np)]
+
+
+def local_slots(hosts: str | None) -> int | None:
+    """The slots `hosts` ("localhost:2,127.0.0.1:2") gives on this host; None without hosts; an error naming a
+    host that is not this one."""
+    if hosts is None:
+        return None
+    here = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
+    total = 0
+    for item in str(hosts).split(","):
+        host, _, count = item.strip().partition(":")
+        if host not in here:
+            raise ValueError(f"run() starts processes on this host only, got host {host!r}; for several hosts use "
+                             "singa-launch --hosts")
+        try:
+            total += int(count or 1)
+        except ValueError:
+            raise ValueError(f"the slots of host {host!r} must be a whole number, got {count!r}") from None
+    return total
 
 
 def _collect(processes, results, timeout: float | None):

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .environment import detect_launcher, layout_from_slurm, node_key, ranks_within, rendezvous_address
-from .topology import ClusterTopology, ProcessRole
+from .environment import detect_launcher, job_topology, layout_from_slurm, node_key, ranks_within, rendezvous_address
+from .topology import ClusterTopology, ProcessRole, strategy_kind
 
 DEFAULT_TIMEOUT_S = 300.0
 # How long a process that exits without shutdown() waits at exit for the others to arrive.
@@ -46,7 +46,8 @@ class _Runtime:
     proc_size: int = 1
     topology: ClusterTopology = field(default_factory=lambda: ClusterTopology.allreduce(1))
     role: ProcessRole = field(default_factory=lambda: ProcessRole("worker", 0, 0, 0))
-    strategy: str = "allreduce"
+    strategy: str = "allreduce"  # what trains (the latest DistributedOptimizer's)
+    job_strategy: str = "allreduce"  # what the job was started for
     timeout_s: float = DEFAULT_TIMEOUT_S
     backend: str = "none"
     launcher: str = "none"
@@ -95,39 +96,74 @@ def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int 
     return (local_rank, local_size) + ranks_within(local_ranks)[proc_rank]
 
 
-def init(timeout: float | None = None, backend: str | None = None) -> None:
-    """Join the job this process belongs to (or become a single-process job when there is none).
+class NotInitializedError(RuntimeError, ValueError):
+    """A call that needs the job came before singa_dist.init() (a ValueError too, as Horovod raises one)."""
+
+    def __init__(self, what: str = "this call"):
+        super().__init__(f"singa_dist has not been initialized: call singa_dist.init() before {what} "
+                         "(hvd.init() in a Horovod script)")
+
+
+class ServerDone(SystemExit):
+    """Ends a server process that was started with the user's script, once it has served (exit status 0)."""
+
+
+# The life of a server process: registered by the package (it lives in a layer above this one).
+_server_loop = None
+
+
+def on_server_role(loop) -> None:
+    """`loop()` is what a parameter-server process does between init() and shutdown()."""
+    global _server_loop
+    _server_loop = loop
+
+
+def init(timeout: float | None = None, backend: str | None = None, *, strategy: str | None = None,
+         servers: int | None = None, worker_groups: int | None = None, sync_freq: int | None = None,
+         _serve: bool = True) -> None:
+    """Join the job this process belongs to; without a launcher, a job of one process (a Gloo group of one, so
+    that torch.distributed's own APIs work as under torchrun with one process).
 
     timeout: seconds a collective may wait for a missing rank before the job stops with an error
              (default: SINGA_TIMEOUT from the environment, else 300).
     backend: torch.distributed backend; default Gloo for CPU tensors and, where CUDA is available, NCCL
              for CUDA tensors.
+    strategy, servers, worker_groups, sync_freq: the training framework and its topology, for launchers that
+             start every process with the script (torchrun, mpirun, srun); also read from SINGA_STRATEGY,
+             SINGA_SERVERS, SINGA_WORKER_GROUPS and SINGA_SYNC_FREQ. singa-launch's topology, when there is one,
+             is the job's. With separate servers, the last processes are the servers: on them init() runs the
+             server until the workers are done and then exits the process, so the script goes no further there.
     """
     global _inits
     if _state.initialized:
         return
     if timeout is None:
         timeout = float(os.environ.get("SINGA_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if not timeout > 0:
+        raise ValueError(f"the timeout must be a positive number of seconds, got {timeout!r}")
     _state.timeout_s = float(timeout)
-    _state.strategy = os.environ.get("SINGA_STRATEGY", "allreduce").lower()
 
     found = detect_launcher()
-    if found is None:
-        _state.initialized = True
-        _state.topology = ClusterTopology.allreduce(1)
-        return
+    alone = found is None
+    if alone:
+        found = ("none", 0, 1, 0, 1)
     launcher, proc_rank, proc_size, local_rank, local_size = found
-    if "SINGA_TOPOLOGY" in os.environ:
-        topology = ClusterTopology.from_json(os.environ["SINGA_TOPOLOGY"])
-        _state.strategy = topology.strategy
+    if alone:
+        # A lone process is its own server: any strategy trains it like its optimizer, no server started.
+        topology = ClusterTopology.allreduce(1)
+        named = strategy or os.environ.get("SINGA_STRATEGY") or "allreduce"
+        strategy_kind(named)  # an unknown name is an error here too
     else:
-        topology = ClusterTopology.allreduce(proc_size)
+        topology = job_topology(proc_size, strategy, servers=servers, worker_groups=worker_groups,
+                                sync_freq=sync_freq)
+        named = topology.strategy
     if topology.nprocs != proc_size:
         raise RuntimeError(
             f"singa_dist.init(): the topology has {topology.nprocs} processes but the launcher started {proc_size}")
     role = topology.role_of(proc_rank)
 
     _state.launcher = launcher
+    _state.strategy = _state.job_strategy = named.lower()
     _state.proc_rank, _state.proc_size = proc_rank, proc_size
     _state.topology, _state.role = topology, role
     _state.size = topology.nworkers
@@ -143,18 +179,21 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
     _state.backend = backend
 
     if proc_size > 1 or not dist.is_initialized():
-        rendezvous_address(launcher, proc_rank)
         # This module's functions take the WORLD group as a default argument, evaluated when it is imported
         # (torch imports it with the first optimizer): imported after the group exists, it would keep the
         # group alive until the interpreter exits, past shutdown().
         importlib.import_module("torch.distributed.nn.functional")
-        dist.init_process_group(
-            backend=backend, init_method="env://", rank=proc_rank, world_size=proc_size,
-            timeout=datetime.timedelta(seconds=_state.timeout_s))
+        wait = datetime.timedelta(seconds=_state.timeout_s)
+        if alone:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
+        else:
+            rendezvous_address(launcher, proc_rank)
+            dist.init_process_group(backend=backend, init_method="env://", rank=proc_rank, world_size=proc_size,
+                                    timeout=wait)
         _state.distributed = True
         _inits += 1
         _register_exit()
-    if _state.distributed:
+    if _state.distributed and not alone:
         local_rank, local_size, _state.cross_rank, _state.cross_size = _node_layout(
             launcher, proc_rank, proc_size, local_rank, local_size)
     _state.local_rank = 0 if local_rank is None else local_rank
@@ -179,12 +218,24 @@ def init(timeout: float | None = None, backend: str | None = None) -> None:
         os.environ.update({"HOROVOD_RANK": str(_state.rank), "HOROVOD_SIZE": str(_state.size),
                            "HOROVOD_LOCAL_RANK": str(_state.local_rank), "HOROVOD_LOCAL_SIZE": str(_state.local_size),
                            "HOROVOD_CROSS_RANK": str(_state.cross_rank), "HOROVOD_CROSS_SIZE": str(_state.cross_size)})
+    elif _serve and _server_loop is not None:
+        # A server process that was started with the user's script (torchrun, mpirun, srun start every process
+        # so): it serves until every worker is done, leaves the job, and ends here.
+        _server_loop()
+        shutdown()
+        raise ServerDone(0)
 
 
 def _require_init() -> _Runtime:
     if not _state.initialized:
-        raise RuntimeError("singa_dist is not initialized: call singa_dist.init() first")
+        raise NotInitializedError()
     return _state
+
+
+def require_init(what: str) -> None:
+    """Raise NotInitializedError naming `what` unless init() ran."""
+    if not _state.initialized:
+        raise NotInitializedError(what)
 
 
 def is_initialized() -> bool:
@@ -235,8 +286,20 @@ def worker_group() -> int:
 
 
 def strategy_name() -> str:
-    """The strategy the launcher was given (SINGA_STRATEGY / the topology), 'allreduce' when none."""
+    """The strategy this job trains with: the latest DistributedOptimizer's, else the one the job was started for
+    (singa-launch --strategy, SINGA_STRATEGY, sd.init(strategy=...)), 'allreduce' when none."""
     return _require_init().strategy
+
+
+def job_strategy() -> str:
+    """The strategy the job was started for (singa-launch --strategy, SINGA_STRATEGY, sd.init(strategy=...)):
+    what a DistributedOptimizer given no strategy uses."""
+    return _require_init().job_strategy
+
+
+def note_strategy(name: str) -> None:
+    """A DistributedOptimizer trains with `name` (what strategy_name() reports from now on)."""
+    _require_init().strategy = name
 
 
 def is_distributed() -> bool:

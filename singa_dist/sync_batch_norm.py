@@ -100,8 +100,9 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if not self.training and self.track_running_stats:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                                 self.eps)
+        runtime.require_init("a SyncBatchNorm forward pass in training")
         ps = resolve_set(self.process_set)
-        alone = not (runtime.is_initialized() and runtime.is_distributed()) or (ps.size() or 1) < 2
+        alone = not runtime.is_distributed() or (ps.size() or 1) < 2
         if alone:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True, momentum,
                                 self.eps)

@@ -52,6 +52,16 @@ def layer_device(request, monkeypatch):
     return torch.device("cuda")
 
 
+@pytest.fixture
+def single_process():
+    """This test's process as a job of one (sd.init() without a launcher), left again afterwards."""
+    import singa_dist as sd
+
+    sd.init()
+    yield
+    sd.shutdown()
+
+
 _worlds: dict = {}
 
 

@@ -44,14 +44,13 @@ def _rank_main(proc_rank: int, nprocs: int, env: dict, tasks, results) -> None:
     torch.set_num_threads(1)
     try:
         import singa_dist as sd
+        from singa_dist.environment import job_topology
 
-        sd.init()
-        entry = env.get("SINGA_TEST_ENTRY")  # e.g. a server loop for processes that run no test code
-        if entry and sd.role().is_server:
-            results.put((proc_rank, "server", None))  # started; serves until the workers are done
-            module, _, func = entry.partition(":")
-            __import__(module)
-            getattr(sys.modules[module], func)()
+        if job_topology(nprocs).role_of(proc_rank).is_server:
+            results.put((proc_rank, "server", None))  # init() serves until the workers are done
+        try:
+            sd.init()
+        except sd.runtime.ServerDone:
             results.put((proc_rank, "exit", None))
             return
         results.put((proc_rank, "ready", None))
@@ -77,8 +76,8 @@ class World:
     """N processes joined in one job; `run(fn, ...)` calls `fn` on every rank and returns the results.
 
     `env` is added to every rank's environment (SINGA_TOPOLOGY, SINGA_TIMEOUT, ...). When it names a
-    topology with separate servers, pass SINGA_PROC_WORLD_SIZE too, and SINGA_TEST_ENTRY="module:function"
-    for the loop the server processes run; `run` then talks to the workers only.
+    topology with separate servers, pass SINGA_PROC_WORLD_SIZE too: the server processes serve (sd.init()
+    does, on them) and `run` talks to the workers only.
     """
 
     def __init__(self, nprocs: int, env: dict | None = None, start_timeout: float = 60.0):
@@ -181,21 +180,26 @@ class CommandResult:
 
 def run_command(args: list[str], timeout: float = 120.0, env: dict | None = None, cwd: str | None = None,
                 input: str | None = None) -> CommandResult:
-    """Run a command in its own process session; on timeout kill the whole session and fail the test."""
+    """Run a command in its own process session; on timeout kill the whole session and fail the test. The output
+    is decoded as it came, carriage returns included (no newline translation)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     start = time.monotonic()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
                             cwd=cwd, start_new_session=True, stdin=subprocess.PIPE if input else subprocess.DEVNULL)
+
+    def text(data: bytes) -> str:
+        return data.decode("utf-8", "replace")
     try:
-        out, err = proc.communicate(input=input, timeout=timeout)
+        out, err = proc.communicate(input=input.encode() if input else None, timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_session(proc.pid)
         out, err = proc.communicate()
-        raise RankFailure(f"{' '.join(args)} did not finish within {timeout:.0f}s\nstdout:\n{out}\nstderr:\n{err}")
+        raise RankFailure(f"{' '.join(args)} did not finish within {timeout:.0f}s\nstdout:\n{text(out)}\n"
+                          f"stderr:\n{text(err)}")
     finally:
         kill_session(proc.pid)
-    return CommandResult(proc.returncode, out, err, time.monotonic() - start)
+    return CommandResult(proc.returncode, text(out), text(err), time.monotonic() - start)
 
 
 def kill_session(pid: int) -> None:

@@ -242,7 +242,7 @@ def test_partial_update_averages_one_chunk_per_step(world2, spelling):
     assert 0 < sent < sum(p.numel() * 4 for p in make_model().parameters())
 
 
-def test_partial_update_is_its_own_strategy():
+def test_partial_update_is_its_own_strategy(single_process):
     from singa_dist.strategies import make
 
     assert isinstance(sd.AllReduce(partial_update_chunks=2), sd.PartialUpdate)
@@ -257,7 +257,7 @@ def test_partial_update_is_its_own_strategy():
         sd.AllReduce(partial_update_chunks=-1)
 
 
-def test_single_process_is_plain_torch():
+def test_single_process_is_plain_torch(single_process):
     want = reference("adam")
     model = make_model()
     opt = sd.DistributedOptimizer(make_optimizer("adam", model.parameters()),
@@ -272,7 +272,7 @@ def test_single_process_is_plain_torch():
         assert torch.equal(g.detach(), w)
 
 
-def test_bad_arguments():
+def test_bad_arguments(single_process):
     model = make_model()
     with pytest.raises(ValueError, match="bucket_mb"):
         sd.AllReduce(bucket_mb=0)

@@ -73,7 +73,7 @@ def test_tensor_collectives(world3):
         assert out["objects"] == [("rank", k) for k in range(n)]
 
 
-def test_single_process_collectives_are_identities():
+def test_single_process_collectives_are_identities(single_process):
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     y = sd.allreduce(x)
     y.sum().backward()
@@ -193,6 +193,6 @@ def test_broadcast_optimizer_state(world2, steps_by_rank):
             assert torch.equal(a, b), f"{name}: parameters differ after the next step"
 
 
-def test_broadcast_optimizer_state_rejects_lbfgs():
+def test_broadcast_optimizer_state_rejects_lbfgs(single_process):
     with pytest.raises(ValueError, match="LBFGS"):
         sd.broadcast_optimizer_state(torch.optim.LBFGS(_model().parameters()))

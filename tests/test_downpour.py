@@ -165,7 +165,7 @@ def test_missing_worker_inside_a_group_is_named():
 
     topology = sd.ClusterTopology.hybrid(1, 2, nservers=1)
     world = get_world(topology.nprocs, SINGA_TOPOLOGY=topology.to_json(), SINGA_PROC_WORLD_SIZE=str(topology.nprocs),
-                      SINGA_TEST_ENTRY="singa_dist.ps.server:serve", SINGA_TIMEOUT="3")
+                      SINGA_TIMEOUT="3")
     message, seconds = world.run_failing(_worker_missing_in_its_group)
     assert "rank 0: rank 1 did not reach gradients of worker group 0 of 2 parameters (weight, ...) within the 3 s " \
            "timeout" in message

@@ -56,7 +56,7 @@ def test_horovod_script_runs_by_changing_the_import(world2):
     assert info0 == (2, 0, 0, 2, 0, True) and info1[:2] == (2, 1)
 
 
-def test_horovod_names_exist():
+def test_horovod_names_exist(single_process):
     import singa_dist.horovod as hvd
 
     for name in ["init", "shutdown", "size", "rank", "local_rank", "local_size", "cross_rank", "cross_size",

@@ -132,8 +132,8 @@ def test_prefixed_output_and_env(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "[0] hello from rank 0 of 2 local 0/2" in res.stdout
     assert "[1] hello from rank 1 of 2 local 1/2" in res.stdout
-    # A '\r' ends a line, so each state of a progress bar shows with the rank's prefix.
-    assert re.search(r"\[0\] train: 0%\n\[0\] train: 50%\n\[0\] train: 100%\n", res.stderr), res.stderr
+    # A '\r' is passed on, behind the rank's prefix: a progress bar redraws in place.
+    assert re.search(r"\[0\] train: 0%\r\[0\] train: 50%\r\[0\] train: 100%\n", res.stderr), res.stderr
     assert "[1] train" not in res.stderr
 
 
@@ -241,15 +241,17 @@ def test_failure_after_the_last_restart(tmp_path):
 
 
 # A stand-in for `python -m singa_dist.ps` that says who it is, then serves as the real one does (a worker's
-# sd.shutdown() joins the servers' RPC group to release them, so a server must serve).
+# sd.shutdown() joins the servers' RPC group to release them, so a server must serve): on a server process,
+# sd.init() serves until the workers are done and then ends the process.
 SERVER_SCRIPT = textwrap.dedent("""
+    import os
     import singa_dist as sd
-    from singa_dist.ps.server import serve
+    from singa_dist.environment import job_topology
+    proc, nprocs = int(os.environ["SINGA_PROC_RANK"]), int(os.environ["SINGA_PROC_WORLD_SIZE"])
+    role = job_topology(nprocs).role_of(proc)
+    print(f"server {role.index} of group {role.group}: process {proc} of {nprocs}", flush=True)
     sd.init()
-    role = sd.role()
-    print(f"server {role.index} of group {role.group}: process {sd.proc_rank()} of {sd.proc_size()}", flush=True)
-    serve()
-    sd.shutdown()
+    print("never here", flush=True)
 """)
 
 WORKER_SCRIPT = textwrap.dedent("""
@@ -272,7 +274,7 @@ def test_separate_servers_start_with_their_roles(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "[0] worker 0 of 2 in group 0: sum 1" in res.stdout
     assert "[1] worker 1 of 2 in group 1: sum 1" in res.stdout
-    assert "[s0] server 0 of group 0: process 2 of 3" in res.stdout
+    assert "[s0] server 0 of group 0: process 2 of 3" in res.stdout and "never here" not in res.stdout
 
 
 def test_dry_run_prints_commands_and_environment(capsys, tmp_path):
@@ -351,7 +353,7 @@ def test_output_pump_splits_lines_at_carriage_returns(tmp_path):
     pump = OutputPump()
     pump.add("0", str(path), out)
     pump.stop()
-    assert out.getvalue() == "[0] a\n[0] bar 1%\n[0] bar 99%\n[0] done\n[0] \n[0] last é\n"
+    assert out.getvalue() == "[0] a\n[0] bar 1%\r[0] bar 99%\r[0] done\n[0] \n[0] last é\n"
 
 
 def test_threads_shared_out_among_processes(monkeypatch, tmp_path):
@@ -366,3 +368,39 @@ def test_threads_shared_out_among_processes(monkeypatch, tmp_path):
     assert threads("-np", "12", "--omp-num-threads", "2") == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads("-np", "12") is None  # the user's own setting is inherited as it is
+
+
+def test_horovodrun_and_torchrun_spellings(tmp_path, capsys):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    assert launch_main(["-H", "localhost:2", "--gloo", "--dry-run", script]) == 0
+    assert "# host localhost (node 0, 2 processes, local):" in capsys.readouterr().out
+    assert launch_main(["--standalone", "--nproc-per-node", "2", "--dry-run", script]) == 0
+    assert "2 processes" in capsys.readouterr().out
+    assert launch_main(["-np", "2", "--dry-run", "-m", "launchers.tag_output", "--workers"]) == 0
+    assert f"{sys.executable} -m launchers.tag_output --workers" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        launch_main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("singa-launch ")
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["-np", "2", "--mpi", "--gloo"], "give one of them"),
+    (["-np", "2", "--standalone", "--nnodes", "2", "--master-addr", "h"], "--standalone runs one node"),
+    (["-np", "2", "--tee", "3"], "--tee copies the --log-dir files"),
+    (["-np", "2", "-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
+])
+def test_spellings_refuse_what_they_cannot_mean(args, reason, tmp_path, capsys):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    assert launch_main(args + ([] if "-m" in args else [script])) == 2
+    err = capsys.readouterr().err
+    assert reason in err and err.count("\n") == 1, err
+
+
+def test_tee_shows_the_log_files_on_the_console(tmp_path):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    logs = tmp_path / "logs"
+    res = run_command(LAUNCH + ["-np", "2", "--log-dir", str(logs), "--tee", "1", script, str(tmp_path), "ok"],
+                      timeout=60, env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert "[0] hello from rank 0 of 2" in res.stdout and "train" not in res.stderr  # stdout only
+    assert "hello from rank 0" in (logs / "rank0.out").read_text()

@@ -167,7 +167,7 @@ def test_wrapper_prefixes_lines_and_keeps_the_exit_status():
             "print('oops', file=sys.stderr); sys.exit(3)")
     res = _tag({"OMPI_COMM_WORLD_RANK": "1"}, code)  # Open MPI
     assert res.returncode == 3
-    assert res.stdout == "[1] a\n[1] bar 1%\n[1] bar 99%\n[1] done\n[1] \n[1] last\n"
+    assert res.stdout == "[1] a\n[1] bar 1%\r[1] bar 99%\r[1] done\n[1] \n[1] last\n"
     assert res.stderr == "[1] oops\n"
     res = _tag({"PMI_RANK": "3"}, "print('server up')")  # MPICH's Hydra; ranks after the 2 workers are servers
     assert (res.returncode, res.stdout) == (0, "[s1] server up\n")

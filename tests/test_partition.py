@@ -227,14 +227,14 @@ def _reinit(model):
 
 
 @pytest.mark.timeout(120)
-def test_full_state_dict_round_trip():
+def test_full_state_dict_round_trip(single_process):
     shapes = get_world(3).run(state_round_trip, timeout=60)
     # 7 output features over 3 ranks: 3, 2, 2; 3 classes: one each.
     assert [s[-4][0] for s in shapes] == [3, 2, 2]
     assert [s[-2][0] for s in shapes] == [1, 1, 1]
 
 
-def test_single_process_partition_is_the_model():
+def test_single_process_partition_is_the_model(single_process):
     model = make_cnn()
     x = torch.randn(4, 2, 6, 6)
     parted = partition(model)
@@ -243,7 +243,7 @@ def test_single_process_partition_is_the_model():
     assert not any(is_feature_split(p) for p in parted.parameters())
 
 
-def test_partition_rejects_what_it_cannot_split():
+def test_partition_rejects_what_it_cannot_split(single_process):
     with pytest.raises(ValueError, match="cannot split its features"):
         partition(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), {"1": 1})
     with pytest.raises(ValueError, match="does not have"):
@@ -263,7 +263,7 @@ def reject_in_parameter_server():
 
 
 @pytest.mark.timeout(60)
-def test_parameter_server_strategies_refuse_feature_split_parameters():
+def test_parameter_server_strategies_refuse_feature_split_parameters(single_process):
     for message in get_world(2).run(reject_in_parameter_server, timeout=30):
         assert message is not None and "feature-split parameters (0.weight, 0.bias, 2.weight" in message
 

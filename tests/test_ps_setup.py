@@ -14,7 +14,7 @@ def _steps(opt, model):
 
 
 @pytest.mark.parametrize("strategy", ["sandblaster", "downpour", "hybrid", "hogwild"])
-def test_lone_process_trains_like_its_optimizer(strategy):
+def test_lone_process_trains_like_its_optimizer(strategy, single_process):
     torch.manual_seed(0)
     reference = torch.nn.Linear(5, 3)
     model = torch.nn.Linear(5, 3)
@@ -27,7 +27,7 @@ def test_lone_process_trains_like_its_optimizer(strategy):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_bad_settings():
+def test_bad_settings(single_process):
     with pytest.raises(ValueError, match="staleness"):
         sd.Downpour(staleness=0)
     with pytest.raises(ValueError, match="pull_freq"):

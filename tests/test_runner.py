@@ -74,3 +74,40 @@ def test_run_timeout_names_the_missing_rank_and_stops_every_process():
     assert "rank 1 did not finish within 15 s" in str(info.value)
     assert time.monotonic() - start < 40
     assert set(multiprocessing.active_children()) == before
+
+
+def _rank_and_size():
+    return sd.rank(), sd.size()
+
+
+def test_horovod_run_keywords():
+    import singa_dist.horovod as hvd
+
+    assert sd.run(_rank_and_size, hosts="localhost:2", use_gloo=True, timeout=120) == [(0, 2), (1, 2)]
+    assert hvd.run(_rank_and_size, np=2, hosts="localhost:2") == [(0, 2), (1, 2)]
+    with pytest.raises(ValueError, match="singa-launch --mpi"):
+        sd.run(_rank_and_size, np=2, use_mpi=True)
+    with pytest.raises(ValueError, match="this host only, got host 'elsewhere.invalid'"):
+        sd.run(_rank_and_size, hosts="elsewhere.invalid:2")
+    with pytest.raises(ValueError, match="3 processes requested but"):
+        sd.run(_rank_and_size, np=3, hosts="localhost:2")
+    with pytest.raises(ValueError, match="use_gloo and use_mpi"):
+        hvd.run(_rank_and_size, np=2, use_gloo=True, use_mpi=True)
+
+
+def _train_with_the_job_strategy():
+    model = torch.nn.Linear(3, 2)
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+    return sd.rank(), sd.size(), sd.strategy_name(), sd.role().role
+
+
+def test_parameter_servers_from_the_environment_without_singa_launch():
+    """SINGA_STRATEGY and SINGA_SERVERS (or sd.init's arguments) make the last processes servers, whatever starts
+    the job: here sd.run, as torchrun would start three processes of one script."""
+    results = sd.run(_train_with_the_job_strategy, np=3, env={"SINGA_STRATEGY": "sandblaster", "SINGA_SERVERS": "1"},
+                     timeout=120)
+    assert results == [(0, 2, "sandblaster", "worker"), (1, 2, "sandblaster", "worker"), None]

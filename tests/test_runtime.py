@@ -15,14 +15,44 @@ from tests.dist_harness import free_port, kill_session
 
 
 def test_single_process_without_launcher():
-    code = ("import singa_dist as sd; sd.init(); "
-            "print(sd.rank(), sd.size(), sd.local_rank(), sd.local_size(), sd.is_distributed()); sd.shutdown()")
+    """A lone process is a job of one: torch.distributed's own APIs work, as under torchrun with one process."""
+    code = ("import singa_dist as sd, torch, torch.distributed as dist; sd.init(); "
+            "print(sd.rank(), sd.size(), sd.local_rank(), sd.local_size(), sd.is_distributed(), "
+            "dist.get_world_size(), len(list(torch.utils.data.distributed.DistributedSampler(range(5))))); "
+            "sd.shutdown(); print(dist.is_initialized())")
     env = {k: v for k, v in __import__('os').environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
                         "PMI_RANK", "SLURM_PROCID", "SINGA_PROC_RANK")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["0", "1", "0", "1", "False"]
+    assert out.stdout.split() == ["0", "1", "0", "1", "True", "1", "5", "False"]
+
+
+def test_every_call_that_needs_the_job_names_init():
+    code = textwrap.dedent("""
+        import torch, singa_dist as sd, singa_dist.horovod as hvd
+        model = torch.nn.Linear(2, 2)
+        calls = {
+            "DistributedOptimizer": lambda: sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1)),
+            "broadcast_parameters": lambda: sd.broadcast_parameters(model.state_dict()),
+            "broadcast_optimizer_state": lambda: sd.broadcast_optimizer_state(torch.optim.Adam(model.parameters())),
+            "allreduce": lambda: sd.allreduce(torch.ones(2)), "allgather": lambda: hvd.allgather(torch.ones(2)),
+            "broadcast": lambda: sd.broadcast(torch.ones(2), 0), "barrier": sd.barrier, "join": hvd.join,
+            "rank": sd.rank, "size": hvd.size, "add_process_set": lambda: hvd.add_process_set([0]),
+            "partition": lambda: sd.partition.partition(torch.nn.Sequential(model)),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+                print(name, "no error")
+            except sd.NotInitializedError as exc:
+                # a ValueError as Horovod raises, and a RuntimeError as singa_dist always did
+                print(name, isinstance(exc, ValueError) and "call singa_dist.init() before" in str(exc))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert all(line.endswith(" True") for line in out.stdout.splitlines()), out.stdout
+    assert len(out.stdout.splitlines()) == 12
 
 
 def _identity():

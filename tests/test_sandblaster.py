@@ -15,7 +15,7 @@ BATCH = 12  # divides among 2 and 3 workers
 def ps_world(topology: "sd.ClusterTopology"):
     """A shared world whose server processes run the parameter-server loop; a dead peer is noticed in 20 s."""
     return get_world(topology.nprocs, SINGA_TOPOLOGY=topology.to_json(), SINGA_PROC_WORLD_SIZE=str(topology.nprocs),
-                     SINGA_TEST_ENTRY="singa_dist.ps.server:serve", SINGA_TIMEOUT="20")
+                     SINGA_TIMEOUT="20")
 
 
 def _model():

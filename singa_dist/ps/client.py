@@ -93,6 +93,9 @@ class ParameterClient:
                         "compression": self.packer.compressor,
                         "value_dtype": value_dtype(self.packer.compressor)}
             futures.append(transport.call_async(proc, server.open_table, self.session, spec, group))
+        # What this worker last heard from the servers (or sent them): a parameter that differs from it at the
+        # next push was set by the user (loaded, broadcast, edited) and the servers take its values.
+        self.known = [p.detach().clone() for p in self.params]
         for i, (proc, fut) in enumerate(zip(self.servers, futures)):
             version, values = transport.wait(proc, fut, "open_table")
             self._adopt(i, version, values)
@@ -110,10 +113,32 @@ class ParameterClient:
         with torch.no_grad():
             for s, v in zip(self.by_server[i], values):
                 write_slice(self.params[s.param], s.start, s.end, v)
+                write_slice(self.known[s.param], s.start, s.end, v)
+
+    def _set_by_user(self) -> list[list[torch.Tensor | None]]:
+        """For each server, the values of its slices that differ from what this worker last heard (None for the
+        others); they are what the servers know from now on."""
+        changed = {index for index, (p, k) in enumerate(zip(self.params, self.known))
+                   if not torch.equal(p.detach(), k)}
+        out = []
+        for slices in self.by_server:
+            values = []
+            for s in slices:
+                value = None
+                if s.param in changed:
+                    mine = self.params[s.param].detach().reshape(-1)[s.start:s.end]
+                    if not torch.equal(mine, self.known[s.param].reshape(-1)[s.start:s.end]):
+                        value = read_slice(self.params[s.param], self.params[s.param], s.start, s.end)
+                values.append(value)
+            out.append(values)
+        for index in changed:
+            self.known[index].copy_(self.params[index].detach())
+        return out
 
     def push(self, want_values: bool, average: bool = True) -> None:
         """Send the gradients to every server; adopt the fresh values of those that answer with them."""
         options = self.options()
+        set_by_user = self._set_by_user()
         futures = []
         sent = 0
         for i, proc in enumerate(self.servers):
@@ -123,8 +148,9 @@ class ParameterClient:
                      for s in self.by_server[i]]
             packet, nbytes = self.packer.pack([s.id for s in self.by_server[i]], grads)
             sent += nbytes
+            values = set_by_user[i] if any(v is not None for v in set_by_user[i]) else None
             futures.append(transport.call_async(proc, server.push, self.session, self.group, packet, options,
-                                                want_values, average))
+                                                want_values, average, values))
         self.bytes_sent_last_step = sent
         self.bytes_sent_total += sent
         for i, (version, values, stale) in enumerate(transport.wait_all(list(zip(self.servers, futures)), "push")):

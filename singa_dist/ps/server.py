@@ -6,7 +6,9 @@ and the slices' versions. The RPC handlers below run on the server; workers call
 `singa_dist.ps.client`:
 
 - `open_table`: worker 0 creates the table with the initial values; every client then reads them.
-- `push`: a worker's (or worker group's) gradients, packed as `wire` says (maybe compressed). The server
+- `push`: a worker's (or worker group's) gradients, packed as `wire` says (maybe compressed), and the values of
+  the slices the worker set itself since it last heard from the server (a load, a broadcast, an edit), which the
+  server adopts before stepping. The server
   waits for `replicas` pushes of a group (Sandblaster: every worker of the group), averages them, applies
   the optimizer, bumps the version and answers with the fresh values when asked (a pull). A slice whose
   parameter had no gradient on any replica is not stepped (torch's optimizers skip a None `.grad`).
@@ -44,6 +46,11 @@ class _Table:
         self.replicas = spec["replicas"]
         self.staleness = spec["staleness"]
         self.clients = spec["clients"]
+        self.groups = max(1, self.clients // self.replicas)  # worker groups that push to this table
+        # Values the user set, adopted already: slice -> (the values, the groups that pushed since). A group that
+        # sets the same values before it has heard of the first (every group loading one checkpoint) is not
+        # adopted again over the updates made since; once every group has pushed, the entry is forgotten.
+        self.user_values: dict[int, tuple[torch.Tensor, set]] = {}
         self.closed = 0
         self.version = 0
         self.slice_versions = [0] * len(self.params)
@@ -82,7 +89,20 @@ class _Table:
             return [p.detach().to(self.value_dtype, copy=True) for p in self.params]
         return [p.detach().clone() for p in self.params]
 
-    def _apply(self, grads: list[torch.Tensor], options: list[dict]) -> None:
+    def _apply(self, grads: list[torch.Tensor], options: list[dict], values=None, group: int = 0) -> None:
+        """Adopt the values workers set themselves (loaded, broadcast, edited), then step on the gradients."""
+        for i, (p, value) in enumerate(zip(self.params, values or ())):
+            if value is None:
+                continue
+            seen = self.user_values.get(i)
+            if seen is not None and torch.equal(seen[0], value):
+                continue
+            p.data.copy_(value)
+            self.user_values[i] = (value.clone(), set())
+        for i in list(self.user_values):
+            self.user_values[i][1].add(group)
+            if len(self.user_values[i][1]) >= self.groups:
+                del self.user_values[i]
         if self.optimizer is not None:
             for k, g in enumerate(self.group_index):
                 for key, value in options[g].items():
@@ -108,11 +128,11 @@ class _Table:
             progress = False
             # Oldest values first: their gradients are the stalest already.
             for item in sorted(self.queue, key=lambda it: self.base.get(it[0], self.version)):
-                group, grads, options, futures, want, stale = item
+                group, grads, options, futures, want, stale, values = item
                 if not self._may_apply(group):
                     continue
                 self.queue.remove(item)
-                self._apply(grads, options)
+                self._apply(grads, options, values, group)
                 if self.staleness is not None and self.version - self.base.get(group, self.version) > self.staleness:
                     want = True  # a group too far behind must compute on fresh values
                 values = None
@@ -125,11 +145,11 @@ class _Table:
                 progress = True
         return done
 
-    def push(self, group: int, grads, options, want: bool, average: bool):
+    def push(self, group: int, grads, options, want: bool, average: bool, values=None):
         future = torch.futures.Future()
         with self.lock:
             pushes = self.gathering.setdefault(group, [])
-            pushes.append((grads, future, want))
+            pushes.append((grads, future, want, values))
             if len(pushes) < self.replicas:
                 return future, []
             del self.gathering[group]
@@ -146,7 +166,17 @@ class _Table:
             self.computing.discard(group)
             # How many versions behind the servers' values were when the group finished computing on them.
             stale = self.version - self.base.get(group, self.version)
-            self.queue.append((group, total, options, [p[1] for p in pushes], any(p[2] for p in pushes), stale))
+            # Values a worker set itself come with its push: the mean of those given (one replica's, or the same
+            # values from every replica after a load or a broadcast) replaces the slice before the step.
+            adopted = None
+            if any(p[3] for p in pushes):
+                adopted = []
+                for i in range(len(grads)):
+                    given = [p[3][i] for p in pushes if p[3] and p[3][i] is not None]
+                    adopted.append(None if not given else
+                                   given[0] if len(given) == 1 else torch.stack(given).mean(0))
+            self.queue.append((group, total, options, [p[1] for p in pushes], any(p[2] for p in pushes), stale,
+                               adopted))
             return future, self.drain()
 
     def state(self) -> dict:
@@ -223,10 +253,10 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
 
 
 @_async_execution
-def push(session: int, group: int, packet: tuple, options: list, want: bool, average: bool):
+def push(session: int, group: int, packet: tuple, options: list, want: bool, average: bool, values=None):
     table = _me().table(session)
     grads = wire.unpack(table.compressor, packet, table.numels)
-    future, done = table.push(group, grads, options, want, average)
+    future, done = table.push(group, grads, options, want, average, values)
     _complete(done)
     return future
 
@@ -280,7 +310,7 @@ def _goodbye(worker_proc: int) -> None:
 def serve() -> None:
     """A server process's whole life: join the job, serve parameters until every worker has stopped."""
     global _server
-    runtime.init()
+    runtime.init(_serve=False)
     role = runtime.role()
     if not role.is_server:
         raise RuntimeError(f"process {runtime.proc_rank()} is a worker; only server processes run serve()")

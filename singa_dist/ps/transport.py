@@ -21,6 +21,7 @@ from .. import runtime
 
 _lock = threading.Lock()
 _joined = False
+_released = False  # this worker said goodbye to the separate servers already
 
 
 def proc_name(proc: int) -> str:
@@ -137,7 +138,11 @@ def goodbye(worker_proc: int) -> None:
 
 def release_servers() -> None:
     """A worker's goodbye: tell every separate server that this worker is done, then leave the RPC group.
-    Servers exit when every worker has said it. A server that is gone already is skipped."""
+    Servers exit when every worker has said it. A server that is gone already is skipped. Once per job."""
+    global _released
+    if _released:
+        return
+    _released = True
     join()
     topo = runtime.topology()
     me = runtime.proc_rank()
@@ -154,9 +159,11 @@ def release_servers() -> None:
 def leave_job() -> None:
     """shutdown()'s "release" phase: a worker of a job with separate servers releases them (they wait for
     every worker's goodbye, whether or not this worker used them); any other process leaves the RPC group."""
+    global _released
     topo = runtime.topology() if runtime.is_initialized() else None
     if topo is not None and runtime.is_distributed() and runtime.role().is_worker \
             and topo.server_worker_separate and topo.nservers > 0:
         release_servers()
     else:
         leave()
+    _released = False  # the next job has servers of its own

@@ -25,7 +25,7 @@ def strategy_class(name: str) -> type[Strategy]:
 
 def default_name() -> str:
     """The strategy a script that names none gets: the launcher's."""
-    return runtime.strategy_name() if runtime.is_initialized() else "allreduce"
+    return runtime.job_strategy() if runtime.is_initialized() else "allreduce"
 
 
 def make(strategy: "str | Strategy | None", **options) -> Strategy:

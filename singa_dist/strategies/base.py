@@ -70,7 +70,7 @@ class ParameterServerStrategy(Strategy):
                              f"{', ...' if len(split) > 3 else ''}) of a partitioned model; use AllReduce")
         self.average = check_op(op, self.name) is not Sum
         # A lone process is its own server: the same updates, with no one to talk to.
-        self.local = not runtime.is_initialized() or not runtime.is_distributed()
+        self.local = not runtime.is_initialized() or runtime.proc_size() == 1
         if not self.local:
             topology = runtime.topology()
             unfit = strategy_kind(self.name).unfit(topology)

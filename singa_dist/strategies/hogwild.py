@@ -76,6 +76,7 @@ class Hogwild(ParameterServerStrategy):
         # Every group starts from worker 0's values, as the servers' initial values.
         broadcast_flat_([p.data for p in self.params], 0, "the initial values of every hogwild group")
         self.last_sync = {s.id: self._read(s) for group in self.remote.values() for s in group}
+        self.known = [p.detach().clone() for p in self.params]  # this replica after its own last change
         self.syncs = 0
         runtime.on_shutdown(self.close)
 
@@ -95,13 +96,28 @@ class Hogwild(ParameterServerStrategy):
                     ps_client.write_slice(p, s.start, s.end, self._read(s) + pending)
                     pending.zero_()
 
+    def _adopt_user_values(self) -> None:
+        """Values the user set since this replica's last own change (a load, a broadcast, an edit) are the
+        replica's new state, not an update: they start the next delta afresh instead of being sent as one
+        (which would count a load once per group). Under self.lock."""
+        changed = {i for i, (p, k) in enumerate(zip(self.params, self.known)) if not torch.equal(p.detach(), k)}
+        for s in self._remote_slices():
+            if s.param in changed:
+                self.last_sync[s.id] = self._read(s)
+
+    def _remember(self) -> None:
+        for p, k in zip(self.params, self.known):
+            k.copy_(p.detach())
+
     def step(self, closure, local_step):
         if self.local:
             return local_step(closure)
         self._bytes_last = 0
         with self.lock:
+            self._adopt_user_values()
             loss = local_step(closure)
             self._fold()
+            self._remember()
         self.updates += 1
         if self.updates % self.sync_freq == 0:
             self.sync()
@@ -135,6 +151,7 @@ class Hogwild(ParameterServerStrategy):
                     self.last_sync[s.id] = value
         with self.lock:
             self._fold()
+            self._remember()
         self.syncs += 1
 
     def flush(self) -> None:
@@ -142,6 +159,7 @@ class Hogwild(ParameterServerStrategy):
         if not self.local:
             with self.lock:
                 self._fold()
+                self._remember()
 
     @property
     def bytes_sent_last_step(self) -> int:
@@ -176,12 +194,20 @@ class Hogwild(ParameterServerStrategy):
         return [s for group in self.remote.values() for s in group]
 
     def close(self) -> None:
-        """Final exchange, then wait for every group: no delta may reach a master that has left."""
+        """The last exchange, after which every replica holds the same values: once every group has finished, each
+        sends what it has not sent yet, the masters fold it all in, and every group then takes the masters' values.
+        (No delta may reach a master that has left: the groups wait for one another between the steps.)"""
         if self.local or self.session not in _live:
             return
         try:
+            # Every group has finished training first: a delta folded into a group still training would change
+            # what it computes next, and the end result with it.
+            primitives.barrier("the end of every hogwild group's training")
             self.sync()
             primitives.barrier("the last hogwild delta exchange")
-            self.flush()
+            self.flush()  # every delta is in its master's replica now
+            primitives.barrier("the masters' last fold")
+            self.sync()  # nothing left to send: this fetches the masters' final values
+            primitives.barrier("the last hogwild values")
         finally:
             _live.pop(self.session, None)
