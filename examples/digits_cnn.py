@@ -1,7 +1,8 @@
 """A small convolutional net in the style of SINGA's CIFAR-10 "cuda-convnet" model, on 8x8 digits.
 
     singa-launch -np 2 python examples/digits_cnn.py
-    singa-launch -np 2 python examples/digits_cnn.py --strategy sandblaster   # with singa-launch --servers 1
+    singa-launch -np 2 --strategy sandblaster --servers 1 python examples/digits_cnn.py
+    SINGA_STRATEGY=sandblaster SINGA_SERVERS=1 torchrun --standalone --nproc-per-node 3 examples/digits_cnn.py
 
 Two blocks of convolution, ReLU, max pooling and cross-channel local response normalization, then a dense
 classifier, all native layers; SGD with momentum and weight decay as in SINGA's recipe, with a step
