@@ -1,9 +1,9 @@
 """SINGA's Convolution layer: `Conv2d`, a drop-in torch.nn.Conv2d running implicit-GEMM Triton kernels.
 
 Forward, input gradient and weight gradient are Triton kernels on CUDA tensors (triton_kernels/conv.py);
-on CPU tensors the same convolution runs through torch's aten ops. `activation="relu"` fuses bias and
-ReLU into the forward's epilogue, and the ReLU mask into the one pass that lays dy out for both backward
-kernels.
+on CPU tensors `conv2d` is torch's F.conv2d with torch's derivative (Conv2dFunction runs torch's aten ops
+there too, for callers that apply it directly). `activation="relu"` fuses bias and ReLU into the forward's
+epilogue, and the ReLU mask into the one pass that lays dy out for both backward kernels.
 """
 from __future__ import annotations
 
@@ -21,6 +21,18 @@ ACTIVATIONS = (None, "relu")
 
 def _out_size(size, kernel, stride, pad_before, pad_after, dilation):
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _out_hw(x_shape, weight_shape, stride, pads, dilation):
+    """The output's (height, width); a ValueError where the (dilated) kernel does not fit the padded input."""
+    (pt, pb), (pl, pr) = pads
+    kh, kw = weight_shape[2:]
+    out_hw = (_out_size(x_shape[2], kh, stride[0], pt, pb, dilation[0]),
+              _out_size(x_shape[3], kw, stride[1], pl, pr, dilation[1]))
+    if out_hw[0] <= 0 or out_hw[1] <= 0:
+        raise ValueError(f"conv2d: input {tuple(x_shape)} is smaller than the (dilated) kernel "
+                         f"{tuple(weight_shape[2:])} with padding {pads}")
+    return out_hw
 
 
 def _paddings(padding, kernel_hw, stride, dilation):
@@ -49,12 +61,7 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, pads, dilation, groups, relu):
         (pt, pb), (pl, pr) = pads
-        kh, kw = weight.shape[2:]
-        out_hw = (_out_size(x.shape[2], kh, stride[0], pt, pb, dilation[0]),
-                  _out_size(x.shape[3], kw, stride[1], pl, pr, dilation[1]))
-        if out_hw[0] <= 0 or out_hw[1] <= 0:
-            raise ValueError(f"conv2d: input {tuple(x.shape)} is smaller than the (dilated) kernel "
-                             f"{tuple(weight.shape[2:])} with padding {pads}")
+        out_hw = _out_hw(x.shape, weight.shape, stride, pads, dilation)
         triton_path = use_triton(x)
         if triton_path:
             y = kernels("conv").conv2d_forward(x, weight, bias, stride, (pt, pl), dilation, groups, out_hw, relu)
@@ -126,6 +133,11 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, acti
         bias = bias.to(dtype) if bias is not None else None
     stride, dilation = _pair(stride), _pair(dilation)
     pads = _paddings(padding, weight.shape[2:], stride, dilation)
+    if not use_triton(x):
+        # torch's convolution and its derivative, the ReLU in place on the convolution's own output.
+        _out_hw(x.shape, weight.shape, stride, pads, dilation)
+        y = F.conv2d(_pad_end(x, pads), weight, bias, stride, (pads[0][0], pads[1][0]), dilation, groups)
+        return y.relu_() if activation == "relu" else y
     return Conv2dFunction.apply(x, weight, bias, stride, pads, dilation, groups, activation == "relu")
 
 
