@@ -172,10 +172,12 @@ class LocalJob:
             self.pump.start()
         for role, specs in by_role.items():
             names = [("rank" if s.role == "worker" else "server") + str(s.index) for s in specs]
+            # Each process starts through launchers.lifeline, so that it dies with this launcher even when the
+            # launcher is killed outright (SIGKILL runs none of the cleanup below).
             ctx = start_processes(
-                name=role, entrypoint=specs[0].argv[0],
-                args={i: tuple(s.argv[1:]) for i, s in enumerate(specs)},
-                envs={i: s.env for i, s in enumerate(specs)},
+                name=role, entrypoint=sys.executable,
+                args={i: ("-m", "launchers.lifeline", *s.argv) for i, s in enumerate(specs)},
+                envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid())} for i, s in enumerate(specs)},
                 logs_specs=_RankFiles(self.folder, names))
             self.contexts.append((ctx, specs))
             if self.pump is not None:

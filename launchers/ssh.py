@@ -17,6 +17,7 @@ import threading
 import time
 
 from .config import LaunchConfig, UsageError, forwarded_env
+from .lifeline import die_with_parent
 from .local import POLL_S, describe_exit, say
 
 REACH_TIMEOUT_S = 15.0
@@ -123,7 +124,9 @@ def run_hosts(cfg: LaunchConfig) -> int:
     status, stop_signal = 0, None
     try:
         for node in range(cfg.nnodes):
-            procs.append(subprocess.Popen(host_argv(cfg, node), stdin=subprocess.PIPE, start_new_session=True))
+            # The ssh client dies with this launcher; its node's launcher then sees its stdin close and stops.
+            procs.append(subprocess.Popen(host_argv(cfg, node), stdin=subprocess.PIPE, start_new_session=True,
+                                          preexec_fn=die_with_parent))
         while True:
             codes = [p.poll() for p in procs]
             failed = [(n, c) for n, c in enumerate(codes) if c not in (None, 0)]

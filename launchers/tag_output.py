@@ -7,8 +7,8 @@ runs COMMAND and copies its stdout and stderr to its own, each line prefixed as 
 it: `[3] ` for worker 3, `[s0] ` for the first server (the processes after the N workers). The rank comes
 from the MPI's environment (Open MPI's OMPI_COMM_WORLD_RANK, MPICH/Hydra's PMI_RANK), so the same command
 line serves every rank whatever the MPI; mpirun's own tagging options differ between MPIs and between
-Open MPI versions. Signals the wrapper gets are passed on to COMMAND, COMMAND dies with the wrapper (Linux),
-and the wrapper exits as COMMAND did. It imports nothing heavy: it runs once per rank.
+Open MPI versions. Signals the wrapper gets are passed on to COMMAND, the wrapper dies with its parent and
+COMMAND with the wrapper (Linux), and the wrapper exits as COMMAND did. It imports nothing heavy: it runs once per rank.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
+
+from launchers.lifeline import die_with_parent
 
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
@@ -70,15 +72,6 @@ def rank_label(nworkers: int, environ=os.environ) -> str:
     return "?"
 
 
-def _die_with_parent() -> None:
-    # mpirun may SIGKILL the wrapper; the command must not outlive it.
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _copy(pipe, out, label: str) -> None:
     splitter = LineSplitter()
     prefix = f"[{label}] "
@@ -107,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m launchers.tag_output --workers N -- COMMAND ...", file=sys.stderr)
         return 2
     label, command = rank_label(int(argv[1])), argv[3:]
+    # The wrapper dies with whatever mpirun runs it under (mpirun itself may be killed outright), and the command
+    # with the wrapper.
+    die_with_parent()
     try:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
     except OSError as exc:
         print(f"[{label}] cannot run {command[0]}: {exc}", file=sys.stderr)
         return 127

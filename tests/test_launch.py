@@ -201,6 +201,36 @@ def test_sigterm_to_launcher_stops_every_rank(tmp_path):
     assert _pids_gone(str(tmp_path))
 
 
+@pytest.mark.parametrize("extra", [[], ["--strategy", "sandblaster", "--servers", "1"]], ids=["workers", "servers"])
+def test_sigkill_to_launcher_takes_every_process_with_it(tmp_path, extra):
+    """SIGKILL runs no cleanup in the launcher: its processes (servers too) must die with it all the same."""
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    server = _write(tmp_path, "server.py", "import os, sys, time\n"
+                    "open(os.path.join(sys.argv[1], 'pid_s' + os.environ['ROLE_RANK']), 'w').write(str(os.getpid()))\n"
+                    "time.sleep(300)\n")
+    env = {**os.environ, **ENV, "SINGA_SERVER_COMMAND": f"{sys.executable} {server} {tmp_path}"}
+    proc = subprocess.Popen(LAUNCH + ["-np", "2", *extra, script, str(tmp_path), "sleep"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=False)
+    nprocs = 3 if extra else 2
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("pid*"))) < nprocs:
+            assert time.monotonic() < deadline and proc.poll() is None, "processes did not start"
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _pids_gone(str(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _pids_gone(str(tmp_path)), "a process outlived its launcher"
+    finally:
+        for pid_file in tmp_path.glob("pid*"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """Accuracy and parameters of a 2-process training run that nothing interrupts."""

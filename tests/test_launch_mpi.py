@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -212,3 +213,52 @@ def test_runtime_reads_mpi_and_slurm_ranks(env, expected, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert environment.detect_launcher() == expected
+
+
+SLEEPER = textwrap.dedent("""
+    import os, sys, time
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK"))
+    open(os.path.join(sys.argv[1], f"pid{rank}"), "w").write(str(os.getpid()))
+    time.sleep(300)
+""")
+
+
+@pytest.mark.skipif(_mpirun() is None, reason="no mpirun installed (pip install 'singa[mpi]')")
+def test_sigkill_to_mpi_launcher_takes_every_rank_with_it(tmp_path):
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    proc = subprocess.Popen([sys.executable, "-m", "launchers.launch", "--mpi", "-np", "2", str(script), str(tmp_path)],
+                            env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("pid*"))) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "ranks did not start"
+            time.sleep(0.1)
+        time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.glob("pid*")]
+        proc.kill()  # singa-launch --mpi is mpirun by now
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "a rank outlived mpirun"
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead: its parent just has not collected it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
