@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
+import socket
 import shlex
 import shutil
 import sys
@@ -251,6 +253,8 @@ def parse_hosts(text: str) -> list[Host]:
         if not item:
             continue
         name, _, slots = item.rpartition(":") if ":" in item else (item, "", "1")
+        if not name.strip():
+            raise UsageError(f"--hosts entry {item!r} names no host")
         hosts.append(Host(name, _positive(slots, f"slots of host {name!r}")))
     if not hosts:
         raise UsageError("--hosts names no host")
@@ -303,9 +307,39 @@ def resolve_command(command: list[str]) -> list[str]:
     if os.sep in program:
         if not (os.path.isfile(program) and os.access(program, os.X_OK)):
             raise UsageError(f"the program {program} does not exist or is not executable")
-    elif shutil.which(program) is None:
-        raise UsageError(f"the program {program!r} is not on PATH")
+        path = program
+    else:
+        path = shutil.which(program)
+        if path is None:
+            raise UsageError(f"the program {program!r} is not on PATH")
+    _check_interpreter(path)
+    if os.path.basename(path).startswith("python") and len(command) > 1 and command[1].endswith(".py") \
+            and not os.path.isfile(command[1]):
+        raise UsageError(f"the script {command[1]} does not exist")
     return list(command)
+
+
+def _check_interpreter(path: str) -> None:
+    """A script's #! interpreter must exist: otherwise every process would fail with "no such file", which reads
+    as if the script itself were missing."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return
+    if not first.startswith(b"#!"):
+        return
+    words = first[2:].decode("utf-8", "replace").split()
+    if not words:
+        raise UsageError(f"the program {path} starts with an empty #! line")
+    interpreter = words[0]
+    if os.path.basename(interpreter) == "env" and len(words) > 1:
+        name = next((w for w in words[1:] if not w.startswith("-")), None)
+        if name is not None and shutil.which(name) is None:
+            raise UsageError(f"the program {path} runs with {name!r} (its #! line), which is not on PATH")
+        return
+    if not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
+        raise UsageError(f"the program {path} runs with {interpreter} (its #! line), which does not exist")
 
 
 def resolve_module(command: list[str]) -> list[str]:
@@ -365,8 +399,28 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         raise UsageError(f"--max-restarts must be at least 0, got {args.max_restarts}")
     if args.omp_num_threads is not None and args.omp_num_threads < 1:
         raise UsageError(f"--omp-num-threads must be at least 1, got {args.omp_num_threads}")
-    if args.grace_period < 0:
-        raise UsageError("--grace-period must not be negative")
+    if not math.isfinite(args.grace_period) or args.grace_period < 0:
+        raise UsageError(f"--grace-period must be a number of seconds, 0 or more, got {args.grace_period}")
+    for flag, value in (("--nnodes", args.nnodes), ("--nproc-per-node", args.nproc_per_node),
+                        ("--worker-groups", args.worker_groups), ("--workers-per-group", args.workers_per_group),
+                        ("--server-groups", args.server_groups), ("--sync-freq", args.sync_freq)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.servers is not None and args.servers < 0:
+        raise UsageError(f"--servers must be 0 or more, got {args.servers}")
+    if args.node_rank < 0:
+        raise UsageError(f"--node-rank must be 0 or more, got {args.node_rank}")
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        raise UsageError(f"--master-port must be a port number between 1 and 65535, got {args.master_port}")
+    if args.ssh_port is not None and not 1 <= args.ssh_port <= 65535:
+        raise UsageError(f"--ssh-port must be a port number between 1 and 65535, got {args.ssh_port}")
+    if args.network_interface is not None:
+        names = {name for _, name in socket.if_nameindex()}
+        if args.network_interface not in names:
+            raise UsageError(f"--network-interface {args.network_interface!r} is not an interface of this host "
+                             f"(it has {', '.join(sorted(names))})")
+    if args.log_dir is not None and os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
+        raise UsageError(f"--log-dir {args.log_dir} is a file, not a directory")
 
     command = resolve_module(args.command) if args.module else resolve_command(args.command)
 
@@ -403,8 +457,6 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         hosts = hosts[:len(node_procs)]
         master_addr = master_addr or hosts[0].name
     elif args.nnodes:
-        if args.nnodes < 1:
-            raise UsageError(f"--nnodes must be at least 1, got {args.nnodes}")
         per_node = args.nproc_per_node
         if per_node is None:
             if nprocs % args.nnodes:
@@ -429,6 +481,8 @@ def parse_args(argv: list[str]) -> LaunchConfig:
     master_addr = master_addr or "127.0.0.1"
     if master_port is None:
         master_port = DEFAULT_MASTER_PORT if several else free_port()
+    elif node_rank == 0 and not args.node_slots and not args.dry_run and not args.mpi and not hosts:
+        _check_port_free(master_port)
 
     return LaunchConfig(
         command=command, topology=topology, node_procs=node_procs, node_rank=node_rank, hosts=hosts,
@@ -438,6 +492,18 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
         mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
         exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee)
+
+
+def _check_port_free(port: int) -> None:
+    """Node 0 hosts the rendezvous: its --master-port must be free there (otherwise every process would wait for
+    a store that never answers)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except PermissionError:
+            raise UsageError(f"--master-port {port} needs privileges this user lacks (ports below 1024)") from None
+        except OSError:
+            raise UsageError(f"--master-port {port} is in use on this host") from None
 
 
 def _fill_hosts(hosts: list[Host], nprocs: int) -> list[int]:

@@ -355,6 +355,13 @@ def test_dry_run_over_ssh_prints_each_host(capsys, tmp_path):
     (["-np", "4", "--nnodes", "2"], "--nnodes > 1 needs --master-addr"),
     (["--hostfile", "/nonexistent/hosts"], "cannot read the hostfile /nonexistent/hosts"),
     (["-np", "2", "--hosts", "h1:0"], "slots of host 'h1' must be a positive integer, got 0"),
+    (["-np", "2", "--hosts", "h1:2,:2"], "--hosts entry ':2' names no host"),
+    (["-np", "2", "--nnodes", "0"], "--nnodes must be at least 1, got 0"),
+    (["-np", "2", "--grace-period", "nan"], "--grace-period must be a number of seconds"),
+    (["-np", "2", "--master-port", "70000"], "--master-port must be a port number between 1 and 65535"),
+    (["-np", "2", "--network-interface", "no-such-if9"], "'no-such-if9' is not an interface of this host"),
+    (["-np", "2", "--sync-freq", "0"], "--sync-freq must be at least 1"),
+    (["-np", "2", "--node-rank", "-1"], "--node-rank must be 0 or more"),
 ])
 def test_bad_input_exits_2_before_starting(args, reason, tmp_path, capsys):
     script = _write(tmp_path, "rank.py", RANK_SCRIPT)
@@ -363,6 +370,29 @@ def test_bad_input_exits_2_before_starting(args, reason, tmp_path, capsys):
     assert err.startswith("singa-launch: error: ") and reason in err, err
     assert err.count("\n") == 1
     assert not list(tmp_path.glob("pid*")), "a process started"
+
+
+def test_bad_files_and_ports_exit_2_before_starting(tmp_path, capsys):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    (tmp_path / "a_file").write_text("")
+    bad_shebang = tmp_path / "tool"
+    bad_shebang.write_text("#!/no/such/interpreter\nprint(1)\n")
+    bad_shebang.chmod(0o755)
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args, reason in [
+            (["--log-dir", str(tmp_path / "a_file"), script], "is a file, not a directory"),
+            ([str(bad_shebang)], "runs with /no/such/interpreter (its #! line), which does not exist"),
+            ([sys.executable, str(tmp_path / "absent.py")], "the script"),
+            (["--master-port", str(port), script], f"--master-port {port} is in use on this host"),
+        ]:
+            assert launch_main(["-np", "2", *args]) == 2, args
+            err = capsys.readouterr().err
+            assert err.startswith("singa-launch: error: ") and reason in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("pid*"))
 
 
 def test_missing_program_exits_2(tmp_path):
