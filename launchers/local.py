@@ -7,6 +7,7 @@ the grace period) and, with `--max-restarts`, starts the whole job again.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -125,9 +126,14 @@ class Outcome:
     ok: bool
     failed: list  # (ProcessSpec, exit code) of the processes that failed first
     signal: int | None = None  # the launcher itself was told to stop
+    causes: list = field(default_factory=list)  # (ProcessSpec, what they say) of the processes the failed ones blame
 
     def describe(self) -> str:
-        return "; ".join(f"{spec.title} {describe_exit(code)}" for spec, code in self.failed)
+        said = "; ".join(f"{spec.title} {describe_exit(code)}" for spec, code in self.failed)
+        if not self.causes:
+            return said
+        blamed = ", ".join(spec.title for spec, _ in self.causes)
+        return f"{self.causes[0][1]} ({blamed}), so {said}"
 
     @property
     def exit_code(self) -> int:
@@ -177,7 +183,8 @@ class LocalJob:
             ctx = start_processes(
                 name=role, entrypoint=sys.executable,
                 args={i: ("-m", "launchers.lifeline", *s.argv) for i, s in enumerate(specs)},
-                envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid())} for i, s in enumerate(specs)},
+                envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid()), "SINGA_FAILURE_DIR": self.folder}
+                      for i, s in enumerate(specs)},
                 logs_specs=_RankFiles(self.folder, names))
             self.contexts.append((ctx, specs))
             if self.pump is not None:
@@ -187,6 +194,23 @@ class LocalJob:
                         self.pump.add(s.label, ctx.stdouts[i], sys.stdout)
                     if tee & 2:
                         self.pump.add(s.label, ctx.stderrs[i], sys.stderr)
+
+    def causes(self, failed: list) -> list:
+        """The processes the failed ones name as the cause (a peer that never came to init(), to a collective,
+        to shutdown()), from the notes singa_dist leaves in the job's folder (see runtime.blame)."""
+        by_proc = {spec.proc_rank: spec for spec in self.specs}
+        found = []
+        for spec, _ in failed:
+            try:
+                with open(os.path.join(self.folder, f"blame.{spec.proc_rank}")) as f:
+                    note = json.load(f)
+            except (OSError, ValueError):
+                continue
+            for proc in note.get("blames", []):
+                if proc in by_proc and proc not in {s.proc_rank for s, _ in failed} and \
+                        all(proc != s.proc_rank for s, _ in found):
+                    found.append((by_proc[proc], note.get("what", "it stopped answering")))
+        return found
 
     def _codes(self) -> list[tuple[ProcessSpec, int | None]]:
         return [(spec, ctx.subprocess_handlers[i].proc.poll())
@@ -198,7 +222,8 @@ class LocalJob:
             codes = self._codes()
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
             if failed:
-                return Outcome(False, failed)
+                time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
+                return Outcome(False, failed, causes=self.causes(failed))
             workers_running = [s for s, code in codes if code is None and s.role == "worker"]
             if not workers_running:
                 if all(code is not None for _, code in codes):

@@ -65,6 +65,7 @@ class _DistributedOptimizer:
                           "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your "
                           "code.", stacklevel=2)
         self._singa_user_synced = False
+        runtime.count_step()
 
         def local_step(closure=None):
             return parent.step(closure)

@@ -86,6 +86,7 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
     """An error that says which members of `group` did not reach `what` (or what each was doing instead)."""
     me = runtime.proc_rank()
     timeout = runtime.timeout_s()
+    runtime.publish_where(what)
     try:
         missing, answers = _roll_call(what, members(group))
     except Exception as store_error:  # the store itself is gone: rank 0's process has died
@@ -94,6 +95,19 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
             f"({store_error}); rank 0 is missing. Cause: {error}")
     if missing:
         names = ", ".join(str(r) for r in missing)
+        # A missing rank that is in shutdown() ran fewer steps than this one: say so, and where each is.
+        elsewhere = {r: runtime.where_is(r, wait_s=1.0) for r in missing}
+        done = {r: w for r, w in elsewhere.items() if w and w["where"] == "singa_dist.shutdown()"}
+        if done:
+            where = "; ".join(f"rank {r} is in singa_dist.shutdown() after {w['steps']} optimizer step(s)"
+                              for r, w in done.items())
+            runtime.blame(list(done), f"the ranks ran different numbers of steps ({where}; rank {me}: "
+                                      f"{runtime.steps()} step(s), waiting in {what})")
+            return CollectiveError(
+                f"rank {me}: the ranks ran different numbers of steps: {where}, while this rank, after "
+                f"{runtime.steps()} step(s), waits in {what}. Give every rank the same number of steps (or let the "
+                f"ranks that run out of data call join()). Cause: {error}")
+        runtime.blame(missing, f"rank{'s' if len(missing) > 1 else ''} {names} did not reach {what}")
         return CollectiveError(
             f"rank {me}: rank{'s' if len(missing) > 1 else ''} {names} did not reach {what} within the "
             f"{timeout:g} s timeout (missing: stopped, hung or too slow); stopping instead of waiting forever. "

@@ -16,8 +16,10 @@ import atexit
 import datetime
 import gc
 import importlib
+import json
 import os
 import sys
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -51,6 +53,7 @@ class _Runtime:
     timeout_s: float = DEFAULT_TIMEOUT_S
     backend: str = "none"
     launcher: str = "none"
+    steps: int = 0  # DistributedOptimizer steps this process took (for "which rank is where")
     workers_pg: object = None  # all workers
     group_pgs: dict = field(default_factory=dict)  # worker group index -> process group of that group
     named_pgs: dict = field(default_factory=dict)  # name -> a group of all workers that a layer above asked for
@@ -188,8 +191,7 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
         else:
             rendezvous_address(launcher, proc_rank)
-            dist.init_process_group(backend=backend, init_method="env://", rank=proc_rank, world_size=proc_size,
-                                    timeout=wait)
+            _join_process_group(backend, proc_rank, proc_size, wait)
         _state.distributed = True
         _inits += 1
         _register_exit()
@@ -224,6 +226,59 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
         _server_loop()
         shutdown()
         raise ServerDone(0)
+
+
+def blame(procs: list[int], what: str) -> None:
+    """Leave a note for the launcher: this process fails because of processes `procs` (what: e.g. "they never
+    reached init()"), so that the launcher names them as the cause rather than this process, which merely
+    failed first. Written where singa-launch says (SINGA_FAILURE_DIR); nothing happens elsewhere."""
+    folder = os.environ.get("SINGA_FAILURE_DIR")
+    if not folder or not procs:
+        return
+    me = _state.proc_rank if _state.initialized else int(os.environ.get("SINGA_PROC_RANK", os.environ.get("RANK", -1)))
+    try:
+        with open(os.path.join(folder, f"blame.{me}"), "w") as f:
+            json.dump({"proc": me, "blames": sorted(set(procs)), "what": what}, f)
+    except OSError:
+        pass
+
+
+def _join_process_group(backend: str, rank: int, size: int, wait: datetime.timedelta) -> None:
+    """init_process_group, naming the processes that never came when the rendezvous times out (torch says only
+    how many came). Under torchrun's agent, whose store it must share, it is torch's own env:// rendezvous."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=size, timeout=wait)
+        return
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    seconds = wait.total_seconds()
+    try:
+        store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=wait, wait_for_workers=False,
+                              multi_tenant=True)
+    except Exception as exc:
+        if rank == 0:
+            raise RuntimeError(f"process 0: cannot host the job's rendezvous at {host}:{port}: {exc}") from exc
+        blame([0], "process 0 never opened the job's rendezvous (singa_dist.init())")
+        raise RuntimeError(
+            f"process {rank}: the job's rendezvous at {host}:{port} (hosted by process 0) did not answer within "
+            f"{seconds:g} s: process 0 never reached singa_dist.init() (stopped, hung before it, or elsewhere), "
+            f"or MASTER_ADDR/MASTER_PORT are wrong. Cause: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    key = f"singa/init/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/"
+    store.set(key + str(rank), "1")
+    try:
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size, timeout=wait)
+    except Exception as exc:
+        try:
+            missing = [r for r in range(size) if not store.check([key + str(r)])]
+        except Exception:
+            missing = []
+        if not missing:
+            raise
+        names = ", ".join(map(str, missing))
+        blame(missing, f"process{'es' if len(missing) > 1 else ''} {names} never reached singa_dist.init()")
+        raise RuntimeError(
+            f"process {rank}: process{'es' if len(missing) > 1 else ''} {names} never reached singa_dist.init() "
+            f"within {seconds:g} s (stopped, hung before it, or started for another job); "
+            f"{size - len(missing)} of {size} came") from exc
 
 
 def _require_init() -> _Runtime:
@@ -409,12 +464,24 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
     if _state.distributed and dist.is_initialized():
         if meeting_s != 0.0:
             bound = _state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s)
+            publish_where("singa_dist.shutdown()")
             missing = _meet(bound)
             if missing:
                 names = ", ".join(str(p) for p in missing)
+                elsewhere = {p: where_is(p) for p in missing}
+                seen = "; ".join(f"process {p} is waiting in {w['where']} after {w['steps']} optimizer step(s)"
+                                 for p, w in elsewhere.items() if w)
+                if seen:
+                    blame(missing, f"the ranks ran different numbers of steps ({seen}; process {_state.proc_rank}: "
+                                   f"{_state.steps} step(s), in singa_dist.shutdown())")
+                    seen = (f": {seen}, while this process took {_state.steps} step(s): the ranks ran different "
+                            "numbers of steps")
+                else:
+                    blame(missing, f"process{'es' if len(missing) > 1 else ''} {names} did not reach "
+                                   "singa_dist.shutdown()")
                 errors.append(RuntimeError(
                     f"process {_state.proc_rank}: process{'es' if len(missing) > 1 else ''} {names} did not reach "
-                    f"singa_dist.shutdown() within {bound:g} s (stopped, hung, or still working); "
+                    f"singa_dist.shutdown() within {bound:g} s{seen or ' (stopped, hung, or still working)'}; "
                     "the process groups were destroyed without them"))
         # (A process outside a group holds a marker, not a group.)
         groups = [weakref.ref(pg) for pg in {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values(),
@@ -430,6 +497,45 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
         if strict:
             raise errors[0]
         print(f"singa_dist.shutdown() at exit: {errors[0]}", file=sys.stderr, flush=True)
+
+
+def count_step() -> None:
+    """A DistributedOptimizer step began (what publish_where reports)."""
+    _state.steps += 1
+
+
+def _where_key(proc: int) -> str:
+    return f"singa/where/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/{proc}"
+
+
+def publish_where(what: str) -> None:
+    """Say where this process is stuck (a collective it waits in, or shutdown()), with its step count, so that
+    the others can say which rank is where when they fail too."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(_where_key(_state.proc_rank), json.dumps({"where": what, "steps": _state.steps}))
+    except Exception:
+        pass
+
+
+def where_is(proc: int, wait_s: float = 3.0) -> dict | None:
+    """What process `proc` published with publish_where ({"where": ..., "steps": ...}), waiting a little for it
+    (it may be noticing its own failure right now); None if it said nothing."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        deadline = time.monotonic() + wait_s
+        while True:
+            if store.check([_where_key(proc)]):
+                return json.loads(store.get(_where_key(proc)).decode())
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+    except Exception:
+        return None
+
+
+def steps() -> int:
+    return _state.steps
 
 
 def _meet(timeout: float) -> list[int]:

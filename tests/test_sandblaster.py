@@ -207,4 +207,6 @@ def test_killed_server_stops_workers_with_its_name(tmp_path):
     for message, at in results:
         assert "parameter server 0.1 (process 3)" in message, message
         assert at - killed["at"] < 30
+        if at - killed["at"] < 15:  # well inside the 20 s timeout: a death, said as such
+            assert "failed or died" in message and "did not answer" not in message, message
 

@@ -78,7 +78,7 @@ def call_async(proc: int, fn, *args, timeout: float | None = None) -> torch.futu
     try:
         return rpc.rpc_async(proc_name(proc), fn, args=args, timeout=timeout)
     except Exception as exc:
-        raise PeerError(proc, fn.__name__, exc) from None
+        raise PeerError(proc, fn.__name__, exc, timeout) from None
 
 
 def wait(proc: int, future: torch.futures.Future, what: str):
@@ -109,15 +109,19 @@ def call(proc: int, fn, *args, timeout: float | None = None):
 class PeerError(RuntimeError):
     """A parameter server (or co-located server) failed, died or did not answer in time."""
 
-    def __init__(self, proc: int, what: str, cause: BaseException):
+    def __init__(self, proc: int, what: str, cause: BaseException, timeout: float | None = None):
         self.proc = proc
         text = str(cause).strip().splitlines()
         detail = text[0] if text else type(cause).__name__
         for line in text:  # a remote exception's own message is more telling than the wrapper's first line
             if "Error" in line and len(line) < 400:
                 detail = line.strip()
-        super().__init__(f"{describe(proc)} failed, died or did not answer within {runtime.timeout_s():.0f}s "
-                         f"during {what}: {detail}")
+        lowered = str(cause).lower()
+        if "timeout" in lowered or "timed out" in lowered:  # torch's RPC says so when the time ran out
+            how = f"did not answer within {runtime.timeout_s() if timeout is None else timeout:g}s"
+        else:
+            how = "failed or died (its connection closed, or it raised)"
+        super().__init__(f"{describe(proc)} {how} during {what}: {detail}")
 
 
 _goodbye_callback = None
