@@ -126,13 +126,22 @@ class Outcome:
     ok: bool
     failed: list  # (ProcessSpec, exit code) of the processes that failed first
     signal: int | None = None  # the launcher itself was told to stop
-    causes: list = field(default_factory=list)  # (ProcessSpec, what they say) of the processes the failed ones blame
+    # (ProcessSpec, what they say, neutral) of the processes the failed ones blame; neutral: the note says what
+    # went wrong (different numbers of steps) without making those processes the cause
+    causes: list = field(default_factory=list)
 
     def describe(self) -> str:
         said = "; ".join(f"{spec.title} {describe_exit(code)}" for spec, code in self.failed)
+        if self.failed and all(code == 0 for _, code in self.failed) and self.causes:
+            # A process that ended well but could not leave the job with the others (singa_dist.shutdown()).
+            blamed = ", ".join(spec.title for spec, _, _ in self.causes)
+            waited = ", ".join(spec.title for spec, _ in self.failed)
+            return f"{self.causes[0][1]} ({blamed}); {waited} finished and waited for {blamed} in vain"
         if not self.causes:
             return said
-        blamed = ", ".join(spec.title for spec, _ in self.causes)
+        if self.causes[0][2]:  # the note says what went wrong, not who caused it
+            return f"{said}: {self.causes[0][1]}"
+        blamed = ", ".join(spec.title for spec, _, _ in self.causes)
         return f"{self.causes[0][1]} ({blamed}), so {said}"
 
     @property
@@ -140,7 +149,9 @@ class Outcome:
         if self.signal is not None:
             return 128 + self.signal
         code = self.failed[0][1] if self.failed else 1
-        return code if code > 0 else 128 + (-code if code < 0 else 1)
+        if code == 0:  # ended well, stranded by the others: the job did not
+            return 1
+        return code if code > 0 else 128 + -code
 
 
 def describe_exit(code: int) -> str:
@@ -208,8 +219,8 @@ class LocalJob:
                 continue
             for proc in note.get("blames", []):
                 if proc in by_proc and proc not in {s.proc_rank for s, _ in failed} and \
-                        all(proc != s.proc_rank for s, _ in found):
-                    found.append((by_proc[proc], note.get("what", "it stopped answering")))
+                        all(proc != s.proc_rank for s, _, _ in found):
+                    found.append((by_proc[proc], note.get("what", "it stopped answering"), bool(note.get("neutral"))))
         return found
 
     def _codes(self) -> list[tuple[ProcessSpec, int | None]]:
@@ -218,12 +229,21 @@ class LocalJob:
 
     def wait(self) -> Outcome:
         servers_done_by = None
+        checked: set = set()  # processes that ended well and were checked for a note
         while True:
             codes = self._codes()
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
             if failed:
                 time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
                 return Outcome(False, failed, causes=self.causes(failed))
+            # A process that ended well but left a note could not meet the others at singa_dist.shutdown()
+            # (they hang, or ran more steps): waiting for them would be waiting forever.
+            stranded = [(spec, 0) for spec, code in codes if code == 0 and spec.proc_rank not in checked
+                        and os.path.exists(os.path.join(self.folder, f"blame.{spec.proc_rank}"))]
+            checked.update(spec.proc_rank for spec, code in codes if code == 0)
+            causes = self.causes(stranded) if stranded else []
+            if causes:
+                return Outcome(False, stranded, causes=causes)
             workers_running = [s for s, code in codes if code is None and s.role == "worker"]
             if not workers_running:
                 if all(code is not None for _, code in codes):

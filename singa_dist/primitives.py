@@ -102,7 +102,7 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
             where = "; ".join(f"rank {r} is in singa_dist.shutdown() after {w['steps']} optimizer step(s)"
                               for r, w in done.items())
             runtime.blame(list(done), f"the ranks ran different numbers of steps ({where}; rank {me}: "
-                                      f"{runtime.steps()} step(s), waiting in {what})")
+                                      f"{runtime.steps()} step(s), waiting in {what})", neutral=True)
             return CollectiveError(
                 f"rank {me}: the ranks ran different numbers of steps: {where}, while this rank, after "
                 f"{runtime.steps()} step(s), waits in {what}. Give every rank the same number of steps (or let the "

@@ -228,17 +228,19 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
         raise ServerDone(0)
 
 
-def blame(procs: list[int], what: str) -> None:
+def blame(procs: list[int], what: str, neutral: bool = False) -> None:
     """Leave a note for the launcher: this process fails because of processes `procs` (what: e.g. "they never
     reached init()"), so that the launcher names them as the cause rather than this process, which merely
-    failed first. Written where singa-launch says (SINGA_FAILURE_DIR); nothing happens elsewhere."""
+    failed first. `neutral`: the note says what went wrong (the ranks ran different numbers of steps) but the
+    other processes are not its cause. Written where singa-launch says (SINGA_FAILURE_DIR); nothing happens
+    elsewhere."""
     folder = os.environ.get("SINGA_FAILURE_DIR")
     if not folder or not procs:
         return
     me = _state.proc_rank if _state.initialized else int(os.environ.get("SINGA_PROC_RANK", os.environ.get("RANK", -1)))
     try:
         with open(os.path.join(folder, f"blame.{me}"), "w") as f:
-            json.dump({"proc": me, "blames": sorted(set(procs)), "what": what}, f)
+            json.dump({"proc": me, "blames": sorted(set(procs)), "what": what, "neutral": neutral}, f)
     except OSError:
         pass
 
@@ -409,7 +411,10 @@ def device() -> torch.device:
 
 # What the layers above do when the process leaves the job, by phase, in this order:
 SHUTDOWN_PHASES = ("drain", "close", "release")
-_hooks: dict[str, list] = {phase: [] for phase in SHUTDOWN_PHASES}  # (callable or weak method, persistent)
+# ...and "abandon", alone, when the process dies of an uncaught exception: stop the threads that could run
+# Python code for a peer (an RPC agent's) without waiting for anyone, before the interpreter is taken apart.
+_ABANDON = "abandon"
+_hooks: dict[str, list] = {phase: [] for phase in SHUTDOWN_PHASES + (_ABANDON,)}  # (callable or weak method, persistent)
 
 
 def on_shutdown(close, weak: bool = False, *, phase: str = "close", persistent: bool = False) -> None:
@@ -417,13 +422,14 @@ def on_shutdown(close, weak: bool = False, *, phase: str = "close", persistent: 
 
     phase: "drain" (wait for communication in flight; skipped when leaving because of an error), "close"
            (strategies release their resources), "release" (goodbyes to parameter servers). Within a phase
-           the latest registered runs first.
+           the latest registered runs first. "abandon" hooks run instead of all these when the interpreter
+           exits because of an uncaught exception: they stop communication threads without waiting for peers.
     weak: hold a bound method weakly, so that registering does not keep its object alive (nothing is called
           if the object is gone by then).
     persistent: keep the hook for every later shutdown (a module's own hook, registered when it is
           imported); otherwise it runs once."""
     if phase not in _hooks:
-        raise ValueError(f"phase must be one of {', '.join(SHUTDOWN_PHASES)}, got {phase!r}")
+        raise ValueError(f"phase must be one of {', '.join(SHUTDOWN_PHASES + (_ABANDON,))}, got {phase!r}")
     _hooks[phase].append((weakref.WeakMethod(close) if weak else (lambda: close), persistent))
 
 
@@ -473,12 +479,14 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
                                  for p, w in elsewhere.items() if w)
                 if seen:
                     blame(missing, f"the ranks ran different numbers of steps ({seen}; process {_state.proc_rank}: "
-                                   f"{_state.steps} step(s), in singa_dist.shutdown())")
+                                   f"{_state.steps} step(s), in singa_dist.shutdown())", neutral=True)
                     seen = (f": {seen}, while this process took {_state.steps} step(s): the ranks ran different "
                             "numbers of steps")
                 else:
-                    blame(missing, f"process{'es' if len(missing) > 1 else ''} {names} did not reach "
-                                   "singa_dist.shutdown()")
+                    # Separate servers wait for every worker's goodbye: a missing worker keeps them too.
+                    workers = [p for p in missing if p < _state.topology.nworkers] or missing
+                    blame(workers, f"process{'es' if len(workers) > 1 else ''} {', '.join(map(str, workers))} "
+                                   "did not reach singa_dist.shutdown()")
                 errors.append(RuntimeError(
                     f"process {_state.proc_rank}: process{'es' if len(missing) > 1 else ''} {names} did not reach "
                     f"singa_dist.shutdown() within {bound:g} s{seen or ' (stopped, hung, or still working)'}; "
@@ -569,10 +577,22 @@ def _meet(timeout: float) -> list[int]:
 _exit_registered = False
 
 
+_dying: BaseException | None = None  # the uncaught exception the script is dying of
+
+
 def _register_exit() -> None:
     global _exit_registered
     if not _exit_registered:
         atexit.register(_leave_at_exit)
+        previous = sys.excepthook
+
+        def excepthook(kind, value, tb):
+            global _dying
+            if not hasattr(sys, "ps1"):  # an interactive session goes on after an error
+                _dying = value
+            previous(kind, value, tb)
+
+        sys.excepthook = excepthook
         _exit_registered = True
 
 
@@ -581,6 +601,33 @@ def _leave_at_exit() -> None:
     its peers may be waiting for it in a collective, and the sooner it goes the sooner they learn."""
     if not _state.initialized or not _state.distributed:
         return
-    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+    if _dying is not None or getattr(sys, "last_exc", None) is not None or \
+            getattr(sys, "last_value", None) is not None:
+        _run_hooks(_ABANDON, [])
+        if _dying is not None:  # the script's uncaught exception (not an earlier error pytest or a shell kept)
+            _die_of(_dying)
         return
     _leave(meeting_s=EXIT_MEETING_S, strict=False)
+
+
+def _die_of(error: BaseException) -> None:
+    """End a process that is dying of `error` (its traceback is printed already) without taking the interpreter
+    apart: communication threads of torch.distributed may still wait on peers, and destroying their objects
+    under them aborts the process (SIGABRT, "terminate called without an active exception") instead of the
+    exit status 1 that says the script failed. Output is flushed first; atexit handlers registered before
+    init() (logging's) run here."""
+    import logging
+    try:
+        logging.shutdown()
+    except Exception:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    if isinstance(error, KeyboardInterrupt):  # as Python does: die of the signal itself
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(1)

@@ -64,6 +64,7 @@ class ParameterClient:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.group = group
+        self.replicas = replicas
         self.servers = topo.server_ranks(topo.server_group_of(group))
         self.slices = slice_params([(n, p.numel()) for n, p in named], topo.nservers_per_group,
                                    topo.nserver_groups)
@@ -150,12 +151,44 @@ class ParameterClient:
             sent += nbytes
             values = set_by_user[i] if any(v is not None for v in set_by_user[i]) else None
             futures.append(transport.call_async(proc, server.push, self.session, self.group, packet, options,
-                                                want_values, average, values))
+                                                want_values, average, values, runtime.proc_rank()))
         self.bytes_sent_last_step = sent
         self.bytes_sent_total += sent
-        for i, (version, values, stale) in enumerate(transport.wait_all(list(zip(self.servers, futures)), "push")):
+        try:
+            answers = transport.wait_all(list(zip(self.servers, futures)), "push")
+        except transport.PeerError as exc:
+            if "did not answer within" in str(exc) and self.replicas > 1:
+                raise self._missing_replicas(exc) from None
+            raise
+        for i, (version, values, stale) in enumerate(answers):
             self.staleness_seen.append(stale)
             self._adopt(i, version, values)
+
+    def _missing_replicas(self, error: Exception) -> Exception:
+        """A push timed out: ask the server which workers of the group it is still waiting for, and name them
+        (and where they are) instead of blaming the server."""
+        proc = error.proc if isinstance(error, transport.PeerError) else self.servers[0]
+        try:
+            pushed = transport.call(proc, server.pushed, self.session, self.group, timeout=10.0)
+        except Exception:
+            return error
+        me = runtime.proc_rank()
+        missing = [r for r in runtime.topology().worker_ranks(self.group) if r not in pushed and r != me]
+        if not missing:
+            return error
+        where = []
+        for r in missing:
+            w = runtime.where_is(r, wait_s=0.5)
+            where.append(f"rank {r} " + (f"is in {w['where']} after {w['steps']} optimizer step(s)" if w else
+                                         "said nothing of where it is (busy in its own code, or hung)"))
+        names = ", ".join(map(str, missing))
+        runtime.blame(missing, f"rank{'s' if len(missing) > 1 else ''} {names} did not push gradients to the "
+                               "parameter servers")
+        return transport.PeerError(proc, "push", error, message=(
+            f"rank {me}: rank{'s' if len(missing) > 1 else ''} {names} did not push gradients for this update: "
+            f"{transport.describe(proc)} waited {runtime.timeout_s():g} s for them with this rank's push (after "
+            f"{runtime.steps()} optimizer step(s)); {'; '.join(where)}. Raise the timeout with "
+            "sd.init(timeout=...) or SINGA_TIMEOUT if the ranks are merely slow"))
 
     def pull(self) -> None:
         futures = [transport.call_async(proc, server.pull, self.session, self.group) for proc in self.servers]
@@ -215,7 +248,8 @@ class ParameterClient:
         if self.closed:
             return
         self.closed = True
-        futures = [transport.call_async(proc, server.close_table, self.session, self.group) for proc in self.servers]
+        futures = [transport.call_async(proc, server.close_table, self.session, self.group, runtime.proc_rank(),
+                                        runtime.steps()) for proc in self.servers]
         for proc, fut in zip(self.servers, futures):
             transport.wait(proc, fut, "close_table")
 

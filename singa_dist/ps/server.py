@@ -58,6 +58,7 @@ class _Table:
         self.computing: set[int] = set()  # groups that are computing (no push waiting here)
         self.gathering: dict[int, list] = {}  # group -> pushes received for its next update
         self.queue: list = []  # updates held back by the staleness bound
+        self.left: dict[int, tuple] = {}  # group -> (process, steps) of its first worker to close the table
         self.compressor = spec.get("compression")
         self.value_dtype = spec.get("value_dtype")  # values answered in this dtype (16-bit compressions)
         self.numels = [p.numel() for p in self.params]
@@ -145,11 +146,24 @@ class _Table:
                 progress = True
         return done
 
-    def push(self, group: int, grads, options, want: bool, average: bool, values=None):
+    def left_error(self, group: int, waiting: int = 1) -> RuntimeError:
+        proc, steps = self.left[group]
+        who = "a worker" if proc is None else f"worker process {proc}"
+        after = "" if steps is None else f" after {steps} optimizer step(s)"
+        return RuntimeError(
+            f"the ranks ran different numbers of steps: {who} of worker group {group} left the parameter "
+            f"server{after} (singa_dist.shutdown(), or the end of its script) while {waiting} push(es) of the "
+            f"group's other workers wait for it on this server (process {runtime.proc_rank()}); give every rank "
+            "the same number of steps")
+
+    def push(self, group: int, grads, options, want: bool, average: bool, values=None, proc: int | None = None):
         future = torch.futures.Future()
         with self.lock:
+            if group in self.left and self.replicas > 1:  # a replica of this group is gone: this push would wait
+                future.set_result(self.left_error(group))
+                return future, []
             pushes = self.gathering.setdefault(group, [])
-            pushes.append((grads, future, want, values))
+            pushes.append((grads, future, want, values, proc))
             if len(pushes) < self.replicas:
                 return future, []
             del self.gathering[group]
@@ -253,12 +267,20 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
 
 
 @_async_execution
-def push(session: int, group: int, packet: tuple, options: list, want: bool, average: bool, values=None):
+def push(session: int, group: int, packet: tuple, options: list, want: bool, average: bool, values=None,
+         proc: int | None = None):
     table = _me().table(session)
     grads = wire.unpack(table.compressor, packet, table.numels)
-    future, done = table.push(group, grads, options, want, average, values)
+    future, done = table.push(group, grads, options, want, average, values, proc)
     _complete(done)
     return future
+
+
+def pushed(session: int, group: int) -> list:
+    """The workers whose pushes for the group's next update this server holds (the others are awaited)."""
+    table = _me().table(session)
+    with table.lock:
+        return [p[4] for p in table.gathering.get(group, [])]
 
 
 def pull(session: int, group: int | None):
@@ -282,7 +304,7 @@ def load_state(session: int, entries: dict) -> int:
         return table.version
 
 
-def close_table(session: int, group: int) -> None:
+def close_table(session: int, group: int, proc: int | None = None, steps: int | None = None) -> None:
     server = _me()
     table = server.tables.get(session)
     if table is None:
@@ -291,9 +313,14 @@ def close_table(session: int, group: int) -> None:
         table.closed += 1
         table.computing.discard(group)
         table.base.pop(group, None)
+        # Pushes of the group's other replicas that wait for this one would wait forever: it ran fewer steps.
+        table.left.setdefault(group, (proc, steps))
+        orphans = table.gathering.pop(group, [])
         done = table.drain()  # updates that waited for the group that left
         last = table.closed >= table.clients
     _complete(done)
+    for push_entry in orphans:
+        push_entry[1].set_result(table.left_error(group, len(orphans)))
     if last:
         with server.lock:
             server.tables.pop(session, None)

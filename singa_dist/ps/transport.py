@@ -71,6 +71,23 @@ def leave() -> None:
             pass
 
 
+def abandon() -> None:
+    """The process dies of an uncaught exception: stop the RPC agent at once. Left running, its threads would
+    serve a peer's call (the others' leaving meets through process 0) while the interpreter is taken apart,
+    which aborts the process."""
+    global _joined
+    if not _joined:
+        return
+    _joined = False
+    try:
+        rpc.shutdown(graceful=False)
+    except Exception:
+        pass
+
+
+runtime.on_shutdown(abandon, phase="abandon", persistent=True)
+
+
 def call_async(proc: int, fn, *args, timeout: float | None = None) -> torch.futures.Future:
     """Run fn(*args) on process `proc`; the future fails with a timeout after `timeout` s (default: sd's)."""
     if timeout is None:
@@ -83,11 +100,14 @@ def call_async(proc: int, fn, *args, timeout: float | None = None) -> torch.futu
 
 def wait(proc: int, future: torch.futures.Future, what: str):
     try:
-        return future.wait()
+        answer = future.wait()
     except PeerError:
         raise
     except Exception as exc:
         raise PeerError(proc, what, exc) from None
+    if isinstance(answer, BaseException):  # an asynchronous handler's failure arrives as its answer
+        raise PeerError(proc, what, answer)
+    return answer
 
 
 def wait_all(calls: list[tuple[int, torch.futures.Future]], what: str) -> list:
@@ -96,10 +116,11 @@ def wait_all(calls: list[tuple[int, torch.futures.Future]], what: str) -> list:
     finished: queue.SimpleQueue = queue.SimpleQueue()
     for index, (_, future) in enumerate(calls):
         future.add_done_callback(lambda _, index=index: finished.put(index))
+    answers = [None] * len(calls)
     for _ in calls:
-        proc, future = calls[finished.get()]
-        wait(proc, future, what)  # raises PeerError for a failed call
-    return [future.value() for _, future in calls]
+        index = finished.get()
+        answers[index] = wait(*calls[index], what)  # raises PeerError for a failed call
+    return answers
 
 
 def call(proc: int, fn, *args, timeout: float | None = None):
@@ -109,16 +130,25 @@ def call(proc: int, fn, *args, timeout: float | None = None):
 class PeerError(RuntimeError):
     """A parameter server (or co-located server) failed, died or did not answer in time."""
 
-    def __init__(self, proc: int, what: str, cause: BaseException, timeout: float | None = None):
+    def __init__(self, proc: int, what: str, cause: BaseException, timeout: float | None = None,
+                 message: str | None = None):
         self.proc = proc
+        if message is not None:  # the caller found out more than the call's failure says
+            super().__init__(message)
+            return
         text = str(cause).strip().splitlines()
         detail = text[0] if text else type(cause).__name__
         for line in text:  # a remote exception's own message is more telling than the wrapper's first line
             if "Error" in line and len(line) < 400:
                 detail = line.strip()
         lowered = str(cause).lower()
-        if "timeout" in lowered or "timed out" in lowered:  # torch's RPC says so when the time ran out
+        if "different numbers of steps" in detail:  # the server answered that a worker left before the others
+            how = "reports"
+            runtime.blame([proc], detail[detail.index("the ranks ran"):], neutral=True)
+        elif "timeout" in lowered or "timed out" in lowered:  # torch's RPC says so when the time ran out
             how = f"did not answer within {runtime.timeout_s() if timeout is None else timeout:g}s"
+        elif "On WorkerInfo" in str(cause):  # the handler raised on the server
+            how = "raised"
         else:
             how = "failed or died (its connection closed, or it raised)"
         super().__init__(f"{describe(proc)} {how} during {what}: {detail}")
