@@ -125,6 +125,9 @@ class LaunchConfig:
             # Children write to files the launcher tails: unbuffered, so lines show when printed.
             "PYTHONUNBUFFERED": "1",
         }
+        if self.nnodes > 1 and not self.mpi:
+            # Node 0's launcher hosts the job's store (launchers.watchdog); every process joins it as a client.
+            env.update({"TORCHELASTIC_USE_AGENT_STORE": "True", "SINGA_LAUNCHER_STORE": "1"})
         threads = self.threads_per_process()
         if threads is not None:
             env["OMP_NUM_THREADS"] = threads

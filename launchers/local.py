@@ -24,6 +24,7 @@ from singa_dist.environment import free_port
 
 from .config import LaunchConfig, ProcessSpec
 from .tag_output import LineSplitter
+from .watchdog import NodeWatch
 
 POLL_S = 0.05
 # How long servers may take to finish on their own once every worker has succeeded.
@@ -129,8 +130,11 @@ class Outcome:
     # (ProcessSpec, what they say, neutral) of the processes the failed ones blame; neutral: the note says what
     # went wrong (different numbers of steps) without making those processes the cause
     causes: list = field(default_factory=list)
+    lost: str | None = None  # another node's launcher is gone (see launchers.watchdog)
 
     def describe(self) -> str:
+        if self.lost:
+            return self.lost
         said = "; ".join(f"{spec.title} {describe_exit(code)}" for spec, code in self.failed)
         if self.failed and all(code == 0 for _, code in self.failed) and self.causes:
             # A process that ended well but could not leave the job with the others (singa_dist.shutdown()).
@@ -148,6 +152,8 @@ class Outcome:
     def exit_code(self) -> int:
         if self.signal is not None:
             return 128 + self.signal
+        if self.lost:
+            return 1
         code = self.failed[0][1] if self.failed else 1
         if code == 0:  # ended well, stranded by the others: the job did not
             return 1
@@ -179,8 +185,14 @@ class LocalJob:
         else:
             self.folder = self._temp = tempfile.mkdtemp(prefix="singa-launch-")
         os.makedirs(self.folder, exist_ok=True)
+        self.watch = None
 
     def start(self) -> None:
+        if self.cfg.nnodes > 1:
+            # Node 0's launcher hosts the job's store; the launchers watch each other through it.
+            self.watch = NodeWatch(self.cfg.master_addr, self.cfg.master_port, self.cfg.node_rank, self.cfg.nnodes,
+                                   self.attempt)
+            self.watch.start()
         # One context per program (workers run the user's command, servers the parameter server).
         by_role: dict[str, list[ProcessSpec]] = {}
         for spec in self.specs:
@@ -231,6 +243,8 @@ class LocalJob:
         servers_done_by = None
         checked: set = set()  # processes that ended well and were checked for a note
         while True:
+            if self.watch is not None and self.watch.problem:
+                return Outcome(False, [], lost=self.watch.problem)
             codes = self._codes()
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
             if failed:
@@ -272,6 +286,8 @@ class LocalJob:
                     pass
         if self.pump is not None:
             self.pump.stop()
+        if self.watch is not None:
+            self.watch.close()
         if self._temp:
             shutil.rmtree(self._temp, ignore_errors=True)
 
@@ -311,9 +327,12 @@ def run_node(cfg: LaunchConfig) -> int:
             say(f"could not start the job: {exc}")
             return 1
         try:
+            if job.watch is not None:
+                job.watch.finish(outcome.ok)
             others = sum(1 for _, code in job._codes() if code is None)
             if not outcome.ok and outcome.signal is None and others:
-                say(f"{outcome.describe()}; stopping the other {others} process(es)")
+                which = "this node's" if outcome.lost else "the other"
+                say(f"{outcome.describe()}; stopping {which} {others} process(es)")
             job.stop(cfg.grace_period)
         except SignalException as exc:  # a second signal while stopping: stop at once
             job.stop(0)

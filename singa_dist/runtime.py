@@ -248,15 +248,22 @@ def blame(procs: list[int], what: str, neutral: bool = False) -> None:
 def _join_process_group(backend: str, rank: int, size: int, wait: datetime.timedelta) -> None:
     """init_process_group, naming the processes that never came when the rendezvous times out (torch says only
     how many came). Under torchrun's agent, whose store it must share, it is torch's own env:// rendezvous."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    # singa-launch on several nodes: its node-0 launcher hosts the store (launchers/watchdog.py).
+    hosted = os.environ.get("SINGA_LAUNCHER_STORE") == "1"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not hosted:
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=size, timeout=wait)
         return
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     seconds = wait.total_seconds()
     try:
-        store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=wait, wait_for_workers=False,
-                              multi_tenant=True)
+        store = dist.TCPStore(host, port, size, is_master=rank == 0 and not hosted, timeout=wait,
+                              wait_for_workers=False, multi_tenant=True)
     except Exception as exc:
+        if hosted:
+            raise RuntimeError(
+                f"process {rank}: the job's store at {host}:{port}, hosted by singa-launch on node 0, did not "
+                f"answer within {seconds:g} s: node 0's launcher is not running, or --master-addr/--master-port "
+                f"are wrong. Cause: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
         if rank == 0:
             raise RuntimeError(f"process 0: cannot host the job's rendezvous at {host}:{port}: {exc}") from exc
         blame([0], "process 0 never opened the job's rendezvous (singa_dist.init())")

@@ -1,0 +1,133 @@
+"""The launchers of a job on several nodes (--nnodes, --hosts) watch each other through the job's store.
+
+Node 0's launcher hosts the job's store (a TCPStore at --master-port, as torchrun's agent does); every
+process of the job, rank 0 included, joins it as a client, so the store lives as long as node 0's launcher
+and not as long as rank 0. Each launcher keeps a heartbeat there:
+
+- a node whose launcher dies (SIGKILL, power loss) stops beating: node 0's launcher notices after STALE_S
+  and stops the job, naming that node;
+- node 0's launcher dying takes the store with it: the other launchers' next heartbeat fails and they stop
+  their processes, saying that node 0's launcher is gone;
+- at the end, a launcher whose processes all finished well marks itself done, and node 0's launcher keeps
+  the store up until every node is done (or has stopped beating), so a slower node is never cut short.
+
+Processes that sleep in user code, and so never reach a collective that would fail, are stopped this way too.
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import torch.distributed as dist
+
+HEARTBEAT_S = 1.0
+STALE_S = 10.0  # a launcher whose heartbeat stood still this long is gone
+CONNECT_S = 600.0  # how long a node's launcher waits for node 0's to open the store
+OP_TIMEOUT_S = 30.0  # one store operation on a host that vanished without closing its connections
+
+
+class NodeWatch:
+    """One attempt's store and heartbeat on one node. `problem` becomes a sentence once a peer is gone."""
+
+    def __init__(self, master_addr: str, master_port: int, node: int, nnodes: int, attempt: int):
+        self.addr, self.port, self.node, self.nnodes = master_addr, master_port, node, nnodes
+        self.prefix = f"singa/launchers/{attempt}/"
+        self.problem: str | None = None
+        self._stop = threading.Event()
+        self._store = None
+        if node == 0:
+            try:
+                self._store = dist.TCPStore(master_addr, master_port, is_master=True, wait_for_workers=False,
+                                            timeout=datetime.timedelta(seconds=OP_TIMEOUT_S))
+            except Exception as exc:
+                raise OSError(f"cannot host the job's store at port {master_port} on node 0: "
+                              f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        self._thread = threading.Thread(target=self._run, name="singa-launch-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _key(self, what: str, node: int) -> str:
+        return f"{self.prefix}{what}/{node}"
+
+    def _run(self) -> None:
+        if self.node != 0:
+            try:
+                self._store = dist.TCPStore(self.addr, self.port, is_master=False, wait_for_workers=False,
+                                            timeout=datetime.timedelta(seconds=CONNECT_S))
+                self._store.set_timeout(datetime.timedelta(seconds=OP_TIMEOUT_S))
+            except Exception:
+                # Node 0 never came: this node's processes fail their rendezvous and say so themselves.
+                return
+        store = self._store
+        seen: dict[int, tuple[str, float]] = {}  # node -> (last heartbeat, when it changed)
+        beat = 0
+        while not self._stop.is_set():
+            try:
+                store.set(self._key("alive", self.node), str(beat))
+                if self.node == 0:
+                    self._check_others(store, seen)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                if self.node != 0:
+                    self.problem = (f"node 0's launcher is gone: the job's store at {self.addr}:{self.port}, "
+                                    f"which it hosts, stopped answering ({str(exc).splitlines()[0] if str(exc) else exc!r})")
+                    return
+            beat += 1
+            self._stop.wait(HEARTBEAT_S)
+
+    def _check_others(self, store, seen: dict) -> None:
+        now = time.monotonic()
+        for node in range(1, self.nnodes):
+            alive = self._key("alive", node)
+            if not store.check([alive]) or store.check([self._key("done", node)]):
+                continue
+            value = store.get(alive).decode()
+            last = seen.get(node)
+            if last is None or last[0] != value:
+                seen[node] = (value, now)
+            elif now - last[1] > STALE_S and self.problem is None:
+                self.problem = (f"node {node}'s launcher stopped answering (no heartbeat in the job's store "
+                                f"for {STALE_S:g} s): it was killed, or its host is gone")
+
+    def finish(self, ok: bool) -> None:
+        """This node's processes have ended (well when `ok`). Node 0 keeps the store up while other nodes still
+        run; every node stops beating."""
+        store = self._store
+        if store is not None and ok and self.problem is None:
+            try:
+                store.set(self._key("done", self.node), "1")
+            except Exception:
+                pass
+            if self.node == 0:
+                self._wait_for_others(store)
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=OP_TIMEOUT_S + 1)
+
+    def _wait_for_others(self, store) -> None:
+        """Until every other node is done, or stopped beating for STALE_S."""
+        pending = set(range(1, self.nnodes))
+        last: dict[int, tuple[str | None, float]] = {n: (None, time.monotonic()) for n in pending}
+        while pending and self.problem is None:
+            for node in sorted(pending):
+                try:
+                    if store.check([self._key("done", node)]):
+                        pending.discard(node)
+                        continue
+                    value = store.get(self._key("alive", node)).decode() if store.check(
+                        [self._key("alive", node)]) else None
+                except Exception:
+                    return
+                if value != last[node][0]:
+                    last[node] = (value, time.monotonic())
+                elif time.monotonic() - last[node][1] > STALE_S:
+                    pending.discard(node)
+            if pending:
+                time.sleep(HEARTBEAT_S / 4)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._store = None  # node 0: the store's server stops with its last reference

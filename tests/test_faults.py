@@ -1,0 +1,148 @@
+"""Faults end fast, name their first cause, and leave nothing behind.
+
+The quick cases of the fault-injection suite (`python -m benchmarks.faults --quick`; the whole suite runs on
+request), then the launcher's own pieces: how an attempt's outcome is told, and the watch that the launchers
+of a job on several nodes keep on each other.
+"""
+import socket
+import time
+
+import pytest
+
+from benchmarks import faults
+from launchers import watchdog
+from launchers.config import ProcessSpec
+from launchers.local import Outcome
+
+QUICK = [case for case in faults.all_cases() if case.quick]
+
+
+def test_the_suite_is_whole():
+    cases = faults.all_cases()
+    groups = {case.group for case in cases}
+    assert groups == {"launcher input", "runtime", "checkpoint", "API misuse"}
+    assert len(cases) >= 60
+    assert len({case.name for case in cases}) == len(cases), "case names must be unique"
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("case", QUICK, ids=[f"{c.group}: {c.name}" for c in QUICK])
+def test_fault(case, tmp_path):
+    row = faults.run_case(case, 0)
+    assert row["leftover"] == 0, f"{row['leftover']} process(es) left behind: {row['got']}"
+    if row["verdict"] == "skipped":
+        pytest.skip(row["got"])
+    assert row["verdict"] == "held", f"expected {case.expected}; got {row['got']}"
+
+
+def _spec(role, index, proc):
+    return ProcessSpec(proc_rank=proc, local_rank=proc, role=role, index=index, argv=[], env={})
+
+
+def test_outcome_names_the_cause_not_the_first_to_fail():
+    rank0, rank1 = _spec("worker", 0, 0), _spec("worker", 1, 1)
+    outcome = Outcome(False, [(rank0, 1)], causes=[(rank1, "process 1 never reached singa_dist.init()", False)])
+    assert outcome.describe() == "process 1 never reached singa_dist.init() (rank 1), so rank 0 exited with status 1"
+    assert outcome.exit_code == 1
+
+
+def test_outcome_of_different_step_counts_blames_no_one():
+    rank0, rank1 = _spec("worker", 0, 0), _spec("worker", 1, 1)
+    what = "the ranks ran different numbers of steps (rank 0 is at step 3, rank 1 left after 2)"
+    outcome = Outcome(False, [(rank0, 3)], causes=[(rank1, what, True)])
+    assert outcome.describe() == f"rank 0 exited with status 3: {what}"
+
+
+def test_outcome_of_a_stranded_rank_fails_the_job():
+    rank0, rank1 = _spec("worker", 0, 0), _spec("worker", 1, 1)
+    outcome = Outcome(False, [(rank0, 0)], causes=[(rank1, "process 1 did not reach singa_dist.shutdown()", False)])
+    assert outcome.describe() == ("process 1 did not reach singa_dist.shutdown() (rank 1); "
+                                  "rank 0 finished and waited for rank 1 in vain")
+    assert outcome.exit_code == 1  # it ended well, but the job did not
+
+
+def test_outcome_of_a_lost_node():
+    outcome = Outcome(False, [], lost="node 0's launcher is gone")
+    assert outcome.describe() == "node 0's launcher is gone"
+    assert outcome.exit_code == 1
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _until(predicate, seconds):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def fast_watch(monkeypatch):
+    monkeypatch.setattr(watchdog, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(watchdog, "STALE_S", 1.0)
+    monkeypatch.setattr(watchdog, "OP_TIMEOUT_S", 5.0)
+
+
+@pytest.mark.timeout(60)
+def test_a_node_learns_that_node_0s_launcher_is_gone(fast_watch):
+    port = _port()
+    node0 = watchdog.NodeWatch("127.0.0.1", port, 0, 2, 0)
+    node1 = watchdog.NodeWatch("127.0.0.1", port, 1, 2, 0)
+    node0.start()
+    node1.start()
+    try:
+        time.sleep(0.5)
+        assert node0.problem is None and node1.problem is None
+        node0.finish(False)
+        node0.close()  # the store goes with node 0's launcher
+        assert _until(lambda: node1.problem is not None, 20), "node 1 never noticed"
+        assert "node 0's launcher is gone" in node1.problem and str(port) in node1.problem
+    finally:
+        node1.finish(False)
+        node1.close()
+
+
+@pytest.mark.timeout(60)
+def test_node_0_learns_that_a_node_stopped_beating(fast_watch):
+    port = _port()
+    node0 = watchdog.NodeWatch("127.0.0.1", port, 0, 3, 0)
+    node1 = watchdog.NodeWatch("127.0.0.1", port, 1, 3, 0)
+    node2 = watchdog.NodeWatch("127.0.0.1", port, 2, 3, 0)
+    for node in (node0, node1, node2):
+        node.start()
+    try:
+        time.sleep(0.5)
+        node2._stop.set()  # as if its launcher were killed: no more heartbeats, no goodbye
+        assert _until(lambda: node0.problem is not None, 20), "node 0 never noticed"
+        assert node0.problem.startswith("node 2's launcher stopped answering")
+        assert node1.problem is None
+    finally:
+        for node in (node1, node2, node0):
+            node.finish(False)
+            node.close()
+
+
+@pytest.mark.timeout(60)
+def test_node_0_keeps_the_store_until_every_node_is_done(fast_watch):
+    port = _port()
+    node0 = watchdog.NodeWatch("127.0.0.1", port, 0, 2, 0)
+    node1 = watchdog.NodeWatch("127.0.0.1", port, 1, 2, 0)
+    node0.start()
+    node1.start()
+    time.sleep(0.3)
+    finished = []
+    import threading
+    waiter = threading.Thread(target=lambda: (node0.finish(True), finished.append(time.monotonic())))
+    waiter.start()
+    time.sleep(2.0)  # node 1 still runs, beating: node 0 waits for it, longer than STALE_S
+    assert not finished and node1.problem is None
+    node1.finish(True)
+    waiter.join(timeout=10)
+    assert finished, "node 0 did not end once node 1 was done"
+    node0.close()
+    node1.close()
+    assert node0.problem is None and node1.problem is None
