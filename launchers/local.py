@@ -218,17 +218,29 @@ class LocalJob:
                     if tee & 2:
                         self.pump.add(s.label, ctx.stderrs[i], sys.stderr)
 
+    def _notes(self, failed: list) -> list[dict]:
+        notes = []
+        for spec, _ in failed:
+            try:
+                with open(os.path.join(self.folder, f"blame.{spec.proc_rank}")) as f:
+                    notes.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+        return notes
+
+    def first_causes_first(self, failed: list) -> list:
+        """Processes found failed at the same moment, in the order of cause: one that another blames (its note
+        is not neutral), then one killed by a signal (nothing in the job sends one before the launcher does),
+        then the rest as they are."""
+        blamed = {proc for note in self._notes(failed) if not note.get("neutral") for proc in note.get("blames", [])}
+        return sorted(failed, key=lambda item: (item[0].proc_rank not in blamed, item[1] >= 0))
+
     def causes(self, failed: list) -> list:
         """The processes the failed ones name as the cause (a peer that never came to init(), to a collective,
         to shutdown()), from the notes singa_dist leaves in the job's folder (see runtime.blame)."""
         by_proc = {spec.proc_rank: spec for spec in self.specs}
         found = []
-        for spec, _ in failed:
-            try:
-                with open(os.path.join(self.folder, f"blame.{spec.proc_rank}")) as f:
-                    note = json.load(f)
-            except (OSError, ValueError):
-                continue
+        for note in self._notes(failed):
             for proc in note.get("blames", []):
                 if proc in by_proc and proc not in {s.proc_rank for s, _ in failed} and \
                         all(proc != s.proc_rank for s, _, _ in found):
@@ -249,6 +261,7 @@ class LocalJob:
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
             if failed:
                 time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
+                failed = self.first_causes_first(failed)
                 return Outcome(False, failed, causes=self.causes(failed))
             # A process that ended well but left a note could not meet the others at singa_dist.shutdown()
             # (they hang, or ran more steps): waiting for them would be waiting forever.

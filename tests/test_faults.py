@@ -4,6 +4,7 @@ The quick cases of the fault-injection suite (`python -m benchmarks.faults --qui
 request), then the launcher's own pieces: how an attempt's outcome is told, and the watch that the launchers
 of a job on several nodes keep on each other.
 """
+import json
 import socket
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from benchmarks import faults
 from launchers import watchdog
 from launchers.config import ProcessSpec
-from launchers.local import Outcome
+from launchers.local import LocalJob, Outcome
 
 QUICK = [case for case in faults.all_cases() if case.quick]
 
@@ -59,6 +60,19 @@ def test_outcome_of_a_stranded_rank_fails_the_job():
     assert outcome.describe() == ("process 1 did not reach singa_dist.shutdown() (rank 1); "
                                   "rank 0 finished and waited for rank 1 in vain")
     assert outcome.exit_code == 1  # it ended well, but the job did not
+
+
+def test_processes_failed_together_are_told_cause_first(tmp_path):
+    job = object.__new__(LocalJob)  # only its folder of notes is needed
+    job.folder = str(tmp_path)
+    r0, r1, r2 = (_spec("worker", i, i) for i in range(3))
+    # Killed by a signal before one that exited on its own (seeing its peer gone).
+    assert job.first_causes_first([(r0, 1), (r1, -9)]) == [(r1, -9), (r0, 1)]
+    # The one another blames comes first of all; a neutral note (step counts differ) blames no one.
+    (tmp_path / "blame.0").write_text(json.dumps({"proc": 0, "blames": [2], "what": "w", "neutral": False}))
+    assert job.first_causes_first([(r0, 1), (r1, -9), (r2, 1)]) == [(r2, 1), (r1, -9), (r0, 1)]
+    (tmp_path / "blame.0").write_text(json.dumps({"proc": 0, "blames": [2], "what": "w", "neutral": True}))
+    assert job.first_causes_first([(r0, 1), (r2, 1)]) == [(r0, 1), (r2, 1)]
 
 
 def test_outcome_of_a_lost_node():
