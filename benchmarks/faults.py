@@ -319,10 +319,25 @@ def _sigkill_ssh(b: Bench) -> tuple[bool, str]:
 
 
 def _sigkill_mpi(b: Bench) -> tuple[bool, str]:
-    import shutil
-    if shutil.which("mpirun") is None:
+    from launchers.config import UsageError
+    from launchers.mpi import find_mpirun
+    try:
+        find_mpirun()
+    except UsageError:
         return None, "no mpirun on this machine"
     return _sigkill_launcher(b, ["-np", "2", "--mpi"])
+
+
+def _mpi_job(body: str, codes: tuple, needles: list[str]) -> Callable[[Bench], tuple[bool, str]]:
+    def check(b: Bench):
+        from launchers.config import UsageError
+        from launchers.mpi import find_mpirun
+        try:
+            find_mpirun()
+        except UsageError:
+            return None, "no mpirun on this machine"
+        return job_case(["-np", "2", "--mpi"], body, codes, needles)(b)
+    return check
 
 
 def _sigterm_launcher(b: Bench) -> tuple[bool, str]:
@@ -410,6 +425,10 @@ def runtime_cases() -> list[Case]:
              quick=True),
         Case("runtime", "the launcher is killed (servers)", "no process left", lambda b: _sigkill_launcher(b, ps)),
         Case("runtime", "the launcher is killed (--mpi)", "no process left", _sigkill_mpi),
+        Case("runtime", "--mpi: a rank exits 3", "exit 3, the step difference said", _mpi_job(
+            exit3, (3,), ["the ranks ran different numbers of steps", "Exit code:    3"])),
+        Case("runtime", "--mpi: a rank is killed", "non-zero exit, no process left", _mpi_job(
+            kill9, (137, 9, 1), ["signal 9"])),
         Case("runtime", "node 0's launcher is killed (--nnodes 2)", "no process left on either node",
              _sigkill_nodes(0)),
         Case("runtime", "node 1's launcher is killed (--nnodes 2)", "no process left on either node",

@@ -6,6 +6,7 @@ of a job on several nodes keep on each other.
 """
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -95,61 +96,51 @@ def _until(predicate, seconds):
 
 
 @pytest.fixture
-def fast_watch(monkeypatch):
+def watches(monkeypatch):
+    """watches(n): the launchers' watches of an n-node job on this host, started; all closed afterwards."""
     monkeypatch.setattr(watchdog, "HEARTBEAT_S", 0.1)
     monkeypatch.setattr(watchdog, "STALE_S", 1.0)
     monkeypatch.setattr(watchdog, "OP_TIMEOUT_S", 5.0)
+    made = []
 
-
-@pytest.mark.timeout(60)
-def test_a_node_learns_that_node_0s_launcher_is_gone(fast_watch):
-    port = _port()
-    node0 = watchdog.NodeWatch("127.0.0.1", port, 0, 2, 0)
-    node1 = watchdog.NodeWatch("127.0.0.1", port, 1, 2, 0)
-    node0.start()
-    node1.start()
-    try:
+    def make(n):
+        port = _port()
+        nodes = [watchdog.NodeWatch("127.0.0.1", port, node, n, 0) for node in range(n)]
+        for node in nodes:
+            node.start()
+        made.extend(reversed(nodes))
         time.sleep(0.5)
-        assert node0.problem is None and node1.problem is None
-        node0.finish(False)
-        node0.close()  # the store goes with node 0's launcher
-        assert _until(lambda: node1.problem is not None, 20), "node 1 never noticed"
-        assert "node 0's launcher is gone" in node1.problem and str(port) in node1.problem
-    finally:
-        node1.finish(False)
-        node1.close()
+        assert all(node.problem is None for node in nodes)
+        return port, nodes
+
+    yield make
+    for node in made:
+        node.finish(False)
+        node.close()
 
 
 @pytest.mark.timeout(60)
-def test_node_0_learns_that_a_node_stopped_beating(fast_watch):
-    port = _port()
-    node0 = watchdog.NodeWatch("127.0.0.1", port, 0, 3, 0)
-    node1 = watchdog.NodeWatch("127.0.0.1", port, 1, 3, 0)
-    node2 = watchdog.NodeWatch("127.0.0.1", port, 2, 3, 0)
-    for node in (node0, node1, node2):
-        node.start()
-    try:
-        time.sleep(0.5)
-        node2._stop.set()  # as if its launcher were killed: no more heartbeats, no goodbye
-        assert _until(lambda: node0.problem is not None, 20), "node 0 never noticed"
-        assert node0.problem.startswith("node 2's launcher stopped answering")
-        assert node1.problem is None
-    finally:
-        for node in (node1, node2, node0):
-            node.finish(False)
-            node.close()
+def test_a_node_learns_that_node_0s_launcher_is_gone(watches):
+    port, (node0, node1) = watches(2)
+    node0.finish(False)
+    node0.close()  # the store goes with node 0's launcher
+    assert _until(lambda: node1.problem is not None, 20), "node 1 never noticed"
+    assert "node 0's launcher is gone" in node1.problem and str(port) in node1.problem
 
 
 @pytest.mark.timeout(60)
-def test_node_0_keeps_the_store_until_every_node_is_done(fast_watch):
-    port = _port()
-    node0 = watchdog.NodeWatch("127.0.0.1", port, 0, 2, 0)
-    node1 = watchdog.NodeWatch("127.0.0.1", port, 1, 2, 0)
-    node0.start()
-    node1.start()
-    time.sleep(0.3)
+def test_node_0_learns_that_a_node_stopped_beating(watches):
+    _, (node0, node1, node2) = watches(3)
+    node2._stop.set()  # as if its launcher were killed: no more heartbeats, no goodbye
+    assert _until(lambda: node0.problem is not None, 20), "node 0 never noticed"
+    assert node0.problem.startswith("node 2's launcher stopped answering")
+    assert node1.problem is None
+
+
+@pytest.mark.timeout(60)
+def test_node_0_keeps_the_store_until_every_node_is_done(watches):
+    _, (node0, node1) = watches(2)
     finished = []
-    import threading
     waiter = threading.Thread(target=lambda: (node0.finish(True), finished.append(time.monotonic())))
     waiter.start()
     time.sleep(2.0)  # node 1 still runs, beating: node 0 waits for it, longer than STALE_S
@@ -157,6 +148,4 @@ def test_node_0_keeps_the_store_until_every_node_is_done(fast_watch):
     node1.finish(True)
     waiter.join(timeout=10)
     assert finished, "node 0 did not end once node 1 was done"
-    node0.close()
-    node1.close()
     assert node0.problem is None and node1.problem is None
