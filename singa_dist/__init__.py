@@ -11,7 +11,8 @@ import sys as _sys
 from . import runtime
 from .runtime import (NotInitializedError, cross_rank, cross_size, device, group_process_group, init,
                       is_distributed, is_initialized, local_rank, local_size, on_shutdown, proc_rank, proc_size, rank,
-                      role, shutdown, size, strategy_name, topology, worker_group, workers_process_group)
+                      role, shutdown, size, start_timeline, stop_timeline, strategy_name, topology, worker_group,
+                      workers_process_group)
 from .topology import STRATEGIES, ClusterTopology, ProcessRole, StrategyKind, TopologyError
 from .primitives import CollectiveError
 from .coordinator import (CollectiveMismatchError, ProcessSet, add_process_set, global_process_set,

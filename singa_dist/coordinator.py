@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from . import primitives, runtime
+from . import primitives, runtime, timeline
 from .primitives import CollectiveError, Handle
 
 HEADER = 8  # int64 fields of a header, in this order:
@@ -314,14 +314,31 @@ def describe_differences(descs: dict[int, dict], fields=None) -> str | None:
 # The engine of one process set
 
 class _Entry:
-    __slots__ = ("k", "request", "header", "handle", "error", "done", "result")
+    __slots__ = ("k", "request", "header", "handle", "error", "done", "result", "t0", "t1")
 
-    def __init__(self, k, request, header):
+    def __init__(self, k, request, header, t0=0):
         self.k, self.request, self.header = k, request, header
         self.handle: Handle | None = None
         self.error: BaseException | None = None
         self.done = False
         self.result = None
+        self.t0 = t0  # timeline: when it was submitted (0: not recording)...
+        self.t1 = 0  # ...and when its negotiation was settled on this rank
+
+
+def _lane(request: Request) -> str:
+    """The timeline lane of a collective: its name (numbers of unnamed ones left out), as Horovod's rows."""
+    return "negotiation" if request.kind == "gradients" else request.match_name
+
+
+def _negotiated(entry: _Entry) -> None:
+    """Timeline: entry's negotiation ended on this rank."""
+    entry.t1 = timeline.now()
+    request = entry.request
+    if request.kind == "gradients":
+        timeline.record("negotiate", entry.t0, entry.t1, lane="negotiation", tensor=request.label)
+    else:
+        timeline.record(f"negotiate {request.name}", entry.t0, entry.t1, lane=_lane(request), cat="negotiate")
 
 
 class _Engine:
@@ -360,6 +377,7 @@ class _Engine:
                     "Requested to allreduce, allgather, or broadcast a tensor with the same name as another tensor "
                     "that is currently being processed.  If you want to request another tensor, use a different "
                     f"tensor name. (rank {runtime.rank()}: '{request.name}')")
+            t0 = timeline.now() if timeline.on else 0
             self.k += 1
             dim0, numel, dtype, extra = request.header()
             mine = torch.tensor([self.k, KINDS.index(request.kind), signature_hash(request.signature()), dim0, numel,
@@ -368,7 +386,9 @@ class _Engine:
             header = primitives.all_gather_into(rows, mine, f"{request.label}{self.describe_set()}",
                                                 group=self.header_pg, async_op=True,
                                                 finish=lambda: rows.view(self.n, HEADER))
-            entry = _Entry(self.k, request, header)
+            entry = _Entry(self.k, request, header, t0)
+            if t0:
+                header.timeline_what = f"negotiation of {request.label}{self.describe_set()}"
             self.names[request.name] = entry
             self.queue.append(entry)
         self.progress(block_until=None)
@@ -399,6 +419,8 @@ class _Engine:
                 self._fail(entry, exc)
                 self.queue.popleft()
                 continue
+            if entry.t0 and not entry.t1:
+                _negotiated(entry)
             if not self._settle(entry, rows, blocking):
                 return  # the slow path needs everyone: it runs when this rank waits
             self.queue.popleft()
@@ -514,6 +536,10 @@ class Coordinated:
             finally:
                 self._done = True
                 primitives.untrack(self)
+            entry = self._entry
+            if entry.t1 and timeline.on and entry.request.kind != "gradients":
+                # The collective itself, named by its tensor (as Horovod's timeline): from its negotiation's end.
+                timeline.span(entry.request.name, entry.t1, lane=_lane(entry.request), cat=entry.request.kind)
         return self._result
 
 

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from . import primitives, runtime
+from . import primitives, runtime, timeline
 from .collectives import _broadcast_start, allgather_object, broadcast_object, check_root
 from .primitives import is_active
 from .shards import is_feature_split, shard_of
@@ -201,8 +201,11 @@ def allreduce_gradients_(named_params, group, group_size: int, average: bool = T
     had = torch.tensor([float(p.grad is not None) for _, p in named_params], dtype=grads[0].dtype,
                        device=grads[0].device)
     flat = torch._utils._flatten_dense_tensors(grads + [had])
-    primitives.all_reduce(flat, f"{what} of {len(named_params)} parameters ({named_params[0][0]}, ...)",
-                          group=group)
+    description = f"{what} of {len(named_params)} parameters ({named_params[0][0]}, ...)"
+    t0 = timeline.now() if timeline.on else 0
+    primitives.all_reduce(flat, description, group=group)
+    if t0:
+        timeline.span("allreduce", t0, tensor=description, cat="comm")
     counts = flat[-len(grads):].tolist()
     if average:
         flat[:-len(grads)] /= group_size

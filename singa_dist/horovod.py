@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import torch
 
@@ -152,17 +151,19 @@ def rocm_built() -> bool:
 
 
 def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
-    """Horovod's timeline: not recorded by singa_dist yet (see docs); raises rather than pretending."""
+    """Creates a timeline file at `file_path` and begins recording (Horovod's): a Chrome trace with one track per
+    rank and parameter server, written by rank 0 (see singa_dist.start_timeline). Raises ValueError if Horovod is
+    not initialized."""
     if not runtime.is_initialized():
         raise ValueError("Horovod has not been initialized; use hvd.init().")
-    raise NotImplementedError("singa_dist does not record a Horovod timeline yet: start_timeline() writes nothing. "
-                              "Profile with torch.profiler meanwhile.")
+    runtime.start_timeline(file_path, mark_cycles)
 
 
 def stop_timeline() -> None:
+    """Stops the active timeline recording and writes the file; warns when none is being recorded."""
     if not runtime.is_initialized():
         raise ValueError("Horovod has not been initialized; use hvd.init().")
-    warnings.warn("stop_timeline(): no timeline was started (singa_dist does not record one yet)")
+    runtime.stop_timeline()
 
 
 def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_proc=None, slots=None,

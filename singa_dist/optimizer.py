@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from . import runtime, strategies
+from . import runtime, strategies, timeline
 from .collectives import Adasum, Average
 from .coordinator import global_process_set
 from .functions import check_consistency
@@ -32,10 +32,21 @@ class _DistributedOptimizer:
         self._singa_strategy.setup(self, named, backward_passes_per_step=backward_passes_per_step,
                                    compression=compression, op=op)
         self._singa_hooks = []
+        self._singa_backward = [0, 0]  # timeline: the first gradient hook's start and the latest one's end
         for name, p in named:
             if p.requires_grad:
                 self._singa_hooks.append(p.register_post_accumulate_grad_hook(
-                    lambda param, name=name: self._singa_strategy.grad_ready(name, param)))
+                    lambda param, name=name: self._singa_grad_ready(name, param)))
+
+    def _singa_grad_ready(self, name, param) -> None:
+        if timeline.on:  # the backward span runs from the first gradient hook to the end of the last one
+            backward = self._singa_backward
+            if not backward[0]:
+                backward[0] = timeline.now()
+            self._singa_strategy.grad_ready(name, param)
+            backward[1] = timeline.now()
+            return
+        self._singa_strategy.grad_ready(name, param)
 
     @property
     def strategy(self) -> strategies.Strategy:
@@ -66,11 +77,34 @@ class _DistributedOptimizer:
                           "code.", stacklevel=2)
         self._singa_user_synced = False
         runtime.count_step()
+        if timeline.on:
+            return self._singa_timed_step(closure, parent)
 
         def local_step(closure=None):
             return parent.step(closure)
 
         return self._singa_strategy.step(closure, local_step)
+
+    def _singa_timed_step(self, closure, parent):
+        """step() while the timeline records: the backward pass that ended, this step, its local update."""
+        t0 = timeline.now()
+        backward = self._singa_backward
+        if backward[0]:
+            timeline.record("backward", backward[0], backward[1])
+            backward[0] = backward[1] = 0
+        if timeline.mark_cycles():
+            timeline.instant("step")
+
+        def local_step(closure=None):
+            start = timeline.now()
+            result = parent.step(closure)
+            timeline.span("update", start)
+            return result
+
+        try:
+            return self._singa_strategy.step(closure, local_step)
+        finally:
+            timeline.step_done(t0)
 
     def zero_grad(self, set_to_none: bool = True):
         super().zero_grad(set_to_none=set_to_none)

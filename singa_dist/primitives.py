@@ -19,7 +19,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from . import runtime
+from . import runtime, timeline
 
 # torch 2.13 renamed all_gather_into_tensor (still there, deprecated); older versions have only the old name
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -170,6 +170,8 @@ runtime.on_shutdown(wait_outstanding, phase="drain", persistent=True)
 class Handle:
     """An operation in flight; `wait()` returns its result (what `finish()` returns once the works are done)."""
 
+    timeline_what = None  # what the timeline calls a wait for it, when not `what`
+
     def __init__(self, works, finish, what: str, group=None):
         self._works = [w for w in works if w is not None]
         self._finish = finish
@@ -183,12 +185,26 @@ class Handle:
     def is_completed(self) -> bool:
         return self._done or all(w.is_completed() for w in self._works)
 
+    def futures(self) -> list:
+        """The torch futures of the works in flight (the timeline learns from them when communication ended)."""
+        found = []
+        for w in self._works:
+            try:
+                found.append(w.get_future())
+            except Exception:  # a backend whose works have none
+                pass
+        return found
+
     def wait(self):
         if not self._done:
+            # The timeline's "wait": time this process spends blocked on its peers.
+            t0 = timeline.now() if timeline.on and not self.is_completed() else 0
             try:
                 with watch(self._what, self._group):
                     for w in self._works:
                         w.wait()
+                if t0:
+                    timeline.span("wait", t0, tensor=self.timeline_what or self._what)
                 self._result = self._finish()
             finally:
                 untrack(self)  # a failure is reported here, once: shutdown() does not raise it again

@@ -9,6 +9,10 @@ workers, and each worker group. `rank()` and `size()` count the workers only; se
 "close" releases the strategies, "release" says goodbye to parameter servers; then every process meets
 and the groups are destroyed. It also runs when the interpreter exits after `init()` if the script did not
 call it (not when the script is dying of an uncaught exception: then the process leaves at once).
+
+`start_timeline(FILE)` / `stop_timeline()` (and SINGA_TIMELINE or HOROVOD_TIMELINE at `init()`) record this
+process's timeline (`singa_dist.timeline`); process 0 merges every process's part into FILE when recording
+stops and again at `shutdown()`, after every process has written its own.
 """
 from __future__ import annotations
 
@@ -20,12 +24,15 @@ import json
 import os
 import sys
 import time
+import uuid
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from . import timeline
 from .environment import detect_launcher, job_topology, layout_from_slurm, node_key, ranks_within, rendezvous_address
 from .topology import ClusterTopology, ProcessRole, strategy_kind
 
@@ -216,6 +223,7 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
     for name in _worker_group_names:
         _state.named_pgs[name] = dist.new_group(topology.worker_ranks(), timeout=wait)
     _state.initialized = True
+    _timeline_from_environment()
     if role.is_worker:  # what horovodrun sets, true whatever launched the job (tools read it after init)
         os.environ.update({"HOROVOD_RANK": str(_state.rank), "HOROVOD_SIZE": str(_state.size),
                            "HOROVOD_LOCAL_RANK": str(_state.local_rank), "HOROVOD_LOCAL_SIZE": str(_state.local_size),
@@ -473,12 +481,20 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
         _run_hooks("drain", errors)  # communication still in flight holds tensors on the groups' threads
     _run_hooks("close", errors)
     _run_hooks("release", errors)
+    _stop_recording()  # this process's part is complete before it meets the others
     groups = []
     if _state.distributed and dist.is_initialized():
         if meeting_s != 0.0:
             bound = _state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s)
             publish_where("singa_dist.shutdown()")
             missing = _meet(bound)
+            if _state.proc_rank == 0:  # every process that came has written its part
+                for path in sorted(_timeline_paths):
+                    try:
+                        _gather_timeline(path, wait_s=0.0, final=not missing)
+                    except Exception as exc:
+                        print(f"singa_dist.shutdown(): could not write the timeline {path}: {exc}", file=sys.stderr,
+                              flush=True)
             if missing:
                 names = ", ".join(str(p) for p in missing)
                 elsewhere = {p: where_is(p) for p in missing}
@@ -503,6 +519,7 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
                                              *_state.named_pgs.values()} if isinstance(pg, dist.ProcessGroup)]
         dist.destroy_process_group()
     _state = _Runtime()
+    _timeline_paths.clear()
     # A group's C++ side ends, joining its communication threads, when its last reference goes; a strategy
     # that kept one may sit in a reference cycle with its optimizer. A communication thread that outlives the
     # interpreter aborts the process at exit ("terminate called without an active exception").
@@ -512,6 +529,114 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
         if strict:
             raise errors[0]
         print(f"singa_dist.shutdown() at exit: {errors[0]}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The timeline (Horovod's): every process records its own part; process 0 merges them
+
+TIMELINE_VARIABLES = ("SINGA_TIMELINE", "HOROVOD_TIMELINE")
+_timeline_paths: set[str] = set()  # files this process recorded for in this job (process 0 merges them)
+# How long process 0's stop_timeline() waits for the other workers to stop recording before merging what is there
+# (the rest is merged at shutdown()).
+TIMELINE_STOP_WAIT_S = 10.0
+
+
+def _timeline_from_environment() -> None:
+    for variable in TIMELINE_VARIABLES:
+        value = os.environ.get(variable)
+        if value and value.upper() != "DYNAMIC":  # Horovod's DYNAMIC: recording starts from the script
+            try:
+                start_timeline(value)
+            except OSError as exc:
+                raise RuntimeError(f"{variable}={value}: {exc}") from None
+            return
+
+
+def _timeline_key(path: str) -> str:
+    return f"singa/timeline/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/{path}/"
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store() if _state.distributed and dist.is_initialized() else None
+    except Exception:
+        return None
+
+
+def start_timeline(file_path, mark_cycles: bool = False) -> None:
+    """Record a timeline of this job into `file_path` (Horovod's start_timeline): a Chrome trace with one track per
+    rank and parameter server, written by process 0 when recording stops (stop_timeline() or shutdown()).
+
+    Call it on every worker (each records its own spans; a worker that does not call it has no track). Servers
+    record when the timeline is started from the environment (SINGA_TIMELINE, singa-launch --timeline).
+    mark_cycles: an instant event at the start of every optimizer step. Raises OSError when the file cannot be
+    written."""
+    if not _state.initialized:
+        raise NotInitializedError("start_timeline()")
+    path = os.path.abspath(os.fspath(file_path))
+    if timeline.active_path() == path:
+        return
+    timeline.check_writable(path)
+    if timeline.active_path() is not None:
+        stop_timeline()
+    prefix, store = _timeline_key(path), _store()
+    token = uuid.uuid4().hex
+    if store is not None:  # the parts of one job's recording share a token (other jobs may reuse the name)
+        token = store.compare_set(prefix + "token", "", token).decode()
+    role = _state.role
+    name = f"rank {_state.rank}" if role.is_worker else f"server {_state.proc_rank - _state.topology.nworkers}"
+    timeline.start(path, _state.proc_rank, name, token, mark_cycles)
+    _timeline_paths.add(path)
+    if store is not None:
+        store.set(prefix + f"started/{_state.proc_rank}", "1")
+
+
+def stop_timeline() -> None:
+    """Stop recording (Horovod's stop_timeline); process 0 then writes the file from every worker's part. Without a
+    timeline being recorded it warns, as Horovod logs, and does nothing."""
+    if not _state.initialized:
+        raise NotInitializedError("stop_timeline()")
+    path = _stop_recording()
+    if path is None:
+        warnings.warn("stop_timeline(): no timeline is being recorded (start one with start_timeline(), "
+                      "SINGA_TIMELINE or singa-launch --timeline)", stacklevel=2)
+        return
+    if _state.proc_rank == 0:
+        _gather_timeline(path, wait_s=TIMELINE_STOP_WAIT_S, final=False)
+
+
+def _stop_recording() -> str | None:
+    path = timeline.stop()
+    store = _store()
+    if path is not None and store is not None:
+        try:
+            store.set(_timeline_key(path) + f"stopped/{_state.proc_rank}", "1")
+        except Exception:
+            pass
+    return path
+
+
+def _gather_timeline(path: str, wait_s: float, final: bool) -> None:
+    """Process 0: merge the parts of `path` into it, after waiting up to `wait_s` for the workers that record for it
+    to stop. The parts are deleted once every process that recorded has stopped (`final`: at shutdown, after the
+    meeting, when every process came); until then a later merge rewrites the file with more."""
+    store, prefix, token, complete = _store(), _timeline_key(path), None, final
+    if store is not None:
+        token = store.get(prefix + "token").decode() if store.check([prefix + "token"]) else None
+        started = [p for p in range(_state.proc_size) if store.check([prefix + f"started/{p}"])]
+        keys = [prefix + f"stopped/{p}" for p in started]
+        workers = [prefix + f"stopped/{p}" for p in started if p < _state.topology.nworkers]
+        if wait_s > 0 and workers:
+            try:
+                store.wait(workers, datetime.timedelta(seconds=wait_s))
+            except Exception:
+                pass
+        complete = all(store.check([k]) for k in keys)
+    timeline.merge(path, token, remove_parts=complete)
+
+
+def _abandon_timeline() -> None:
+    timeline.stop()  # what was recorded reaches this process's part before the process dies
 
 
 def count_step() -> None:
@@ -585,6 +710,9 @@ _exit_registered = False
 
 
 _dying: BaseException | None = None  # the uncaught exception the script is dying of
+
+
+on_shutdown(_abandon_timeline, phase=_ABANDON, persistent=True)
 
 
 def _register_exit() -> None:

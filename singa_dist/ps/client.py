@@ -5,7 +5,7 @@ import itertools
 
 import torch
 
-from .. import primitives, runtime
+from .. import primitives, runtime, timeline
 from ..compression import Compressor
 from ..compression import resolve as resolve_compression
 from ..functions import user_optimizer_class
@@ -138,6 +138,18 @@ class ParameterClient:
 
     def push(self, want_values: bool, average: bool = True) -> None:
         """Send the gradients to every server; adopt the fresh values of those that answer with them."""
+        t0 = timeline.now() if timeline.on else 0
+        self._push(want_values, average)
+        if t0:
+            timeline.span("push", t0, tensor=self.describe(want_values))
+
+    def describe(self, want_values: bool = False) -> str:
+        """The timeline's name of this client's exchange: its parameters and servers."""
+        shown = ", ".join(self.names[:3]) + (f", ... ({len(self.names)} tensors)" if len(self.names) > 3 else "")
+        servers = ", ".join(map(str, self.servers))
+        return f"({shown}) {'with' if want_values else 'to'} process{'es' * (len(self.servers) > 1)} {servers}"
+
+    def _push(self, want_values: bool, average: bool) -> None:
         options = self.options()
         set_by_user = self._set_by_user()
         futures = []
@@ -147,19 +159,25 @@ class ParameterClient:
             grads = [None if self.params[s.param].grad is None else
                      read_slice(self.params[s.param].grad, self.params[s.param], s.start, s.end)
                      for s in self.by_server[i]]
+            t0 = timeline.now() if timeline.on and self.packer.compresses else 0
             packet, nbytes = self.packer.pack([s.id for s in self.by_server[i]], grads)
+            if t0:
+                timeline.span("compress", t0, tensor=f"gradients for process {proc}")
             sent += nbytes
             values = set_by_user[i] if any(v is not None for v in set_by_user[i]) else None
             futures.append(transport.call_async(proc, server.push, self.session, self.group, packet, options,
                                                 want_values, average, values, runtime.proc_rank()))
         self.bytes_sent_last_step = sent
         self.bytes_sent_total += sent
+        t0 = timeline.now() if timeline.on else 0
         try:
             answers = transport.wait_all(list(zip(self.servers, futures)), "push")
         except transport.PeerError as exc:
             if "did not answer within" in str(exc) and self.replicas > 1:
                 raise self._missing_replicas(exc) from None
             raise
+        if t0:  # idle: the servers gather the other replicas' pushes and apply the update
+            timeline.span("wait", t0, tensor="the parameter servers' answers to a push")
         for i, (version, values, stale) in enumerate(answers):
             self.staleness_seen.append(stale)
             self._adopt(i, version, values)
@@ -191,9 +209,12 @@ class ParameterClient:
             "sd.init(timeout=...) or SINGA_TIMEOUT if the ranks are merely slow"))
 
     def pull(self) -> None:
+        t0 = timeline.now() if timeline.on else 0
         futures = [transport.call_async(proc, server.pull, self.session, self.group) for proc in self.servers]
         for i, answer in enumerate(transport.wait_all(list(zip(self.servers, futures)), "pull")):
             self._adopt(i, *answer)
+        if t0:
+            timeline.span("pull", t0, tensor=self.describe(True))
 
     def state_dict(self) -> dict:
         """The servers' values, optimizer state and versions, per parameter name (independent of the slicing)."""

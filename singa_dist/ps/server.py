@@ -27,7 +27,7 @@ import time
 import torch
 import torch.distributed.rpc as rpc
 
-from .. import runtime
+from .. import runtime, timeline
 from . import transport, wire
 
 _server: "ParameterServer | None" = None
@@ -92,6 +92,7 @@ class _Table:
 
     def _apply(self, grads: list[torch.Tensor], options: list[dict], values=None, group: int = 0) -> None:
         """Adopt the values workers set themselves (loaded, broadcast, edited), then step on the gradients."""
+        t0 = timeline.now() if timeline.on else 0
         for i, (p, value) in enumerate(zip(self.params, values or ())):
             if value is None:
                 continue
@@ -115,6 +116,8 @@ class _Table:
                 p.grad = None
         self.version += 1
         self.slice_versions = [self.version] * len(self.params)
+        if t0:
+            timeline.span("apply", t0, lane="updates", tensor=f"worker group {group}'s update (version {self.version})")
 
     def _may_apply(self, group: int) -> bool:
         if self.staleness is None:
@@ -269,10 +272,16 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
 @_async_execution
 def push(session: int, group: int, packet: tuple, options: list, want: bool, average: bool, values=None,
          proc: int | None = None):
+    t0 = timeline.now() if timeline.on else 0
     table = _me().table(session)
     grads = wire.unpack(table.compressor, packet, table.numels)
+    lane = f"pushes of process {proc}"
+    if t0 and getattr(table.compressor, "name", "none") != "none":
+        timeline.span("decompress", t0, lane=lane, tensor=f"gradients of process {proc}")
     future, done = table.push(group, grads, options, want, average, values, proc)
     _complete(done)
+    if t0:
+        timeline.span("push", t0, lane=lane, tensor=f"from process {proc} (worker group {group})")
     return future
 
 
@@ -284,11 +293,15 @@ def pushed(session: int, group: int) -> list:
 
 
 def pull(session: int, group: int | None):
+    t0 = timeline.now() if timeline.on else 0
     table = _me().table(session)
     with table.lock:
         if group is not None and group in table.base:
             table.base[group] = table.version
-        return table.version, table.values()
+        answer = table.version, table.values()
+    if t0:
+        timeline.span("pull", t0, lane="pulls", tensor=f"by worker group {group}")
+    return answer
 
 
 def fetch_state(session: int) -> dict:

@@ -27,6 +27,7 @@ class Packer:
     def __init__(self, compressor):
         self.compressor = compressor
         self.sparse = isinstance(compressor, SparseCompressor)
+        self.compresses = getattr(compressor, "name", None) != "none"  # (the timeline shows compression then)
         self.residuals: dict[int, torch.Tensor] = {}  # slice id -> what error feedback still holds back
 
     def pack(self, slice_ids: list[int], tensors: list[torch.Tensor | None]) -> tuple[tuple, int]:

@@ -33,7 +33,7 @@ import warnings
 
 import torch
 
-from .. import coordinator, primitives, runtime
+from .. import coordinator, primitives, runtime, timeline
 from ..collectives import Average, sparse_allreduce_async
 from ..compression import SparseCompressor, load_residual_state, residual_state
 from ..compression import resolve as resolve_compression
@@ -48,15 +48,24 @@ class _DenseExchange:
 
     def __init__(self, bucket: Bucket, compressor, pg):
         self.bucket, self.compressor = bucket, compressor
+        t0 = timeline.now() if timeline.on else 0
         self.wire, self.ctx = compressor.compress(bucket.buffer)
+        if t0 and self.wire is not bucket.buffer:
+            timeline.span("compress", t0, tensor=bucket.description)
         self.bytes_sent = self.wire.numel() * self.wire.element_size()
         self.handle = primitives.all_reduce(self.wire, bucket.description, group=pg, async_op=True)
+        self.comm = timeline.CommSpan(self.handle, bucket.description) if t0 else None
 
     def finish(self) -> None:
         self.handle.wait()
+        if self.comm is not None:
+            self.comm.done()
+        t0 = timeline.now() if timeline.on else 0
         out = self.compressor.decompress(self.wire, self.ctx)
         if out is not self.bucket.buffer:
             self.bucket.buffer.copy_(out)
+            if t0:
+                timeline.span("decompress", t0, tensor=self.bucket.description)
 
 
 class _SparseExchange:
@@ -67,7 +76,11 @@ class _SparseExchange:
         flat = bucket.buffer
         if compressor.error_feedback and bucket.residual is None and residual is None:
             bucket.residual = torch.zeros_like(flat)
+        t0 = timeline.now() if timeline.on else 0
         self.index, self.values = compressor.sparsify(flat, bucket.residual if residual is None else residual)
+        if t0:
+            timeline.span("compress", t0, tensor=bucket.description)
+        self.comm = timeline.CommSpan(None, bucket.description, "allgather") if t0 else None
         self.fixed = hasattr(compressor, "count")  # top-k sends the same count everywhere
         self.counts = None
         self.bytes_sent = 0
@@ -106,10 +119,15 @@ class _SparseExchange:
 
     def finish(self) -> None:
         self.wait()
+        if self.comm is not None:
+            self.comm.done()
+        t0 = timeline.now() if timeline.on else 0
         buf = self.bucket.buffer
         buf.zero_().index_add_(0, self.all_index.long(), self.all_values)
         if self.op is Average:
             buf.div_(self.size)
+        if t0:
+            timeline.span("decompress", t0, tensor=self.bucket.description)
 
 
 class AllReduce(Strategy):
@@ -285,7 +303,10 @@ class AllReduce(Strategy):
             bucket._views()
             bucket.buffer.zero_()
         else:
+            t0 = timeline.now() if timeline.on else 0
             bucket.gather_grads(scale, skip=self.sparse)
+            if t0:
+                timeline.span("gather", t0, tensor=bucket.description)
         if sparse:
             bucket.exchange = _SparseExchange(bucket, self.compressor, self.op, self.size, self._group(),
                                               residual=torch.zeros_like(bucket.buffer) if shadow else None)
@@ -338,9 +359,12 @@ class AllReduce(Strategy):
             sent += bucket.exchange.bytes_sent
             bucket.exchange = None
             if write_back:
+                t0 = timeline.now() if timeline.on else 0
                 if self.postscale_factor != 1.0:
                     bucket.buffer.mul_(self.postscale_factor)
                 bucket.scatter_grads(skip=self.sparse)
+                if t0:
+                    timeline.span("scatter", t0, tensor=bucket.description)
             bucket.pending = len(bucket.params)
         for key, handle in list(self.sparse_handles.items()):
             grad = handle.wait()
