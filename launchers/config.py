@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from singa_dist.environment import free_port
+from singa_dist.timeline import check_writable
 from singa_dist.topology import STRATEGIES, ClusterTopology, TopologyError
 
 DEFAULT_MASTER_PORT = 29500
@@ -85,6 +86,7 @@ class LaunchConfig:
     mpi_args: list[str] = field(default_factory=list)
     dry_run: bool = False
     exit_on_stdin_close: bool = False
+    timeline: str | None = None  # absolute path of the job's timeline (SINGA_TIMELINE for every process)
 
     @property
     def nnodes(self) -> int:
@@ -134,6 +136,8 @@ class LaunchConfig:
         if self.network_interface:
             env["GLOO_SOCKET_IFNAME"] = self.network_interface
             env["NCCL_SOCKET_IFNAME"] = self.network_interface
+        if self.timeline:
+            env["SINGA_TIMELINE"] = self.timeline
         env.update(self.extra_env)
         return env
 
@@ -245,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-x", "--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="set (or pass on) an environment variable for every process")
     r.add_argument("--dry-run", action="store_true", help="print what would run on every host, and exit")
+    r.add_argument("--timeline", metavar="FILE.json",
+                   help="record a timeline of the job (a Chrome trace: one track per rank and server) into FILE.json")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
 
@@ -424,6 +430,15 @@ def parse_args(argv: list[str]) -> LaunchConfig:
                              f"(it has {', '.join(sorted(names))})")
     if args.log_dir is not None and os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
         raise UsageError(f"--log-dir {args.log_dir} is a file, not a directory")
+    timeline = None
+    if args.timeline is not None:
+        if not args.timeline:
+            raise UsageError("--timeline wants a file name, got an empty one")
+        timeline = os.path.abspath(args.timeline)  # the processes (and other nodes) may run elsewhere
+        try:
+            check_writable(timeline)
+        except OSError as exc:
+            raise UsageError(f"--timeline: {exc}") from None
 
     command = resolve_module(args.command) if args.module else resolve_command(args.command)
 
@@ -494,7 +509,7 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         grace_period=args.grace_period, extra_env=_extra_env(args.env),
         ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
         mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
-        exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee)
+        exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, timeline=timeline)
 
 
 def _check_port_free(port: int) -> None:

@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         if cfg.mpi:
             from .mpi import run_mpi
-            return run_mpi(cfg)
+            return _merge_timeline(cfg, run_mpi(cfg))
         if cfg.hosts:
             from .ssh import run_hosts
-            return run_hosts(cfg)
+            return _merge_timeline(cfg, run_hosts(cfg))
         if cfg.dry_run:
             _print_local_plan(cfg)
             return 0
@@ -40,7 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"singa-launch: error: {exc}", file=sys.stderr)
         return 2
     from .local import run_node
-    return run_node(cfg)
+    return _merge_timeline(cfg, run_node(cfg))
+
+
+def _merge_timeline(cfg, status: int) -> int:
+    """--timeline: rank 0 merges every process's part when the job ends well; after a failure the parts are still
+    there, and node 0's launcher merges them (what each process recorded up to its last second)."""
+    if cfg.timeline and cfg.node_rank == 0 and not cfg.dry_run:
+        from singa_dist.timeline import merge, parts_of
+        if parts_of(cfg.timeline):
+            try:
+                spans = merge(cfg.timeline)
+                print(f"singa-launch: timeline of the job ({spans} spans) written to {cfg.timeline}", file=sys.stderr)
+            except OSError as exc:
+                print(f"singa-launch: could not write the timeline {cfg.timeline}: {exc}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

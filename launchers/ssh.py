@@ -59,6 +59,8 @@ def node_command(cfg: LaunchConfig, node: int) -> str:
         args += ["--omp-num-threads", str(cfg.omp_num_threads)]
     if cfg.network_interface:
         args += ["--network-interface", cfg.network_interface]
+    if cfg.timeline:
+        args += ["--timeline", cfg.timeline]
     for name, value in cfg.extra_env.items():
         args += ["-x", f"{name}={value}"]
     args += ["--", *cfg.command]
