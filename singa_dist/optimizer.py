@@ -36,17 +36,18 @@ class _DistributedOptimizer:
         for name, p in named:
             if p.requires_grad:
                 self._singa_hooks.append(p.register_post_accumulate_grad_hook(
-                    lambda param, name=name: self._singa_grad_ready(name, param)))
+                    lambda param, name=name: self._singa_timed_grad_ready(name, param) if timeline.on
+                    else self._singa_strategy.grad_ready(name, param)))
 
-    def _singa_grad_ready(self, name, param) -> None:
-        if timeline.on:  # the backward span runs from the first gradient hook to the end of the last one
-            backward = self._singa_backward
-            if not backward[0]:
-                backward[0] = timeline.now()
-            self._singa_strategy.grad_ready(name, param)
-            backward[1] = timeline.now()
-            return
+    def _singa_timed_grad_ready(self, name, param) -> None:
+        """A gradient hook while the timeline records: the backward span runs from the first gradient hook of the
+        step to the end of the last one."""
+        backward = self._singa_backward
+        if not backward[0]:
+            backward[0] = timeline.now()
         self._singa_strategy.grad_ready(name, param)
+        timeline.poll()
+        backward[1] = timeline.now()
 
     @property
     def strategy(self) -> strategies.Strategy:

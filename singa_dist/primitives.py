@@ -185,20 +185,17 @@ class Handle:
     def is_completed(self) -> bool:
         return self._done or all(w.is_completed() for w in self._works)
 
-    def futures(self) -> list:
-        """The torch futures of the works in flight (the timeline learns from them when communication ended)."""
-        found = []
-        for w in self._works:
-            try:
-                found.append(w.get_future())
-            except Exception:  # a backend whose works have none
-                pass
-        return found
+    def works(self) -> list:
+        """The torch.distributed works in flight (the timeline asks them whether the communication has ended)."""
+        return list(self._works)
 
     def wait(self):
         if not self._done:
             # The timeline's "wait": time this process spends blocked on its peers.
-            t0 = timeline.now() if timeline.on and not self.is_completed() else 0
+            t0 = 0
+            if timeline.on:
+                timeline.poll()
+                t0 = 0 if self.is_completed() else timeline.now()
             try:
                 with watch(self._what, self._group):
                     for w in self._works:

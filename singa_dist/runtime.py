@@ -535,7 +535,9 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
 # The timeline (Horovod's): every process records its own part; process 0 merges them
 
 TIMELINE_VARIABLES = ("SINGA_TIMELINE", "HOROVOD_TIMELINE")
-_timeline_paths: set[str] = set()  # files this process recorded for in this job (process 0 merges them)
+# Files this process recorded for in this job (process 0 merges them at shutdown), each with the number of times it
+# started recording for it: the processes of a job count alike, and each recording has keys of its own.
+_timeline_paths: dict[str, int] = {}
 # How long process 0's stop_timeline() waits for the other workers to stop recording before merging what is there
 # (the rest is merged at shutdown()).
 TIMELINE_STOP_WAIT_S = 10.0
@@ -553,7 +555,8 @@ def _timeline_from_environment() -> None:
 
 
 def _timeline_key(path: str) -> str:
-    return f"singa/timeline/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/{path}/"
+    return (f"singa/timeline/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/{path}/"
+            f"{_timeline_paths.get(path, 0)}/")
 
 
 def _store():
@@ -579,6 +582,7 @@ def start_timeline(file_path, mark_cycles: bool = False) -> None:
     timeline.check_writable(path)
     if timeline.active_path() is not None:
         stop_timeline()
+    _timeline_paths[path] = _timeline_paths.get(path, 0) + 1
     prefix, store = _timeline_key(path), _store()
     token = uuid.uuid4().hex
     if store is not None:  # the parts of one job's recording share a token (other jobs may reuse the name)
@@ -586,7 +590,6 @@ def start_timeline(file_path, mark_cycles: bool = False) -> None:
     role = _state.role
     name = f"rank {_state.rank}" if role.is_worker else f"server {_state.proc_rank - _state.topology.nworkers}"
     timeline.start(path, _state.proc_rank, name, token, mark_cycles)
-    _timeline_paths.add(path)
     if store is not None:
         store.set(prefix + f"started/{_state.proc_rank}", "1")
 

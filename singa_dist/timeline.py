@@ -1,8 +1,10 @@
 """The timeline: where each process of the job spends its time, as a Chrome trace (Horovod's timeline).
 
 Each process records spans in memory while `on` is true and appends them to its own part file, `FILE.part<N>`
-(N: the process's number in the job, servers included), every FLUSH_EVENTS events and when it stops; the parts
-are JSON lines, so a part cut short by a crash loses at most its last line. `merge(FILE)` turns the parts into
+(N: the process's number in the job, servers included), at least once a second and when it stops. A part is
+lines: a JSON header, JSON definitions of each lane and of each kind of span (name, category, tensor) when first
+used, and one short line of numbers per span ("lane start duration kind;"), cheap to write on the training
+thread; a part cut short by a crash loses at most its last line. `merge(FILE)` turns the parts into
 one trace-event file that Perfetto and chrome://tracing load: `{"traceEvents": [...]}` with one process track
 per rank and per parameter server (pid = process number, named "rank 0", "server 0", ...) and one thread track
 per lane ("training loop", one per gradient bucket, one per collective's name, ...). The runtime starts and stops
@@ -51,7 +53,8 @@ class _Recording:
         self.mark_cycles = mark_cycles
         self.part = part_path(path, proc)
         self.offset_ns = time.time_ns() - now()  # wall clock = perf_counter + offset
-        self.lanes: dict[str, int] = {}
+        self.lanes: dict[str, int] = {}  # lane -> its number in the part (the trace's tid)
+        self.kinds: dict[tuple, int] = {}  # (name, cat, tensor) -> its number in the part
         self.file = open(self.part, "w")
         self.file.write(json.dumps({"singa_timeline": 1, "proc": proc, "name": name, "token": token}) + "\n")
         self.file.flush()
@@ -59,7 +62,6 @@ class _Recording:
 
 _recording: _Recording | None = None
 _flushed_at = 0  # now() at the last flush
-_quoted: dict[str, str] = {}  # name -> its JSON string (names repeat every step)
 
 
 def part_path(path: str, proc: int) -> str:
@@ -81,25 +83,41 @@ def record(name: str, t0: int, t1: int, lane: str = MAIN, tensor: str | None = N
 
 
 class CommSpan:
-    """The communication of one tensor or bucket, in a lane of its own: from when it was started to when its work
-    completed (a callback on the work's future says when; without one, when the wait for it returned)."""
+    """The communication of one tensor or bucket, in a lane of its own: from when it was started to when this process
+    first saw its work completed (`poll()`, called where the training loop passes often: every gradient hook, every
+    wait), or when the wait for it returned. (A callback on the work's future would be exact, but it runs on the
+    communication thread and holds that thread until it gets the GIL, delaying the next bucket's all-reduce.)"""
 
-    __slots__ = ("name", "tensor", "t0", "t1")
+    __slots__ = ("name", "tensor", "t0", "t1", "works")
 
     def __init__(self, handle, tensor: str, name: str = "allreduce"):
         self.name, self.tensor = name, tensor
         self.t0, self.t1 = now(), 0
-        if handle is not None:
-            for future in handle.futures():
-                future.add_done_callback(self._completed)
-
-    def _completed(self, _future) -> None:  # on a communication thread
-        self.t1 = max(self.t1, now())
+        self.works = handle.works() if handle is not None else []
+        if self.works:
+            _in_flight.append(self)
 
     def done(self) -> None:
         """The wait for the communication has returned."""
-        t = now()
-        record(self.name, self.t0, self.t1 if 0 < self.t1 <= t else t, lane=self.tensor, tensor=self.tensor, cat="comm")
+        if not self.t1:
+            self.t1 = now()
+            if self in _in_flight:
+                _in_flight.remove(self)
+        record(self.name, self.t0, self.t1, lane=self.tensor, tensor=self.tensor, cat="comm")
+
+
+_in_flight: list[CommSpan] = []  # oldest first: one group's works complete in the order they were started
+
+
+def poll() -> None:
+    """Note when communication in flight has completed."""
+    while _in_flight:
+        span = _in_flight[0]
+        for work in span.works:
+            if not work.is_completed():
+                return
+        span.t1 = now()
+        del _in_flight[0]
 
 
 def step_done(t0: int) -> None:
@@ -149,6 +167,7 @@ def start(path: str, proc: int, name: str, token: str = "", mark_cycles: bool = 
     global _recording, on
     stop()
     _events.clear()
+    _in_flight.clear()
     _recording = _Recording(path, proc, name, token, mark_cycles)
     _forward.attach()
     on = True
@@ -182,35 +201,26 @@ def flush() -> None:
         if rec is None or not batch:
             return
         lines = []
-        lanes, offset = rec.lanes, rec.offset_ns
+        lanes, kinds, offset = rec.lanes, rec.kinds, rec.offset_ns
         for name, cat, lane, t0, t1, tensor in batch:
             tid = lanes.get(lane)
             if tid is None:
                 tid = lanes[lane] = len(lanes)
-                lines.append(f'{{"ph":"M","name":"thread_name","tid":{tid},"ts":0,"args":{{"name":{_quote(lane)}}}}}')
-                lines.append(f'{{"ph":"M","name":"thread_sort_index","tid":{tid},"ts":0,'
-                             f'"args":{{"sort_index":{tid}}}}}')
-            label = name if tensor is None else f"{name} {tensor}"
-            head = f'{{"name":{_quote(label)},"cat":{_quote(cat)},"tid":{tid},"ts":{t0 + offset}'
-            if t1 < 0:
-                lines.append(head + ',"ph":"i","s":"t"}')
-            else:
-                args = "" if tensor is None else f',"args":{{"tensor":{_quote(tensor)}}}'
-                lines.append(f'{head},"ph":"X","dur":{max(t1 - t0, 0)}{args}}}')
+                lines.append(json.dumps({"lane": tid, "name": lane}))
+            key = (name, cat, tensor)
+            k = kinds.get(key)
+            if k is None:
+                k = kinds[key] = len(kinds)
+                lines.append(json.dumps({"kind": k, "name": name if tensor is None else f"{name} {tensor}",
+                                         "cat": cat, "tensor": tensor}))
+            # An event: lane, start (ns of wall-clock time), duration (ns; -1: an instant), kind; ";" ends it, so
+            # that a line cut short by a crash is known.
+            lines.append(f"{tid} {t0 + offset} {t1 - t0 if t1 >= 0 else -1} {k};")
         try:
             rec.file.write("\n".join(lines) + "\n")
             rec.file.flush()
         except (OSError, ValueError):  # the disk is full or the file went: the training goes on
             pass
-
-
-def _quote(text: str) -> str:
-    q = _quoted.get(text)
-    if q is None:
-        if len(_quoted) > 100_000:
-            _quoted.clear()
-        q = _quoted[text] = json.dumps(text)
-    return q
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,20 +285,45 @@ def parts_of(path: str) -> dict[int, str]:
 
 
 def _read_part(name: str) -> tuple[dict | None, list[dict]]:
-    header, events = None, []
+    """A part's header and its events, as trace events (times still in ns of wall-clock time)."""
+    header, events, lanes, kinds = None, [], {}, {}
     try:
         with open(name) as f:
             for line in f:
-                try:
-                    item = json.loads(line)
-                except ValueError:  # a line cut short when its process died
+                if not line.endswith(";\n") and not line.startswith("{"):
+                    continue  # an event cut short when its process died
+                if line.startswith("{"):
+                    try:
+                        item = json.loads(line)
+                    except ValueError:
+                        continue
+                    if header is None:
+                        if item.get("singa_timeline") != 1:
+                            return None, []
+                        header = item
+                    elif "lane" in item:
+                        lanes[item["lane"]] = item["name"]
+                        events.append({"name": "thread_name", "ph": "M", "tid": item["lane"], "ts": 0,
+                                       "args": {"name": item["name"]}})
+                        events.append({"name": "thread_sort_index", "ph": "M", "tid": item["lane"], "ts": 0,
+                                       "args": {"sort_index": item["lane"]}})
+                    elif "kind" in item:
+                        kinds[item["kind"]] = item
                     continue
-                if header is None:
-                    if item.get("singa_timeline") != 1:
-                        return None, []
-                    header = item
+                try:
+                    tid, ts, dur, k = (int(v) for v in line[:-2].split())
+                    kind = kinds[k]
+                except (ValueError, KeyError):
+                    continue
+                event = {"name": kind["name"], "cat": kind["cat"], "ph": "X" if dur >= 0 else "i", "tid": tid,
+                         "ts": ts}
+                if dur >= 0:
+                    event["dur"] = dur
+                    if kind["tensor"] is not None:
+                        event["args"] = {"tensor": kind["tensor"]}
                 else:
-                    events.append(item)
+                    event["s"] = "t"
+                events.append(event)
     except OSError:
         return None, []
     return header, events
