@@ -16,6 +16,9 @@ import sys
 from dataclasses import dataclass, field
 
 from singa_dist.environment import free_port
+from singa_dist.metrics import FILE_VARIABLE as METRICS_FILE_VARIABLE
+from singa_dist.metrics import VARIABLE as METRICS_VARIABLE
+from singa_dist.metrics import parse_interval
 from singa_dist.timeline import check_writable
 from singa_dist.topology import STRATEGIES, ClusterTopology, TopologyError
 
@@ -87,6 +90,7 @@ class LaunchConfig:
     dry_run: bool = False
     exit_on_stdin_close: bool = False
     timeline: str | None = None  # absolute path of the job's timeline (SINGA_TIMELINE for every process)
+    metrics: float | None = None  # seconds between live-metrics reports (SINGA_METRICS for every process)
 
     @property
     def nnodes(self) -> int:
@@ -138,6 +142,10 @@ class LaunchConfig:
             env["NCCL_SOCKET_IFNAME"] = self.network_interface
         if self.timeline:
             env["SINGA_TIMELINE"] = self.timeline
+        if self.metrics is not None:
+            env[METRICS_VARIABLE] = f"{self.metrics:g}"
+            if self.log_dir:  # rank 0 writes the rows beside the processes' output
+                env[METRICS_FILE_VARIABLE] = os.path.join(os.path.abspath(self.log_dir), "metrics.csv")
         env.update(self.extra_env)
         return env
 
@@ -251,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print what would run on every host, and exit")
     r.add_argument("--timeline", metavar="FILE.json",
                    help="record a timeline of the job (a Chrome trace: one track per rank and server) into FILE.json")
+    r.add_argument("--metrics", metavar="SECONDS",
+                   help="every SECONDS, rank 0 prints steps/s, samples/s, communication wait, bytes per step and "
+                        "staleness (and writes them to DIR/metrics.csv with --log-dir DIR)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
 
@@ -440,6 +451,15 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         except OSError as exc:
             raise UsageError(f"--timeline: {exc}") from None
 
+    interval = None
+    if args.metrics is not None:
+        try:
+            interval = parse_interval(args.metrics, "--metrics")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if interval is None:
+            raise UsageError(f"--metrics wants a number of seconds above 0 between reports, got {args.metrics!r}")
+
     command = resolve_module(args.command) if args.module else resolve_command(args.command)
 
     # Workers: -np, else what the nodes hold.
@@ -509,7 +529,7 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         grace_period=args.grace_period, extra_env=_extra_env(args.env),
         ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
         mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
-        exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, timeline=timeline)
+        exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, timeline=timeline, metrics=interval)
 
 
 def _check_port_free(port: int) -> None:

@@ -61,6 +61,8 @@ def node_command(cfg: LaunchConfig, node: int) -> str:
         args += ["--network-interface", cfg.network_interface]
     if cfg.timeline:
         args += ["--timeline", cfg.timeline]
+    if cfg.metrics is not None:
+        args += ["--metrics", f"{cfg.metrics:g}"]
     for name, value in cfg.extra_env.items():
         args += ["-x", f"{name}={value}"]
     args += ["--", *cfg.command]

@@ -188,14 +188,14 @@ def _restore_dtypes(optimizer, state) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Fused exchanges inside a group
 
-def allreduce_gradients_(named_params, group, group_size: int, average: bool = True, what: str = "gradients") -> None:
+def allreduce_gradients_(named_params, group, group_size: int, average: bool = True, what: str = "gradients") -> int:
     """Sum (or average) every parameter's `.grad` over `group` in one fused message; a parameter with no
     gradient on this rank counts as zeros, and one with no gradient on any rank keeps `.grad = None` (so the
     optimizer skips it, as torch's optimizers and DDP's find_unused_parameters do). The parameter-server
-    strategies use it inside a worker group."""
+    strategies use it inside a worker group. Returns the message's bytes."""
     named_params = list(named_params)
     if not named_params:
-        return
+        return 0
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in named_params]
     # One more element per parameter counts the ranks that had a gradient for it, in the same message.
     had = torch.tensor([float(p.grad is not None) for _, p in named_params], dtype=grads[0].dtype,
@@ -211,14 +211,16 @@ def allreduce_gradients_(named_params, group, group_size: int, average: bool = T
         flat[:-len(grads)] /= group_size
     for (_, p), g, count in zip(named_params, torch._utils._unflatten_dense_tensors(flat, grads), counts):
         p.grad = g.view_as(p) if count > 0 else None
+    return flat.numel() * flat.element_size()
 
 
 @torch.no_grad()
-def broadcast_flat_(tensors: list[torch.Tensor], root: int, what: str, group=None) -> None:
-    """Overwrite `tensors` with member `root`'s (counted within `group`), in one fused message."""
+def broadcast_flat_(tensors: list[torch.Tensor], root: int, what: str, group=None) -> int:
+    """Overwrite `tensors` with member `root`'s (counted within `group`), in one fused message; returns its bytes."""
     if not tensors:
-        return
+        return 0
     flat = torch._utils._flatten_dense_tensors(tensors)
     primitives.broadcast(flat, root, what, group=group)
     for t, v in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
         t.copy_(v)
+    return flat.numel() * flat.element_size()

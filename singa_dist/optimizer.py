@@ -7,10 +7,12 @@ strategy as soon as backward has accumulated it, and whose `step()` lets the str
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
 
+from . import metrics as _metrics
 from . import runtime, strategies, timeline
 from .collectives import Adasum, Average
 from .coordinator import global_process_set
@@ -21,7 +23,7 @@ from .strategies.allreduce import AllReduce
 class _DistributedOptimizer:
     """Mixed in front of the user's optimizer class by DistributedOptimizer()."""
 
-    def _singa_setup(self, named_parameters, strategy, compression, backward_passes_per_step, op):
+    def _singa_setup(self, named_parameters, strategy, compression, backward_passes_per_step, op, interval=None):
         named = _named_parameters(self, named_parameters)
         # Before any training: workers with different models would otherwise hang or mix data later.
         check_consistency(named, "parameter")
@@ -31,6 +33,12 @@ class _DistributedOptimizer:
         self._singa_user_synced = False
         self._singa_strategy.setup(self, named, backward_passes_per_step=backward_passes_per_step,
                                    compression=compression, op=op)
+        report = interval is not None and (not runtime.is_initialized() or runtime.rank() == 0)
+        self._singa_meter = strategy.meter = _metrics.Meter(
+            strategy, interval, params=[p for _, p in named], passes=backward_passes_per_step, report=report,
+            path=(os.environ.get(_metrics.FILE_VARIABLE) or None) if report else None)
+        if interval is not None:
+            runtime.on_shutdown(self._singa_meter.close)  # the last window's report
         self._singa_hooks = []
         self._singa_backward = [0, 0]  # timeline: the first gradient hook's start and the latest one's end
         for name, p in named:
@@ -79,12 +87,14 @@ class _DistributedOptimizer:
         self._singa_user_synced = False
         runtime.count_step()
         if timeline.on:
-            return self._singa_timed_step(closure, parent)
-
-        def local_step(closure=None):
-            return parent.step(closure)
-
-        return self._singa_strategy.step(closure, local_step)
+            result = self._singa_timed_step(closure, parent)
+        else:
+            result = self._singa_strategy.step(closure, parent.step)
+        meter = self._singa_meter
+        meter.steps += 1
+        if meter.timed:
+            meter.step_done()
+        return result
 
     def _singa_timed_step(self, closure, parent):
         """step() while the timeline records: the backward pass that ended, this step, its local update."""
@@ -157,7 +167,7 @@ _classes: dict[type, type] = {}
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, strategy=None,
                          compression=None, backward_passes_per_step: int = 1, op=Average,
                          gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
-                         sparse_as_dense: bool = False, process_set=global_process_set):
+                         sparse_as_dense: bool = False, process_set=global_process_set, metrics=None):
     """Make `optimizer` distributed; returns the same object, now an instance of a subclass of its class.
 
     strategy: "allreduce", "adasum", "partial_update", "sandblaster", "downpour", "hogwild", "hybrid", a
@@ -171,8 +181,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     before the sum and multiplies them by f/size after it (op=Average only); groups (an int, or lists of
     parameters each fused into one message; num_groups is its older name); sparse_as_dense (sparse gradients
     travel densely); process_set (average over that set's workers; the others train on their own).
+    metrics: seconds between live-metrics reports (`optimizer.strategy.stats()`, and on rank 0 a printed line
+              and a CSV row, see docs/metrics.md); None: SINGA_METRICS (singa-launch --metrics) decides; 0: off.
     """
     runtime.require_init("DistributedOptimizer()")
+    interval = (_metrics.interval_from_environment() if metrics is None
+                else _metrics.parse_interval(metrics, "DistributedOptimizer(metrics=...)"))
     if isinstance(optimizer, _DistributedOptimizer):
         raise ValueError("this optimizer is already a DistributedOptimizer")
     strategy = _make_strategy(strategy, op, backward_passes_per_step, gradient_predivide_factor, num_groups,
@@ -184,7 +198,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                                     {"__doc__": base.__doc__, "_singa_user_class": base})
     optimizer.__class__ = cls
     try:
-        optimizer._singa_setup(named_parameters, strategy, compression, backward_passes_per_step, op)
+        optimizer._singa_setup(named_parameters, strategy, compression, backward_passes_per_step, op, interval)
     except BaseException:
         optimizer.__class__ = base
         raise

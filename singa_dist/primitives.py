@@ -19,7 +19,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from . import runtime, timeline
+from . import metrics, runtime, timeline
 
 # torch 2.13 renamed all_gather_into_tensor (still there, deprecated); older versions have only the old name
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -191,17 +191,22 @@ class Handle:
 
     def wait(self):
         if not self._done:
-            # The timeline's "wait": time this process spends blocked on its peers.
+            # The timeline's "wait" and the metrics' communication wait: time this process spends blocked on its
+            # peers.
             t0 = 0
-            if timeline.on:
-                timeline.poll()
+            if timeline.on or metrics.on:
+                if timeline.on:
+                    timeline.poll()
                 t0 = 0 if self.is_completed() else timeline.now()
             try:
                 with watch(self._what, self._group):
                     for w in self._works:
                         w.wait()
                 if t0:
-                    timeline.span("wait", t0, tensor=self.timeline_what or self._what)
+                    if timeline.on:
+                        timeline.span("wait", t0, tensor=self.timeline_what or self._what)
+                    if metrics.on:
+                        metrics.waited(t0)
                 self._result = self._finish()
             finally:
                 untrack(self)  # a failure is reported here, once: shutdown() does not raise it again

@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.distributed.rpc as rpc
 
-from .. import runtime
+from .. import metrics, runtime
 
 _lock = threading.Lock()
 _joined = False
@@ -99,6 +99,16 @@ def call_async(proc: int, fn, *args, timeout: float | None = None) -> torch.futu
 
 
 def wait(proc: int, future: torch.futures.Future, what: str):
+    """The answer of a call; a failed call raises PeerError naming the peer."""
+    t0 = metrics.now() if metrics.on else 0
+    try:
+        return _answer(proc, future, what)
+    finally:
+        if t0:
+            metrics.waited(t0)
+
+
+def _answer(proc: int, future: torch.futures.Future, what: str):
     try:
         answer = future.wait()
     except PeerError:
@@ -113,13 +123,18 @@ def wait(proc: int, future: torch.futures.Future, what: str):
 def wait_all(calls: list[tuple[int, torch.futures.Future]], what: str) -> list:
     """The results of several calls, in order. Failures are taken in the order they happen: a server that died
     fails its call at once and is named, rather than a live server that waits for it and times out later."""
+    t0 = metrics.now() if metrics.on else 0
     finished: queue.SimpleQueue = queue.SimpleQueue()
     for index, (_, future) in enumerate(calls):
         future.add_done_callback(lambda _, index=index: finished.put(index))
     answers = [None] * len(calls)
-    for _ in calls:
-        index = finished.get()
-        answers[index] = wait(*calls[index], what)  # raises PeerError for a failed call
+    try:
+        for _ in calls:
+            index = finished.get()
+            answers[index] = _answer(*calls[index], what)  # raises PeerError for a failed call
+    finally:
+        if t0:
+            metrics.waited(t0)
     return answers
 
 

@@ -52,7 +52,7 @@ class _DenseExchange:
         self.wire, self.ctx = compressor.compress(bucket.buffer)
         if t0 and self.wire is not bucket.buffer:
             timeline.span("compress", t0, tensor=bucket.description)
-        self.bytes_sent = self.wire.numel() * self.wire.element_size()
+        self.bytes_sent = self.bytes_received = self.wire.numel() * self.wire.element_size()
         self.handle = primitives.all_reduce(self.wire, bucket.description, group=pg, async_op=True)
         self.comm = timeline.CommSpan(self.handle, bucket.description) if t0 else None
 
@@ -83,13 +83,14 @@ class _SparseExchange:
         self.comm = timeline.CommSpan(None, bucket.description, "allgather") if t0 else None
         self.fixed = hasattr(compressor, "count")  # top-k sends the same count everywhere
         self.counts = None
-        self.bytes_sent = 0
+        self.bytes_sent = self.bytes_received = 0
         if self.fixed:
             self._gather(self.values.numel())
         else:  # first agree on the largest count, then pad to it
             self.count = torch.tensor([self.values.numel()], dtype=torch.int64, device=flat.device)
             self.counts = torch.empty(size, dtype=torch.int64, device=flat.device)
             self.bytes_sent += self.count.element_size()
+            self.bytes_received += self.counts.numel() * self.counts.element_size()
             self.handles = [primitives.all_gather_into(self.counts, self.count, bucket.description, group=pg,
                                                        async_op=True)]
 
@@ -102,6 +103,8 @@ class _SparseExchange:
         self.bytes_sent += values.numel() * values.element_size() + index.numel() * index.element_size()
         self.all_values = values.new_empty(most * self.size)
         self.all_index = index.new_empty(most * self.size)
+        self.bytes_received += (self.all_values.numel() * self.all_values.element_size()
+                                + self.all_index.numel() * self.all_index.element_size())
         what = self.bucket.description
         self.handles = [primitives.all_gather_into(self.all_values, values, what, group=self.pg, async_op=True),
                         primitives.all_gather_into(self.all_index, index, what, group=self.pg, async_op=True)]
@@ -183,6 +186,7 @@ class AllReduce(Strategy):
         self.process_set = process_set
         self.bytes_sent_last_step = 0  # payload bytes this rank put on the wire in the last synchronize()
         self.bytes_sent_total = 0
+        self.bytes_received_total = 0  # ...and got back (the reduced buckets; every rank's part when gathered)
         self.optimizer = None
 
     # ---------------------------------------------------------------------------------------------- set-up
@@ -350,13 +354,14 @@ class AllReduce(Strategy):
         while self.next_launch < len(self.buckets):
             self._launch(self.buckets[self.next_launch])
             self.next_launch += 1
-        sent = 0
+        sent = received = 0
         for bucket in self.buckets:
             if isinstance(bucket.exchange, _SparseExchange):
                 bucket.exchange.second_stage()
         for bucket in self.buckets:
             bucket.exchange.finish()
             sent += bucket.exchange.bytes_sent
+            received += bucket.exchange.bytes_received
             bucket.exchange = None
             if write_back:
                 t0 = timeline.now() if timeline.on else 0
@@ -379,6 +384,7 @@ class AllReduce(Strategy):
                     p.grad.div_(self.size)
         self.bytes_sent_last_step = sent
         self.bytes_sent_total += sent
+        self.bytes_received_total += received
         for key in self.counts:
             self.counts[key] = 0
         self.next_launch = 0
@@ -426,6 +432,9 @@ class AllReduce(Strategy):
         if not getattr(self.optimizer, "_singa_skip_sync", False):
             self.synchronize()
         return local_step(None)
+
+    def traffic(self) -> tuple[int, int]:
+        return self.bytes_sent_total, self.bytes_received_total
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

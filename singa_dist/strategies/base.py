@@ -22,10 +22,38 @@ class Strategy:
        the servers and pulls the new values instead.
     `state_dict()`/`load_state_dict()` carry the strategy's own state (the servers' parameters and
     optimizer state for a parameter-server strategy) for checkpoints; `close()` releases resources.
+    `traffic()` and `staleness_log()` are what `stats()` reads (singa_dist.metrics, docs/metrics.md).
     """
 
     name = "base"
     allows_skip_synchronize = True  # optimizer.skip_synchronize() means something for this framework
+    meter = None  # the metrics.Meter DistributedOptimizer gives the strategy it trains with
+
+    def stats(self) -> dict:
+        """What this strategy's optimizer has done: steps and bytes since it was made, and with metrics on
+        (singa-launch --metrics, SINGA_METRICS, DistributedOptimizer(metrics=...)) the rates of the latest
+        window: steps/s, samples/s, the share of time spent waiting on communication, bytes per step and the
+        parameter servers' staleness. Rates are None until measured (metrics off, or no step yet)."""
+        if self.meter is None:
+            raise RuntimeError(f"stats(): this {type(self).__name__} strategy is not in a DistributedOptimizer yet")
+        return self.meter.stats()
+
+    def set_batch_size(self, n: int) -> None:
+        """Samples per backward pass on this worker, for samples/s (otherwise counted from the model's forward)."""
+        if self.meter is None:
+            raise RuntimeError(f"set_batch_size(): this {type(self).__name__} strategy is not in a "
+                               "DistributedOptimizer yet")
+        self.meter.set_batch_size(n)
+
+    def traffic(self) -> tuple[int, int]:
+        """Payload bytes this process has sent and received for training since set-up (the size of the tensors
+        handed to the exchanges; a ring all-reduce moves about 2(n-1)/n of that each way)."""
+        return 0, 0
+
+    def staleness_log(self) -> list[int] | None:
+        """For each update this process pushed to parameter servers, how many versions behind the values it
+        computed on were; None for a strategy without servers."""
+        return None
 
     def setup(self, optimizer: torch.optim.Optimizer, named_parameters: list[tuple[str, torch.nn.Parameter]],
               *, backward_passes_per_step: int = 1, compression=None, op=None) -> None:
@@ -88,6 +116,16 @@ class ParameterServerStrategy(Strategy):
             return None
         with torch.enable_grad():
             return closure()
+
+    group_bytes_sent = 0  # exchanges inside the worker group (all-reduce of gradients, broadcast of values)
+    group_bytes_received = 0
+
+    def traffic(self) -> tuple[int, int]:
+        return (self.bytes_sent_total + self.group_bytes_sent, self.bytes_received_total + self.group_bytes_received)
+
+    def staleness_log(self) -> list[int] | None:
+        client = getattr(self, "client", None)
+        return client.staleness_seen if client is not None else []
 
     @property
     def bytes_sent_last_step(self) -> int:

@@ -54,16 +54,23 @@ class Downpour(ParameterServerStrategy):
 
     def _broadcast_in_group(self) -> None:
         if len(self.group_ranks) > 1:
-            broadcast_flat_([p.data for _, p in self.named], 0,
-                            f"the values of worker group {self.group} from its first worker", group=self.group_pg)
+            nbytes = broadcast_flat_([p.data for _, p in self.named], 0,
+                                     f"the values of worker group {self.group} from its first worker",
+                                     group=self.group_pg)
+            if self.client is not None:
+                self.group_bytes_sent += nbytes
+            else:
+                self.group_bytes_received += nbytes
 
     def synchronize(self) -> None:
         """All-reduce the gradients inside this worker group."""
         if self.local or self.synced:
             return
         if len(self.group_ranks) > 1:
-            allreduce_gradients_(self.named, self.group_pg, len(self.group_ranks), self.average,
-                                 what=f"gradients of worker group {self.group}")
+            nbytes = allreduce_gradients_(self.named, self.group_pg, len(self.group_ranks), self.average,
+                                          what=f"gradients of worker group {self.group}")
+            self.group_bytes_sent += nbytes
+            self.group_bytes_received += nbytes
         self.synced = True
 
     def step(self, closure, local_step):

@@ -75,6 +75,9 @@ class PartialUpdate(Strategy):
         self.bytes_sent_last_step = sent
         self.bytes_sent_total += sent
 
+    def traffic(self) -> tuple[int, int]:
+        return self.bytes_sent_total, self.bytes_sent_total  # an all-reduce: each rank gets back what it gave
+
     def state_dict(self) -> dict:
         return {"partial_update_step": self.partial_step}
 

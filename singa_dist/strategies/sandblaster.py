@@ -38,7 +38,9 @@ class Sandblaster(ParameterServerStrategy):
         """Average the gradients over the workers now (e.g. to clip them before step())."""
         if self.local or self.synced:
             return
-        allreduce_gradients_(self.named, None, runtime.size(), self.average)
+        nbytes = allreduce_gradients_(self.named, None, runtime.size(), self.average)
+        self.group_bytes_sent += nbytes
+        self.group_bytes_received += nbytes
         self.synced = True
 
     def step(self, closure, local_step):
