@@ -65,3 +65,16 @@ def test_cuda_slices_are_staged_through_pinned_memory():
     torch.testing.assert_close(part, param.reshape(-1)[5:17].cpu())
     write_slice(param, 5, 17, torch.zeros(12))
     assert param.reshape(-1)[5:17].abs().sum().item() == 0
+
+
+def test_staleness_log_keeps_a_bounded_tail(monkeypatch):
+    """A long run's staleness log counts every update but keeps only the last KEEP entries."""
+    from singa_dist.ps.client import StalenessLog
+    monkeypatch.setattr(StalenessLog, "KEEP", 4)
+    log = StalenessLog()
+    for stale in range(10):
+        log.append(stale)
+    assert len(log) == 10 and list(log) == [6, 7, 8, 9]
+    assert log[7:] == [7, 8, 9] and log[0:] == [6, 7, 8, 9] and log[-2:] == [8, 9] and log[9] == 9
+    with pytest.raises(IndexError, match="update 2 is not kept"):
+        log[2]

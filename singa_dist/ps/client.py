@@ -1,6 +1,7 @@
 """The workers' side of the parameter-server protocol: push gradients, pull values, checkpoint the servers."""
 from __future__ import annotations
 
+import collections
 import itertools
 
 import torch
@@ -50,6 +51,42 @@ def read_slice(tensor: torch.Tensor | None, param: torch.Tensor, start: int, end
     return flat.clone()
 
 
+class StalenessLog:
+    """The versions behind of each update applied, as a list indexed from the first update of the run, keeping
+    only the last KEEP entries (older ones are gone, so that a long run's memory does not grow): `len()` counts
+    every update, `log[i:]` gives the kept entries from update i on."""
+
+    KEEP = 65536
+
+    def __init__(self):
+        self._kept: collections.deque = collections.deque(maxlen=self.KEEP)
+        self._count = 0
+
+    def append(self, stale: int) -> None:
+        self._kept.append(stale)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        return iter(self._kept)
+
+    def __getitem__(self, index):
+        kept = list(self._kept)
+        first = self._count - len(kept)  # the update the oldest kept entry belongs to
+        if isinstance(index, slice):
+            if index.step not in (None, 1):
+                raise ValueError("StalenessLog slices go forward one update at a time")
+            start = 0 if index.start is None else index.start + (self._count if index.start < 0 else 0)
+            stop = self._count if index.stop is None else index.stop + (self._count if index.stop < 0 else 0)
+            return kept[max(start - first, 0):max(stop - first, 0)]
+        index = index + self._count if index < 0 else index
+        if not first <= index < self._count:
+            raise IndexError(f"update {index} is not kept (updates {first} to {self._count - 1} are)")
+        return kept[index - first]
+
+
 class ParameterClient:
     """One strategy's view of the servers of its server group."""
 
@@ -71,7 +108,7 @@ class ParameterClient:
         self.by_server = [[s for s in self.slices if s.server == i] for i in range(len(self.servers))]
         self.session = next_session()
         self.versions = [0] * len(self.servers)
-        self.staleness_seen: list[int] = []  # versions behind of each applied update (for tests and logs)
+        self.staleness_seen = StalenessLog()  # versions behind of each applied update (for tests and logs)
         self.closed = False
         group_of = {}
         for g, pg in enumerate(optimizer.param_groups):
