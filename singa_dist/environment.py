@@ -6,6 +6,7 @@ Read once by `runtime.init()`:
   SINGA_TOPOLOGY (a ClusterTopology as JSON) and SINGA_STRATEGY;
 - `mpirun` (Open MPI's OMPI_COMM_WORLD_*, MPICH/Intel MPI's PMI_*) and SLURM's `srun` (SLURM_PROCID, ...);
 - nothing: a single process.
+`singa-launch --autotune` sets SINGA_AUTOTUNE=1: AllReduce's default bucket size is then "auto" (tuned).
 
 Nothing here talks to other processes except `rendezvous_address` under mpirun (through mpi4py).
 """
@@ -36,6 +37,19 @@ def env_int(*names: str) -> int | None:
         if value not in (None, ""):
             return int(value)
     return None
+
+
+AUTOTUNE_VARIABLE = "SINGA_AUTOTUNE"  # 1: AllReduce tunes its bucket size unless the script fixes one
+
+
+def autotune_requested() -> bool:
+    """Whether the launcher (or the user, through SINGA_AUTOTUNE) asked for the bucket size to be tuned."""
+    value = os.environ.get(AUTOTUNE_VARIABLE, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{AUTOTUNE_VARIABLE} must be 1 or 0, got {value!r}")
 
 
 def detect_launcher() -> Launch | None:

@@ -24,22 +24,30 @@ the wire; sparse ones (topk, threshold) send chosen elements and their indices w
 the rest as a local residual added to the next step (error feedback). The residual is part of the
 optimizer's `state_dict()` (this rank's, by parameter name), so a restarted job continues with it.
 
+Autotune (`bucket_mb="auto"`, `singa-launch --autotune`): during the first steps each candidate bucket size that
+cuts the model differently is used for a few warm-up and a few measured steps; the ranks agree on the times (one
+all-reduce of their medians, the largest counting) and keep the fastest. Buckets are re-planned only at the end
+of a step, when no bucket is in flight, so the gradients are those of a fixed size.
+
 Partial update (SINGA's `backward_and_partial_update`) is its own strategy beside this one:
 `singa_dist.strategies.partial_update` (`AllReduce(partial_update_chunks=n)` gives it too).
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
+import torch.distributed as dist
 
 from .. import coordinator, primitives, runtime, timeline
 from ..collectives import Average, sparse_allreduce_async
 from ..compression import SparseCompressor, load_residual_state, residual_state
 from ..compression import resolve as resolve_compression
+from ..environment import autotune_requested
 from ..shards import is_feature_split
 from .base import Strategy, check_op
-from .buckets import Bucket, plan_buckets, plan_groups
+from .buckets import AUTOTUNE_SIZES_MB, DEFAULT_BUCKET_MB, Bucket, BucketTuner, layout, plan_buckets, plan_groups
 
 
 class _DenseExchange:
@@ -138,7 +146,10 @@ class AllReduce(Strategy):
 
     bucket_mb: size of a fused bucket in MB (Horovod's fusion threshold, DDP's bucket_cap_mb). Default:
                  25 for CUDA tensors (DDP's choice for NCCL), 4 for CPU tensors, where smaller buckets
-                 overlap Gloo's all-reduce better with backward (benchmarks/dist_overhead.py).
+                 overlap Gloo's all-reduce better with backward (benchmarks/dist_overhead.py); "auto" when
+                 SINGA_AUTOTUNE=1 (singa-launch --autotune). "auto": the size is tuned during the first steps
+                 (autotune_sizes_mb, each for autotune_warmup + autotune_steps steps), then fixed. After
+                 set-up, `bucket_mb` is the size in use and `autotune_log` the sizes tried with their times.
     first_bucket_mb: the first bucket (the last layers, whose gradients come first) is smaller, so that
                  communication starts early in the backward pass (as DDP does).
     compression: sd.Compression.none/.fp16/.bf16/.topk(ratio)/.threshold(t) (or give it to DistributedOptimizer).
@@ -151,31 +162,56 @@ class AllReduce(Strategy):
     sparse_as_dense: sparse gradients (nn.Embedding(sparse=True)) travel densely in the buckets; otherwise each
                  is gathered as indices and values (Horovod's sparse allreduce) and stays sparse.
     process_set: average over the workers of this set only (the others train on their own).
+    autotune_sizes_mb, autotune_warmup, autotune_steps: the candidate sizes of bucket_mb="auto" (those that
+                 cut the model into the same buckets as a smaller one are skipped), the steps each one is
+                 used before timing, and the steps timed (the median counts).
     """
 
     name = "allreduce"
 
-    def __new__(cls, bucket_mb: float | None = None, compression=None, partial_update_chunks: int = 0, *args,
-                **kwargs):
+    def __new__(cls, bucket_mb: float | str | None = None, compression=None, partial_update_chunks: int = 0,
+                *args, **kwargs):
         if partial_update_chunks < 0:
             raise ValueError(f"partial_update_chunks must be 0 (off) or positive, got {partial_update_chunks}")
         if partial_update_chunks and cls is AllReduce:
             if args or kwargs:
                 raise ValueError("partial update takes bucket_mb and compression only (it sends no gradients)")
+            if bucket_mb == "auto":
+                raise ValueError("partial update does not tune bucket_mb: give a size or None")
             from .partial_update import PartialUpdate
             return PartialUpdate(partial_update_chunks, bucket_mb=bucket_mb, compression=compression)
         return super().__new__(cls)
 
-    def __init__(self, bucket_mb: float | None = None, compression=None, partial_update_chunks: int = 0,
+    def __init__(self, bucket_mb: float | str | None = None, compression=None, partial_update_chunks: int = 0,
                  num_buckets: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
-                 first_bucket_mb: float = 1.0, groups=None, sparse_as_dense: bool = False, process_set=None):
+                 first_bucket_mb: float = 1.0, groups=None, sparse_as_dense: bool = False, process_set=None,
+                 autotune_sizes_mb=AUTOTUNE_SIZES_MB, autotune_warmup: int = 2, autotune_steps: int = 8):
+        if isinstance(bucket_mb, str) and bucket_mb != "auto":
+            raise ValueError(f"bucket_mb must be a size in MB, None or 'auto', got {bucket_mb!r}")
+        if bucket_mb == "auto" and (num_buckets is not None or groups is not None):
+            raise ValueError("bucket_mb='auto' tunes the bucket size: it does not combine with num_buckets or groups")
+        self.autotune = bucket_mb == "auto" or (bucket_mb is None and num_buckets is None and groups is None
+                                                and autotune_requested())
+        if bucket_mb == "auto":
+            bucket_mb = None
+        sizes = tuple(float(x) for x in autotune_sizes_mb)
+        if not sizes or any(not x > 0 for x in sizes):
+            raise ValueError(f"autotune_sizes_mb must be sizes above 0, got {autotune_sizes_mb!r}")
+        if autotune_warmup < 1 or autotune_steps < 1:
+            raise ValueError(f"autotune_warmup and autotune_steps must be at least 1, got {autotune_warmup}, "
+                             f"{autotune_steps}")
+        self.autotune_sizes_mb = tuple(sorted(set(sizes)))
+        self.autotune_warmup, self.autotune_steps = int(autotune_warmup), int(autotune_steps)
+        self.autotune_log: list[dict] = []  # the sizes tried: bucket_mb, buckets, step_ms (see _tune_step)
+        self.tuner: BucketTuner | None = None
         if (bucket_mb is not None and bucket_mb <= 0) or first_bucket_mb <= 0:
             raise ValueError(f"bucket_mb and first_bucket_mb must be positive, got {bucket_mb}, {first_bucket_mb}")
         if num_buckets is not None and num_buckets < 1:
             raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
         if groups is not None and not (isinstance(groups, list) or (isinstance(groups, int) and groups > 0)):
             raise ValueError("groups should be a non-negative integer or a list of list of torch.Tensor.")
-        self.bucket_mb = None if bucket_mb is None else float(bucket_mb)
+        self.bucket_mb = None if bucket_mb is None else float(bucket_mb)  # after set-up: the size in use
+        self.planned_mb = self.bucket_mb  # what the buckets are planned with (None: each device's default)
         self.first_bucket_mb = float(first_bucket_mb)
         self.compression = compression
         self.num_buckets = num_buckets
@@ -214,6 +250,8 @@ class AllReduce(Strategy):
         self.sparse: dict[int, str] = {}  # parameters whose gradients are sparse -> their names
         self.sparse_handles: dict[int, object] = {}
         self._plan()
+        if self.autotune and self.active:
+            self._start_tuning()
         self.counts = {id(p): 0 for _, p in self.named}
         self.next_launch = 0
         self.synced = False  # synchronize() ran since the last gradient arrived
@@ -227,8 +265,12 @@ class AllReduce(Strategy):
         if self.groups is not None:
             self.buckets = plan_groups(dense, self.groups)
         else:
-            self.buckets = plan_buckets(dense, bucket_mb=self.bucket_mb, first_bucket_mb=self.first_bucket_mb,
+            self.buckets = plan_buckets(dense, bucket_mb=self.planned_mb, first_bucket_mb=self.first_bucket_mb,
                                         num_buckets=self.num_buckets)
+        if self.planned_mb is not None:
+            self.bucket_mb = self.planned_mb
+        elif self.num_buckets is None and self.groups is None and self.buckets:
+            self.bucket_mb = DEFAULT_BUCKET_MB.get(self.buckets[0].device.type, 25.0)
         self.bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
         self.plan_hash = coordinator.signature_hash(
             tuple((b.dtype, tuple(b.numels), tuple(n for n, _ in b.params)) for b in self.buckets) +
@@ -428,21 +470,99 @@ class AllReduce(Strategy):
                     loss = closure()
                 self.synchronize()
                 return loss
-            return local_step(synchronized_closure)
-        if not getattr(self.optimizer, "_singa_skip_sync", False):
-            self.synchronize()
-        return local_step(None)
+            result = local_step(synchronized_closure)
+        else:
+            if not getattr(self.optimizer, "_singa_skip_sync", False):
+                self.synchronize()
+            result = local_step(None)
+        if self.tuner is not None:
+            self._tune_step()
+        return result
+
+    # ------------------------------------------------------------------------------------------ autotune
+    def _start_tuning(self) -> None:
+        """The candidate sizes that cut the model into different buckets, smallest first; the first is used now."""
+        dense = [(n, p) for n, p in self.named if id(p) not in self.sparse]
+        sizes, seen = [], set()
+        for mb in self.autotune_sizes_mb:
+            key = layout(plan_buckets(dense, bucket_mb=mb, first_bucket_mb=self.first_bucket_mb))
+            if key not in seen:
+                seen.add(key)
+                sizes.append(mb)
+        if len(sizes) == 1:  # every size gives the same buckets: nothing to measure
+            self._replan(sizes[0])
+            self.autotune_log = [{"bucket_mb": sizes[0], "buckets": len(self.buckets), "step_ms": None}]
+            return
+        self.tuner = BucketTuner(sizes, self.autotune_warmup, self.autotune_steps)
+        self._replan(self.tuner.size_mb)
+
+    def _tune_step(self) -> None:
+        """At the end of a step: time it; after a size's last step, use the next size or settle on the fastest."""
+        if self.round_open and not self.synced:
+            return  # buckets are in flight (step() inside skip_synchronize() without synchronize()): not a step
+        if self.buckets and self.buckets[0].device.type == "cuda":
+            torch.cuda.synchronize(self.buckets[0].device)  # the step's kernels belong to its time
+        tuner = self.tuner
+        if not tuner.step_done(time.perf_counter()):
+            return
+        self.autotune_log.append({"bucket_mb": tuner.size_mb, "buckets": len(self.buckets), "step_ms": None,
+                                  "times_ms": list(tuner.times_ms[tuner.trial])})
+        if tuner.advance():
+            self._replan(tuner.size_mb)
+            return
+        # Every rank takes the same decision from the same numbers: the largest median of each size (the ranks
+        # wait for each other, so the slowest one's time is the step's).
+        device = self.buckets[0].device if self.buckets else torch.device("cpu")
+        medians = torch.tensor(tuner.medians_ms(), dtype=torch.float64, device=device)
+        primitives.all_reduce(medians, f"autotune: the step times of bucket sizes {tuner.sizes_mb} MB",
+                              op=dist.ReduceOp.MAX, group=self._group())
+        step_ms = medians.tolist()
+        for entry, ms in zip(self.autotune_log, step_ms):
+            entry["step_ms"] = ms
+        best = tuner.best(step_ms)
+        self.tuner = None
+        self._replan(tuner.sizes_mb[best])
+        if self.set.rank() == 0:
+            tried = ", ".join(f"{e['bucket_mb']:g} MB ({e['buckets']} bucket{'s' * (e['buckets'] != 1)}) "
+                              f"{e['step_ms']:.2f} ms" for e in self.autotune_log)
+            print(f"[singa autotune] bucket_mb={self.bucket_mb:g}: median step time {tried} "
+                  f"(slowest of {self.size} ranks, {tuner.steps} steps each after {tuner.warmup} warm-up)",
+                  flush=True)
+
+    def _replan(self, mb: float) -> None:
+        """Buckets of about `mb` MB from the next step on (no bucket may be in flight); residuals carried over."""
+        if mb == self.planned_mb and self.optimizer is not None and self.buckets:
+            return
+        residuals = self._residuals()
+        for bucket in self.buckets:
+            bucket.release()
+        self.planned_mb = mb
+        self._plan()
+        if residuals:
+            self._set_residuals(residuals)
 
     def traffic(self) -> tuple[int, int]:
         return self.bytes_sent_total, self.bytes_received_total
 
     # ---------------------------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def _residuals(self) -> dict:
+        """Sparse compression's residual of each parameter, by name (empty without one)."""
         residuals = {}
         for bucket in self.buckets if self.optimizer is not None else []:
             if bucket.residual is not None:
                 residuals.update((name, r.view_as(p)) for (name, p), r in
                                  zip(bucket.params, bucket.residual.split(bucket.numels)))
+        return residuals
+
+    def _set_residuals(self, saved: dict) -> None:
+        for bucket in self.buckets:
+            # Parameters without a saved residual start at zero.
+            bucket.residual = torch.cat([saved[name].reshape(-1).to(bucket.dtype) if name in saved
+                                         else torch.zeros(n, dtype=bucket.dtype) for (name, _), n in
+                                         zip(bucket.params, bucket.numels)]).to(bucket.device)
+
+    def state_dict(self) -> dict:
+        residuals = self._residuals()
         return {"residual": residual_state(residuals, self._rank())} if residuals else {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -451,12 +571,8 @@ class AllReduce(Strategy):
             raise ValueError(f"AllReduce strategy state has unknown keys {sorted(unknown)}")
         if self.optimizer is None or not isinstance(self.compressor, SparseCompressor):
             return
-        saved = load_residual_state(state.get("residual"), self.compressor.name, self._rank())
-        for bucket in self.buckets:
-            # Parameters the checkpoint has no residual for (or every one, for another rank's) start at zero.
-            bucket.residual = torch.cat([saved[name].reshape(-1).to(bucket.dtype) if name in saved
-                                         else torch.zeros(n, dtype=bucket.dtype) for (name, _), n in
-                                         zip(bucket.params, bucket.numels)]).to(bucket.device)
+        # Parameters the checkpoint has no residual for (or every one, for another rank's) start at zero.
+        self._set_residuals(load_residual_state(state.get("residual"), self.compressor.name, self._rank()))
 
     @staticmethod
     def _rank() -> int:

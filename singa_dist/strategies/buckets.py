@@ -7,10 +7,14 @@ gradient_as_bucket_view).
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 # Measured with benchmarks/dist_overhead.py: on CPU/Gloo 4 MB buckets beat 25 MB ones (more overlap).
 DEFAULT_BUCKET_MB = {"cpu": 4.0, "cuda": 25.0}
+# The sizes AllReduce(bucket_mb="auto") tries, in MB (only those that cut the model into different buckets).
+AUTOTUNE_SIZES_MB = (0.25, 1.0, 4.0, 16.0, 64.0)
 
 
 class Bucket:
@@ -117,6 +121,56 @@ def plan_buckets(named: list[tuple[str, torch.nn.Parameter]], *, bucket_mb: floa
         if group[1] >= limit:  # full: the next tensor opens a new bucket
             del open_[key]
     return [Bucket(i, g[0]) for i, g in enumerate(order)]
+
+
+def layout(buckets: list[Bucket]) -> tuple:
+    """Which parameters share a bucket: two plans with the same layout communicate the same way."""
+    return tuple(tuple(name for name, _ in b.params) for b in buckets)
+
+
+class BucketTuner:
+    """Horovod's autotuner for the fusion threshold alone: each candidate bucket size is used for `warmup` steps,
+    then for `steps` steps whose times (from one step's end to the next's) are kept; the candidate with the
+    lowest median wins. Pure bookkeeping: the strategy re-plans its buckets between steps and makes the ranks
+    agree on the times (singa_dist.strategies.allreduce)."""
+
+    def __init__(self, sizes_mb: list[float], warmup: int, steps: int):
+        if warmup < 1 or steps < 1:
+            raise ValueError(f"autotune needs at least one warm-up and one measured step, got {warmup} and {steps}")
+        self.sizes_mb = list(sizes_mb)
+        self.warmup, self.steps = warmup, steps
+        self.trial = 0  # index of the size in use
+        self.taken = 0  # steps taken with it
+        self.last_end: float | None = None
+        self.times_ms: list[list[float]] = [[] for _ in self.sizes_mb]
+
+    @property
+    def size_mb(self) -> float:
+        return self.sizes_mb[self.trial]
+
+    def step_done(self, now: float) -> bool:
+        """A step ended at `now` (seconds); True when the size in use has had all its steps."""
+        self.taken += 1
+        if self.taken > self.warmup and self.last_end is not None:
+            self.times_ms[self.trial].append((now - self.last_end) * 1e3)
+        self.last_end = now
+        return self.taken >= self.warmup + self.steps
+
+    def advance(self) -> bool:
+        """Move on to the next size; False when every size was tried."""
+        if self.trial + 1 >= len(self.sizes_mb):
+            return False
+        self.trial += 1
+        self.taken = 0
+        return True
+
+    def medians_ms(self) -> list[float]:
+        return [statistics.median(t) if t else float("inf") for t in self.times_ms]
+
+    @staticmethod
+    def best(step_ms: list[float]) -> int:
+        """The index of the fastest size (the smaller size on a tie)."""
+        return min(range(len(step_ms)), key=lambda i: (step_ms[i], i))
 
 
 def plan_groups(named: list[tuple[str, torch.nn.Parameter]], groups) -> list[Bucket]:
