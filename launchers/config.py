@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from singa_dist.environment import free_port
+from singa_dist.environment import AUTOTUNE_VARIABLE
 from singa_dist.metrics import FILE_VARIABLE as METRICS_FILE_VARIABLE
 from singa_dist.metrics import VARIABLE as METRICS_VARIABLE
 from singa_dist.metrics import parse_interval
@@ -91,6 +92,7 @@ class LaunchConfig:
     exit_on_stdin_close: bool = False
     timeline: str | None = None  # absolute path of the job's timeline (SINGA_TIMELINE for every process)
     metrics: float | None = None  # seconds between live-metrics reports (SINGA_METRICS for every process)
+    autotune: bool = False  # AllReduce tunes its bucket size (SINGA_AUTOTUNE=1 for every process)
 
     @property
     def nnodes(self) -> int:
@@ -146,6 +148,8 @@ class LaunchConfig:
             env[METRICS_VARIABLE] = f"{self.metrics:g}"
             if self.log_dir:  # rank 0 writes the rows beside the processes' output
                 env[METRICS_FILE_VARIABLE] = os.path.join(os.path.abspath(self.log_dir), "metrics.csv")
+        if self.autotune:
+            env[AUTOTUNE_VARIABLE] = "1"
         env.update(self.extra_env)
         return env
 
@@ -262,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics", metavar="SECONDS",
                    help="every SECONDS, rank 0 prints steps/s, samples/s, communication wait, bytes per step and "
                         "staleness (and writes them to DIR/metrics.csv with --log-dir DIR)")
+    r.add_argument("--autotune", action="store_true",
+                   help="AllReduce tries a few bucket sizes during the first steps and keeps the fastest "
+                        "(unless the script gives bucket_mb)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
 
@@ -460,6 +467,9 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         if interval is None:
             raise UsageError(f"--metrics wants a number of seconds above 0 between reports, got {args.metrics!r}")
 
+    if args.autotune and args.strategy != "allreduce":
+        raise UsageError(f"--autotune tunes AllReduce's bucket size; --strategy {args.strategy} has no buckets")
+
     command = resolve_module(args.command) if args.module else resolve_command(args.command)
 
     # Workers: -np, else what the nodes hold.
@@ -529,7 +539,8 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         grace_period=args.grace_period, extra_env=_extra_env(args.env),
         ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
         mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
-        exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, timeline=timeline, metrics=interval)
+        exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, timeline=timeline, metrics=interval,
+        autotune=args.autotune)
 
 
 def _check_port_free(port: int) -> None:
