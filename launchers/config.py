@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from singa_dist.environment import free_port
-from singa_dist.environment import AUTOTUNE_VARIABLE
+from singa_dist.environment import AUTOTUNE_VARIABLE, AUTOTUNED_STRATEGIES
 from singa_dist.metrics import FILE_VARIABLE as METRICS_FILE_VARIABLE
 from singa_dist.metrics import VARIABLE as METRICS_VARIABLE
 from singa_dist.metrics import parse_interval
@@ -92,7 +92,7 @@ class LaunchConfig:
     exit_on_stdin_close: bool = False
     timeline: str | None = None  # absolute path of the job's timeline (SINGA_TIMELINE for every process)
     metrics: float | None = None  # seconds between live-metrics reports (SINGA_METRICS for every process)
-    autotune: bool = False  # AllReduce tunes its bucket size (SINGA_AUTOTUNE=1 for every process)
+    autotune: bool = False  # AllReduce's bucket size, the parameter servers' messages (SINGA_AUTOTUNE=1 everywhere)
 
     @property
     def nnodes(self) -> int:
@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every SECONDS, rank 0 prints steps/s, samples/s, communication wait, bytes per step and "
                         "staleness (and writes them to DIR/metrics.csv with --log-dir DIR)")
     r.add_argument("--autotune", action="store_true",
-                   help="AllReduce tries a few bucket sizes during the first steps and keeps the fastest "
-                        "(unless the script gives bucket_mb)")
+                   help="AllReduce tries a few bucket sizes (Sandblaster, Downpour and Hybrid a few numbers of "
+                        "messages per server) during the first steps and keeps the fastest (unless the script gives "
+                        "bucket_mb or messages_per_server)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
 
@@ -467,8 +468,9 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         if interval is None:
             raise UsageError(f"--metrics wants a number of seconds above 0 between reports, got {args.metrics!r}")
 
-    if args.autotune and args.strategy != "allreduce":
-        raise UsageError(f"--autotune tunes AllReduce's bucket size; --strategy {args.strategy} has no buckets")
+    if args.autotune and args.strategy not in AUTOTUNED_STRATEGIES:
+        raise UsageError(f"--autotune tunes AllReduce's bucket size and the messages per server of "
+                         f"{', '.join(AUTOTUNED_STRATEGIES[1:])}; --strategy {args.strategy} has neither")
 
     command = resolve_module(args.command) if args.module else resolve_command(args.command)
 

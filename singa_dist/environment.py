@@ -6,7 +6,8 @@ Read once by `runtime.init()`:
   SINGA_TOPOLOGY (a ClusterTopology as JSON) and SINGA_STRATEGY;
 - `mpirun` (Open MPI's OMPI_COMM_WORLD_*, MPICH/Intel MPI's PMI_*) and SLURM's `srun` (SLURM_PROCID, ...);
 - nothing: a single process.
-`singa-launch --autotune` sets SINGA_AUTOTUNE=1: AllReduce's default bucket size is then "auto" (tuned).
+`singa-launch --autotune` sets SINGA_AUTOTUNE=1: AllReduce's default bucket size and the parameter-server strategies'
+messages per server are then "auto" (tuned).
 
 Nothing here talks to other processes except `rendezvous_address` under mpirun (through mpi4py).
 """
@@ -40,6 +41,8 @@ def env_int(*names: str) -> int | None:
 
 
 AUTOTUNE_VARIABLE = "SINGA_AUTOTUNE"  # 1: AllReduce tunes its bucket size unless the script fixes one
+# The strategies that tune something then: AllReduce its bucket size, the others their messages per server.
+AUTOTUNED_STRATEGIES = ("allreduce", "sandblaster", "downpour", "hybrid")
 
 
 def autotune_requested() -> bool:

@@ -161,7 +161,10 @@ def test_launcher_sets_the_environment_and_checks_the_strategy(tmp_path):
     assert parse_args(["-np", "2", "--autotune", str(script)]).common_env()[AUTOTUNE_VARIABLE] == "1"
     assert AUTOTUNE_VARIABLE not in parse_args(["-np", "2", str(script)]).common_env()
     with pytest.raises(UsageError, match="--autotune"):
-        parse_args(["-np", "2", "--strategy", "downpour", "--autotune", str(script)])
+        parse_args(["-np", "2", "--strategy", "hogwild", "--autotune", str(script)])
+    for strategy in ("sandblaster", "downpour"):  # their messages per server
+        assert parse_args(["-np", "2", "--strategy", strategy, "--autotune", str(script)]).common_env()[
+            AUTOTUNE_VARIABLE] == "1"
 
 
 def _replan_keeps_residuals():

@@ -11,7 +11,7 @@ from ..compression import Compressor
 from ..compression import resolve as resolve_compression
 from ..functions import user_optimizer_class
 from . import server, transport
-from .slicing import slice_params
+from .slicing import message_runs, slice_params
 from .wire import Packer, payload_bytes
 
 _sessions = itertools.count()
@@ -106,6 +106,7 @@ class ParameterClient:
         self.slices = slice_params([(n, p.numel()) for n, p in named], topo.nservers_per_group,
                                    topo.nserver_groups)
         self.by_server = [[s for s in self.slices if s.server == i] for i in range(len(self.servers))]
+        self.set_messages(1)
         self.session = next_session()
         self.versions = [0] * len(self.servers)
         self.staleness_seen = StalenessLog()  # versions behind of each applied update (for tests and logs)
@@ -137,6 +138,21 @@ class ParameterClient:
         for i, (proc, fut) in enumerate(zip(self.servers, futures)):
             version, values = transport.wait(proc, fut, "open_table")
             self._adopt(i, version, values)
+
+    def message_layout(self, messages: int) -> tuple:
+        """How pushes with `messages` messages per server are cut: the runs of slices of each server."""
+        return tuple(tuple(message_runs(mine, messages)) for mine in self.by_server)
+
+    def set_messages(self, messages: int) -> None:
+        """Send each push to a server as up to `messages` messages (runs of its slices), from the next push on:
+        the server puts them together, so the update is the same; the worker packs the next message while the
+        last one travels and is unpacked. Top-k's selection spans a whole push, so it is sent as one."""
+        if messages < 1:
+            raise ValueError(f"messages per server must be at least 1, got {messages}")
+        if messages > 1 and self.packer.sparse:
+            raise ValueError("a sparse compression (top-k, threshold) pushes one message per server")
+        self.messages = messages
+        self.runs = [list(r) for r in self.message_layout(messages)]
 
     def options(self) -> list[dict]:
         """The optimizer's current hyperparameters, sent with every push so that LR schedulers keep working."""
@@ -189,33 +205,45 @@ class ParameterClient:
     def _push(self, want_values: bool, average: bool) -> None:
         options = self.options()
         set_by_user = self._set_by_user()
-        futures = []
+        calls, owner = [], []
         sent = 0
         for i, proc in enumerate(self.servers):
-            # None for a parameter without a gradient: the servers then leave its slices alone.
-            grads = [None if self.params[s.param].grad is None else
-                     read_slice(self.params[s.param].grad, self.params[s.param], s.start, s.end)
-                     for s in self.by_server[i]]
-            t0 = timeline.now() if timeline.on and self.packer.compresses else 0
-            packet, nbytes = self.packer.pack([s.id for s in self.by_server[i]], grads)
-            if t0:
-                timeline.span("compress", t0, tensor=f"gradients for process {proc}")
-            sent += nbytes
-            values = set_by_user[i] if any(v is not None for v in set_by_user[i]) else None
-            futures.append(transport.call_async(proc, server.push, self.session, self.group, packet, options,
-                                                want_values, average, values, runtime.proc_rank()))
+            runs = self.runs[i]
+            for j, (start, end) in enumerate(runs):
+                mine = self.by_server[i][start:end]
+                # None for a parameter without a gradient: the servers then leave its slices alone.
+                grads = [None if self.params[s.param].grad is None else
+                         read_slice(self.params[s.param].grad, self.params[s.param], s.start, s.end)
+                         for s in mine]
+                t0 = timeline.now() if timeline.on and self.packer.compresses else 0
+                packet, nbytes = self.packer.pack([s.id for s in mine], grads)
+                if t0:
+                    timeline.span("compress", t0, tensor=f"gradients for process {proc}")
+                sent += nbytes
+                given = set_by_user[i][start:end]
+                values = given if any(v is not None for v in given) else None
+                part = None if len(runs) == 1 else (j, len(runs), start, end)
+                calls.append((proc, transport.call_async(proc, server.push, self.session, self.group, packet,
+                                                         options, want_values, average, values,
+                                                         runtime.proc_rank(), part)))
+                owner.append(i)
         self.bytes_sent_last_step = sent
         self.bytes_sent_total += sent
         t0 = timeline.now() if timeline.on else 0
         try:
-            answers = transport.wait_all(list(zip(self.servers, futures)), "push")
+            answers = transport.wait_all(calls, "push")
         except transport.PeerError as exc:
             if "did not answer within" in str(exc) and self.replicas > 1:
                 raise self._missing_replicas(exc) from None
             raise
         if t0:  # idle: the servers gather the other replicas' pushes and apply the update
             timeline.span("wait", t0, tensor="the parameter servers' answers to a push")
-        for i, (version, values, stale) in enumerate(answers):
+        per_server: dict[int, list] = {}
+        for i, (version, values, stale) in zip(owner, answers):  # a server's messages answer in slice order
+            whole = per_server.setdefault(i, [version, None, stale])
+            if values is not None:
+                whole[1] = (whole[1] or []) + list(values)
+        for i, (version, values, stale) in per_server.items():
             self.staleness_seen.append(stale)
             self._adopt(i, version, values)
 

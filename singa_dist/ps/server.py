@@ -59,6 +59,7 @@ class _Table:
         self.gathering: dict[int, list] = {}  # group -> pushes received for its next update
         self.queue: list = []  # updates held back by the staleness bound
         self.left: dict[int, tuple] = {}  # group -> (process, steps) of its first worker to close the table
+        self.parts: dict[tuple, dict] = {}  # (group, process) -> the messages of a push cut into several
         self.compressor = spec.get("compression")
         self.value_dtype = spec.get("value_dtype")  # values answered in this dtype (16-bit compressions)
         self.numels = [p.numel() for p in self.params]
@@ -148,6 +149,24 @@ class _Table:
                 done.append((futures, (self.version, values, stale)))
                 progress = True
         return done
+
+    def gather_part(self, group: int, proc, part: tuple, grads, values, future) -> dict | None:
+        """One message of a push cut into `part[1]` messages: the whole push once its last message is here."""
+        index, count, start, end = part
+        n = len(self.params)
+        with self.lock:
+            entry = self.parts.setdefault((group, proc), {"grads": [None] * n, "values": None, "got": set(),
+                                                          "waiters": []})
+            entry["grads"][start:end] = grads
+            if values is not None:
+                if entry["values"] is None:
+                    entry["values"] = [None] * n
+                entry["values"][start:end] = values
+            entry["got"].add(index)
+            entry["waiters"].append((future, start, end))
+            if len(entry["got"]) < count:
+                return None
+            return self.parts.pop((group, proc))
 
     def left_error(self, group: int, waiting: int = 1) -> RuntimeError:
         proc, steps = self.left[group]
@@ -269,16 +288,40 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
     return future
 
 
+def _answer_parts(whole: torch.futures.Future, waiters: list) -> None:
+    """Answer each message of a push cut into several with the values of its own slices."""
+    def split(done):
+        answer = done.value()
+        for future, start, end in waiters:
+            if isinstance(answer, BaseException):
+                future.set_result(answer)
+            else:
+                version, values, stale = answer
+                future.set_result((version, None if values is None else values[start:end], stale))
+    whole.add_done_callback(split)
+
+
 @_async_execution
 def push(session: int, group: int, packet: tuple, options: list, want: bool, average: bool, values=None,
-         proc: int | None = None):
+         proc: int | None = None, part: tuple | None = None):
+    """A worker's push; `part` = (index, count, start, end) when it is one of `count` messages, carrying the
+    table's slices [start, end)."""
     t0 = timeline.now() if timeline.on else 0
     table = _me().table(session)
-    grads = wire.unpack(table.compressor, packet, table.numels)
+    start, end = (0, len(table.numels)) if part is None else part[2:]
+    grads = wire.unpack(table.compressor, packet, table.numels[start:end])
     lane = f"pushes of process {proc}"
     if t0 and getattr(table.compressor, "name", "none") != "none":
         timeline.span("decompress", t0, lane=lane, tensor=f"gradients of process {proc}")
-    future, done = table.push(group, grads, options, want, average, values, proc)
+    if part is None:
+        future, done = table.push(group, grads, options, want, average, values, proc)
+    else:
+        future = torch.futures.Future()
+        entry = table.gather_part(group, proc, part, grads, values, future)
+        if entry is None:
+            return future  # answered when the push's last message has come
+        whole, done = table.push(group, entry["grads"], options, want, average, entry["values"], proc)
+        _answer_parts(whole, entry["waiters"])
     _complete(done)
     if t0:
         timeline.span("push", t0, lane=lane, tensor=f"from process {proc} (worker group {group})")

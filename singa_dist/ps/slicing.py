@@ -71,6 +71,21 @@ def slice_params(named_sizes: list[tuple[str, int]], nservers_per_group: int = 1
     return slices
 
 
+def message_runs(slices: list[Slice], messages: int) -> list[tuple[int, int]]:
+    """A server's slices cut into up to `messages` runs [start, end) of consecutive slices of about equal
+    elements: the messages one push to that server is sent as (a slice is never cut)."""
+    total = sum(s.numel for s in slices)
+    runs, start, filled = [], 0, 0
+    for i, s in enumerate(slices):
+        filled += s.numel
+        if len(runs) < messages - 1 and i + 1 < len(slices) and filled >= total * (len(runs) + 1) / messages:
+            runs.append((start, i + 1))
+            start = i + 1
+    if start < len(slices) or not runs:
+        runs.append((start, len(slices)))
+    return runs
+
+
 def server_loads(slices: list[Slice], nservers_per_group: int) -> list[int]:
     """Elements each server of a group owns."""
     loads = [0] * nservers_per_group

@@ -1,13 +1,23 @@
 """The contract between DistributedOptimizer and a training framework."""
 from __future__ import annotations
 
-import torch
+import time
 
-from .. import runtime
+import torch
+import torch.distributed as dist
+
+from .. import primitives, runtime
 from ..collectives import Average, Sum
+from ..compression import SparseCompressor
 from ..compression import resolve as resolve_compression
+from ..environment import autotune_requested
+from ..ps.slicing import message_runs, slice_params
 from ..shards import is_feature_split
 from ..topology import strategy_kind
+from .buckets import BucketTuner
+
+# The numbers of messages per server that messages_per_server="auto" tries (those that cut the pushes differently).
+AUTOTUNE_MESSAGES = (1, 2, 4, 8)
 
 
 class Strategy:
@@ -84,6 +94,93 @@ class Strategy:
 
 class ParameterServerStrategy(Strategy):
     """What the parameter-server frameworks (Sandblaster, Downpour, Hybrid, Hogwild) share."""
+
+    messages_per_server = 1  # messages each push to one server is cut into (after set-up: the number in use)
+    autotune = False
+    autotune_log: list = []
+    tuner: BucketTuner | None = None
+
+    def _init_messages(self, messages_per_server, autotune_messages, autotune_warmup: int, autotune_steps: int):
+        """Check and keep the push's message count (a number, None for 1, or "auto") and autotune's settings."""
+        if messages_per_server is not None and messages_per_server != "auto" and (
+                isinstance(messages_per_server, bool) or not isinstance(messages_per_server, int)
+                or messages_per_server < 1):
+            raise ValueError(f"messages_per_server must be a positive integer, None or 'auto', got "
+                             f"{messages_per_server!r}")
+        candidates = tuple(sorted({int(m) for m in autotune_messages}))
+        if not candidates or candidates[0] < 1:
+            raise ValueError(f"autotune_messages must be positive integers, got {autotune_messages!r}")
+        if autotune_warmup < 1 or autotune_steps < 1:
+            raise ValueError(f"autotune_warmup and autotune_steps must be at least 1, got {autotune_warmup}, "
+                             f"{autotune_steps}")
+        self.autotune = messages_per_server == "auto" or (messages_per_server is None and autotune_requested())
+        self.messages_per_server = 1 if messages_per_server in (None, "auto") else messages_per_server
+        self.autotune_messages = candidates
+        self.autotune_warmup, self.autotune_steps = int(autotune_warmup), int(autotune_steps)
+        self.autotune_log = []  # the counts tried: messages_per_server, step_ms, times_ms (see _tune_step)
+        self.tuner = None
+
+    # ------------------------------------------------------------------------------------------ autotune
+    def _start_messages(self, tune_group, tune_size: int, reports: bool) -> None:
+        """After set-up: use the fixed count, or start tuning it. `tune_group` (None: every worker) and its
+        `tune_size` members agree on the choice, and the process with `reports` prints it."""
+        client = getattr(self, "client", None)
+        if not self.autotune:
+            if client is not None:
+                client.set_messages(self.messages_per_server)
+            return
+        self.tune_group, self.tune_size, self.reports = tune_group, tune_size, reports
+        topo = runtime.topology()
+        slices = slice_params([(n, p.numel()) for n, p in self.named], topo.nservers_per_group, topo.nserver_groups)
+        by_server = [[s for s in slices if s.server == i] for i in range(topo.nservers_per_group)]
+        counts, seen = [], set()
+        # A sparse compression's selection spans a whole push: it always goes as one message per server.
+        for m in (1,) if isinstance(self.compression, SparseCompressor) else self.autotune_messages:
+            key = tuple(tuple(message_runs(mine, m)) for mine in by_server)
+            if key not in seen:
+                seen.add(key)
+                counts.append(m)
+        self.messages_per_server = counts[0]
+        if len(counts) == 1:  # every count cuts the pushes alike: nothing to measure
+            self.autotune_log = [{"messages_per_server": counts[0], "step_ms": None}]
+        else:
+            self.tuner = BucketTuner(counts, self.autotune_warmup, self.autotune_steps)
+        if client is not None:
+            client.set_messages(self.messages_per_server)
+
+    def _tune_step(self) -> None:
+        """At the end of a step: time it; after a count's last step, use the next count or settle on the fastest."""
+        tuner = self.tuner
+        if not tuner.step_done(time.perf_counter()):
+            return
+        self.autotune_log.append({"messages_per_server": tuner.candidate, "step_ms": None,
+                                  "times_ms": list(tuner.times_ms[tuner.trial])})
+        if tuner.advance():
+            self._use_messages(tuner.candidate)
+            return
+        # Every member takes the same decision from the same numbers: the largest median of each count.
+        medians = torch.tensor(tuner.medians_ms(), dtype=torch.float64)
+        if self.tune_size > 1:
+            primitives.all_reduce(medians, f"autotune: the step times of {tuner.candidates} messages per server",
+                                  op=dist.ReduceOp.MAX, group=self.tune_group)
+        step_ms = medians.tolist()
+        for entry, ms in zip(self.autotune_log, step_ms):
+            entry["step_ms"] = ms
+        self.tuner = None
+        self._use_messages(tuner.candidates[tuner.best(step_ms)])
+        if self.reports:
+            tried = ", ".join(f"{e['messages_per_server']} {e['step_ms']:.2f} ms" for e in self.autotune_log)
+            print(f"[singa autotune] {self.name} messages_per_server={self.messages_per_server}: median step time "
+                  f"{tried} ({self._tune_who()}, {tuner.steps} steps each after {tuner.warmup} warm-up)", flush=True)
+
+    def _tune_who(self) -> str:
+        return f"slowest of {self.tune_size} workers" if self.tune_size > 1 else "1 worker"
+
+    def _use_messages(self, messages: int) -> None:
+        self.messages_per_server = messages
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.set_messages(messages)
 
     def _begin_setup(self, optimizer, named_parameters, compression, op) -> bool:
         """Record the optimizer and parameters; True when this process trains alone (no job to talk to).

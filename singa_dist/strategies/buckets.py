@@ -132,7 +132,8 @@ class BucketTuner:
     """Horovod's autotuner for the fusion threshold alone: each candidate bucket size is used for `warmup` steps,
     then for `steps` steps whose times (from one step's end to the next's) are kept; the candidate with the
     lowest median wins. Pure bookkeeping: the strategy re-plans its buckets between steps and makes the ranks
-    agree on the times (singa_dist.strategies.allreduce)."""
+    agree on the times (singa_dist.strategies.allreduce). The parameter-server strategies tune their messages per
+    server with it (the candidates are then counts: `candidates`, `candidate`)."""
 
     def __init__(self, sizes_mb: list[float], warmup: int, steps: int):
         if warmup < 1 or steps < 1:
@@ -146,6 +147,14 @@ class BucketTuner:
 
     @property
     def size_mb(self) -> float:
+        return self.sizes_mb[self.trial]
+
+    @property
+    def candidates(self) -> list:
+        return self.sizes_mb
+
+    @property
+    def candidate(self):
         return self.sizes_mb[self.trial]
 
     def step_done(self, now: float) -> bool:

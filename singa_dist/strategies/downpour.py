@@ -9,6 +9,10 @@ apply each group's update as it comes, without waiting for the other groups.
 `staleness`: with a bound N, no group ever computes on values more than N versions older than the
 servers' (a group that falls N versions behind is made to pull, and the servers hold back an update that
 would put a computing group more than N behind until that group has pushed). None: no bound.
+
+`messages_per_server`: as Sandblaster's (each push to a server cut into that many messages). "auto" tunes it per
+worker group, since groups do not wait for each other and only a group's first worker pushes: the group's
+workers agree on the count from their step times and switch at the same step; groups may settle differently.
 """
 from __future__ import annotations
 
@@ -16,13 +20,14 @@ from .. import primitives, runtime
 from ..functions import allreduce_gradients_, broadcast_flat_
 from ..ps import client as ps_client
 from ..ps import transport
-from .base import ParameterServerStrategy
+from .base import AUTOTUNE_MESSAGES, ParameterServerStrategy
 
 
 class Downpour(ParameterServerStrategy):
     name = "downpour"
 
-    def __init__(self, pull_freq: int = 1, staleness: int | None = None):
+    def __init__(self, pull_freq: int = 1, staleness: int | None = None, messages_per_server: int | str | None = None,
+                 *, autotune_messages=AUTOTUNE_MESSAGES, autotune_warmup: int = 2, autotune_steps: int = 8):
         if not isinstance(pull_freq, int) or pull_freq < 1:
             raise ValueError(f"pull_freq must be a positive integer, got {pull_freq!r}")
         if staleness is not None and (not isinstance(staleness, int) or staleness < 1):
@@ -30,6 +35,7 @@ class Downpour(ParameterServerStrategy):
                              "(a bound of 0 is synchronous training: use the sandblaster strategy)")
         self.pull_freq = pull_freq
         self.staleness = staleness
+        self._init_messages(messages_per_server, autotune_messages, autotune_warmup, autotune_steps)
         self.client = None
         self.local = False
         self.synced = False
@@ -50,6 +56,7 @@ class Downpour(ParameterServerStrategy):
                 clients=topo.nworker_groups, create=runtime.rank() == 0,
                 compression=self.compression)
         self._broadcast_in_group()
+        self._start_messages(self.group_pg, len(self.group_ranks), runtime.proc_rank() == self.leader)
         runtime.on_shutdown(self.close)
 
     def _broadcast_in_group(self) -> None:
@@ -83,7 +90,13 @@ class Downpour(ParameterServerStrategy):
             self.client.push(want_values=self.steps % self.pull_freq == 0)
         self._broadcast_in_group()
         self.synced = False
+        if self.tuner is not None:
+            self._tune_step()
         return loss
+
+    def _tune_who(self) -> str:
+        n = len(self.group_ranks)
+        return f"worker group {self.group}, slowest of {n} workers" if n > 1 else f"worker group {self.group}"
 
     def pull(self) -> None:
         """Fetch the servers' current values now (e.g. before evaluating); every worker of the group calls it."""

@@ -6,6 +6,11 @@ optimizer (class and hyperparameters, so its state lives on the server) on its s
 version and answers every worker with the new values. Training therefore equals one process on the
 whole batch. The optimizer's current hyperparameters travel with each push, so LR schedulers on the
 workers keep working.
+
+`messages_per_server`: each worker's push to a server goes as that many messages (runs of the server's slices),
+so that packing the next one overlaps sending the last; the server puts them together before its update, so
+the values are those of one message. "auto" (or `singa-launch --autotune`) tunes it during the first steps by
+measured step time (every worker takes the same count at the same step), then keeps it.
 """
 from __future__ import annotations
 
@@ -13,13 +18,15 @@ from .. import runtime
 from ..functions import allreduce_gradients_
 from ..ps import client as ps_client
 from ..ps import transport
-from .base import ParameterServerStrategy
+from .base import AUTOTUNE_MESSAGES, ParameterServerStrategy
 
 
 class Sandblaster(ParameterServerStrategy):
     name = "sandblaster"
 
-    def __init__(self):
+    def __init__(self, messages_per_server: int | str | None = None, *, autotune_messages=AUTOTUNE_MESSAGES,
+                 autotune_warmup: int = 2, autotune_steps: int = 8):
+        self._init_messages(messages_per_server, autotune_messages, autotune_warmup, autotune_steps)
         self.client = None
         self.local = False
         self.synced = False
@@ -32,6 +39,7 @@ class Sandblaster(ParameterServerStrategy):
         self.client = ps_client.ParameterClient(
             optimizer, self.named, group=0, replicas=topo.nworkers_per_group, staleness=None,
             clients=topo.nworkers, create=runtime.rank() == 0, compression=self.compression)
+        self._start_messages(None, runtime.size(), runtime.rank() == 0)
         runtime.on_shutdown(self.close)
 
     def synchronize(self) -> None:
@@ -50,6 +58,8 @@ class Sandblaster(ParameterServerStrategy):
         # After synchronize() every worker pushes the same averaged gradient: averaging copies changes nothing.
         self.client.push(want_values=True, average=self.average or self.synced)
         self.synced = False
+        if self.tuner is not None:
+            self._tune_step()
         return loss
 
     @property
