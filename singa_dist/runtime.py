@@ -82,14 +82,17 @@ def request_worker_group(name: str) -> None:
 
 
 def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int | None,
-                 local_size: int | None) -> tuple[int, int, int, int]:
+                 local_size: int | None, workers: int) -> tuple[int, int, int, int]:
     """(local_rank, local_size, cross_rank, cross_size) of this process.
 
-    Every process of the job takes the same branch (each one depends only on job-wide facts), so that either
-    all of them or none take part in the all-gather."""
+    A worker counts the workers only (processes 0 .. workers-1, which come first on every node), as size()
+    does: Horovod's local and cross ranks are those of its ranks, and parameter servers are not ranks. A
+    server counts every process. Every process of the job takes the same branch (each one depends only on
+    job-wide facts), so that either all of them or none take part in the all-gather."""
+    members = workers if proc_rank < workers else proc_size  # the processes this one is counted among
     if local_size == proc_size and local_rank is not None:  # every process is on this node
-        return local_rank, local_size, 0, 1
-    if launcher == "srun" and local_rank is not None and local_size is not None:
+        return local_rank, members, 0, 1
+    if launcher == "srun" and local_rank is not None and local_size is not None and workers == proc_size:
         found = layout_from_slurm(local_rank)
         if found is not None:
             return (local_rank, local_size) + found
@@ -97,12 +100,15 @@ def _node_layout(launcher: str, proc_rank: int, proc_size: int, local_rank: int 
     mine = (node_key(launcher), local_rank)
     everyone = [None] * proc_size
     dist.all_gather_object(everyone, mine)
+    everyone = everyone[:members]
     if local_rank is None or local_size is None:  # numbered by host, in process order
         by_host = ranks_within([host for host, _ in everyone])
         local_rank, local_size = by_host[proc_rank]
         local_ranks = [local for local, _ in by_host]
     else:
         local_ranks = [local for _, local in everyone]
+        if members < proc_size:  # the launcher's count includes the servers on this node
+            local_size = sum(1 for host, _ in everyone if host == everyone[proc_rank][0])
     return (local_rank, local_size) + ranks_within(local_ranks)[proc_rank]
 
 
@@ -204,7 +210,7 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
         _register_exit()
     if _state.distributed and not alone:
         local_rank, local_size, _state.cross_rank, _state.cross_size = _node_layout(
-            launcher, proc_rank, proc_size, local_rank, local_size)
+            launcher, proc_rank, proc_size, local_rank, local_size, topology.nworkers)
     _state.local_rank = 0 if local_rank is None else local_rank
     _state.local_size = 1 if local_size is None else local_size
 
@@ -329,6 +335,7 @@ def local_rank() -> int:
 
 
 def local_size() -> int:
+    """The number of workers on this node (parameter servers are not counted, as size() does not count them)."""
     return _require_init().local_size
 
 

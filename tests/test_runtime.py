@@ -153,6 +153,19 @@ def test_uneven_nodes_from_torchrun_environment():
                                             ["2", "1", "2", "0", "1"]]
 
 
+def test_local_and_cross_ranks_count_workers_not_servers():
+    # torchrun's variables for two nodes of 2 processes, Sandblaster's server the last process (on node 1):
+    # a worker's local and cross ranks are among workers, as Horovod's are among its ranks.
+    layout = [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
+    envs = [{"RANK": str(r), "WORLD_SIZE": "4", "GROUP_RANK": str(node), "LOCAL_RANK": str(local),
+             "LOCAL_WORLD_SIZE": str(count), "SINGA_STRATEGY": "sandblaster", "SINGA_SERVERS": "1"}
+            for r, (node, local, count) in enumerate(layout)]
+    outputs = _run_processes(envs, _LAYOUT)
+    assert [o.split() for o in outputs[:3]] == [["0", "0", "2", "0", "2"], ["1", "1", "2", "0", "1"],
+                                                ["2", "0", "1", "1", "2"]]
+    assert outputs[3] == ""  # the server serves inside init() and runs no more of the script
+
+
 def test_local_ranks_from_host_names_when_the_launcher_gives_none():
     # An MPI that exports only PMI_RANK/PMI_SIZE: the processes find their local ranks from their host names.
     envs = [{"PMI_RANK": str(r), "PMI_SIZE": "3"} for r in range(3)]

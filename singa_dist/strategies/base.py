@@ -11,7 +11,6 @@ from ..collectives import Average, Sum
 from ..compression import SparseCompressor
 from ..compression import resolve as resolve_compression
 from ..environment import autotune_requested
-from ..ps.slicing import message_runs, slice_params
 from ..shards import is_feature_split
 from ..topology import strategy_kind
 from .buckets import BucketTuner
@@ -130,6 +129,7 @@ class ParameterServerStrategy(Strategy):
                 client.set_messages(self.messages_per_server)
             return
         self.tune_group, self.tune_size, self.reports = tune_group, tune_size, reports
+        from ..ps.slicing import message_runs, slice_params  # the server code loads with a PS strategy only
         topo = runtime.topology()
         slices = slice_params([(n, p.numel()) for n, p in self.named], topo.nservers_per_group, topo.nserver_groups)
         by_server = [[s for s in slices if s.server == i] for i in range(topo.nservers_per_group)]
