@@ -230,6 +230,8 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
         _state.named_pgs[name] = dist.new_group(topology.worker_ranks(), timeout=wait)
     _state.initialized = True
     _timeline_from_environment()
+    if topology.nprocs != topology.nworkers:
+        _samplers_count_workers()
     if role.is_worker:  # what horovodrun sets, true whatever launched the job (tools read it after init)
         os.environ.update({"HOROVOD_RANK": str(_state.rank), "HOROVOD_SIZE": str(_state.size),
                            "HOROVOD_LOCAL_RANK": str(_state.local_rank), "HOROVOD_LOCAL_SIZE": str(_state.local_size),
@@ -240,6 +242,28 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
         _server_loop()
         shutdown()
         raise ServerDone(0)
+
+
+def _samplers_count_workers() -> None:
+    """torch's DistributedSampler(dataset) takes its replicas and rank from the default group, which holds the
+    parameter servers too: the workers would read only their shares of the data and the servers' shares would
+    never be read, without a word. While a job with servers runs, a sampler given neither takes the workers'
+    size() and rank() instead (given values are kept)."""
+    from torch.utils.data import distributed as sampling
+    original = sampling.DistributedSampler.__init__
+    if getattr(original, "_singa_workers", False):
+        return
+
+    def __init__(self, dataset, num_replicas=None, rank=None, *args, **kwargs):
+        if _state.initialized and _state.topology is not None and _state.rank >= 0 and \
+                _state.topology.nprocs != _state.topology.nworkers:
+            num_replicas = _state.size if num_replicas is None else num_replicas
+            rank = _state.rank if rank is None else rank
+        original(self, dataset, num_replicas, rank, *args, **kwargs)
+
+    __init__._singa_workers = True
+    __init__.__doc__, __init__.__wrapped__ = original.__doc__, original
+    sampling.DistributedSampler.__init__ = __init__
 
 
 def blame(procs: list[int], what: str, neutral: bool = False) -> None:

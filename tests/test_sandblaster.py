@@ -145,6 +145,20 @@ def test_parameter_without_gradient_is_not_stepped(synchronize):
         assert steps == 3  # Adam's step count on the servers: only the steps where some worker used it
 
 
+def _sampler_shards():
+    sampler = torch.utils.data.distributed.DistributedSampler(range(12), shuffle=False)
+    given = torch.utils.data.distributed.DistributedSampler(range(12), num_replicas=4, rank=1, shuffle=False)
+    return list(sampler), sampler.num_replicas, sampler.rank, given.num_replicas, given.rank
+
+
+def test_distributed_sampler_shares_the_data_among_the_workers():
+    """torch's default group holds the servers too; DistributedSampler(dataset) must not leave their shares unread."""
+    world = ps_world(sd.ClusterTopology.sandblaster(2, 2))
+    out = world.run(_sampler_shards, timeout=60)
+    assert [o[1:] for o in out] == [(2, 0, 4, 1), (2, 1, 4, 1)]  # values given explicitly are kept
+    assert sorted(out[0][0] + out[1][0]) == list(range(12))
+
+
 def _checkpoint():
     model = _model()
     opt = sd.DistributedOptimizer(_optimizer("adam", model.parameters()), model.named_parameters(),
