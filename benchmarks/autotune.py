@@ -13,6 +13,7 @@ appends the rows to benchmarks/results/autotune.csv.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import machine, print_table, write_csv
-from benchmarks.dist_overhead import _input_width, _step_fn, make_model
+from benchmarks.dist_overhead import _step_fn, fresh_model, make_model
 
 
 def measure(kinds, reps: int, small: bool) -> list[dict] | None:
@@ -31,11 +32,7 @@ def measure(kinds, reps: int, small: bool) -> list[dict] | None:
 
     rows = []
     for kind in kinds:
-        def fresh():
-            model = make_model(kind, small)
-            g = torch.Generator().manual_seed(sd.rank())
-            width = _input_width(model)
-            return model, torch.randn(16, width, generator=g), torch.randn(16, width, generator=g)
+        fresh = functools.partial(fresh_model, kind, small, sd.rank())
 
         nbytes = sum(p.numel() * p.element_size() for p in make_model(kind, small).parameters())
         methods, optimizers = {}, {}

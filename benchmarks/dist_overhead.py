@@ -16,6 +16,7 @@ models; its server processes serve from sd.init() on.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -41,6 +42,14 @@ def make_model(kind: str, small: bool) -> nn.Module:
 
 def _input_width(model: nn.Module) -> int:
     return next(m for m in model if isinstance(m, nn.Linear)).in_features
+
+
+def fresh_model(kind: str, small: bool, rank: int):
+    """A new model of `kind` and this rank's batch for it (input and target)."""
+    model = make_model(kind, small)
+    g = torch.Generator().manual_seed(rank)
+    width = _input_width(model)
+    return model, torch.randn(16, width, generator=g), torch.randn(16, width, generator=g)
 
 
 def _variants():
@@ -88,11 +97,7 @@ def measure(kinds, reps: int, small: bool, strategy_only: str | None = None) -> 
 
     rows = []
     for kind in kinds:
-        def fresh():
-            model = make_model(kind, small)
-            g = torch.Generator().manual_seed(sd.rank())
-            width = _input_width(model)
-            return model, torch.randn(16, width, generator=g), torch.randn(16, width, generator=g)
+        fresh = functools.partial(fresh_model, kind, small, sd.rank())
 
         params = list(make_model(kind, small).parameters())
         nbytes = sum(p.numel() * p.element_size() for p in params)
