@@ -295,10 +295,8 @@ def _sigkill_nodes(killed: int) -> Callable[[Bench], tuple[bool, str]]:
     """--nnodes 2 on this host: SIGKILL node `killed`'s launcher; the other node's launcher learns it (the
     store node 0's launcher hosts goes away, or node 1's heartbeat stops) and stops its processes."""
     def check(b: Bench):
-        import socket
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
+        from singa_dist.environment import free_port
+        port = str(free_port("127.0.0.1"))
         common = ["-np", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port]
         return _sigkill_launcher(b, common + ["--node-rank", str(killed)],
                                  others=[common + ["--node-rank", str(1 - killed)]], settle=40)
@@ -318,26 +316,24 @@ def _sigkill_ssh(b: Bench) -> tuple[bool, str]:
                              env={"PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"})
 
 
-def _sigkill_mpi(b: Bench) -> tuple[bool, str]:
-    from launchers.config import UsageError
-    from launchers.mpi import find_mpirun
-    try:
-        find_mpirun()
-    except UsageError:
-        return None, "no mpirun on this machine"
-    return _sigkill_launcher(b, ["-np", "2", "--mpi"])
-
-
-def _mpi_job(body: str, codes: tuple, needles: list[str]) -> Callable[[Bench], tuple[bool, str]]:
-    def check(b: Bench):
+def _needs_mpirun(check: Callable[[Bench], tuple[bool, str]]) -> Callable[[Bench], tuple[bool, str]]:
+    """`check`, skipped where no mpirun is installed (the mpi extra puts one beside Python)."""
+    def run(b: Bench):
         from launchers.config import UsageError
         from launchers.mpi import find_mpirun
         try:
             find_mpirun()
         except UsageError:
             return None, "no mpirun on this machine"
-        return job_case(["-np", "2", "--mpi"], body, codes, needles)(b)
-    return check
+        return check(b)
+    return run
+
+
+_sigkill_mpi = _needs_mpirun(lambda b: _sigkill_launcher(b, ["-np", "2", "--mpi"]))
+
+
+def _mpi_job(body: str, codes: tuple, needles: list[str]) -> Callable[[Bench], tuple[bool, str]]:
+    return _needs_mpirun(job_case(["-np", "2", "--mpi"], body, codes, needles))
 
 
 def _sigterm_launcher(b: Bench) -> tuple[bool, str]:

@@ -218,32 +218,37 @@ class LocalJob:
                     if tee & 2:
                         self.pump.add(s.label, ctx.stderrs[i], sys.stderr)
 
-    def _notes(self, failed: list) -> list[dict]:
-        notes = []
+    def _notes(self, failed: list) -> dict[int, dict]:
+        """The notes the failed processes left (runtime.blame), by process rank."""
+        notes = {}
         for spec, _ in failed:
             try:
                 with open(os.path.join(self.folder, f"blame.{spec.proc_rank}")) as f:
-                    notes.append(json.load(f))
+                    notes[spec.proc_rank] = json.load(f)
             except (OSError, ValueError):
                 continue
         return notes
 
-    def first_causes_first(self, failed: list) -> list:
+    def first_causes_first(self, failed: list, notes: dict[int, dict] | None = None) -> list:
         """Processes found failed at the same moment, in the order of cause: one that another blames (its note
         is not neutral), then one killed by a signal (nothing in the job sends one before the launcher does),
-        then the rest as they are."""
-        blamed = {proc for note in self._notes(failed) if not note.get("neutral") for proc in note.get("blames", [])}
+        then the rest as they are. `notes`: the failed processes' notes, when already read."""
+        notes = self._notes(failed) if notes is None else notes
+        blamed = {proc for note in notes.values() if not note.get("neutral") for proc in note.get("blames", [])}
         return sorted(failed, key=lambda item: (item[0].proc_rank not in blamed, item[1] >= 0))
 
-    def causes(self, failed: list) -> list:
+    def causes(self, failed: list, notes: dict[int, dict] | None = None) -> list:
         """The processes the failed ones name as the cause (a peer that never came to init(), to a collective,
         to shutdown()), from the notes singa_dist leaves in the job's folder (see runtime.blame)."""
         by_proc = {spec.proc_rank: spec for spec in self.specs}
+        excluded = {spec.proc_rank for spec, _ in failed}  # failed themselves, or already named
         found = []
-        for note in self._notes(failed):
+        notes = self._notes(failed) if notes is None else notes
+        for spec, _ in failed:  # the first cause's note first
+            note = notes.get(spec.proc_rank, {})
             for proc in note.get("blames", []):
-                if proc in by_proc and proc not in {s.proc_rank for s, _ in failed} and \
-                        all(proc != s.proc_rank for s, _, _ in found):
+                if proc in by_proc and proc not in excluded:
+                    excluded.add(proc)
                     found.append((by_proc[proc], note.get("what", "it stopped answering"), bool(note.get("neutral"))))
         return found
 
@@ -261,8 +266,9 @@ class LocalJob:
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
             if failed:
                 time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
-                failed = self.first_causes_first(failed)
-                return Outcome(False, failed, causes=self.causes(failed))
+                notes = self._notes(failed)
+                failed = self.first_causes_first(failed, notes)
+                return Outcome(False, failed, causes=self.causes(failed, notes))
             # A process that ended well but left a note could not meet the others at singa_dist.shutdown()
             # (they hang, or ran more steps): waiting for them would be waiting forever.
             stranded = [(spec, 0) for spec, code in codes if code == 0 and spec.proc_rank not in checked

@@ -78,17 +78,22 @@ class NodeWatch:
             beat += 1
             self._stop.wait(HEARTBEAT_S)
 
-    def _check_others(self, store, seen: dict) -> None:
+    def _heartbeat_age(self, store, node: int, seen: dict) -> tuple[str | None, float]:
+        """`node`'s latest heartbeat (None before its first) and how long it has stood still; `seen` keeps, per
+        node, the value last read and when it changed."""
+        key = self._key("alive", node)
+        value = store.get(key).decode() if store.check([key]) else None
         now = time.monotonic()
+        if node not in seen or seen[node][0] != value:
+            seen[node] = (value, now)
+        return value, now - seen[node][1]
+
+    def _check_others(self, store, seen: dict) -> None:
         for node in range(1, self.nnodes):
-            alive = self._key("alive", node)
-            if not store.check([alive]) or store.check([self._key("done", node)]):
+            if store.check([self._key("done", node)]):
                 continue
-            value = store.get(alive).decode()
-            last = seen.get(node)
-            if last is None or last[0] != value:
-                seen[node] = (value, now)
-            elif now - last[1] > STALE_S and self.problem is None:
+            value, still = self._heartbeat_age(store, node, seen)
+            if value is not None and still > STALE_S and self.problem is None:
                 self.problem = (f"node {node}'s launcher stopped answering (no heartbeat in the job's store "
                                 f"for {STALE_S:g} s): it was killed, or its host is gone")
 
@@ -110,21 +115,14 @@ class NodeWatch:
     def _wait_for_others(self, store) -> None:
         """Until every other node is done, or stopped beating for STALE_S."""
         pending = set(range(1, self.nnodes))
-        last: dict[int, tuple[str | None, float]] = {n: (None, time.monotonic()) for n in pending}
+        seen: dict = {}
         while pending and self.problem is None:
             for node in sorted(pending):
                 try:
-                    if store.check([self._key("done", node)]):
+                    if store.check([self._key("done", node)]) or self._heartbeat_age(store, node, seen)[1] > STALE_S:
                         pending.discard(node)
-                        continue
-                    value = store.get(self._key("alive", node)).decode() if store.check(
-                        [self._key("alive", node)]) else None
                 except Exception:
                     return
-                if value != last[node][0]:
-                    last[node] = (value, time.monotonic())
-                elif time.monotonic() - last[node][1] > STALE_S:
-                    pending.discard(node)
             if pending:
                 time.sleep(HEARTBEAT_S / 4)
 

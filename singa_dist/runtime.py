@@ -255,8 +255,7 @@ def _samplers_count_workers() -> None:
         return
 
     def __init__(self, dataset, num_replicas=None, rank=None, *args, **kwargs):
-        if _state.initialized and _state.topology is not None and _state.rank >= 0 and \
-                _state.topology.nprocs != _state.topology.nworkers:
+        if _state.initialized and _state.rank >= 0 and _state.topology.nprocs != _state.topology.nworkers:
             num_replicas = _state.size if num_replicas is None else num_replicas
             rank = _state.rank if rank is None else rank
         original(self, dataset, num_replicas, rank, *args, **kwargs)

@@ -5,7 +5,6 @@ request), then the launcher's own pieces: how an attempt's outcome is told, and 
 of a job on several nodes keep on each other.
 """
 import json
-import socket
 import threading
 import time
 
@@ -15,6 +14,7 @@ from benchmarks import faults
 from launchers import watchdog
 from launchers.config import ProcessSpec
 from launchers.local import LocalJob, Outcome
+from tests.dist_harness import free_port
 
 QUICK = [case for case in faults.all_cases() if case.quick]
 
@@ -82,12 +82,6 @@ def test_outcome_of_a_lost_node():
     assert outcome.exit_code == 1
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _until(predicate, seconds):
     deadline = time.monotonic() + seconds
     while not predicate() and time.monotonic() < deadline:
@@ -104,7 +98,7 @@ def watches(monkeypatch):
     made = []
 
     def make(n):
-        port = _port()
+        port = free_port("127.0.0.1")
         nodes = [watchdog.NodeWatch("127.0.0.1", port, node, n, 0) for node in range(n)]
         for node in nodes:
             node.start()

@@ -11,6 +11,7 @@ import pytest
 from launchers import mpi
 from launchers.config import UsageError, parse_args
 from tests.dist_harness import kill_session, run_command
+from tests.test_launch import _alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,15 +251,3 @@ def test_sigkill_to_mpi_launcher_takes_every_rank_with_it(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead: its parent just has not collected it
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False

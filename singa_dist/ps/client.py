@@ -73,18 +73,16 @@ class StalenessLog:
         return iter(self._kept)
 
     def __getitem__(self, index):
-        kept = list(self._kept)
-        first = self._count - len(kept)  # the update the oldest kept entry belongs to
+        first = self._count - len(self._kept)  # the update the oldest kept entry belongs to
         if isinstance(index, slice):
             if index.step not in (None, 1):
                 raise ValueError("StalenessLog slices go forward one update at a time")
-            start = 0 if index.start is None else index.start + (self._count if index.start < 0 else 0)
-            stop = self._count if index.stop is None else index.stop + (self._count if index.stop < 0 else 0)
-            return kept[max(start - first, 0):max(stop - first, 0)]
+            start, stop, _ = index.indices(self._count)
+            return list(itertools.islice(self._kept, max(start - first, 0), max(stop - first, 0)))
         index = index + self._count if index < 0 else index
         if not first <= index < self._count:
             raise IndexError(f"update {index} is not kept (updates {first} to {self._count - 1} are)")
-        return kept[index - first]
+        return self._kept[index - first]
 
 
 class ParameterClient:
