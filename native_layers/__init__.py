@@ -12,3 +12,4 @@ from .loss import EuclideanLoss, SoftmaxCrossEntropy, euclidean_loss, softmax_cr
 from .dropout import Dropout, dropout
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from .embedding import Embedding, embedding
+from .rnn import GRU, LSTM, RNN, RecurrentFunction
