@@ -1,0 +1,97 @@
+"""What the model-zoo scripts share around their training loops: the data loaders of a worker, evaluation
+on every worker's share of the test set, and the per-epoch accuracy log (CSV, and a PNG of the curve)."""
+from __future__ import annotations
+
+import csv
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import singa_dist as sd
+
+from datasets import EvalShard
+
+
+def train_loader(train_set: Dataset, per_rank: int, seed: int, workers: int = 0) -> DataLoader:
+    """This worker's shuffled share of the training set; every worker gets the same number of full batches
+    (the model-parallel layers of a partitioned model need every worker in every step)."""
+    sampler = DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=True)
+    if len(sampler) < per_rank:
+        raise ValueError(f"{len(train_set)} training images give each of the {sd.size()} workers {len(sampler)}, "
+                         f"fewer than one batch of {per_rank}: lower --batch-size")
+    return DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=workers,
+                      persistent_workers=workers > 0)
+
+
+def evaluate(model: torch.nn.Module, test_set: Dataset, per_rank: int, prepare, workers: int = 0) -> float:
+    """Accuracy on the whole test set: each worker classifies its share, the counts are summed over the
+    workers. `prepare(uint8 batch)` turns images into the model's input."""
+    loader = DataLoader(EvalShard(test_set, sd.rank(), sd.size()), batch_size=per_rank, num_workers=workers)
+    device = sd.device()
+    counts = torch.zeros(2, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for x, y, valid in loader:
+            hit = model(prepare(x.to(device))).argmax(1).cpu() == y
+            counts += torch.stack([(hit & valid).sum(), valid.sum()]).double()
+    model.train()
+    counts = sd.allreduce(counts, op=sd.Sum, name="evaluate")
+    return (counts[0] / counts[1]).item()
+
+
+class EpochLog:
+    """One CSV row per epoch (on rank 0): epoch, train loss and accuracy, test accuracy, learning rate and
+    seconds; `plot(png)` draws the accuracy curves."""
+
+    FIELDS = ["epoch", "train_loss", "train_accuracy", "test_accuracy", "lr", "seconds"]
+
+    def __init__(self, path: str | None):
+        self.path = path if sd.rank() == 0 else None
+        self.rows: list[dict] = []
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.FIELDS)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        if self.path:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.FIELDS).writerow(row)
+
+    def plot(self, png: str, title: str) -> None:
+        if sd.rank() != 0:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(epochs, [r["train_accuracy"] for r in self.rows], label="train")
+        ax.plot(epochs, [r["test_accuracy"] for r in self.rows], label="test")
+        ax.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+
+
+def load_torchvision_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a torchvision state_dict (torch.save'd) into a model of the same architecture. A final classifier
+    of another number of classes is left as initialised, and said so; any other difference is an error."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    last = list(own)[-2:]  # the final layer's weight and bias
+    if missing or unexpected or any(k not in last for k in skipped):
+        raise ValueError(f"{path}: not this architecture's state_dict (missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, other shapes {[k for k in skipped if k not in last][:4]})")
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=not skipped)
+    if sd.rank() == 0:
+        print(f"loaded {path}" + (f"; kept the new {', '.join(skipped)} (another number of classes)" if skipped
+                                  else ""), flush=True)
