@@ -13,3 +13,4 @@ from .dropout import Dropout, dropout
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from .embedding import Embedding, embedding
 from .rnn import GRU, LSTM, RNN, RecurrentFunction
+from .rbm import RBM, contrastive_divergence
