@@ -183,7 +183,8 @@ def contrastive_divergence(rbm: RBM, v: torch.Tensor, k: int = 1, persistent: to
         if persistent.dtype != v.dtype or persistent.device != v.device:
             raise TypeError(f"contrastive_divergence: persistent is {persistent.dtype} on {persistent.device} but "
                             f"v is {v.dtype} on {v.device}")
-    with torch.no_grad():
+    # The statistics in the parameters' dtype: under autocast the two phases' products would not chain.
+    with torch.no_grad(), torch.autocast(v.device.type, enabled=False):
         v = v.detach()
         ph0 = rbm.hidden_probs(v)
         vk = rbm.gibbs(v if persistent is None else persistent, k, seed)

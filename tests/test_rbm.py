@@ -2,6 +2,10 @@
 statistical bounds, free energy against its formula and against a sum over every hidden configuration."""
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +246,26 @@ def test_half_precision_kernels(layer_device, dtype):
     _assert_grads(rbm, _cd_reference(rbm, v, vk), dtype)
     s = sample_units(torch.full((4000,), 0.25, device=layer_device, dtype=dtype), seed=14)
     assert s.dtype == dtype and abs(s.double().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 4000)
+
+
+_COMPILE_SM90 = """
+from tests.test_kernels_compile import compile_sm90
+from triton_kernels import rbm
+sizes = {a: "i64" for a in ("n", "size1", "size2", "size3", *(f"s{t}{d}" for t in "po" for d in range(4)))}
+for ndim in (0, 4):
+    for unit in rbm.UNITS.values():
+        compile_sm90(rbm._rbm_sample_kernel, dict(p_ptr="*bf16", out_ptr="*bf16", seed="i64", **sizes),
+                     dict(UNIT=unit, NDIM=ndim, BLOCK=rbm.BLOCK), [], 4, 3)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_sampling_kernel_compiles_for_sm90():
+    """The GPU compiler (unlike the interpreter) sees the kernel's types; run outside the interpreter."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    env.pop("SINGA_FORCE_TRITON", None)
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SM90], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stdout + result.stderr
