@@ -64,11 +64,15 @@ def test_char_rnn_learns_the_text():
     assert bits < 3.6, result.stdout
 
 
-@pytest.mark.parametrize("flags", [
-    ["--strategy", "sandblaster", "--servers", "1"],
-    ["--strategy", "downpour", "--worker-groups", "2", "--servers", "1"],
-    ["--strategy", "hogwild", "--sync-freq", "5"],
-], ids=["sandblaster", "downpour", "hogwild"])
+# singa-launch flags of each framework besides AllReduce (the default), on two workers.
+FRAMEWORKS = {
+    "sandblaster": ["--strategy", "sandblaster", "--servers", "1"],
+    "downpour": ["--strategy", "downpour", "--worker-groups", "2", "--servers", "1"],
+    "hogwild": ["--strategy", "hogwild", "--sync-freq", "5"],
+}
+
+
+@pytest.mark.parametrize("flags", list(FRAMEWORKS.values()), ids=list(FRAMEWORKS))
 def test_main_job_unchanged_under_every_framework(flags):
     # The launcher starts the servers and hands every process its role; the script names no strategy.
     result = _launch_example("digits_mlp.py", "--quiet", flags=flags)
@@ -86,3 +90,44 @@ def test_horovod_script_with_join_syncbn_grouped_allreduce_and_process_sets():
     assert "last to join: rank 2" in result.stdout  # the rank with the largest share joins last
     assert "replicas identical: True" in result.stdout
     assert re.search(r"even ranks' best test accuracy: 0\.9[5-9]", result.stdout), result.stdout
+
+
+# A few epochs each: enough for a clear effect, little enough to run every example under every framework.
+RBM_QUICK = ("--epochs", "5", "--finetune-epochs", "8")
+AUTOENCODER_QUICK = ("--sizes", "64,40,10", "--pretrain-epochs", "3", "--finetune-epochs", "5")
+
+
+def _check_rbm(output: str) -> None:
+    mse = float(re.findall(r"reconstruction mse: ([0-9.]+)", output)[-1])
+    # The best constant image (the training digits' mean) reconstructs the test digits with an error of 0.073.
+    assert mse < 0.065, output
+    assert _accuracy(output) >= 0.85
+
+
+def _check_autoencoder(output: str) -> None:
+    before = float(re.findall(r"reconstruction mse before fine-tuning: ([0-9.]+)", output)[-1])
+    after = float(re.findall(r"reconstruction mse after fine-tuning: ([0-9.]+)", output)[-1])
+    assert after < 0.8 * before, output
+
+
+def test_autoencoder_rbm_stack_then_finetuning(tmp_path):
+    png = tmp_path / "autoencoder.png"
+    result = _launch_example("digits_autoencoder.py", *AUTOENCODER_QUICK, "--png", str(png))
+    _check_autoencoder(result.stdout)
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and f"wrote {png}" in result.stdout
+
+
+# Both RBM examples under every framework; one of each framework's pair in the default run, the rest slow.
+@pytest.mark.parametrize("script,framework", [
+    ("digits_rbm.py", "sandblaster"),
+    ("digits_autoencoder.py", "hogwild"),
+    pytest.param("digits_autoencoder.py", "sandblaster", marks=pytest.mark.slow),
+    pytest.param("digits_rbm.py", "downpour", marks=pytest.mark.slow),
+    pytest.param("digits_autoencoder.py", "downpour", marks=pytest.mark.slow),
+    pytest.param("digits_rbm.py", "hogwild", marks=pytest.mark.slow),
+])
+def test_rbm_examples_under_every_framework(script, framework):
+    rbm = script == "digits_rbm.py"
+    result = _launch_example(script, *(RBM_QUICK if rbm else AUTOENCODER_QUICK), flags=FRAMEWORKS[framework])
+    (_check_rbm if rbm else _check_autoencoder)(result.stdout)
+    assert "encountered error" not in result.stdout + result.stderr
