@@ -1,8 +1,9 @@
-"""Character-level language model: a GRU trained by back-propagation through time with a fixed unroll,
-and RMSProp, as in SINGA's char-RNN, on text that ships with scikit-learn.
+"""Character-level language model: a native GRU (or LSTM, or vanilla RNN) trained by back-propagation through
+time with a fixed unroll, and RMSProp, as in SINGA's char-RNN, on text that ships with scikit-learn.
 
     singa-launch -np 2 python examples/char_rnn.py
     python examples/char_rnn.py --hidden 512 --unroll 50 --steps 2000      # SINGA's sizes
+    python examples/char_rnn.py --cell lstm                                # or --cell rnn
 
 Each worker reads its own stretch of the text; the hidden state is carried from one unrolled window to the
 next and cut from the graph between them (truncated BPTT). Prints the held-out bits per character and a
@@ -24,20 +25,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from datasets import text_corpus  # noqa: E402
 
 
+CELLS = {"gru": nl.GRU, "lstm": nl.LSTM, "rnn": nl.RNN}
+
+
 class CharRNN(torch.nn.Module):
-    def __init__(self, vocab: int, hidden: int, layers: int = 1):
+    def __init__(self, vocab: int, hidden: int, layers: int = 1, cell: str = "gru"):
         super().__init__()
         self.embed = nl.Embedding(vocab, hidden)
-        self.gru = torch.nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
+        self.rnn = CELLS[cell](hidden, hidden, num_layers=layers, batch_first=True)
         self.out = nl.Linear(hidden, vocab)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None):
-        y, h = self.gru(self.embed(x), h)
+    def forward(self, x: torch.Tensor, h=None):
+        y, h = self.rnn(self.embed(x), h)
         return self.out(y), h
+
+
+def detach(h):
+    """The state without its history (an LSTM's is a pair of tensors)."""
+    return tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
 
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", choices=sorted(CELLS), default="gru", help="recurrent layer (SINGA's is the GRU)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--unroll", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker")
@@ -60,7 +70,7 @@ def main(argv=None) -> float:
     stride = len(train) // streams
     starts = torch.arange(args.batch_size) * stride + rank * args.batch_size * stride
 
-    model = CharRNN(len(vocab), args.hidden)
+    model = CharRNN(len(vocab), args.hidden, cell=args.cell)
     loss_fn = nl.SoftmaxCrossEntropy()
     opt = sd.DistributedOptimizer(torch.optim.RMSprop(model.parameters(), lr=args.lr, alpha=0.95),
                                   named_parameters=model.named_parameters())
@@ -72,7 +82,7 @@ def main(argv=None) -> float:
         idx = pos[:, None] + torch.arange(args.unroll + 1)
         window = train[idx]
         logits, h = model(window[:, :-1], h)
-        h = h.detach()  # truncated BPTT: the next window starts from this state, not through it
+        h = detach(h)  # truncated BPTT: the next window starts from this state, not through it
         loss = loss_fn(logits.reshape(-1, len(vocab)), window[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()

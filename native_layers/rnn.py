@@ -206,7 +206,8 @@ class _Recurrent:
         """A native layer sharing `module`'s parameters (no copy)."""
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
-        new._parameters = dict(module._parameters)
+        for registry in ("_parameters", "_buffers", "_modules"):
+            setattr(new, registry, dict(getattr(module, registry)))
         new._init_flat_weights()
         return new
 
@@ -232,5 +233,6 @@ class RNN(_Recurrent, nn.RNN):
         return "rnn_" + self.nonlinearity
 
 
-for _native in (GRU, LSTM, RNN):
-    register_conversion(_native.__mro__[2], _native.from_torch)
+register_conversion(nn.GRU, GRU.from_torch)
+register_conversion(nn.LSTM, LSTM.from_torch)
+register_conversion(nn.RNN, RNN.from_torch)

@@ -219,32 +219,35 @@ def test_bad_inputs_are_named():
 
 
 def _compile_variants(every: bool):
-    """(kernel, signature, constexprs) of the step kernels as a GPU launches them: GRU in float32 (TF32), or
-    with `every` each cell in float32 and bfloat16."""
+    """(kernel, signature, constexprs, launch options) of the step kernels as a GPU launches them: the GRU in
+    float32 (TF32) with 64-row tiles, or with `every` each cell in float32 and bfloat16 with each row tile."""
     from triton_kernels import rnn
 
     out = []
     for dt in ("fp32", "bf16") if every else ("fp32",):
         p, f = "*" + dt, "*fp32"
         for mode in sorted(set(rnn.MODES.values())) if every else [rnn.MODES["gru"]]:
-            tiles = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, PRECISION="tf32", DOT_FP32=False, MODE=mode, MASKED=True)
-            out.append((rnn._step_forward_kernel, dict(xw_ptr=p, hp_ptr=p, w_ptr=p, bhn_ptr=p, h_ptr=p, cp_ptr=f,
-                        c_ptr=f, save_ptr=f, len_ptr="*i32"), dict(tiles, PROJ=False, HAS_BHN=True)))
-            out.append((rnn._step_backward_kernel, dict(dy_ptr=p, carry_ptr=f, dgn_ptr=p, w_ptr=p, save_ptr=f,
-                        hp_ptr=p, h_ptr=p, cp_ptr=f, c_ptr=f, dc_ptr=f, dcp_ptr=f, dgx_ptr=p, dgh_ptr=p,
-                        carry_out_ptr=f, len_ptr="*i32"),
-                        dict(tiles, HAS_DY=True, HAS_CARRY=True, REC=True, HAS_DC=True)))
+            for block_b in (64, 32, 16) if every else (64,):
+                tiles = rnn.gpu_tiles(block_b)
+                launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
+                tiles.update(PRECISION="tf32", DOT_FP32=False, MODE=mode, MASKED=True)
+                out.append((rnn._step_forward_kernel, dict(xw_ptr=p, hp_ptr=p, w_ptr=p, bhn_ptr=p, h_ptr=p,
+                            cp_ptr=f, c_ptr=f, save_ptr=f, len_ptr="*i32"), dict(tiles, PROJ=False, HAS_BHN=True),
+                            launch))
+                out.append((rnn._step_backward_kernel, dict(dy_ptr=p, carry_ptr=f, dgn_ptr=p, w_ptr=p, save_ptr=f,
+                            hp_ptr=p, h_ptr=p, cp_ptr=f, c_ptr=f, dc_ptr=f, dcp_ptr=f, dgx_ptr=p, dgh_ptr=p,
+                            carry_out_ptr=f, len_ptr="*i32"),
+                            dict(tiles, HAS_DY=True, HAS_CARRY=True, REC=True, HAS_DC=True), launch))
     return out
 
 
 def main(argv) -> int:
     """Compile the step kernels for sm_90 with the GPU's launch options; fail on an error or a register spill."""
     from tests.test_kernels_compile import _ptxas_report, compile_sm90
-    from triton_kernels.rnn import GPU_LAUNCH
 
     failures = []
-    for fn, signature, constexprs in _compile_variants("--every" in argv):
-        compiled = compile_sm90(fn, signature, constexprs, [], GPU_LAUNCH["num_warps"], GPU_LAUNCH["num_stages"])
+    for fn, signature, constexprs, launch in _compile_variants("--every" in argv):
+        compiled = compile_sm90(fn, signature, constexprs, [], launch["num_warps"], launch["num_stages"])
         registers, spilled = _ptxas_report(compiled.asm["ptx"])
         if spilled:
             failures.append(f"{fn.__name__} {constexprs}: {registers} registers, {spilled} bytes spilled")

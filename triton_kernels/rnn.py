@@ -30,20 +30,27 @@ GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Launch options of the step kernels on a GPU: 8 warps keep the four gate accumulators of a 64 x 32 tile
-# in registers without spilling (checked for sm_90 by tests/test_rnn.py).
-GPU_LAUNCH = {"num_warps": 8, "num_stages": 2}
+def gpu_tiles(block_b: int) -> dict:
+    """Launch options of the step kernels on a GPU for a tile of `block_b` rows and 32 hidden units: 8 warps
+    keep the four gate accumulators of a 32- or 64-row tile in registers without spilling, 4 suffice for 16
+    (checked for sm_90 by tests/test_rnn.py)."""
+    return dict(BLOCK_B=block_b, BLOCK_H=32, BLOCK_K=64, num_warps=8 if block_b >= 32 else 4, num_stages=2)
 
 
-def _blocks(batch: int, hidden: int, k: int) -> dict:
+def _blocks(batch: int, hidden: int, k: int, device: torch.device) -> dict:
     """Tile sizes of the step kernels (tl.dot needs at least 16 each way) and their launch options."""
     np2 = triton.next_power_of_2
     if _INTERPRET:
         # About 1 ms per program instance in the interpreter: one or few large tiles.
         return dict(BLOCK_B=min(max(16, np2(batch)), 64), BLOCK_H=min(max(16, np2(hidden)), 64),
                     BLOCK_K=min(max(16, np2(k)), 128))
-    # Narrow hidden tiles so that a batch of 64 with hidden 1024 still spreads over the SMs.
-    return dict(BLOCK_B=min(max(16, np2(batch)), 64), BLOCK_H=32, BLOCK_K=64, **GPU_LAUNCH)
+    # A step is a small product (batch x hidden): take the largest row tile that still gives every SM a
+    # program (e.g. 16 rows for batch 64 and hidden 1024), so the step's latency is spread over the device.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for block_b in (64, 32, 16):
+        if block_b <= max(16, np2(batch)) and triton.cdiv(batch, block_b) * triton.cdiv(hidden, 32) >= sms:
+            return gpu_tiles(block_b)
+    return gpu_tiles(16)
 
 
 @triton.jit
@@ -279,7 +286,7 @@ def rnn_forward(mode: str, x: torch.Tensor, lengths: torch.Tensor | None, h0: to
     if B == 0 or H == 0:
         return hs, cs, saved, hu
     K = w_hh.shape[1]
-    tiles = _blocks(B, H, K)
+    tiles = _blocks(B, H, K, x.device)
     grid = (triton.cdiv(B, tiles["BLOCK_B"]), triton.cdiv(H, tiles["BLOCK_H"]))
     dummy = hs
     for t in range(T):
@@ -326,7 +333,7 @@ def rnn_backward(mode: str, x, lengths, hs, cs, saved, hu, w_ih, w_hh, w_hr, dy,
     # With a projection the kernel's carry (of width H) is not used: the carry of width P is kept here.
     scratch = torch.empty((B, H), device=dev, dtype=torch.float32) if proj else None
     if B > 0 and H > 0:
-        tiles = _blocks(B, H, G * H)
+        tiles = _blocks(B, H, G * H, dev)
         grid = (triton.cdiv(B, tiles["BLOCK_B"]), triton.cdiv(H, tiles["BLOCK_H"]))
         dummy = carry[0]
         for t in range(T - 1, -1, -1):
