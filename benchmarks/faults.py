@@ -371,16 +371,23 @@ def runtime_cases() -> list[Case]:
     kill9 = INIT + "step()\nif sd.rank() == 1:\n    os.kill(os.getpid(), 9)\nfor _ in range(100):\n    step()\n"
     hang = INIT + "step()\nif sd.rank() == 1:\n    time.sleep(300)\nfor _ in range(100):\n    step()\n"
     cases = []
+    lost = "worker group 1 (rank 1) lost: rank 1 "
     for label, args in (("allreduce", ["-np", "2"]), ("sandblaster", ps), ("downpour", down), ("hogwild", hog)):
+        # Downpour and Hogwild drop the lost group; the other group finishes and the job ends well.
+        asynchronous = label in ("downpour", "hogwild")
         cases += [
             # Under Sandblaster the other worker's push cannot complete without rank 1's: the server says why.
             Case("runtime", f"{label}: a rank exits 3",
-                 "rank 0 fails: process 1 left after 1 step" if label == "sandblaster" else "exit 3, rank 1 named",
+                 "rank 0 fails: process 1 left after 1 step" if label == "sandblaster" else
+                 "exit 0, group 1 named lost" if asynchronous else "exit 3, rank 1 named",
                  job_case(args, exit3, (1, 3), ["worker process 1 of worker group 0 left the parameter server after "
                                                 "1 optimizer step(s)", "rank 0 exited with status 1"])
-                 if label == "sandblaster" else job_case(args, exit3, (3,), ["rank 1 exited with status 3"]),
+                 if label == "sandblaster" else job_case(args, exit3, (0,), [lost + "exited with status 3"])
+                 if asynchronous else job_case(args, exit3, (3,), ["rank 1 exited with status 3"]),
                  quick=label == "allreduce"),
-            Case("runtime", f"{label}: a rank is killed", "exit 137, rank 1 named",
+            Case("runtime", f"{label}: a rank is killed",
+                 "exit 0, group 1 named lost" if asynchronous else "exit 137, rank 1 named",
+                 job_case(args, kill9, (0,), [lost + "was killed by signal SIGKILL"]) if asynchronous else
                  job_case(args, kill9, (137,), ["rank 1 was killed by signal SIGKILL"])),
             Case("runtime", f"{label}: a rank hangs", "stops within the timeout, rank 1 named",
                  job_case(args, hang, (1,), ["rank 1"], within=45)),

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, SignalException, start_processes
 
 from singa_dist.environment import free_port
+from singa_dist.topology import strategy_kind
 
 from .config import LaunchConfig, ProcessSpec
 from .tag_output import LineSplitter
@@ -186,10 +187,14 @@ class LocalJob:
             self.folder = self._temp = tempfile.mkdtemp(prefix="singa-launch-")
         os.makedirs(self.folder, exist_ok=True)
         self.watch = None
+        # Downpour, Hybrid, Hogwild: a lost worker group is dropped and the others go on (see wait()).
+        self.asynchronous = cfg.topology.nworker_groups > 1 and strategy_kind(cfg.topology.strategy).asynchronous
+        self.lost: set[int] = set()  # processes of the worker groups lost so far
 
     def start(self) -> None:
-        if self.cfg.nnodes > 1:
-            # Node 0's launcher hosts the job's store; the launchers watch each other through it.
+        if self.cfg.nnodes > 1 or self.asynchronous:
+            # Node 0's launcher hosts the job's store; the launchers watch each other through it. An asynchronous
+            # job's store must outlive rank 0's group too, and carries the marks of lost groups.
             self.watch = NodeWatch(self.cfg.master_addr, self.cfg.master_port, self.cfg.node_rank, self.cfg.nnodes,
                                    self.attempt)
             self.watch.start()
@@ -206,7 +211,9 @@ class LocalJob:
             ctx = start_processes(
                 name=role, entrypoint=sys.executable,
                 args={i: ("-m", "launchers.lifeline", *s.argv) for i, s in enumerate(specs)},
-                envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid()), "SINGA_FAILURE_DIR": self.folder}
+                envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid()), "SINGA_FAILURE_DIR": self.folder,
+                          **({"TORCHELASTIC_USE_AGENT_STORE": "True", "SINGA_LAUNCHER_STORE": "1"}
+                             if self.watch is not None else {})}
                       for i, s in enumerate(specs)},
                 logs_specs=_RankFiles(self.folder, names))
             self.contexts.append((ctx, specs))
@@ -262,8 +269,10 @@ class LocalJob:
         while True:
             if self.watch is not None and self.watch.problem:
                 return Outcome(False, [], lost=self.watch.problem)
-            codes = self._codes()
+            codes = [(spec, code) for spec, code in self._codes() if spec.proc_rank not in self.lost]
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
+            if failed and self.asynchronous and self._lose_groups(failed):
+                continue
             if failed:
                 time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
                 notes = self._notes(failed)
@@ -287,6 +296,39 @@ class LocalJob:
                 elif time.monotonic() > servers_done_by:
                     return Outcome(True, [])
             time.sleep(POLL_S)
+
+    def _lose_groups(self, failed: list) -> bool:
+        """An asynchronous job goes on without the worker groups of the failed workers: the rest of each group is
+        killed and the job's processes are told (the servers drop the group). False when that cannot be: a server
+        failed, or no worker group would be left."""
+        topo = self.cfg.topology
+        if any(spec.role != "worker" for spec, _ in failed):
+            return False
+        groups = sorted({topo.role_of(spec.proc_rank).group for spec, _ in failed})
+        lost_groups = {topo.role_of(p).group for p in self.lost} | set(groups)
+        if len(lost_groups) >= topo.nworker_groups:
+            return False
+        # A group lost before every process joined the job would keep the others waiting at their rendezvous.
+        if not self.watch.joined(list(range(topo.nprocs))):
+            return False
+        handlers = {spec.proc_rank: ctx.subprocess_handlers[i]
+                    for ctx, specs in self.contexts for i, spec in enumerate(specs)}
+        for group in groups:
+            ranks = topo.worker_ranks(group)
+            for proc in ranks:
+                if proc in handlers and handlers[proc].proc.poll() is None:
+                    try:
+                        os.killpg(handlers[proc].proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            self.lost.update(ranks)
+            self.watch.mark_lost(ranks)
+            said = "; ".join(f"{spec.title} {describe_exit(code)}" for spec, code in failed
+                             if topo.role_of(spec.proc_rank).group == group)
+            servers = " and the servers" if topo.server_worker_separate else ""
+            say(f"worker group {group} (rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}) lost: {said}; "
+                f"the other {topo.nworker_groups - len(lost_groups)} worker group(s){servers} go on")
+        return True
 
     def stop(self, grace: float) -> None:
         """SIGTERM every process group still running, SIGKILL after `grace` seconds, then tidy up."""

@@ -12,6 +12,9 @@ and not as long as rank 0. Each launcher keeps a heartbeat there:
   the store up until every node is done (or has stopped beating), so a slower node is never cut short.
 
 Processes that sleep in user code, and so never reach a collective that would fail, are stopped this way too.
+
+In an asynchronous job (Downpour, Hybrid, Hogwild) on one node the launcher hosts the store the same way, so that
+the store outlives rank 0's worker group, and marks there the processes of a worker group it lost (`mark_lost`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import threading
 import time
 
 import torch.distributed as dist
+
+from singa_dist.environment import LOST_KEY_PREFIX
 
 HEARTBEAT_S = 1.0
 STALE_S = 10.0  # a launcher whose heartbeat stood still this long is gone
@@ -33,6 +38,7 @@ class NodeWatch:
     def __init__(self, master_addr: str, master_port: int, node: int, nnodes: int, attempt: int):
         self.addr, self.port, self.node, self.nnodes = master_addr, master_port, node, nnodes
         self.prefix = f"singa/launchers/{attempt}/"
+        self.attempt = attempt
         self.problem: str | None = None
         self._stop = threading.Event()
         self._store = None
@@ -96,6 +102,29 @@ class NodeWatch:
             if value is not None and still > STALE_S and self.problem is None:
                 self.problem = (f"node {node}'s launcher stopped answering (no heartbeat in the job's store "
                                 f"for {STALE_S:g} s): it was killed, or its host is gone")
+
+    def joined(self, procs: list[int]) -> bool:
+        """Whether these processes came to the job's rendezvous (the keys singa_dist.runtime's init() sets there): a
+        process lost before it would leave the others waiting in theirs."""
+        store = self._store
+        try:
+            return store is not None and store.check([f"singa/init/{self.attempt}/0/{p}" for p in procs])
+        except Exception:
+            return False
+
+    def mark_lost(self, procs: list[int]) -> None:
+        """Tell the job's processes that these processes were lost with their worker group (an asynchronous job
+        goes on without them): keys singa_dist.runtime.lost_procs() reads."""
+        store = self._store
+        if store is None:
+            return
+        prefix = f"{LOST_KEY_PREFIX}{self.attempt}/"
+        try:
+            for proc in procs:
+                store.set(f"{prefix}{proc}", "1")
+            store.add(prefix + "changes", 1)
+        except Exception:  # the store is gone: the job is ending anyway
+            pass
 
     def finish(self, ok: bool) -> None:
         """This node's processes have ended (well when `ok`). Node 0 keeps the store up while other nodes still

@@ -40,6 +40,9 @@ def env_int(*names: str) -> int | None:
     return None
 
 
+# Where singa-launch marks, in the job's store, the processes of worker groups it lost in an asynchronous job:
+# "<prefix><attempt>/<proc>", and a "changes" counter bumped after each mark (runtime.lost_procs reads them).
+LOST_KEY_PREFIX = "singa/lost/"
 AUTOTUNE_VARIABLE = "SINGA_AUTOTUNE"  # 1: AllReduce tunes its bucket size unless the script fixes one
 # The strategies that tune something then: AllReduce its bucket size, the others their messages per server.
 AUTOTUNED_STRATEGIES = ("allreduce", "sandblaster", "downpour", "hybrid")

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from . import timeline
-from .environment import detect_launcher, job_topology, layout_from_slurm, node_key, ranks_within, rendezvous_address
+from .environment import (LOST_KEY_PREFIX, detect_launcher, job_topology, layout_from_slurm, node_key, ranks_within,
+                          rendezvous_address)
 from .topology import ClusterTopology, ProcessRole, strategy_kind
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -711,6 +712,27 @@ def steps() -> int:
     return _state.steps
 
 
+_lost: tuple[int, frozenset] = (0, frozenset())  # (changes seen, the lost processes)
+
+
+def lost_procs() -> frozenset:
+    """The processes of worker groups singa-launch found lost in an asynchronous job (Downpour, Hybrid, Hogwild):
+    the servers drop them and the others no longer wait for them. Empty elsewhere."""
+    global _lost
+    if not _state.initialized or not _state.distributed or not dist.is_initialized():
+        return frozenset()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store = getattr(store, "_underlying_non_prefix_store", store)  # the launcher writes outside the groups' prefix
+        prefix = f"{LOST_KEY_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        changes = store.add(prefix + "changes", 0)
+        if changes != _lost[0]:
+            _lost = (changes, frozenset(p for p in range(_state.proc_size) if store.check([f"{prefix}{p}"])))
+    except Exception:  # the store is gone with the job
+        pass
+    return _lost[1]
+
+
 def _meet(timeout: float) -> list[int]:
     """Wait until every process of the job has come here (through the job's key-value store); return the
     processes that did not come within `timeout` seconds."""
@@ -718,25 +740,63 @@ def _meet(timeout: float) -> list[int]:
     me, n = _state.proc_rank, _state.proc_size
     # Keys are new for every init() and restart: a launcher's store can outlive them.
     prefix = f"singa/shutdown/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/"
+    asynchronous = strategy_kind(_state.job_strategy).asynchronous
     try:
         store.set(f"{prefix}at/{me}", "1")
         if store.add(prefix + "count", 1) == n:
             store.set(prefix + "all", "1")
-        store.wait([prefix + "all"], datetime.timedelta(seconds=max(timeout, 0.001)))
+        if asynchronous:
+            _meet_live(store, prefix, n, timeout)
+        else:
+            store.wait([prefix + "all"], datetime.timedelta(seconds=max(timeout, 0.001)))
     except Exception:
         try:
-            return [p for p in range(n) if not store.check([f"{prefix}at/{p}"])]
+            lost = lost_procs()
+            return [p for p in range(n) if p not in lost and not store.check([f"{prefix}at/{p}"])]
         except Exception:  # the store went with the process that hosts it (process 0)
             return [0]
     # Process 0 hosts the store: it stays until every process has seen the others arrive.
     try:
-        if store.add(prefix + "passed", 1) == n:
+        if store.add(prefix + "passed", 1) == n - len(lost_procs()):
             store.set(prefix + "all-passed", "1")
         if me == 0:
             store.wait([prefix + "all-passed"], datetime.timedelta(seconds=min(timeout, 30.0)))
     except Exception:
         pass
     return []
+
+
+_live_meetings = 0  # barrier_live calls, the same count on every worker
+
+
+def barrier_live(what: str) -> None:
+    """A barrier of every worker that singa-launch has not lost (an asynchronous job), through the job's store: a
+    worker group lost before or while the others wait here is not waited for, as a collective would wait for it."""
+    global _live_meetings
+    _live_meetings += 1
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"singa/live/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/{_live_meetings}/"
+    store.set(f"{prefix}at/{_state.proc_rank}", "1")
+    store.add(prefix + "count", 1)
+    try:
+        _meet_live(store, prefix, _state.size, _state.timeout_s)
+    except TimeoutError:
+        lost = lost_procs()
+        missing = [p for p in range(_state.size) if p not in lost and not store.check([f"{prefix}at/{p}"])]
+        blame(missing, f"process{'es' * (len(missing) > 1)} {', '.join(map(str, missing))} did not reach {what}")
+        raise RuntimeError(f"process {_state.proc_rank}: worker process{'es' * (len(missing) > 1)} "
+                           f"{', '.join(map(str, missing))} did not reach {what} within {_state.timeout_s:g} s") from None
+
+
+def _meet_live(store, prefix: str, n: int, timeout: float) -> None:
+    """_meet in an asynchronous job: every process has come, or every one that singa-launch has not lost."""
+    deadline = time.monotonic() + timeout
+    while not store.check([prefix + "all"]):
+        if store.add(prefix + "count", 0) >= n - len(lost_procs()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the processes did not meet within {timeout:g} s")
+        time.sleep(0.05)
 
 
 _exit_registered = False

@@ -46,6 +46,8 @@ class StrategyKind:
     default_worker_groups: int | None = None  # for "several": None is one group per worker
     min_workers_per_group: int = 1
     server_groups: str = "one"  # "one", or "one per worker group" (each group has its own server group)
+    # Worker groups never wait for each other: under singa-launch a lost group is dropped and the others go on.
+    asynchronous: bool = False
 
     @property
     def class_name(self) -> str:
@@ -95,14 +97,15 @@ _KINDS = (
                  parameter_servers=True, separate_servers=True),
     StrategyKind("downpour", "downpour:Downpour",
                  "asynchronous: worker groups push to separate parameter servers at their own pace",
-                 parameter_servers=True, separate_servers=True, worker_groups="several"),
+                 parameter_servers=True, separate_servers=True, worker_groups="several", asynchronous=True),
     StrategyKind("hogwild", "hogwild:Hogwild",
                  "asynchronous: every worker is its own server group; groups exchange deltas every sync_freq",
-                 parameter_servers=True, worker_groups="one per worker", server_groups="one per worker group"),
+                 parameter_servers=True, worker_groups="one per worker", server_groups="one per worker group",
+                 asynchronous=True),
     StrategyKind("hybrid", "hybrid:Hybrid",
                  "all-reduce inside each worker group, Downpour between groups",
                  parameter_servers=True, separate_servers=True, worker_groups="several", default_worker_groups=2,
-                 min_workers_per_group=2),
+                 min_workers_per_group=2, asynchronous=True),
 )
 STRATEGIES: dict[str, StrategyKind] = {kind.name: kind for kind in _KINDS}
 # Frameworks whose parameters live on server processes (or co-located servers) rather than on every worker.

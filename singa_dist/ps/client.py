@@ -89,7 +89,7 @@ class ParameterClient:
     """One strategy's view of the servers of its server group."""
 
     def __init__(self, optimizer, named, *, group: int, replicas: int, staleness: int | None, clients: int,
-                 create: bool, compression=None):
+                 create: bool, compression=None, checkpoint: tuple | None = None):
         topo = runtime.topology()
         self.packer = Packer(resolve_compression(compression))
         self.bytes_sent_last_step = 0  # gradient payload pushed to the servers in the last push
@@ -129,6 +129,8 @@ class ParameterClient:
                         "replicas": replicas, "staleness": staleness, "clients": clients,
                         "compression": self.packer.compressor,
                         "value_dtype": value_dtype(self.packer.compressor)}
+                if checkpoint is not None:  # (folder, every N updates): the servers checkpoint and resume there
+                    spec["checkpoint_dir"], spec["checkpoint_every"] = checkpoint
             futures.append(transport.call_async(proc, server.open_table, self.session, spec, group))
         # What this worker last heard from the servers (or sent them): a parameter that differs from it at the
         # next push was set by the user (loaded, broadcast, edited) and the servers take its values.

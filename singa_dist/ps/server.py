@@ -21,6 +21,8 @@ and the slices' versions. The RPC handlers below run on the server; workers call
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -28,9 +30,12 @@ import torch
 import torch.distributed.rpc as rpc
 
 from .. import runtime, timeline
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..topology import strategy_kind
 from . import transport, wire
 
 _server: "ParameterServer | None" = None
+LOST_POLL_S = 0.5  # how often a server of an asynchronous job looks for worker groups singa-launch lost
 # torch builds without RPC support (rpc.is_available() is False) still import this module.
 _async_execution = getattr(getattr(rpc, "functions", None), "async_execution", lambda fn: fn)
 
@@ -63,6 +68,8 @@ class _Table:
         self.compressor = spec.get("compression")
         self.value_dtype = spec.get("value_dtype")  # values answered in this dtype (16-bit compressions)
         self.numels = [p.numel() for p in self.params]
+        # Checkpoints of this table every N updates (strategy's checkpoint_dir/checkpoint_every); see checkpoint().
+        self.checkpoint_path, self.checkpoint_every = None, spec.get("checkpoint_every")
         self.optimizer, self.group_index = self._make_optimizer(spec)
 
     def _make_optimizer(self, spec):
@@ -117,6 +124,8 @@ class _Table:
                 p.grad = None
         self.version += 1
         self.slice_versions = [self.version] * len(self.params)
+        if self.checkpoint_path is not None and self.version % self.checkpoint_every == 0:
+            self.checkpoint()
         if t0:
             timeline.span("apply", t0, lane="updates", tensor=f"worker group {group}'s update (version {self.version})")
 
@@ -235,6 +244,27 @@ class _Table:
         for g in self.base:
             self.base[g] = self.version
 
+    def checkpoint(self) -> None:
+        """Write the slices, their optimizer state and versions atomically (a restarted server resumes from them)."""
+        save_checkpoint(self.checkpoint_path, {"slice_ids": self.slice_ids, "numels": self.numels,
+                                               "version": self.version, "slices": self.state()})
+
+    def resume(self, path: str, every: int) -> bool:
+        """Checkpoint to `path` every `every` updates from now on, and first resume from it if it exists (True)."""
+        self.checkpoint_path, self.checkpoint_every = path, every
+        try:
+            saved = load_checkpoint(path)  # a file that cannot be read raises CheckpointError naming it
+        except FileNotFoundError:
+            return False
+        if not isinstance(saved, dict) or saved.get("slice_ids") != self.slice_ids or saved.get("numels") != self.numels:
+            raise CheckpointError(
+                f"parameter-server checkpoint {path} holds other slices than this server's (written for another "
+                "model, number of servers or strategy order); move it away to start afresh")
+        self.load(saved["slices"])
+        self.version = saved["version"]
+        return True
+
+
 
 class ParameterServer:
     """The tables of one server process, and who has said goodbye."""
@@ -245,6 +275,7 @@ class ParameterServer:
         self.waiting: dict[int, list] = {}
         self.nworkers = nworkers
         self.stopped_by: set[int] = set()
+        self.dropped: set[int] = set()  # workers lost with their group (asynchronous jobs)
         self.stopped = threading.Event()
 
     def table(self, session: int) -> _Table:
@@ -275,8 +306,16 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
     with server.lock:
         waiters = [(future, group)]
         if spec is not None:
-            server.tables[session] = _Table(spec)
+            table = _Table(spec)
             waiters += server.waiting.pop(session, [])
+            if spec.get("checkpoint_dir"):
+                try:
+                    _resume(table, session, spec["checkpoint_dir"], spec["checkpoint_every"])
+                except Exception as exc:  # every client is told: nothing saved is overwritten
+                    for f, _ in waiters:
+                        f.set_result(exc)
+                    return future
+            server.tables[session] = table
         elif session not in server.tables:
             server.waiting.setdefault(session, []).append((future, group))
             return future
@@ -286,6 +325,15 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
             answer = table.register(g)
         f.set_result(answer)
     return future
+
+
+def _resume(table: _Table, session: int, folder: str, every: int) -> None:
+    """Checkpoint the table in `folder` (one file per server and strategy) and resume from the file there."""
+    role = runtime.role()
+    path = os.path.join(folder, f"server{role.group}.{role.index}-table{session}.pt")
+    if table.resume(path, every):
+        print(f"{transport.describe(runtime.proc_rank())}: resumed table {session} from {path} at version "
+              f"{table.version}", file=sys.stderr, flush=True)
 
 
 def _answer_parts(whole: torch.futures.Future, waiters: list) -> None:
@@ -390,8 +438,32 @@ def _goodbye(worker_proc: int) -> None:
             server.stopped.set()
 
 
+def _drop_lost(lost: frozenset) -> None:
+    """Drop the worker groups singa-launch lost (an asynchronous job): each table closes for the group, which
+    releases updates the staleness bound held back for it, and its workers count as gone."""
+    server = _me()
+    topo = runtime.topology()
+    new = sorted(p for p in lost if p not in server.dropped and p < topo.nworkers)
+    if not new:
+        return
+    server.dropped.update(new)
+    groups = sorted({topo.role_of(p).group for p in new})
+    print(f"{transport.describe(runtime.proc_rank())}: dropped worker group{'s' * (len(groups) > 1)} "
+          f"{', '.join(map(str, groups))} (process{'es' * (len(new) > 1)} {', '.join(map(str, new))}), lost; the "
+          "other groups go on", file=sys.stderr, flush=True)
+    for session, table in list(server.tables.items()):
+        for group in groups:
+            if group not in table.left:  # a group that closed the table before it was lost is gone already
+                with table.lock:  # it will not push again: not counted among the groups that take turns
+                    table.groups = max(1, table.groups - 1)
+                close_table(session, group)
+    for proc in new:
+        _goodbye(proc)
+
+
 def serve() -> None:
-    """A server process's whole life: join the job, serve parameters until every worker has stopped."""
+    """A server process's whole life: join the job, serve parameters until every worker has stopped (or, in an
+    asynchronous job, was lost with its worker group)."""
     global _server
     runtime.init(_serve=False)
     role = runtime.role()
@@ -400,7 +472,9 @@ def serve() -> None:
     _server = ParameterServer(runtime.topology().nworkers)
     transport.on_goodbye(_goodbye)
     transport.join()
-    _server.stopped.wait()
+    watch = strategy_kind(runtime.job_strategy()).asynchronous
+    while not _server.stopped.wait(LOST_POLL_S if watch else None):
+        _drop_lost(runtime.lost_procs())
     time.sleep(0.2)  # let the answers to the last goodbyes leave before the agent goes
     transport.leave()
     transport.on_goodbye(None)

@@ -65,8 +65,10 @@ def leave() -> None:
         _joined = False
         try:
             # Graceful: every process of the job meets here first, so no peer sees its connections drop
-            # mid-message. A peer that died makes it fail after the timeout; the local side still closes.
-            rpc.shutdown(graceful=True, timeout=min(runtime.timeout_s(), 60.0))
+            # mid-message. A peer that died makes it fail after the timeout; the local side still closes. A worker
+            # group lost in an asynchronous job would never come: the others have finished their exchanges with
+            # each other (Hogwild's close(), the servers' goodbyes) and leave at once.
+            rpc.shutdown(graceful=not runtime.lost_procs(), timeout=min(runtime.timeout_s(), 60.0))
         except Exception:
             pass
 

@@ -10,11 +10,22 @@ apply each group's update as it comes, without waiting for the other groups.
 servers' (a group that falls N versions behind is made to pull, and the servers hold back an update that
 would put a computing group more than N behind until that group has pushed). None: no bound.
 
+`staleness_lr` (on), `momentum_correction` (off): the servers' remedies for asynchrony, so that the user's
+synchronous hyperparameters work unchanged (ps.server.asynchronous_step; Zhang et al. 2016, Mitliagkas et al.
+2016): an update computed on values s versions old counts 1/(s + 1); the explicit momentum is lowered by the
+implicit momentum of G groups, 1 - 1/G. Defaults as measured by benchmarks/async_accuracy.py.
+
+`checkpoint_dir`, `checkpoint_every`: each server writes its slices, their optimizer state and version there every
+N updates (atomically); a server started again (singa-launch --max-restarts) resumes from its file, so a job loses
+at most N updates. Under singa-launch a worker group that dies is dropped and the other groups go on.
+
 `messages_per_server`: as Sandblaster's (each push to a server cut into that many messages). "auto" tunes it per
 worker group, since groups do not wait for each other and only a group's first worker pushes: the group's
 workers agree on the count from their step times and switch at the same step; groups may settle differently.
 """
 from __future__ import annotations
+
+import os
 
 from .. import primitives, runtime
 from ..functions import allreduce_gradients_, broadcast_flat_
@@ -27,7 +38,8 @@ class Downpour(ParameterServerStrategy):
     name = "downpour"
 
     def __init__(self, pull_freq: int = 1, staleness: int | None = None, messages_per_server: int | str | None = None,
-                 *, autotune_messages=AUTOTUNE_MESSAGES, autotune_warmup: int = 2, autotune_steps: int = 8):
+                 *, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+                 autotune_messages=AUTOTUNE_MESSAGES, autotune_warmup: int = 2, autotune_steps: int = 8):
         if not isinstance(pull_freq, int) or pull_freq < 1:
             raise ValueError(f"pull_freq must be a positive integer, got {pull_freq!r}")
         if staleness is not None and (not isinstance(staleness, int) or staleness < 1):
@@ -35,6 +47,11 @@ class Downpour(ParameterServerStrategy):
                              "(a bound of 0 is synchronous training: use the sandblaster strategy)")
         self.pull_freq = pull_freq
         self.staleness = staleness
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of updates, got {checkpoint_every!r}")
+        # Each server checkpoints its slices every `checkpoint_every` updates there and resumes from them.
+        self.checkpoint = None if checkpoint_dir is None else (os.path.abspath(os.fspath(checkpoint_dir)),
+                                                               checkpoint_every)
         self._init_messages(messages_per_server, autotune_messages, autotune_warmup, autotune_steps)
         self.client = None
         self.local = False
@@ -54,7 +71,7 @@ class Downpour(ParameterServerStrategy):
             self.client = ps_client.ParameterClient(
                 optimizer, self.named, group=self.group, replicas=1, staleness=self.staleness,
                 clients=topo.nworker_groups, create=runtime.rank() == 0,
-                compression=self.compression)
+                compression=self.compression, checkpoint=self.checkpoint)
         self._broadcast_in_group()
         self._start_messages(self.group_pg, len(self.group_ranks), runtime.proc_rank() == self.leader)
         runtime.on_shutdown(self.close)

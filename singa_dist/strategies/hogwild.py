@@ -10,6 +10,7 @@ into its replica at its next step, so after everyone's sync it holds the sum of 
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -21,6 +22,7 @@ from ..ps.slicing import slice_params
 from .base import ParameterServerStrategy
 
 _live: dict[int, "Hogwild"] = {}  # session -> strategy, for the masters' RPC handler
+LOST_WAIT_S = 10.0  # how long a failed exchange waits for singa-launch to mark the master's group lost
 
 
 def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torch.Tensor]:
@@ -31,6 +33,11 @@ def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torc
     deltas = wire.unpack(me.packer.compressor, packet, [me.slices[sid].numel for sid in slice_ids])
     fresh = []
     with me.lock:
+        if any(sid not in me.pending for sid in slice_ids):
+            me._drop_lost()  # the sender learnt first that a group was lost and this process masters its slices now
+            if any(sid not in me.pending for sid in slice_ids):
+                raise RuntimeError(f"process {runtime.proc_rank()} does not master hogwild slices "
+                                   f"{[sid for sid in slice_ids if sid not in me.pending]}")
         for sid, delta in zip(slice_ids, deltas):
             me.pending[sid] += delta.to(me.pending[sid].dtype)
             s = me.slices[sid]
@@ -71,6 +78,7 @@ class Hogwild(ParameterServerStrategy):
         self.packer = wire.Packer(self.compression)
         self.value_dtype = ps_client.value_dtype(self.compression)
         self.pending = {s.id: torch.zeros(s.numel, dtype=self.params[s.param].dtype) for s in self.mine}
+        self.lost_groups: set[int] = set()  # groups singa-launch lost: their slices have other masters
         _live[self.session] = self
         transport.join()
         # Every group starts from worker 0's values, as the servers' initial values.
@@ -79,6 +87,28 @@ class Hogwild(ParameterServerStrategy):
         self.known = [p.detach().clone() for p in self.params]  # this replica after its own last change
         self.syncs = 0
         runtime.on_shutdown(self.close)
+
+    def _drop_lost(self) -> None:
+        """Drop the groups singa-launch lost from the exchange: the slices they mastered go to the live groups in
+        turn (every process computes the same), each taking its own replica's values as the master's. Under
+        self.lock."""
+        topo = runtime.topology()
+        lost = {topo.role_of(p).group for p in runtime.lost_procs() if p < topo.nworkers}
+        if lost <= self.lost_groups:
+            return
+        self.lost_groups |= lost
+        live = [g for g in range(topo.nworker_groups) if g not in self.lost_groups]
+        self.groups = len(live)  # the asynchrony the remedies correct for is the live groups'
+        self.remote = {}
+        for s in self.slices:
+            master = s.master_group if s.master_group in live else live[s.id % len(live)]
+            if master == self.group:
+                if s.id not in self.pending:
+                    self.pending[s.id] = torch.zeros(s.numel, dtype=self.params[s.param].dtype)
+                    self.last_sync.pop(s.id, None)
+            else:
+                self.remote.setdefault(master, []).append(s)
+        self.mine = [s for s in self.slices if s.id in self.pending]
 
     def _read(self, s) -> torch.Tensor:
         return ps_client.read_slice(self.params[s.param], self.params[s.param], s.start, s.end)
@@ -124,9 +154,33 @@ class Hogwild(ParameterServerStrategy):
         return loss
 
     def sync(self) -> None:
-        """Exchange deltas with the master of every slice this process does not master."""
+        """Exchange deltas with the master of every slice this process does not master. Under singa-launch a
+        master whose group was lost is dropped, and its slices' new masters take the exchange."""
         if self.local:
             return
+        with self.lock:
+            self._drop_lost()
+        try:
+            self._exchange()
+        except transport.PeerError as exc:
+            if not self._lost_peer(exc.proc):
+                raise
+            with self.lock:
+                self._drop_lost()
+            self._exchange()
+
+    def _lost_peer(self, proc: int) -> bool:
+        """Whether singa-launch marks `proc` lost (it does within moments of the group's end)."""
+        if runtime.launcher() != "singa-launch":
+            return False
+        deadline = time.monotonic() + LOST_WAIT_S
+        while proc not in runtime.lost_procs():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _exchange(self) -> None:
         futures = []
         for master, slices in sorted(self.remote.items()):
             with self.lock:
@@ -140,8 +194,14 @@ class Hogwild(ParameterServerStrategy):
             proc = runtime.topology().worker_ranks(master)[0]
             futures.append((proc, slices, sent,
                             transport.call_async(proc, merge_deltas, self.session, [s.id for s in slices], packet)))
+        failed = None
         for proc, slices, sent, fut in futures:
-            fresh = transport.wait(proc, fut, "hogwild delta sync")
+            try:
+                fresh = transport.wait(proc, fut, "hogwild delta sync")
+            except transport.PeerError as exc:
+                # The other masters' answers are still taken: their deltas are in, and must not be sent again.
+                failed = failed or exc
+                continue
             self._received_total += wire.payload_bytes(fresh)
             with self.lock, torch.no_grad():
                 for s, snap, value in zip(slices, sent, fresh):
@@ -149,6 +209,8 @@ class Hogwild(ParameterServerStrategy):
                     own_since = self._read(s) - snap
                     ps_client.write_slice(self.params[s.param], s.start, s.end, value + own_since)
                     self.last_sync[s.id] = value
+        if failed is not None:
+            raise failed
         with self.lock:
             self._fold()
             self._remember()
@@ -199,15 +261,17 @@ class Hogwild(ParameterServerStrategy):
         (No delta may reach a master that has left: the groups wait for one another between the steps.)"""
         if self.local or self.session not in _live:
             return
+        # Under singa-launch a group lost on the way is not waited for (the launcher marks it in the job's store).
+        barrier = runtime.barrier_live if runtime.launcher() == "singa-launch" else primitives.barrier
         try:
             # Every group has finished training first: a delta folded into a group still training would change
             # what it computes next, and the end result with it.
-            primitives.barrier("the end of every hogwild group's training")
+            barrier("the end of every hogwild group's training")
             self.sync()
-            primitives.barrier("the last hogwild delta exchange")
+            barrier("the last hogwild delta exchange")
             self.flush()  # every delta is in its master's replica now
-            primitives.barrier("the masters' last fold")
+            barrier("the masters' last fold")
             self.sync()  # nothing left to send: this fetches the masters' final values
-            primitives.barrier("the last hogwild values")
+            barrier("the last hogwild values")
         finally:
             _live.pop(self.session, None)

@@ -1,0 +1,272 @@
+"""Asynchronous frameworks survive a lost worker group; parameter servers checkpoint and resume.
+
+Under singa-launch, a Downpour or Hogwild worker group killed mid-run is dropped (the servers, or the other Hogwild
+masters, stop waiting for it), the other groups finish, the job exits 0 and the loss is named on stderr. A Downpour
+server writes its slices every N updates; killed and started again (--max-restarts), it resumes from its file.
+"""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from singa_dist.checkpoint import CheckpointError
+from singa_dist.ps import server
+from tests.dist_harness import kill_session
+
+LAUNCH = [sys.executable, "-m", "launchers.launch"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+# Every group goes over all the digits in its own order, so that a lost group takes away updates, not data; the
+# step-down settles the final values. KILL_STEP: rank KILL_RANK SIGKILLs itself after that many steps.
+TRAIN = textwrap.dedent("""
+    import os, sys
+    import torch
+    import singa_dist as sd
+    from examples.datasets import digits
+
+    torch.set_num_threads(1)
+    sd.init()
+    x, y, x_test, y_test = digits()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    epochs, batch = int(os.environ["EPOCHS"]), 32
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.3), model.named_parameters())
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs * 3 // 4], gamma=0.1)
+    kill_rank, kill_step = int(os.environ.get("KILL_RANK", "-1")), int(os.environ.get("KILL_STEP", "-1"))
+    gen = torch.Generator().manual_seed(100 + sd.rank())
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = order[i:i + batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+            if sd.rank() == kill_rank and step == kill_step:
+                os.kill(os.getpid(), 9)
+        sched.step()
+    rank = sd.rank()
+    if hasattr(opt.strategy, "pull"):
+        opt.strategy.pull()  # Downpour: the servers' values now
+    sd.shutdown()  # Hogwild: the last exchange gives every replica the masters' values
+    with torch.no_grad():
+        acc = (model(x_test).argmax(1) == y_test).float().mean().item() * 100
+    print(f"rank {rank} steps {step} accuracy {acc:.2f}", flush=True)
+""")
+
+
+DOWNPOUR = ["-np", "2", "--strategy", "downpour", "--worker-groups", "2", "--servers", "1"]
+HOGWILD = ["-np", "3", "--strategy", "hogwild", "--sync-freq", "4"]
+EPOCHS, KILL_STEP = 8, 176  # 44 steps an epoch: the group is killed half-way
+
+
+class Job:
+    """singa-launch started in its own session, its output to files (jobs run side by side, so no pipe may fill)."""
+
+    def __init__(self, folder, args: list[str], script: str, env: dict):
+        folder.mkdir()
+        (folder / "script.py").write_text(script)
+        self.out, self.err = open(folder / "out", "w+"), open(folder / "err", "w+")
+        self.proc = subprocess.Popen(LAUNCH + args + [sys.executable, str(folder / "script.py")], stdout=self.out,
+                                     stderr=self.err, env={**os.environ, **ENV, **env}, cwd=ROOT,
+                                     start_new_session=True)
+
+    def result(self, timeout: float = 240) -> tuple[int, str, str]:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"singa-launch did not finish within {timeout} s\nstdout:\n{self._read(self.out)}\n"
+                        f"stderr:\n{self._read(self.err)}")
+        return self.proc.returncode, self._read(self.out), self._read(self.err)
+
+    @staticmethod
+    def _read(f) -> str:
+        f.flush()
+        f.seek(0)
+        return f.read()
+
+    def kill(self) -> None:
+        kill_session(self.proc.pid)  # the processes it started die with it (launchers.lifeline)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Every job of this module, started at once: their start-up and ending overlap instead of adding up."""
+    root = tmp_path_factory.mktemp("async_survival")
+    killed = {"EPOCHS": str(EPOCHS), "KILL_RANK": "1", "KILL_STEP": str(KILL_STEP)}
+    (root / "server.py").write_text(SERVER)
+    started = {
+        "downpour": Job(root / "downpour", DOWNPOUR, TRAIN, {"EPOCHS": str(EPOCHS)}),
+        "downpour killed": Job(root / "downpour_killed", DOWNPOUR, TRAIN, killed),
+        "hogwild": Job(root / "hogwild", HOGWILD, TRAIN, {"EPOCHS": str(EPOCHS)}),
+        "hogwild killed": Job(root / "hogwild_killed", HOGWILD, TRAIN, killed),
+        "server killed": Job(root / "resume", DOWNPOUR + ["--max-restarts", "1"], RESUME, {
+            "SINGA_SERVER_COMMAND": f"{sys.executable} {root / 'server.py'}", "KILL_AT": "45",
+            "KILLED": str(root / "killed"), "CKPT": str(root / "ckpt")}),
+    }
+    yield root, started
+    for job in started.values():
+        job.kill()
+        job.out.close()
+        job.err.close()
+
+
+def _accuracies(out: str) -> dict[int, float]:
+    return {int(r): float(a) for r, a in re.findall(r"rank (\d+) steps \d+ accuracy ([\d.]+)", out)}
+
+
+def _survived(result, lost_line: str):
+    code, out, err = result
+    assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    assert lost_line in err, err
+    assert "rank 1 steps" not in out  # the killed rank never reached the end
+    return _accuracies(out)
+
+
+# Downpour: 8 epochs of 44 steps per group, group 1 killed half-way; the servers' final values are compared (each
+# survivor pulls them). An unbroken run applies 704 updates, the broken one 528: both level off by then.
+@pytest.mark.timeout(300)
+def test_downpour_survives_a_killed_group(jobs):
+    code, out, err = jobs[1]["downpour"].result()
+    killed = jobs[1]["downpour killed"].result()
+    assert code == 0, err
+    reference = _accuracies(out)
+    assert set(reference) == {0, 1}
+    lost = "worker group 1 (rank 1) lost: rank 1 was killed by signal SIGKILL (9); the other 1 worker group(s) and " \
+           "the servers go on"
+    got = _survived(killed, lost)
+    assert "dropped worker group 1 (process 1), lost" in killed[2]
+    assert set(got) == {0}
+    assert abs(got[0] - reference[0]) <= 1.0, (got, reference)
+
+
+# Hogwild: 3 groups, group 1 (master of a third of the slices) killed half-way; the survivors take its slices over
+# and end with the same values.
+@pytest.mark.timeout(300)
+def test_hogwild_survives_a_killed_group(jobs):
+    code, out, err = jobs[1]["hogwild"].result()
+    killed = jobs[1]["hogwild killed"].result()
+    assert code == 0, err
+    reference = _accuracies(out)
+    assert set(reference) == {0, 1, 2}
+    lost = "worker group 1 (rank 1) lost: rank 1 was killed by signal SIGKILL (9); the other 2 worker group(s) go on"
+    got = _survived(killed, lost)
+    assert set(got) == {0, 2}
+    assert got[0] == got[2]  # every replica ends with the masters' values
+    assert abs(got[0] - reference[0]) <= 1.0, (got, reference)
+
+
+# A server that kills itself (SIGKILL, holding its table's lock, so that no update comes after the version it
+# records) in the first attempt; singa-launch --max-restarts 1 starts the job again and the server resumes.
+SERVER = textwrap.dedent("""
+    import os, threading, time
+    from singa_dist import runtime
+    from singa_dist.ps import server
+
+    def kill_at(version, record):
+        while True:
+            tables = list(server._server.tables.values()) if server._server is not None else []
+            if tables and tables[0].version >= version:
+                with tables[0].lock:
+                    with open(record, "w") as f:
+                        f.write(str(tables[0].version))
+                    os.kill(os.getpid(), 9)
+            time.sleep(0.002)
+
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        threading.Thread(target=kill_at, args=(int(os.environ["KILL_AT"]), os.environ["KILLED"]), daemon=True).start()
+    server.serve()
+    runtime.shutdown()
+""")
+
+RESUME = textwrap.dedent("""
+    import os
+    import torch
+    import singa_dist as sd
+
+    torch.set_num_threads(1)
+    sd.init()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = sd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model.named_parameters(),
+                                  strategy=sd.Downpour(checkpoint_dir=os.environ["CKPT"], checkpoint_every=10))
+    print(f"attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} rank {sd.rank()} opened at {opt.strategy.versions[0]}",
+          flush=True)
+    x = torch.randn(16, 8)
+    for _ in range(60):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    print(f"attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} rank {sd.rank()} ended at {opt.strategy.versions[0]}",
+          flush=True)
+    sd.shutdown()
+""")
+
+
+@pytest.mark.timeout(300)
+def test_killed_server_resumes_from_its_checkpoint(jobs):
+    root, started = jobs
+    code, out, err = started["server killed"].result()
+    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    assert "restarting the job (1/1)" in err
+    killed = int((root / "killed").read_text())
+    opened = {int(r): int(v) for r, v in re.findall(r"attempt 1 rank (\d) opened at (\d+)", out)}
+    assert set(opened) == {0, 1}
+    resumed = opened[0]
+    assert opened[1] == resumed
+    # The last checkpoint before the kill: at most N = 10 updates lost, none made up.
+    assert resumed % 10 == 0 and killed - 10 <= resumed <= killed, (resumed, killed)
+    assert f"resumed table 0 from {root / 'ckpt'}" in err and f"at version {resumed}" in err
+    ended = [int(v) for v in re.findall(r"attempt 1 rank \d ended at (\d+)", out)]
+    assert max(ended) == resumed + 120  # both groups' 60 updates each, on top of the checkpoint's
+
+
+def _table(values):
+    spec = {"slices": [type("S", (), {"id": i})() for i in range(len(values))], "values": values,
+            "param_group": [0] * len(values), "optimizer_class": torch.optim.Adam, "defaults": {"lr": 0.1},
+            "group_options": [{"lr": 0.1}], "replicas": 1, "staleness": None, "clients": 1}
+    return server._Table(spec)
+
+
+@pytest.mark.timeout(60)
+def test_server_checkpoint_round_trip_and_corruption(tmp_path):
+    path = str(tmp_path / "table.pt")
+    table = _table([torch.randn(5), torch.randn(3)])
+    assert not table.resume(path, 2)  # nothing to resume from: it starts afresh
+    for _ in range(4):
+        table._apply([torch.randn(5), torch.randn(3)], [{"lr": 0.1}])
+    saved = [p.detach().clone() for p in table.params]
+    state = {k: v.clone() for k, v in table.optimizer.state[table.params[0]].items()}
+    table._apply([torch.randn(5), torch.randn(3)], [{"lr": 0.1}])  # version 5: not written (every 2)
+
+    again = _table([torch.zeros(5), torch.zeros(3)])
+    assert again.resume(path, 2)
+    assert again.version == 4
+    for p, v in zip(again.params, saved):
+        torch.testing.assert_close(p.detach(), v, rtol=0, atol=0)
+    for key, value in state.items():
+        torch.testing.assert_close(again.optimizer.state[again.params[0]][key], value, rtol=0, atol=0)
+
+    other = _table([torch.zeros(4)])
+    with pytest.raises(CheckpointError, match=re.escape(path) + ".*other slices"):
+        other.resume(path, 2)
+
+    data = open(path, "rb").read()[:-200]  # cut short
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(CheckpointError, match=re.escape(path)):
+        _table([torch.zeros(5), torch.zeros(3)]).resume(path, 2)
+    assert open(path, "rb").read() == data  # the damaged file is left for the user, not overwritten
+
+
+def test_lost_groups_need_an_asynchronous_framework():
+    from singa_dist.topology import STRATEGIES
+    assert {n for n, k in STRATEGIES.items() if k.asynchronous} == {"downpour", "hybrid", "hogwild"}
