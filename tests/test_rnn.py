@@ -93,8 +93,9 @@ def test_lstm_projection_matches_torch(layer_device, layers, bidirectional):
 
 @pytest.mark.parametrize("cell,kwargs", [
     ("gru", {"num_layers": 2, "bidirectional": True}), ("lstm", {"bidirectional": True}),
-    ("lstm", {"bidirectional": True, "proj_size": 4, "batch_first": True}), ("rnn_relu", {}),
-], ids=["gru-2-layer-bidirectional", "lstm-bidirectional", "lstm-proj-bidirectional-batch-first", "rnn-relu"])
+    ("lstm", {"bidirectional": True, "proj_size": 4, "batch_first": True}), ("rnn_relu", {}), ("gru", {"bias": False}),
+], ids=["gru-2-layer-bidirectional", "lstm-bidirectional", "lstm-proj-bidirectional-batch-first", "rnn-relu",
+        "gru-no-bias"])
 def test_packed_sequences_of_unequal_lengths_match_torch(layer_device, cell, kwargs):
     torch.manual_seed(62)
     native, ref = _pair(cell, layer_device, **kwargs)
