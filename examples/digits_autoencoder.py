@@ -112,7 +112,8 @@ def main(argv=None) -> tuple[float, float]:
     parser.add_argument("--pretrain-epochs", type=int, default=20, help="CD epochs per RBM")
     parser.add_argument("--finetune-epochs", type=int, default=40)
     parser.add_argument("--cd-k", type=int, default=1)
-    parser.add_argument("--rbm-lr", type=float, default=0.5)
+    # Downpour and Hogwild apply each worker group's update in turn; twice this step sometimes diverged there.
+    parser.add_argument("--rbm-lr", type=float, default=0.25)
     parser.add_argument("--code-lr-scale", type=float, default=0.1, help="the code layer RBM's share of --rbm-lr")
     parser.add_argument("--lr", type=float, default=0.3, help="fine-tuning learning rate")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across the workers")

@@ -30,7 +30,8 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--cd-k", type=int, default=1)
-    parser.add_argument("--rbm-lr", type=float, default=0.5, help="learning rate of the CD updates")
+    # Downpour and Hogwild apply each worker group's update in turn; twice this step sometimes diverged there.
+    parser.add_argument("--rbm-lr", type=float, default=0.25, help="learning rate of the CD updates")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -94,7 +94,7 @@ def test_horovod_script_with_join_syncbn_grouped_allreduce_and_process_sets():
 
 # A few epochs each: enough for a clear effect, little enough to run every example under every framework.
 RBM_QUICK = ("--epochs", "5", "--finetune-epochs", "8")
-AUTOENCODER_QUICK = ("--sizes", "64,40,10", "--pretrain-epochs", "3", "--finetune-epochs", "5")
+AUTOENCODER_QUICK = ("--sizes", "64,40,10", "--pretrain-epochs", "5", "--finetune-epochs", "5")
 
 
 def _check_rbm(output: str) -> None:
