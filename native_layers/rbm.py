@@ -52,8 +52,8 @@ class RBM(nn.Module):
     "bernoulli" or "gaussian" units. `forward(v)` gives the hidden probabilities (means), so a trained RBM
     stacks like an encoder layer; train it with `contrastive_divergence`."""
 
-    def __init__(self, visible: int, hidden: int, visible_unit: str = "bernoulli", device=None, dtype=None,
-                 hidden_unit: str = "bernoulli"):
+    def __init__(self, visible: int, hidden: int, visible_unit: str = "bernoulli", hidden_unit: str = "bernoulli",
+                 device=None, dtype=None):
         super().__init__()
         for name, n in (("visible", visible), ("hidden", hidden)):
             if not isinstance(n, int) or n < 1:
