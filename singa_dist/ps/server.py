@@ -40,6 +40,33 @@ LOST_POLL_S = 0.5  # how often a server of an asynchronous job looks for worker 
 _async_execution = getattr(getattr(rpc, "functions", None), "async_execution", lambda fn: fn)
 
 
+def asynchronous_step(options: dict, staleness: int, groups: int, *, staleness_lr: bool, momentum_correction: bool,
+                      scales_gradient: bool) -> tuple[dict, float]:
+    """The user's hyperparameters for one asynchronous update and the factor its gradient is scaled by, so that the
+    user's synchronous settings work unchanged.
+
+    `staleness_lr` (Zhang et al. 2016, staleness-aware async-SGD): the step of a gradient computed on values
+    `staleness` versions old is scaled by 1 / (staleness + 1). G groups taking turns see staleness G - 1 and
+    together move as far per sample as one synchronous step on their G batches. For SGD (`scales_gradient`) the
+    gradient and the weight decay are scaled, so that each gradient keeps its own rate inside the momentum buffer;
+    for optimizers that normalise the gradient's scale away (Adam, Adagrad, RMSprop, ...) the lr is.
+    `momentum_correction` (Mitliagkas et al. 2016, "asynchrony begets momentum"): G asynchronous groups add an
+    implicit momentum of about 1 - 1/G, taken off the explicit `momentum` (never below 0).
+    Options an optimizer does not have are left out of the rule."""
+    out, scale = dict(options), 1.0
+    if staleness_lr and staleness > 0:
+        factor = 1.0 / (int(staleness) + 1)
+        if scales_gradient:
+            scale = factor
+            if out.get("weight_decay"):
+                out["weight_decay"] = out["weight_decay"] * factor
+        elif "lr" in out:
+            out["lr"] = out["lr"] * factor
+    if momentum_correction and out.get("momentum"):
+        out["momentum"] = max(0.0, float(out["momentum"]) - (1.0 - 1.0 / max(int(groups), 1)))
+    return out, scale
+
+
 class _Table:
     """One strategy's slices on this server."""
 
@@ -70,6 +97,9 @@ class _Table:
         self.numels = [p.numel() for p in self.params]
         # Checkpoints of this table every N updates (strategy's checkpoint_dir/checkpoint_every); see checkpoint().
         self.checkpoint_path, self.checkpoint_every = None, spec.get("checkpoint_every")
+        # Downpour/Hybrid's remedies for asynchrony (asynchronous_step); off for synchronous tables.
+        self.staleness_lr = bool(spec.get("staleness_lr", False))
+        self.momentum_correction = bool(spec.get("momentum_correction", False))
         self.optimizer, self.group_index = self._make_optimizer(spec)
 
     def _make_optimizer(self, spec):
@@ -98,8 +128,10 @@ class _Table:
             return [p.detach().to(self.value_dtype, copy=True) for p in self.params]
         return [p.detach().clone() for p in self.params]
 
-    def _apply(self, grads: list[torch.Tensor], options: list[dict], values=None, group: int = 0) -> None:
-        """Adopt the values workers set themselves (loaded, broadcast, edited), then step on the gradients."""
+    def _apply(self, grads: list[torch.Tensor], options: list[dict], values=None, group: int = 0,
+               stale: int = 0) -> None:
+        """Adopt the values workers set themselves (loaded, broadcast, edited), then step on the gradients
+        (computed on values `stale` versions old)."""
         t0 = timeline.now() if timeline.on else 0
         for i, (p, value) in enumerate(zip(self.params, values or ())):
             if value is None:
@@ -114,11 +146,19 @@ class _Table:
             if len(self.user_values[i][1]) >= self.groups:
                 del self.user_values[i]
         if self.optimizer is not None:
+            scale = 1.0
             for k, g in enumerate(self.group_index):
-                for key, value in options[g].items():
+                given = options[g]
+                if self.staleness_lr or self.momentum_correction:
+                    given, scale = asynchronous_step(given, stale, self.groups, staleness_lr=self.staleness_lr,
+                                                     momentum_correction=self.momentum_correction,
+                                                     scales_gradient=isinstance(self.optimizer, torch.optim.SGD))
+                for key, value in given.items():
                     self.optimizer.param_groups[k][key] = value
             for p, grad in zip(self.params, grads):
                 p.grad = None if grad is None else grad.to(p.dtype)  # None: the optimizer skips the slice
+                if scale != 1.0 and p.grad is not None:
+                    p.grad = p.grad * scale  # a stale gradient's share (asynchronous_step)
             self.optimizer.step()
             for p in self.params:
                 p.grad = None
@@ -146,7 +186,8 @@ class _Table:
                 if not self._may_apply(group):
                     continue
                 self.queue.remove(item)
-                self._apply(grads, options, values, group)
+                # Staleness when applied (Zhang et al.'s): a held-back update has grown staler while it waited.
+                self._apply(grads, options, values, group, self.version - self.base.get(group, self.version))
                 if self.staleness is not None and self.version - self.base.get(group, self.version) > self.staleness:
                     want = True  # a group too far behind must compute on fresh values
                 values = None
@@ -263,7 +304,6 @@ class _Table:
         self.load(saved["slices"])
         self.version = saved["version"]
         return True
-
 
 
 class ParameterServer:

@@ -248,3 +248,11 @@ def check_op(op, strategy: str):
     if op is not Average and op is not Sum:
         raise ValueError(f"the {strategy} strategy combines gradients with sd.Average or sd.Sum, got {op!r}")
     return op
+
+
+def check_remedies(staleness_lr, momentum_correction) -> tuple[bool, bool]:
+    """The asynchronous frameworks' remedies for asynchrony (see ps.server.asynchronous_step): on or off."""
+    for name, value in (("staleness_lr", staleness_lr), ("momentum_correction", momentum_correction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    return staleness_lr, momentum_correction

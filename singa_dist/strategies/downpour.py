@@ -31,14 +31,15 @@ from .. import primitives, runtime
 from ..functions import allreduce_gradients_, broadcast_flat_
 from ..ps import client as ps_client
 from ..ps import transport
-from .base import AUTOTUNE_MESSAGES, ParameterServerStrategy
+from .base import AUTOTUNE_MESSAGES, ParameterServerStrategy, check_remedies
 
 
 class Downpour(ParameterServerStrategy):
     name = "downpour"
 
     def __init__(self, pull_freq: int = 1, staleness: int | None = None, messages_per_server: int | str | None = None,
-                 *, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+                 *, staleness_lr: bool = True, momentum_correction: bool = False,
+                 checkpoint_dir: str | None = None, checkpoint_every: int = 100,
                  autotune_messages=AUTOTUNE_MESSAGES, autotune_warmup: int = 2, autotune_steps: int = 8):
         if not isinstance(pull_freq, int) or pull_freq < 1:
             raise ValueError(f"pull_freq must be a positive integer, got {pull_freq!r}")
@@ -52,6 +53,7 @@ class Downpour(ParameterServerStrategy):
         # Each server checkpoints its slices every `checkpoint_every` updates there and resumes from them.
         self.checkpoint = None if checkpoint_dir is None else (os.path.abspath(os.fspath(checkpoint_dir)),
                                                                checkpoint_every)
+        self.staleness_lr, self.momentum_correction = check_remedies(staleness_lr, momentum_correction)
         self._init_messages(messages_per_server, autotune_messages, autotune_warmup, autotune_steps)
         self.client = None
         self.local = False
@@ -71,7 +73,8 @@ class Downpour(ParameterServerStrategy):
             self.client = ps_client.ParameterClient(
                 optimizer, self.named, group=self.group, replicas=1, staleness=self.staleness,
                 clients=topo.nworker_groups, create=runtime.rank() == 0,
-                compression=self.compression, checkpoint=self.checkpoint)
+                compression=self.compression, staleness_lr=self.staleness_lr,
+                momentum_correction=self.momentum_correction, checkpoint=self.checkpoint)
         self._broadcast_in_group()
         self._start_messages(self.group_pg, len(self.group_ranks), runtime.proc_rank() == self.leader)
         runtime.on_shutdown(self.close)

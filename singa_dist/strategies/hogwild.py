@@ -6,6 +6,10 @@ has one master group. Every `sync_freq` updates a process sends, for each slice 
 `delta = current - value_at_last_sync` to the slice's master; the master adds the delta and answers with
 its fresh value, which the sender adopts plus its own updates since. A master folds the deltas it received
 into its replica at its next step, so after everyone's sync it holds the sum of every group's delta.
+
+`staleness_lr`, `momentum_correction` (both off: benchmarks/async_accuracy.py measured no gain): the remedies for
+asynchrony of Downpour's servers (ps.server.asynchronous_step) applied to each replica's own step, which the
+masters sum with the G - 1 other groups' steps: it counts as staleness G - 1.
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from .. import primitives, runtime
 from ..functions import broadcast_flat_
 from ..ps import client as ps_client
 from ..ps import transport, wire
+from ..ps.server import asynchronous_step
 from ..ps.slicing import slice_params
-from .base import ParameterServerStrategy
+from .base import ParameterServerStrategy, check_remedies
 
 _live: dict[int, "Hogwild"] = {}  # session -> strategy, for the masters' RPC handler
 LOST_WAIT_S = 10.0  # how long a failed exchange waits for singa-launch to mark the master's group lost
@@ -49,10 +54,12 @@ def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torc
 class Hogwild(ParameterServerStrategy):
     name = "hogwild"
 
-    def __init__(self, sync_freq: int | None = None):
+    def __init__(self, sync_freq: int | None = None, *, staleness_lr: bool = False, momentum_correction: bool = False):
         if sync_freq is not None and (not isinstance(sync_freq, int) or sync_freq < 1):
             raise ValueError(f"sync_freq must be a positive integer, got {sync_freq!r}")
         self.sync_freq = sync_freq
+        self.staleness_lr, self.momentum_correction = check_remedies(staleness_lr, momentum_correction)
+        self.groups = 1
         self._bytes_last = self._bytes_total = self._received_total = 0
         self.local = False
         self.session = None
@@ -68,6 +75,7 @@ class Hogwild(ParameterServerStrategy):
         if self.sync_freq is None:
             self.sync_freq = topo.sync_freq
         self.group = runtime.worker_group()
+        self.groups = topo.nworker_groups
         self.slices = slice_params([(n, p.numel()) for n, p in self.named], 1, topo.nserver_groups)
         self.mine = [s for s in self.slices if s.master_group == self.group]
         self.remote: dict[int, list] = {}
@@ -145,12 +153,38 @@ class Hogwild(ParameterServerStrategy):
         self._bytes_last = 0
         with self.lock:
             self._adopt_user_values()
-            loss = local_step(closure)
+            loss = self._local_update(closure, local_step)
             self._fold()
             self._remember()
         self.updates += 1
         if self.updates % self.sync_freq == 0:
             self.sync()
+        return loss
+
+    def _local_update(self, closure, local_step):
+        """The user's optimizer step on this replica as an asynchronous update (ps.server.asynchronous_step): every
+        group's steps are summed at the masters, each computed without the other groups' latest, so each counts as
+        staleness groups - 1. The user's options and gradients are put back after the step."""
+        if self.groups < 2 or not (self.staleness_lr or self.momentum_correction):
+            return local_step(closure)
+        loss = self._run_closure(closure)
+        sgd = isinstance(self.optimizer, torch.optim.SGD)
+        given = [{k: g[k] for k in ("lr", "momentum", "weight_decay") if k in g} for g in self.optimizer.param_groups]
+        scale = 1.0
+        for group, options in zip(self.optimizer.param_groups, given):
+            changed, scale = asynchronous_step(options, self.groups - 1, self.groups, staleness_lr=self.staleness_lr,
+                                               momentum_correction=self.momentum_correction, scales_gradient=sgd)
+            group.update(changed)
+        grads = [(p, p.grad.clone()) for p in self.params if p.grad is not None] if scale != 1.0 else []
+        try:
+            for p, _ in grads:
+                p.grad.mul_(scale)
+            local_step(None)
+        finally:
+            for group, options in zip(self.optimizer.param_groups, given):
+                group.update(options)
+            for p, grad in grads:
+                p.grad.copy_(grad)
         return loss
 
     def sync(self) -> None:
