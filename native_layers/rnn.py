@@ -24,7 +24,9 @@ _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 
 def _layer_torch(mode, x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     """One layer and direction in torch ops (time-major x): (outputs, h_n, c_n)."""
-    xw = F.linear(x, w_ih, b_ih)  # every step's input projection in one product
+    # Every step's input projection in one product; unbind, not indexing, so that the backward stacks the
+    # steps' gradients once instead of scattering each into a zero tensor of all steps.
+    xw = F.linear(x, w_ih, b_ih).unbind(0)
     h, c, hs = h0, c0, []
     for t in range(x.shape[0]):
         hh = F.linear(h, w_hh, b_hh)
