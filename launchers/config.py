@@ -68,6 +68,36 @@ class ProcessSpec:
 
 
 @dataclass
+class ElasticSpec:
+    """An elastic job's bounds and how it finds hosts (launchers/elastic.py)."""
+
+    initial_np: int
+    min_np: int
+    max_np: int
+    discovery_script: str | None = None
+    discovery_interval: float = 1.0
+    slots: int = 1  # slots of a discovered host printed without a count
+    host_failures: int = 3  # failures after which a host is left out
+    elastic_timeout: float = 600.0  # how long the job may stay below min_np
+    reset_limit: int | None = None
+
+    def __post_init__(self):
+        if self.min_np < 1:
+            raise UsageError(f"--min-np must be at least 1, got {self.min_np}")
+        if self.max_np < self.min_np:
+            raise UsageError(f"--max-np {self.max_np} is below --min-np {self.min_np}")
+        if not self.min_np <= self.initial_np <= self.max_np:
+            raise UsageError(f"-np {self.initial_np} must lie between --min-np {self.min_np} and --max-np "
+                             f"{self.max_np}")
+        if not self.discovery_interval > 0 or not self.elastic_timeout > 0:
+            raise UsageError("--discovery-interval and --elastic-timeout must be positive numbers of seconds")
+        if self.slots < 1 or self.host_failures < 1:
+            raise UsageError("--slots and --host-failures must be at least 1")
+        if self.reset_limit is not None and self.reset_limit < 0:
+            raise UsageError(f"--reset-limit must be 0 or more, got {self.reset_limit}")
+
+
+@dataclass
 class LaunchConfig:
     command: list[str]
     topology: ClusterTopology
@@ -92,6 +122,7 @@ class LaunchConfig:
     exit_on_stdin_close: bool = False
     timeline: str | None = None  # absolute path of the job's timeline (SINGA_TIMELINE for every process)
     metrics: float | None = None  # seconds between live-metrics reports (SINGA_METRICS for every process)
+    elastic: ElasticSpec | None = None  # --min-np/--max-np/--host-discovery-script: an elastic job
     autotune: bool = False  # AllReduce's bucket size, the parameter servers' messages (SINGA_AUTOTUNE=1 everywhere)
 
     @property
@@ -232,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("several nodes")
     m.add_argument("-H", "--hosts", help="h1:2,h2:2 -- hosts and their slots, started over ssh (horovodrun's -H)")
     m.add_argument("--hostfile", help="a file with one 'host slots' (or host:slots) a line")
-    m.add_argument("--nnodes", type=int, help="nodes in the job; run singa-launch on each with its --node-rank")
+    m.add_argument("--nnodes", type=_nnodes, help="nodes in the job; run singa-launch on each with its --node-rank. "
+                   "MIN:MAX (torchrun's elastic form): an elastic job of MIN to MAX nodes of --nproc-per-node "
+                   "workers each, found by --host-discovery-script, started from this launcher")
     m.add_argument("--node-rank", type=int, default=0)
     m.add_argument("--node-slots", help=argparse.SUPPRESS)  # per-node process counts, from the ssh path
     m.add_argument("--master-addr", help="address of node 0 (default 127.0.0.1, or the first host)")
@@ -270,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AllReduce tries a few bucket sizes (Sandblaster, Downpour and Hybrid a few numbers of "
                         "messages per server) during the first steps and keeps the fastest (unless the script gives "
                         "bucket_mb or messages_per_server)")
+    e = p.add_argument_group("elastic jobs (workers may fail or be added while the job runs; see docs/elastic.md)")
+    e.add_argument("--min-np", type=int, help="fewest workers the job goes on with (makes the job elastic)")
+    e.add_argument("--max-np", type=int, help="most workers the job grows to")
+    e.add_argument("--host-discovery-script", help="prints the hosts that may run workers now, host:slots a line")
+    e.add_argument("--discovery-interval", type=float, default=1.0, help="seconds between runs of the script")
+    e.add_argument("--slots", type=int, default=1, help="slots of a discovered host printed without a count")
+    e.add_argument("--host-failures", type=int, default=3,
+                   help="leave a host out of the job after this many failed workers on it (default 3)")
+    e.add_argument("--elastic-timeout", type=float, default=600.0,
+                   help="seconds the job may wait below --min-np for hosts (default 600)")
+    e.add_argument("--reset-limit", type=int, help="most changes of workers the job goes through")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
 
@@ -404,8 +448,30 @@ def _extra_env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def _nnodes(text: str):
+    """--nnodes N, or MIN:MAX for an elastic job (as torchrun writes it)."""
+    low, sep, high = text.partition(":")
+    try:
+        return (int(low), int(high)) if sep else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number of nodes or MIN:MAX, got {text!r}") from None
+
+
 def parse_args(argv: list[str]) -> LaunchConfig:
     args = build_parser().parse_args(argv)
+    if isinstance(args.nnodes, tuple):
+        # torchrun's elastic --nnodes MIN:MAX, in this launcher's terms: workers, --nproc-per-node a node.
+        low, high = args.nnodes
+        if not 1 <= low <= high:
+            raise UsageError(f"--nnodes MIN:MAX wants 1 <= MIN <= MAX, got {low}:{high}")
+        if not args.host_discovery_script:
+            raise UsageError("--nnodes MIN:MAX runs an elastic job from this launcher: give "
+                             "--host-discovery-script (it prints the nodes, host:slots a line)")
+        per_node = args.nproc_per_node or 1
+        args.min_np = args.min_np if args.min_np is not None else low * per_node
+        args.max_np = args.max_np if args.max_np is not None else high * per_node
+        args.slots = args.nproc_per_node or args.slots
+        args.nnodes = args.nproc_per_node = None
     if args.np is not None and args.np < 1:
         raise UsageError(f"-np must be at least 1, got {args.np}")
     if args.hosts and args.hostfile:
@@ -473,6 +539,35 @@ def parse_args(argv: list[str]) -> LaunchConfig:
                          f"{', '.join(AUTOTUNED_STRATEGIES[1:])}; --strategy {args.strategy} has neither")
 
     command = resolve_module(args.command) if args.module else resolve_command(args.command)
+
+    if args.min_np is not None or args.max_np is not None or args.host_discovery_script:
+        if args.mpi or args.hosts or args.hostfile or args.nnodes:
+            raise UsageError("an elastic job (--min-np/--max-np/--host-discovery-script) is started by this "
+                             "launcher alone: give its hosts through --host-discovery-script, not --mpi, --hosts "
+                             "or --nnodes")
+        if args.strategy not in ("allreduce", "adasum"):
+            raise UsageError(f"an elastic job trains with workers only (allreduce, adasum); --strategy "
+                             f"{args.strategy} needs parameter servers, which cannot come and go")
+        if args.max_restarts:
+            raise UsageError("--max-restarts restarts a whole job; an elastic job replaces its workers instead")
+        min_np = args.min_np if args.min_np is not None else 1
+        initial = args.np if args.np is not None else None if args.host_discovery_script else min_np
+        if args.max_np is not None:
+            max_np = args.max_np
+        else:  # as many as discovery offers, or as started
+            max_np = 1 << 16 if args.host_discovery_script else max(initial, min_np)
+        spec = ElasticSpec(initial_np=initial if initial is not None else max_np, min_np=min_np,
+                           max_np=max_np, discovery_script=args.host_discovery_script,
+                           discovery_interval=args.discovery_interval, slots=args.slots,
+                           host_failures=args.host_failures, elastic_timeout=args.elastic_timeout,
+                           reset_limit=args.reset_limit)
+        topology = ClusterTopology.for_strategy(args.strategy, spec.initial_np)
+        return LaunchConfig(
+            command=command, topology=topology, node_procs=[spec.initial_np], master_addr=args.master_addr or
+            "127.0.0.1", master_port=args.master_port or free_port(), omp_num_threads=args.omp_num_threads,
+            network_interface=args.network_interface, grace_period=args.grace_period, extra_env=_extra_env(args.env),
+            ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
+            dry_run=args.dry_run, timeline=timeline, metrics=interval, elastic=spec)
 
     # Workers: -np, else what the nodes hold.
     nworkers = args.np

@@ -5,6 +5,7 @@
     singa-launch --hosts h1:2,h2:2 python train.py              # every host over ssh
     singa-launch --nnodes 2 --node-rank 0 --master-addr h1 -np 4 python train.py   # per node, as torchrun
     singa-launch --mpi -np 4 python train.py                    # through mpirun
+    singa-launch -np 3 --min-np 2 --max-np 4 python train.py    # elastic (singa_dist.elastic)
 
 See docs/launcher.md for every flag and the environment each process gets.
 """
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.hosts:
             from .ssh import run_hosts
             return _merge_timeline(cfg, run_hosts(cfg))
+        if cfg.elastic is not None and not cfg.dry_run:
+            from .elastic import run_elastic
+            return run_elastic(cfg)
         if cfg.dry_run:
             _print_local_plan(cfg)
             return 0

@@ -72,7 +72,8 @@ def rank_label(nworkers: int, environ=os.environ) -> str:
     return "?"
 
 
-def _copy(pipe, out, label: str) -> None:
+def copy_tagged(pipe, out, label: str) -> None:
+    """Copy `pipe` to the binary stream `out` until it closes, each line prefixed with `[label] `."""
     splitter = LineSplitter()
     prefix = f"[{label}] "
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 127
     for name in _FORWARDED:
         signal.signal(getattr(signal, name), lambda signum, _frame: proc.send_signal(signum))
-    copiers = [threading.Thread(target=_copy, args=(pipe, out, label), daemon=True)
+    copiers = [threading.Thread(target=copy_tagged, args=(pipe, out, label), daemon=True)
                for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer))]
     for t in copiers:
         t.start()

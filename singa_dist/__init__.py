@@ -32,7 +32,7 @@ from .strategies import Strategy
 from .strategies.allreduce import AllReduce
 from .strategies.partial_update import PartialUpdate
 from .runner import RunError, run
-from . import partition
+from . import elastic, partition
 
 __version__ = "0.1.0"
 

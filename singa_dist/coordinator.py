@@ -206,6 +206,7 @@ def _forget_sets() -> None:
 
 
 runtime.on_shutdown(_forget_sets, phase="release", persistent=True)
+runtime.on_reset(_forget_sets, phase="leave")  # an elastic round's sets and engines go with it
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from . import runtime
+from . import elastic, runtime
 from .collectives import (Adasum, Average, Max, Min, Product, Sum, allgather, allgather_async,  # noqa: F401
                           allgather_object, allreduce, allreduce_, allreduce_async, allreduce_async_, alltoall,
                           alltoall_async, barrier, broadcast, broadcast_, broadcast_async, broadcast_async_,
@@ -30,6 +30,7 @@ from .collectives import (Adasum, Average, Max, Min, Product, Sum, allgather, al
                           grouped_reducescatter, grouped_reducescatter_async, join, poll, reducescatter,
                           reducescatter_async, sparse_allreduce_async, synchronize)
 from .compression import Compression, Compressor  # noqa: F401
+from .elastic import HostsUpdatedInterrupt  # noqa: F401
 from .coordinator import (ProcessSet, add_process_set, global_process_set, remove_process_set)  # noqa: F401
 from .functions import broadcast_optimizer_state, broadcast_parameters  # noqa: F401
 from .optimizer import DistributedOptimizer as _DistributedOptimizer
@@ -42,13 +43,8 @@ from .sync_batch_norm import SyncBatchNorm  # noqa: F401
 
 HorovodInternalError = CollectiveError  # what a failed or mismatched collective raises, on every rank
 
-
-class HostsUpdatedInterrupt(RuntimeError):
-    """The set of hosts of an elastic job changed (Horovod's elastic interrupt); skip_sync as in Horovod."""
-
-    def __init__(self, skip_sync: bool = False):
-        super().__init__("the hosts of the job changed")
-        self.skip_sync = skip_sync
+# horovod.torch.elastic: `hvd.elastic.run`, and `from singa_dist.horovod.elastic import TorchState` too.
+sys.modules[__name__ + ".elastic"] = elastic
 
 
 def init(comm=None, process_sets=None) -> None:
@@ -181,8 +177,8 @@ def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_pr
     for name, value in (("min_num_proc", min_num_proc or min_np), ("max_num_proc", max_num_proc or max_np),
                         ("host_discovery_script", host_discovery_script), ("reset_limit", reset_limit)):
         if value is not None:
-            raise NotImplementedError(f"singa_dist.horovod.run does not run elastic jobs ({name}); use "
-                                      "singa-launch --max-restarts for restarts")
+            raise NotImplementedError(f"singa_dist.horovod.run does not run elastic jobs ({name}); start the "
+                                      "script with singa-launch --min-np/--max-np (docs/elastic.md)")
     if hostfile is not None:
         with open(hostfile) as f:
             hosts = ",".join(line.split()[0] + ":" + (line.split("slots=")[1].split()[0] if "slots=" in line else "1")

@@ -25,8 +25,10 @@ class _DistributedOptimizer:
 
     def _singa_setup(self, named_parameters, strategy, compression, backward_passes_per_step, op, interval=None):
         named = _named_parameters(self, named_parameters)
-        # Before any training: workers with different models would otherwise hang or mix data later.
-        check_consistency(named, "parameter")
+        # Before any training: workers with different models would otherwise hang or mix data later. (Workers of
+        # an elastic job start at different times: they check when they meet, in the state's sync.)
+        if not runtime.is_elastic():
+            check_consistency(named, "parameter")
         self._singa_strategy = strategy
         self._singa_named = named
         self._singa_skip_sync = False

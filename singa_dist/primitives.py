@@ -13,6 +13,7 @@ before the process groups go (registered below as the shutdown's "drain" phase).
 from __future__ import annotations
 
 import contextlib
+import pickle
 import time
 import zlib
 
@@ -129,6 +130,12 @@ def watch(what: str, group=None):
     except (RuntimeError, _DIST_ERROR) as error:
         if isinstance(error, CollectiveError) or not is_active(group):
             raise
+        if runtime.is_elastic():
+            # An elastic job goes on without the failed worker: every member stops waiting now (no roll call),
+            # and singa_dist.elastic.run rolls back to the last commit and joins the next round.
+            if not isinstance(error, runtime.RoundAborted):
+                runtime.break_round(f"{what} failed: {str(error).splitlines()[0] if str(error) else error!r}")
+            raise CollectiveError(f"rank {runtime.rank()}: {what} failed: {error}") from error
         raise collective_failure(what, error, group) from error
 
 
@@ -165,6 +172,7 @@ def wait_outstanding() -> None:
 
 
 runtime.on_shutdown(wait_outstanding, phase="drain", persistent=True)
+runtime.on_reset(_outstanding.clear, phase="leave")  # a broken round's work is abandoned, not waited for
 
 
 class Handle:
@@ -201,7 +209,7 @@ class Handle:
             try:
                 with watch(self._what, self._group):
                     for w in self._works:
-                        w.wait()
+                        runtime.wait_work(w, self._what)
                 if t0:
                     if timeline.on:
                         timeline.span("wait", t0, tensor=self.timeline_what or self._what)
@@ -265,24 +273,49 @@ def broadcast(tensor: torch.Tensor, root: int, what: str, *, group=None, async_o
     return _started(work, finish or (lambda: tensor), what, group, async_op)
 
 
+# Objects travel as pickled bytes in CPU tensors, through the primitives above: their waits are watched like
+# every other (torch's object collectives block inside the backend, out of reach of a broken elastic round).
+
 def broadcast_object(obj, root: int, what: str, *, group=None):
     """Member `root`'s picklable `obj`, on every member (`root` counts within the group)."""
-    box = [obj]
-    with watch(what, group):
-        dist.broadcast_object_list(box, group_src=root, group=_group(group))
-    return box[0]
+    mine = dist.get_group_rank(_group(group), dist.get_rank()) == root
+    at = _object_device()
+    payload = _pickled(obj).to(at) if mine else None
+    length = torch.tensor([payload.numel() if mine else 0], dtype=torch.int64, device=at)
+    broadcast(length, root, what, group=group)
+    data = payload if mine else torch.empty(int(length.item()), dtype=torch.uint8, device=at)
+    broadcast(data, root, what, group=group)
+    return obj if mine else pickle.loads(data.cpu().numpy().tobytes())
 
 
 def all_gather_object(obj, what: str, *, group=None) -> list:
     """Every member's picklable `obj`, as a list in rank order."""
-    pg = _group(group)
-    out = [None] * dist.get_world_size(pg)
-    with watch(what, group):
-        dist.all_gather_object(out, obj, group=pg)
-    return out
+    n = dist.get_world_size(_group(group))
+    at = _object_device()
+    payload = _pickled(obj)
+    lengths = torch.empty(n, dtype=torch.int64, device=at)
+    all_gather_into(lengths, torch.tensor([payload.numel()], dtype=torch.int64, device=at), what, group=group)
+    lengths = lengths.cpu()
+    most = int(lengths.max().item())
+    padded = torch.zeros(most, dtype=torch.uint8)
+    padded[:payload.numel()] = payload
+    out = torch.empty(n * most, dtype=torch.uint8, device=at)
+    all_gather_into(out, padded.to(at), what, group=group)
+    out = out.cpu()
+    return [pickle.loads(out[i * most:i * most + int(lengths[i])].numpy().tobytes()) for i in range(n)]
+
+
+def _pickled(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _object_device() -> torch.device:
+    """CPU, unless the job's only backend is NCCL (which moves CUDA tensors alone)."""
+    return runtime.device() if runtime.backend() == "nccl" else torch.device("cpu")
 
 
 def barrier(what: str = "barrier", *, group=None) -> None:
     """Wait until every member of the group arrives here."""
     with watch(what, group):
-        dist.barrier(group=_group(group))
+        work = dist.barrier(group=_group(group), async_op=True)
+    _started(work, lambda: None, what, group, False)

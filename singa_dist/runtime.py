@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import timeline
+from . import rendezvous, timeline
 from .environment import (LOST_KEY_PREFIX, detect_launcher, job_topology, layout_from_slurm, node_key, ranks_within,
                           rendezvous_address)
 from .topology import ClusterTopology, ProcessRole, strategy_kind
@@ -66,9 +66,11 @@ class _Runtime:
     group_pgs: dict = field(default_factory=dict)  # worker group index -> process group of that group
     named_pgs: dict = field(default_factory=dict)  # name -> a group of all workers that a layer above asked for
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    elastic_round: int = -1  # in an elastic job, the round this process is in (see singa_dist.rendezvous)
 
 
 _state = _Runtime()
+_init_args: dict = {}  # what init() was called with (reset() calls it again so)
 _inits = 0  # init() calls that joined a job, the same count on every process of it
 _worker_group_names: list[str] = []  # see request_worker_group
 
@@ -151,9 +153,11 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
              is the job's. With separate servers, the last processes are the servers: on them init() runs the
              server until the workers are done and then exits the process, so the script goes no further there.
     """
-    global _inits
+    global _inits, _init_args
     if _state.initialized:
         return
+    _init_args = dict(timeout=timeout, backend=backend, strategy=strategy, servers=servers,
+                      worker_groups=worker_groups, sync_freq=sync_freq, _serve=_serve)
     if timeout is None:
         timeout = float(os.environ.get("SINGA_TIMEOUT", DEFAULT_TIMEOUT_S))
     if not timeout > 0:
@@ -161,6 +165,12 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
     _state.timeout_s = float(timeout)
 
     found = detect_launcher()
+    joining = None
+    if rendezvous.enabled():
+        # An elastic job: the rank and size are this worker's place in the newest round that lists it.
+        joining = _join_round(_last_round, _state.timeout_s)
+        rank_, size_, local_rank_, local_size_, _, _ = joining.layout(rendezvous.worker_id())
+        found = ("singa-launch", rank_, size_, local_rank_, local_size_)
     alone = found is None
     if alone:
         found = ("none", 0, 1, 0, 1)
@@ -174,6 +184,9 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
         topology = job_topology(proc_size, strategy, servers=servers, worker_groups=worker_groups,
                                 sync_freq=sync_freq)
         named = topology.strategy
+    if joining is not None and topology.nprocs != topology.nworkers:
+        raise RuntimeError(f"singa_dist.init(): an elastic job trains with workers only (allreduce, adasum); the "
+                           f"{topology.strategy} strategy needs parameter servers, which cannot come and go")
     if topology.nprocs != proc_size:
         raise RuntimeError(
             f"singa_dist.init(): the topology has {topology.nprocs} processes but the launcher started {proc_size}")
@@ -203,13 +216,26 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
         wait = datetime.timedelta(seconds=_state.timeout_s)
         if alone:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
+        elif joining is not None:
+            store = _elastic_store()
+            store.set(rendezvous.joined_key(joining.number, rendezvous.worker_id()), "1")
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(rendezvous.group_prefix(joining.number),
+                                                                            store),
+                                    rank=proc_rank, world_size=proc_size, timeout=wait)
+            _state.elastic_round = joining.number
+            _remember_round(joining.number)
         else:
             rendezvous_address(launcher, proc_rank)
             _join_process_group(backend, proc_rank, proc_size, wait)
         _state.distributed = True
-        _inits += 1
+        if joining is None:  # (an elastic round's keys are its own already: workers that joined late count alike)
+            _inits += 1
         _register_exit()
-    if _state.distributed and not alone:
+    if joining is not None:
+        _, _, local_rank, local_size, _state.cross_rank, _state.cross_size = joining.layout(rendezvous.worker_id())
+        os.environ.update({"RANK": str(proc_rank), "WORLD_SIZE": str(proc_size), "LOCAL_RANK": str(local_rank),
+                           "LOCAL_WORLD_SIZE": str(local_size)})
+    elif _state.distributed and not alone:
         local_rank, local_size, _state.cross_rank, _state.cross_size = _node_layout(
             launcher, proc_rank, proc_size, local_rank, local_size, topology.nworkers)
     _state.local_rank = 0 if local_rank is None else local_rank
@@ -326,6 +352,119 @@ def _join_process_group(backend: str, rank: int, size: int, wait: datetime.timed
             f"process {rank}: process{'es' if len(missing) > 1 else ''} {names} never reached singa_dist.init() "
             f"within {seconds:g} s (stopped, hung before it, or started for another job); "
             f"{size - len(missing)} of {size} came") from exc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Elastic jobs (singa_dist.rendezvous): joining a round, noticing that it broke, and moving to the next one
+
+_last_round = -1  # the round this process was last in (kept across reset())
+_elastic_client = None  # this process's connection to the launcher's store
+_reset_hooks: dict[str, list] = {"leave": [], "join": []}
+
+
+def _remember_round(number: int) -> None:
+    global _last_round
+    _last_round = number
+
+
+def _elastic_store():
+    global _elastic_client
+    if _elastic_client is None:
+        _elastic_client = rendezvous.connect(_state.timeout_s)
+    return _elastic_client
+
+
+def _join_round(after: int, timeout_s: float) -> "rendezvous.Round":
+    return rendezvous.next_round(_elastic_store(), rendezvous.worker_id(), after, timeout_s)
+
+
+class RoundAborted(RuntimeError):
+    """The elastic job's round broke (a worker failed) while this process waited in a collective."""
+
+
+def is_elastic() -> bool:
+    return _state.elastic_round >= 0
+
+
+def elastic_round() -> int:
+    """The round of the elastic job this process is in; -1 outside an elastic job."""
+    return _state.elastic_round
+
+
+def newest_round() -> int:
+    """The newest round singa-launch has published (newer than elastic_round() once it added or lost workers)."""
+    return rendezvous.latest(_elastic_store()) if is_elastic() else -1
+
+
+def break_round(why: str) -> None:
+    """Tell every member of this round that it is broken (a collective of it failed here)."""
+    if is_elastic():
+        rendezvous.abort(_elastic_store(), _state.elastic_round, f"rank {_state.rank}: {why}")
+
+
+def wait_work(work, what: str) -> None:
+    """Wait for a torch.distributed work; in an elastic job, stop waiting (RoundAborted) as soon as the round
+    breaks, instead of waiting for a failed peer until the job's timeout."""
+    if _state.elastic_round < 0:
+        work.wait()
+        return
+    store, number = _elastic_store(), _state.elastic_round
+    pause, checked = 0.0001, 0.0
+    while not work.is_completed():
+        now = time.monotonic()
+        if now - checked > rendezvous.POLL_S:
+            checked = now
+            why = rendezvous.aborted(store, number)
+            if why is not None:
+                raise RoundAborted(f"round {number} of the elastic job broke ({why}) while rank {_state.rank} "
+                                   f"waited in {what}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
+    work.wait()
+
+
+def on_reset(fn, *, phase: str, weak: bool = False) -> None:
+    """Call `fn()` at every reset() of an elastic job: phase "leave" before this process leaves its round (drop
+    what belongs to the round's groups), "join" once it is in the next one (rebuild it for the new size)."""
+    if phase not in _reset_hooks:
+        raise ValueError(f"phase must be 'leave' or 'join', got {phase!r}")
+    _reset_hooks[phase].append(weakref.WeakMethod(fn) if weak else (lambda: fn))
+
+
+def _run_reset_hooks(phase: str) -> None:
+    alive = []
+    for get in _reset_hooks[phase]:
+        fn = get()
+        if fn is not None:
+            alive.append(get)
+            fn()
+    _reset_hooks[phase] = alive
+
+
+def reset() -> None:
+    """Elastic: leave this round at once (its collectives are abandoned, nobody is waited for) and join the
+    next round singa-launch publishes; rank() and size() are then those of the new round. What the layers
+    above built on the old round's groups is rebuilt (on_reset hooks): a DistributedOptimizer goes on working.
+    """
+    global _state
+    if not is_elastic():
+        raise RuntimeError("reset() is for elastic jobs (singa-launch --min-np/--max-np); this process is not in one")
+    init_args = _init_args
+    _run_reset_hooks("leave")
+    groups = {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values(), *_state.named_pgs.values()}
+    for pg in groups:
+        if isinstance(pg, dist.ProcessGroup):
+            try:  # work in flight on a broken round would hold the group's threads until the timeout
+                pg._get_backend(torch.device("cpu")).abort()
+            except Exception:
+                pass
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _state = _Runtime()
+    groups.clear()
+    gc.collect()
+    init(**init_args)
+    _run_reset_hooks("join")
 
 
 def _require_init() -> _Runtime:

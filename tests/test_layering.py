@@ -17,7 +17,8 @@ PACKAGE = "singa_dist"
 
 # Bottom to top. Modules of one layer may import each other (without cycles, checked below).
 LAYERS = [
-    ("foundation", ["topology", "environment", "compression", "shards", "checkpoint", "timeline", "metrics"]),
+    ("foundation", ["topology", "environment", "compression", "shards", "checkpoint", "timeline", "metrics",
+                    "rendezvous"]),
     ("runtime", ["runtime"]),
     ("primitives", ["primitives", "runner"]),
     ("negotiation", ["coordinator"]),
@@ -28,6 +29,7 @@ LAYERS = [
                     "strategies.adasum", "strategies.partial_update", "strategies.sandblaster", "strategies.downpour",
                     "strategies.hybrid", "strategies.hogwild"]),
     ("optimizer", ["optimizer"]),
+    ("elastic", ["elastic"]),
     ("horovod", ["horovod"]),
     ("package", [""]),  # singa_dist/__init__.py: the public names, gathered from every layer
 ]
@@ -162,7 +164,8 @@ def test_libraries_stay_apart(library, forbidden):
 
 
 def test_launchers_use_only_the_bottom_layer():
-    allowed = {f"{PACKAGE}.topology", f"{PACKAGE}.environment", f"{PACKAGE}.timeline", f"{PACKAGE}.metrics"}
+    allowed = {f"{PACKAGE}.topology", f"{PACKAGE}.environment", f"{PACKAGE}.timeline", f"{PACKAGE}.metrics",
+               f"{PACKAGE}.rendezvous"}
     used = set()
     for path in sorted((ROOT / "launchers").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

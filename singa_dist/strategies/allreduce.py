@@ -35,7 +35,6 @@ Partial update (SINGA's `backward_and_partial_update`) is its own strategy besid
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -236,13 +235,11 @@ class AllReduce(Strategy):
         self.compressor = resolve_compression(compression if compression is not None else self.compression)
         self.optimizer = optimizer
         self.passes = int(backward_passes_per_step)
-        self.set = coordinator.resolve_set(self.process_set)
-        self.active = primitives.is_active() and bool(self.set.included()) and (self.set.size() or 1) > 1
-        self.size = self.set.size() if self.active else 1
-        self.engine = coordinator.engine_of(self.set) if self.active else None
-        self.pg = self.engine.strategy_pg if self.active else None
+        self._bind()
         if self.active:
             runtime.on_shutdown(self.close, weak=True)  # lets go of the process group, see close()
+        if runtime.is_elastic():
+            runtime.on_reset(self._rejoin, phase="join", weak=True)
         # Feature-split parameters (singa_dist.partition) are not replicated: never all-reduced.
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         self.named = [(n, p) for n, p in named if not is_feature_split(p)]
@@ -258,6 +255,29 @@ class AllReduce(Strategy):
         self.round_open = False  # some gradient arrived since the last synchronize()
         self.round = None  # this round's announcement to the other ranks (see coordinator.GradientRound)
         self.rounds = 0
+
+    def _bind(self) -> None:
+        """The ranks this strategy reduces over, and their groups (again after an elastic job's reset())."""
+        self.set = coordinator.resolve_set(self.process_set)
+        self.active = primitives.is_active() and bool(self.set.included()) and (self.set.size() or 1) > 1
+        self.size = self.set.size() if self.active else 1
+        self.engine = coordinator.engine_of(self.set) if self.active else None
+        self.pg = self.engine.strategy_pg if self.active else None
+
+    def _rejoin(self) -> None:
+        """An elastic job moved to a new round: reduce over its workers from the next step on; the round in
+        progress (rolled back by singa_dist.elastic) is forgotten."""
+        self._bind()
+        for bucket in self.buckets:
+            bucket.exchange = None
+        self.sparse_handles = {}
+        self.counts = {id(p): 0 for _, p in self.named}
+        self.next_launch = 0
+        self.synced = False
+        self.round_open = False
+        self.round = None
+        if self.active:
+            coordinator.register_round_owner(self.plan_hash, self)
 
     def _plan(self) -> None:
         """Buckets of the parameters whose gradients are dense (sparse ones travel on their own)."""

@@ -1,0 +1,309 @@
+"""singa-launch's elastic mode: a job whose workers may fail, or be added, while it runs (Horovod elastic).
+
+    singa-launch -np 3 --min-np 2 --max-np 4 python train.py
+    singa-launch --min-np 2 --max-np 8 --host-discovery-script ./hosts.sh python train.py
+
+The launcher hosts the job's store and runs the rendezvous (singa_dist.rendezvous): it numbers the workers of
+each round and publishes them; the workers' `singa_dist.elastic.run` does the rest.
+
+- A worker that fails (exits with an error or is killed) is dropped: its round is marked broken, so the others
+  stop waiting for it at once, and the next round holds the others. Its host counts a failure; a host that
+  failed --host-failures times is left out of the job (its workers stopped, none started there again).
+- With --host-discovery-script, the script runs every --discovery-interval seconds and prints the hosts
+  that may run workers now, one `host:slots` (or `host`, with --slots slots) a line. Free slots on hosts
+  not left out get new workers (up to --max-np); they join the next round, which the others enter at their
+  next `state.commit()`. Without a script the hosts are this one with -np slots: the job shrinks on
+  failures and never grows.
+- Fewer than --min-np workers: the launcher waits --elastic-timeout seconds for discovery to offer more,
+  then stops the job with an error.
+- The job ends well when every worker that took part in a round has finished well; workers still waiting
+  to join then are stopped.
+
+Workers on this host start directly; workers on other hosts start over ssh (--ssh-command), each in its own
+connection, so a lost host takes only its own workers with it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+import singa_dist.rendezvous as rendezvous
+
+from .config import LaunchConfig
+from .local import describe_exit, say
+from .tag_output import copy_tagged
+
+POLL_S = 0.05
+
+
+@dataclass
+class _Worker:
+    id: int
+    host: str
+    proc: subprocess.Popen
+    copiers: list = field(default_factory=list)
+    code: int | None = None  # exit status once it ended
+
+
+def _is_local(host: str) -> bool:
+    """Whether `host` names this machine (by name, or by an address one of its interfaces holds)."""
+    if host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        with socket.socket() as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+def parse_discovered(text: str, default_slots: int) -> dict[str, int]:
+    """`host:slots` or `host` lines (blank lines and # comments ignored) -> slots per host, in order."""
+    slots: dict[str, int] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        host, _, count = line.partition(":")
+        try:
+            n = int(count) if count else default_slots
+        except ValueError:
+            raise ValueError(f"the host discovery script printed {line!r}: want host or host:slots") from None
+        if n < 0:
+            raise ValueError(f"the host discovery script printed {line!r}: slots must be 0 or more")
+        slots[host.strip()] = slots.get(host.strip(), 0) + n
+    return slots
+
+
+class ElasticDriver:
+    """Starts, watches and numbers the workers of one elastic job."""
+
+    def __init__(self, cfg: LaunchConfig):
+        self.cfg = cfg
+        self.spec = cfg.elastic
+        self.workers: dict[int, _Worker] = {}
+        self.next_id = 0
+        self.round = -1
+        self.members: list[int] = []
+        self.failures: dict[str, int] = {}
+        self.left_out: set[str] = set()
+        self.first_failure: str | None = None
+        self.short_since: float | None = None  # when the job fell below --min-np
+        self.store = dist.TCPStore(cfg.master_addr, cfg.master_port, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=30))
+        self._next_discovery = 0.0
+        self._slots: dict[str, int] = {}
+
+    # ---------------------------------------------------------------------------------------------- hosts
+    def discover(self) -> dict[str, int]:
+        if not self.spec.discovery_script:
+            return {"localhost": self.spec.initial_np}
+        try:
+            out = subprocess.run(shlex.split(self.spec.discovery_script), capture_output=True, text=True,
+                                 timeout=max(self.spec.discovery_interval * 10, 10))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            say(f"the host discovery script failed ({exc}); keeping the hosts it gave before")
+            return self._slots
+        if out.returncode != 0:
+            say(f"the host discovery script exited with status {out.returncode}; keeping the hosts it gave before"
+                + (f": {out.stderr.strip().splitlines()[-1]}" if out.stderr.strip() else ""))
+            return self._slots
+        try:
+            return parse_discovered(out.stdout, self.spec.slots)
+        except ValueError as exc:
+            say(f"{exc}; keeping the hosts it gave before")
+            return self._slots
+
+    def _running(self) -> list[_Worker]:
+        return [w for w in self.workers.values() if w.code is None]
+
+    def _free_slots(self) -> list[str]:
+        """One host name per worker that may start now, within --max-np."""
+        busy: dict[str, int] = {}
+        for w in self._running():
+            busy[w.host] = busy.get(w.host, 0) + 1
+        room = self.spec.max_np - len(self._running())
+        free = []
+        for host, slots in self._slots.items():
+            if host in self.left_out:
+                continue
+            if not _is_local(host) and self.cfg.master_addr in ("127.0.0.1", "localhost", "::1"):
+                say(f"host {host} is not this one, and the workers there cannot reach the job's store at "
+                    f"{self.cfg.master_addr}: give --master-addr (this host's address); leaving {host} out")
+                self.left_out.add(host)
+                continue
+            free += [host] * max(0, slots - busy.get(host, 0))
+        return free[:max(0, room)]
+
+    # -------------------------------------------------------------------------------------------- workers
+    def spawn(self, host: str) -> _Worker:
+        wid = self.next_id
+        self.next_id += 1
+        env = {**self.cfg.common_env(), rendezvous.ELASTIC_VARIABLE: "1", rendezvous.WORKER_ID_VARIABLE: str(wid),
+               "SINGA_LAUNCHER_PID": str(os.getpid()), "HOROVOD_ELASTIC": "1", "HOROVOD_HOSTNAME": host}
+        env.pop("SINGA_TOPOLOGY", None)  # each round's size is its own
+        env.pop("SINGA_PROC_WORLD_SIZE", None)
+        if self.spec.reset_limit is not None:
+            env["SINGA_ELASTIC_RESET_LIMIT"] = str(self.spec.reset_limit)
+        argv = [sys.executable, "-m", "launchers.lifeline", *self.cfg.command]
+        if _is_local(host):
+            proc = subprocess.Popen(argv, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        else:
+            remote = ["cd", shlex.quote(os.getcwd()), "&&", "env",
+                      *[f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k != "SINGA_LAUNCHER_PID"],
+                      *map(shlex.quote, self.cfg.command)]
+            ssh = list(self.cfg.ssh_command)
+            if self.cfg.ssh_port:
+                ssh += ["-p", str(self.cfg.ssh_port)]
+            if self.cfg.ssh_identity:
+                ssh += ["-i", self.cfg.ssh_identity]
+            proc = subprocess.Popen([sys.executable, "-m", "launchers.lifeline", *ssh, host, " ".join(remote)],
+                                    env={**os.environ, "SINGA_LAUNCHER_PID": str(os.getpid())},
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        worker = _Worker(wid, host, proc)
+        for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer)):
+            t = threading.Thread(target=copy_tagged, args=(pipe, out, str(wid)), daemon=True)
+            t.start()
+            worker.copiers.append(t)
+        self.workers[wid] = worker
+        return worker
+
+    def stop(self, worker: _Worker, grace: float) -> None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            if worker.proc.poll() is not None:
+                break
+            try:
+                os.killpg(worker.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            try:
+                worker.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children it left in its group
+            os.killpg(worker.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # ---------------------------------------------------------------------------------------------- rounds
+    def publish(self, members: list[int]) -> None:
+        self.round += 1
+        self.members = list(members)
+        found = rendezvous.Round(self.round, tuple(members), tuple(self.workers[m].host for m in members))
+        self.store.set(rendezvous.round_key(self.round), found.to_json())
+        self.store.set(rendezvous.LATEST, str(self.round))
+
+    def _joined(self, worker: _Worker) -> bool:
+        """Whether the worker has been in some round (else it is still waiting to join its first)."""
+        return any(self.store.check([rendezvous.joined_key(r, worker.id)]) for r in range(self.round + 1))
+
+    # ---------------------------------------------------------------------------------------------- the job
+    def run(self) -> int:
+        self._slots = self.discover()
+        self._next_discovery = time.monotonic() + self.spec.discovery_interval
+        first = self._free_slots()[:self.spec.initial_np]
+        if len(first) < self.spec.min_np:
+            say(f"the hosts offer {len(first)} worker slot(s), fewer than --min-np {self.spec.min_np}")
+            return 1
+        self.publish([self.spawn(host).id for host in first])
+        say(f"elastic job: {len(first)} workers (min {self.spec.min_np}, max {self.spec.max_np})")
+        try:
+            return self._watch()
+        finally:
+            for worker in self._running():
+                self.stop(worker, self.cfg.grace_period)
+            for worker in self.workers.values():
+                for t in worker.copiers:
+                    t.join(timeout=2.0)
+
+    def _watch(self) -> int:
+        while True:
+            changed = False
+            for worker in self._running():
+                code = worker.proc.poll()
+                if code is None:
+                    continue
+                worker.code = code
+                if code != 0:
+                    changed |= self._failed(worker)
+            running = self._running()
+            finished = [w for w in self.workers.values() if w.code == 0]
+            joined_running = [w for w in running if self._joined(w)]
+            if finished and not joined_running:
+                # Every worker that trained has finished well: the ones still waiting to join have nothing to do.
+                for worker in running:
+                    self.stop(worker, 0)
+                if any(w.code not in (0, None) for w in self.workers.values()):
+                    say(f"job finished with {len(finished)} worker(s), after losing some ({self.first_failure})")
+                return 0
+            if not running:
+                say(f"job failed: every worker stopped ({self.first_failure or 'no worker finished'})")
+                return 1
+            if time.monotonic() >= self._next_discovery and self.spec.discovery_script and not finished:
+                # (once a worker has finished well the job is ending: its slot is not filled again)
+                self._slots = self.discover()
+                self._next_discovery = time.monotonic() + self.spec.discovery_interval
+                changed |= self._grow()
+            if changed:
+                alive = [m for m in self.members if self.workers[m].code is None]
+                self.publish(alive + [w.id for w in self._running() if w.id not in self.members])
+            if len(running) < self.spec.min_np:
+                self.short_since = self.short_since or time.monotonic()
+                if time.monotonic() - self.short_since > self.spec.elastic_timeout:
+                    say(f"job failed: {len(running)} worker(s) left, fewer than --min-np {self.spec.min_np}, for "
+                        f"{self.spec.elastic_timeout:g} s ({self.first_failure})")
+                    return 1
+            else:
+                self.short_since = None
+            time.sleep(POLL_S)
+
+    def _failed(self, worker: _Worker) -> bool:
+        """A worker ended with an error: break its round, count its host's failure. True: the members changed."""
+        what = f"worker {worker.id} on {worker.host} {describe_exit(worker.code)}"
+        self.first_failure = self.first_failure or what
+        rendezvous.abort(self.store, self.round, what)
+        self.failures[worker.host] = self.failures.get(worker.host, 0) + 1
+        note = ""
+        if self.failures[worker.host] >= self.spec.host_failures and worker.host not in self.left_out:
+            self.left_out.add(worker.host)
+            note = f"; host {worker.host} failed {self.failures[worker.host]} time(s): leaving it out of the job"
+            for other in self._running():
+                if other.host == worker.host:
+                    self.stop(other, self.cfg.grace_period)
+                    other.code = other.proc.returncode
+        say(f"{what}; going on without it{note}")
+        return worker.id in self.members
+
+    def _grow(self) -> bool:
+        free = self._free_slots()
+        if not free:
+            return False
+        for host in free:
+            self.spawn(host)
+        say(f"{len(free)} new worker(s) on {', '.join(sorted(set(free)))}: they join at the next commit")
+        return True
+
+
+def run_elastic(cfg: LaunchConfig) -> int:
+    try:
+        driver = ElasticDriver(cfg)
+    except Exception as exc:
+        say(f"cannot host the job's store at port {cfg.master_port}: {exc}")
+        return 1
+    try:
+        return driver.run()
+    except KeyboardInterrupt:
+        say("stopped by signal SIGINT")
+        return 128 + signal.SIGINT

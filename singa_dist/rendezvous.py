@@ -1,0 +1,135 @@
+"""The elastic rendezvous: which workers make up each round of an elastic job, and how a round ends.
+
+An elastic job (`singa-launch --min-np N --max-np M`, launchers/elastic.py) changes its set of workers while
+it runs. The launcher hosts the job's key-value store and writes there, for each round r, the workers of
+that round in rank order (`round/<r>`) and the newest round's number (`latest`). A worker joins the newest
+round that lists it (its rank is its place in the list) and forms the round's process group under keys of
+that round alone. A round ends in one of two ways:
+- broken: a worker of it failed. The launcher, or the first survivor to see a collective fail, sets
+  `abort/<r>`; every member waiting in a collective of round r stops at once (see `raise_if_aborted`)
+  instead of waiting for the job's timeout, and rejoins in round r+1 without the failed worker.
+- superseded: the launcher added workers in round r+1. The members of round r go on until their next
+  `state.commit()`, where they agree to move (singa_dist.elastic), and rejoin in round r+1.
+
+Every process of the job reads the same keys; this module holds the names and the worker's side of it.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+ELASTIC_VARIABLE = "SINGA_ELASTIC"  # "1" in every worker of an elastic job
+WORKER_ID_VARIABLE = "SINGA_WORKER_ID"  # a worker's name for the whole job (its rank changes from round to round)
+PREFIX = "singa/elastic/"
+LATEST = PREFIX + "latest"
+# How often a waiting worker looks at the store for a newer round, or for the end of its own.
+POLL_S = 0.05
+
+
+def enabled() -> bool:
+    return os.environ.get(ELASTIC_VARIABLE) == "1"
+
+
+def round_key(number: int) -> str:
+    return f"{PREFIX}round/{number}"
+
+
+def abort_key(number: int) -> str:
+    return f"{PREFIX}abort/{number}"
+
+
+def joined_key(number: int, worker: int) -> str:
+    return f"{PREFIX}joined/{number}/{worker}"
+
+
+def group_prefix(number: int) -> str:
+    """Where round `number`'s process group keeps its keys (no key of an earlier round is ever read again)."""
+    return f"{PREFIX}group/{number}/"
+
+
+@dataclass(frozen=True)
+class Round:
+    number: int
+    members: tuple  # worker ids, in rank order
+    hosts: tuple  # each member's host, in the same order
+
+    def to_json(self) -> str:
+        return json.dumps({"members": list(self.members), "hosts": list(self.hosts)})
+
+    @classmethod
+    def from_json(cls, number: int, text: str | bytes) -> "Round":
+        data = json.loads(text)
+        return cls(number, tuple(data["members"]), tuple(data["hosts"]))
+
+    def layout(self, worker: int) -> tuple[int, int, int, int, int, int]:
+        """(rank, size, local_rank, local_size, cross_rank, cross_size) of `worker` in this round, as Horovod
+        numbers them: local among the members on its host, cross among the members with its local rank."""
+        rank = self.members.index(worker)
+        host = self.hosts[rank]
+        local = [i for i, h in enumerate(self.hosts) if h == host]
+        local_rank = local.index(rank)
+        order = list(dict.fromkeys(self.hosts))  # hosts in the order of their first member
+        local_ranks = {h: [i for i, x in enumerate(self.hosts) if x == h] for h in order}
+        peers = [h for h in order if len(local_ranks[h]) > local_rank]
+        return rank, len(self.members), local_rank, len(local), peers.index(host), len(peers)
+
+
+def worker_id() -> int:
+    try:
+        return int(os.environ[WORKER_ID_VARIABLE])
+    except (KeyError, ValueError):
+        raise RuntimeError(f"an elastic worker needs {WORKER_ID_VARIABLE} (singa-launch --min-np/--max-np sets it)") \
+            from None
+
+
+def connect(timeout_s: float) -> dist.TCPStore:
+    """The job's store, hosted by singa-launch (MASTER_ADDR:MASTER_PORT)."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
+                             wait_for_workers=False)
+    except Exception as exc:
+        raise RuntimeError(f"elastic worker {worker_id()}: the job's store at {host}:{port}, hosted by singa-launch, "
+                           f"did not answer within {timeout_s:g} s: {exc}") from exc
+
+
+def latest(store) -> int:
+    return int(store.get(LATEST)) if store.check([LATEST]) else -1
+
+
+def next_round(store, worker: int, after: int, timeout_s: float) -> Round:
+    """The newest round after round `after` that lists `worker`; waits for the launcher to publish one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        newest = latest(store)
+        if newest > after:
+            found = Round.from_json(newest, store.get(round_key(newest)))
+            if worker in found.members:
+                return found
+            raise RuntimeError(f"elastic worker {worker} is not in round {newest} of the job: singa-launch left it "
+                               "out (its host failed too often, or the job has more workers than --max-np)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"elastic worker {worker}: no new round of the job after round {after} within "
+                               f"{timeout_s:g} s (singa-launch published none: is it still running?)")
+        time.sleep(POLL_S)
+
+
+def abort(store, number: int, why: str) -> None:
+    """Mark round `number` broken (first word wins: the cause, not the echoes)."""
+    try:
+        store.compare_set(abort_key(number), "", why)
+    except Exception:
+        pass
+
+
+def aborted(store, number: int) -> str | None:
+    """Why round `number` was broken, or None while it holds."""
+    key = abort_key(number)
+    if store.check([key]):
+        return store.get(key).decode()
+    return None

@@ -1,0 +1,93 @@
+"""An elastic training script for tests/test_elastic.py: the digits MLP under singa_dist.elastic.
+
+    singa-launch -np 3 --min-np 2 --max-np 3 python tests/elastic_worker.py --epochs 8 [--die 1:3:5]
+
+--die W:E:B makes worker W (its SINGA_WORKER_ID) kill itself with SIGKILL at epoch E, batch B, before that
+batch's step; --touch-at E:B:PATH makes rank 0 create the file PATH there (a host discovery script that
+reads it then offers one more slot).
+Rank 0 prints one line per commit and a last line `final accuracy A size S steps N resets R`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import singa_dist as sd  # noqa: E402
+from datasets import digits  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32, help="per worker")
+    parser.add_argument("--die", default=None)
+    parser.add_argument("--touch-at", default=None)
+    parser.add_argument("--commit-every", type=int, default=4)
+    parser.add_argument("--sleep", type=float, default=0.0, help="seconds of extra 'compute' per step")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sd.init()
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = digits()
+    dataset = torch.utils.data.TensorDataset(x_train, y_train)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    optimizer = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                        named_parameters=model.named_parameters())
+    sampler = sd.elastic.ElasticSampler(dataset, shuffle=True, seed=0)
+    me = int(os.environ.get("SINGA_WORKER_ID", "0"))
+    die = tuple(int(v) for v in args.die.split(":")) if args.die else None
+    touch = args.touch_at.split(":", 2) if args.touch_at else None
+    resets = [0]
+
+    def on_reset():
+        resets[0] += 1
+        if sd.rank() == 0:
+            print(f"reset: size {sd.size()}", flush=True)
+
+    state = sd.elastic.TorchState(model=model, optimizer=optimizer, sampler=sampler, epoch=0, batch=0, steps=0)
+    state.register_reset_callbacks([on_reset])
+
+    @sd.elastic.run
+    def train(state):
+        loss_fn = torch.nn.CrossEntropyLoss()
+        while state.epoch < args.epochs:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=state.sampler)
+            for i, (x, y) in enumerate(loader):
+                if die and (me, state.epoch, state.batch) == die:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if touch and sd.rank() == 0 and (state.epoch, state.batch) == (int(touch[0]), int(touch[1])):
+                    open(touch[2], "w").close()
+                time.sleep(args.sleep)
+                optimizer.zero_grad()
+                loss_fn(model(x), y).backward()
+                optimizer.step()
+                state.sampler.record_batch(i, args.batch_size)
+                state.batch += 1
+                state.steps += 1
+                if state.batch % args.commit_every == 0:
+                    if sd.rank() == 0:
+                        print(f"commit: epoch {state.epoch} batch {state.batch} steps {state.steps} "
+                              f"size {sd.size()}", flush=True)
+                    state.commit()
+            state.epoch += 1
+            state.batch = 0
+            state.sampler.set_epoch(state.epoch)
+            state.commit()
+
+    train(state)
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    if sd.rank() == 0:
+        print(f"final accuracy {acc:.4f} size {sd.size()} steps {state.steps} resets {resets[0]}", flush=True)
+    sd.shutdown()
+
+
+if __name__ == "__main__":
+    main()
