@@ -64,6 +64,16 @@ def test_char_rnn_learns_the_text():
     assert bits < 3.6, result.stdout
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_char_rnn_other_cells_learn_quickly(cell):
+    result = run_command([sys.executable, "examples/char_rnn.py", "--cell", cell, "--steps", "40", "--hidden", "32",
+                          "--unroll", "20", "--lr", "1e-2"], timeout=240, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    bits = float(re.findall(r"held-out bits per character: ([0-9.]+)", result.stdout)[-1])
+    # Letter frequencies alone (a unigram model of the training text) cost about 5.0 bits per character.
+    assert bits < 4.5, result.stdout
+
+
 # singa-launch flags of each framework besides AllReduce (the default), on two workers.
 FRAMEWORKS = {
     "sandblaster": ["--strategy", "sandblaster", "--servers", "1"],
