@@ -209,8 +209,20 @@ def test_image_data_finds_the_format_or_stands_in(tmp_path, capsys):
         ds.image_data(str(tmp_path / "folders" / "train" / "cat"))
 
 
-@pytest.mark.parametrize("kind", ["cifar10", "folder"])
+@pytest.mark.parametrize("kind", ["cifar10", "folder", "text"])
 def test_distributed_sampler_and_dataloader_workers(tmp_path, kind):
+    if kind == "text":
+        (tmp_path / "input.txt").write_text("abcdefghij" * 7, encoding="utf-8")
+        data = ds.CharWindows(tmp_path / "input.txt", unroll=6)
+        seen = []
+        for rank in range(2):
+            loader = DataLoader(data, batch_size=3, num_workers=2,
+                                sampler=DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=1))
+            for x, y in loader:
+                assert x.shape[1:] == (6,) and torch.equal(x[:, 1:], y[:, :-1])
+                seen += x[:, 0].tolist()
+        assert sorted(set(seen)) == sorted({data[i][0][0].item() for i in range(len(data))})
+        return
     if kind == "cifar10":
         records, labels, _ = _cifar_records(10, 1, (10,), 3)
         (tmp_path / "test_batch.bin").write_bytes(records.tobytes())
