@@ -24,26 +24,33 @@ _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 
 def _layer_torch(mode, x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     """One layer and direction in torch ops (time-major x): (outputs, h_n, c_n)."""
+    H = w_hh.shape[0] // _GATES[mode]
+    # Biases that add to the gates as b_ih does go into the input projection (GRU's b_hn stays inside r * (.)).
+    if b_ih is not None and mode == "gru":
+        b_ih, b_hh = torch.cat([b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]]), b_hh[2 * H:]
+    elif b_ih is not None:
+        b_ih, b_hh = b_ih + b_hh, None
     # Every step's input projection in one product; unbind, not indexing, so that the backward stacks the
     # steps' gradients once instead of scattering each into a zero tensor of all steps.
     xw = F.linear(x, w_ih, b_ih).unbind(0)
     h, c, hs = h0, c0, []
     for t in range(x.shape[0]):
-        hh = F.linear(h, w_hh, b_hh)
         if mode == "gru":
-            xr, xz, xn = xw[t].chunk(3, 1)
-            hr, hz, hn = hh.chunk(3, 1)
-            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-            n = torch.tanh(xn + r * hn)
-            h_new, c_new = (1 - z) * n + z * h, None
+            xrz, xn = xw[t].split([2 * H, H], 1)
+            hrz, hn = F.linear(h, w_hh).split([2 * H, H], 1)
+            r, z = torch.sigmoid(xrz + hrz).chunk(2, 1)
+            n = torch.tanh(xn + r * (hn + b_hh if b_hh is not None else hn))
+            h_new, c_new = torch.lerp(n, h, z), None  # (1 - z) n + z h
         elif mode == "lstm":
-            i, f, g, o = (xw[t] + hh).chunk(4, 1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            gates = torch.addmm(xw[t], h, w_hh.t())
+            i_f, g, o = gates.split([2 * H, H, H], 1)
+            i, f = torch.sigmoid(i_f).chunk(2, 1)
+            c_new = torch.addcmul(f * c, i, torch.tanh(g))
             h_new = torch.sigmoid(o) * torch.tanh(c_new)
             if w_hr is not None:
                 h_new = F.linear(h_new, w_hr)
         else:
-            pre = xw[t] + hh
+            pre = torch.addmm(xw[t], h, w_hh.t())
             h_new, c_new = (torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)), None
         if lengths is not None:  # rows whose sequence has ended keep their state
             valid = (lengths > t)[:, None]
