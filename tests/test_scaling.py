@@ -1,0 +1,144 @@
+"""The scaling model's cost formulas against hand-computed values, the alpha-beta fit on synthetic measurements,
+and the timeline renderer on a small trace (benchmarks/cost_model.py, benchmarks/scaling.py)."""
+import json
+import random
+
+import pytest
+
+from benchmarks import cost_model as cm
+
+LINK = cm.Link(alpha=1e-4, bandwidth=1e9)
+
+
+def test_ring_and_tree_allreduce_match_hand_computed_times():
+    # ring: 2(p-1)/p n/B + 2(p-1) alpha = 2*3/4 * 0.1 s + 6 * 1e-4 s
+    assert cm.ring_allreduce_s(1e8, 4, LINK) == pytest.approx(0.15 + 6e-4, rel=1e-12)
+    assert cm.ring_allreduce_s(1e8, 2, LINK) == pytest.approx(0.1 + 2e-4, rel=1e-12)
+    # tree: 2 ceil(log2 p) (alpha + n/B): p = 4 -> 4 steps, p = 5 -> 6 steps
+    assert cm.tree_allreduce_s(1e8, 4, LINK) == pytest.approx(4 * (1e-4 + 0.1), rel=1e-12)
+    assert cm.tree_allreduce_s(1e8, 5, LINK) == pytest.approx(6 * (1e-4 + 0.1), rel=1e-12)
+    assert cm.ring_allreduce_s(1e8, 1, LINK) == cm.tree_allreduce_s(1e8, 1, LINK) == 0.0
+    assert cm.allgather_s(1e6, 3, LINK) == pytest.approx(2 * (1e-4 + 1e-3), rel=1e-12)
+
+
+def test_bucketed_allreduce_hides_behind_backward():
+    work = cm.Workload("m", 1e8, compute_s=1.0, backward_share=0.6, buckets=4)
+    comm = cm.allreduce_comm_s(work, 4, LINK)
+    assert comm == pytest.approx(4 * cm.ring_allreduce_s(2.5e7, 4, LINK), rel=1e-12)  # 0.15 + 24 alpha
+    # window 0.6 * (1 - 1/4) = 0.45 s > comm: only the last bucket (comm / 4) is exposed
+    assert cm.step_s("allreduce_ring", work, 4, LINK) == pytest.approx(1.0 + comm / 4, rel=1e-12)
+    # no overlap: everything is exposed
+    assert cm.step_s("allreduce_ring", work, 4, LINK, overlap=0.0) == pytest.approx(1.0 + comm, rel=1e-12)
+    # half the window: comm - 0.225 s, or the last bucket if larger
+    assert cm.exposed_s(comm, work, 0.5) == pytest.approx(max(comm / 4, comm - 0.225), rel=1e-12)
+
+
+def test_parameter_server_frameworks_match_hand_computed_times():
+    work = cm.Workload("m", 1e8, compute_s=1.0)
+    # Sandblaster, 4 workers, 2 servers: each server link carries 2 workers' 0.1 s each way, + push and pull alpha
+    assert cm.step_s("sandblaster", work, 4, LINK, servers=2, server_update_s=0.01) == pytest.approx(
+        1.0 + 2e-4 + 0.2 + 0.2 + 0.01, rel=1e-12)
+    # as many servers as workers: each worker's own link is the limit
+    assert cm.step_s("sandblaster", work, 4, LINK, servers=8) == pytest.approx(1.0 + 2e-4 + 0.2, rel=1e-12)
+    # Downpour, 8 workers in 2 groups of 4, 1 server: ring inside the group, then 2 groups on one server link
+    assert cm.step_s("downpour", work, 8, LINK, groups=2, servers=1) == pytest.approx(
+        1.0 + cm.ring_allreduce_s(1e8, 4, LINK) + 2e-4 + 0.4, rel=1e-12)
+    # Hogwild, 4 groups, sync every 5 steps: 3/4 of the parameters each way (deltas out + values in, as a master
+    # the others' deltas in + answers out), fp16 halving the deltas
+    assert cm.step_s("hogwild", work, 4, LINK, sync_freq=5) == pytest.approx(
+        1.0 + (0.75 * 2e8 / 1e9 + 2e-4) / 5, rel=1e-12)
+    assert cm.step_s("hogwild", work, 4, LINK, sync_freq=1, compression="fp16") == pytest.approx(
+        1.0 + 0.75 * 1.5e8 / 1e9 + 2e-4, rel=1e-12)
+
+
+def test_compression_scales_the_bytes():
+    assert cm.compression_ratio(None) == cm.compression_ratio("none") == 1.0
+    assert cm.compression_ratio("fp16") == cm.compression_ratio("bf16") == 0.5
+    assert cm.compression_ratio(("topk", 0.01)) == pytest.approx(0.02)  # value + int32 index per element
+    work = cm.Workload("m", 1e8, compute_s=1.0)
+    # top-k is gathered: every worker receives the other p-1 workers' selections
+    assert cm.allreduce_comm_s(work, 4, LINK, compression=("topk", 0.01)) == pytest.approx(
+        3 * (1e-4 + 2e6 / 1e9), rel=1e-12)
+    with pytest.raises(ValueError, match="unknown compression"):
+        cm.compression_ratio("int8")
+
+
+@pytest.mark.parametrize("framework", ["allreduce_ring", "allreduce_tree", "hogwild"])
+def test_efficiency_is_one_alone(framework):
+    work = cm.Workload("m", 1e8, compute_s=0.1, buckets=4)
+    assert cm.efficiency(framework, work, 1, LINK) == 1.0
+
+
+@pytest.mark.parametrize("framework", cm.FRAMEWORKS)
+def test_efficiency_grows_with_link_speed_and_falls_with_workers(framework):
+    work = cm.Workload("m", 1e8, compute_s=0.1, buckets=4)
+    options = {"servers": 4, "groups": 8} if framework in ("sandblaster", "downpour") else {}
+    by_speed = [cm.efficiency(framework, work, 64, cm.Link.gbit(g, 20e-6), **options) for g in (10, 25, 100, 400)]
+    assert all(a < b for a, b in zip(by_speed, by_speed[1:])), by_speed
+    assert all(0 < e <= 1 for e in by_speed)
+    if framework != "hogwild":  # hogwild's bytes per process approach n as p grows: flat, not falling
+        by_workers = [cm.efficiency(framework, work, p, cm.Link.gbit(10, 20e-6), **options) for p in (8, 64, 512)]
+        assert by_workers[0] > by_workers[-1], by_workers
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="bandwidth"):
+        cm.Link(1e-5, 0)
+    with pytest.raises(ValueError, match="workers"):
+        cm.ring_allreduce_s(1e6, 0, LINK)
+    with pytest.raises(ValueError, match="unknown framework 'ps'"):
+        cm.step_s("ps", cm.Workload("m", 1e6, 0.1), 2, LINK)
+    with pytest.raises(ValueError, match="cannot form 3 equal worker groups"):
+        cm.step_s("downpour", cm.Workload("m", 1e6, 0.1), 4, LINK, groups=3)
+    with pytest.raises(ValueError, match="compute_s"):
+        cm.Workload("m", 1e6, 0.0)
+
+
+def test_fit_recovers_alpha_and_bandwidth():
+    alpha, bandwidth = 57e-6, 1.3e9
+    truth = cm.Link(alpha, bandwidth)
+    sizes = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
+    exact = [(n, p, cm.ring_allreduce_s(n, p, truth)) for n in sizes for p in (2, 3, 4)]
+    link = cm.fit_link(exact)
+    assert link.alpha == pytest.approx(alpha, rel=1e-6) and link.bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    tree = cm.fit_link([(n, p, cm.tree_allreduce_s(n, p, truth)) for n in sizes for p in (2, 4, 8)], "tree")
+    assert tree.alpha == pytest.approx(alpha, rel=1e-6) and tree.bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    p2p = cm.fit_link([(n, alpha + n / bandwidth) for n in sizes], "p2p")
+    assert p2p.alpha == pytest.approx(alpha, rel=1e-6) and p2p.bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    # 3% multiplicative noise, as on a loaded machine: still within 10%
+    rng = random.Random(0)
+    noisy = [(n, p, t * (1 + rng.uniform(-0.03, 0.03))) for n, p, t in exact * 3]
+    link = cm.fit_link(noisy)
+    assert link.alpha == pytest.approx(alpha, rel=0.1) and link.bandwidth == pytest.approx(bandwidth, rel=0.1)
+    with pytest.raises(ValueError, match="at least 2 measurements"):
+        cm.fit_link([(1 << 20, 2, 1e-3)])
+
+
+def test_timeline_renderer_draws_one_row_per_process(tmp_path):
+    import matplotlib.image
+
+    from benchmarks.scaling import KIND_COLOURS, render_timeline
+
+    events = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": "rank 0"}},
+              {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "rank 1"}}]
+    for pid in (0, 1):
+        events += [{"ph": "X", "cat": "forward", "name": "forward", "pid": pid, "tid": 0, "ts": 1000, "dur": 4000},
+                   {"ph": "X", "cat": "backward", "name": "backward", "pid": pid, "tid": 0, "ts": 5000, "dur": 6000},
+                   {"ph": "X", "cat": "comm", "name": "allreduce b0", "pid": pid, "tid": 1, "ts": 8000,
+                    "dur": 5000},
+                   {"ph": "i", "name": "step", "pid": pid, "tid": 0, "ts": 13000}]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    png = tmp_path / "timeline.png"
+    assert render_timeline(trace, png, dpi=60) == 6
+    image = matplotlib.image.imread(png)[..., :3]
+    assert image.shape[0] > 50 and image.shape[1] > 500
+    for kind in ("forward", "backward", "comm"):  # every kind's colour is on the picture
+        rgb = [int(KIND_COLOURS[kind][i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        close = (abs(image - rgb).max(axis=-1) < 0.02).sum()
+        assert close > 50, (kind, close)
+    assert render_timeline(trace, tmp_path / "first.png", max_ms=3, dpi=30) == 2  # the forward spans only
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"traceEvents": events[:2]}))
+    with pytest.raises(ValueError, match="no complete"):
+        render_timeline(empty, tmp_path / "empty.png")
