@@ -282,7 +282,10 @@ def run_shaped_world(namespaces, addresses, kinds, reps: int, sweep: bool) -> di
                    ",".join(kinds), str(reps), "1" if sweep else "0"]
             procs.append(subprocess.Popen(cmd, env={**base, "RANK": str(rank)}, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True, start_new_session=True))
-        outs = [p.communicate(timeout=600) for p in procs]
+        try:
+            outs = [p.communicate(timeout=600) for p in procs]
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"a shaped-link world did not finish within {exc.timeout:.0f} s") from None
     finally:
         for p in procs:
             if p.poll() is None:
