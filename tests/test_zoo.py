@@ -350,11 +350,12 @@ def test_cifar10_convnet_hybrid_under_singa_launch(tmp_path):
     assert (tmp_path / "acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-STRATEGIES = {
-    "allreduce": [],
-    "sandblaster": ["--strategy", "sandblaster", "--servers", "1"],
-    "downpour": ["--strategy", "downpour", "--worker-groups", "2", "--servers", "1"],
-    "hogwild": ["--strategy", "hogwild", "--sync-freq", "5"],
+STRATEGIES = {  # name -> (workers, singa-launch flags)
+    "allreduce": (2, []),
+    "sandblaster": (2, ["--strategy", "sandblaster", "--servers", "1"]),
+    "downpour": (2, ["--strategy", "downpour", "--worker-groups", "2", "--servers", "1"]),
+    "hogwild": (2, ["--strategy", "hogwild", "--sync-freq", "5"]),
+    "hybrid": (4, ["--strategy", "hybrid", "--worker-groups", "2", "--servers", "1"]),
 }
 SCRIPTS = {
     "cifar10_convnet.py": ["--image-size", "24", "--batch-size", "16"],
@@ -371,7 +372,8 @@ SCRIPTS = {
 def test_every_example_under_every_strategy(script, strategy, tmp_path):
     # The parameter servers of AlexNet's 61 M parameters take minutes for a few steps on a busy 2-core host.
     result = _launch(script, *SCRIPTS[script], "--epochs", "1", "--steps-per-epoch", "3", "--quiet",
-                     "--csv", str(tmp_path / "log.csv"), flags=STRATEGIES[strategy], timeout=600)
+                     "--csv", str(tmp_path / "log.csv"), np=STRATEGIES[strategy][0], flags=STRATEGIES[strategy][1],
+                     timeout=600)
     assert 0.0 <= _accuracy(result.stdout) <= 1.0
     assert len(list(csv.DictReader(open(tmp_path / "log.csv")))) == 1
 
