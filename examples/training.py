@@ -41,10 +41,10 @@ def evaluate(model: torch.nn.Module, test_set: Dataset, per_rank: int, prepare, 
 
 
 class EpochLog:
-    """One CSV row per epoch (on rank 0): epoch, train loss and accuracy, test accuracy, learning rate and
-    seconds; `plot(png)` draws the accuracy curves."""
+    """One CSV row per epoch (on rank 0): epoch, train loss and accuracy (rank 0's share), test accuracy (the
+    whole test set), learning rate, seconds of training and of evaluation; `plot(png)` draws the accuracy curves."""
 
-    FIELDS = ["epoch", "train_loss", "train_accuracy", "test_accuracy", "lr", "seconds"]
+    FIELDS = ["epoch", "train_loss", "train_accuracy", "test_accuracy", "lr", "train_seconds", "eval_seconds"]
 
     def __init__(self, path: str | None):
         self.path = path if sd.rank() == 0 else None

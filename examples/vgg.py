@@ -158,9 +158,11 @@ def main(argv=None) -> float:
             bar.update(1)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        train_seconds = time.perf_counter() - start
         test_acc = evaluate(model, test_set, per_rank, prepare, args.workers)
         log.add(epoch=epoch + 1, train_loss=round(loss_sum / seen, 5), train_accuracy=round(correct / seen, 5),
-                test_accuracy=round(test_acc, 5), lr=lr_now, seconds=round(time.perf_counter() - start, 3))
+                test_accuracy=round(test_acc, 5), lr=lr_now, train_seconds=round(train_seconds, 3),
+                eval_seconds=round(time.perf_counter() - start - train_seconds, 3))
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", test=f"{test_acc:.3f}")
     bar.close()
 
