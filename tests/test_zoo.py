@@ -4,7 +4,6 @@ and ResNet-20 learn the stand-in data; the examples run under singa-launch."""
 import csv
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,7 @@ import torch.nn as nn
 import native_layers as nl
 from examples import alexnet, cifar10_convnet, resnet, vgg
 from tests.dist_harness import run_command
-
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = [sys.executable, "-m", "launchers.launch"]
+from tests.test_examples import LAUNCH, ROOT, _accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,13 +320,8 @@ def test_resnet20_learns_the_stand_in(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Under singa-launch
 
-def _accuracy(output: str) -> float:
-    found = re.findall(r"test accuracy: ([0-9.]+)", output)
-    assert found, f"no accuracy line in the output:\n{output}"
-    return float(found[-1])
-
-
 def _launch(script, *args, flags=(), np=2, timeout=240):
+    """test_examples' _launch_example with the number of workers and the time limit as arguments."""
     result = run_command(LAUNCH + ["-np", str(np), *flags, sys.executable, f"examples/{script}", *args],
                          timeout=timeout, cwd=str(ROOT))
     assert result.returncode == 0, result.stdout + result.stderr
