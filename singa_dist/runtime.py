@@ -905,26 +905,36 @@ def _meet(timeout: float) -> list[int]:
     return []
 
 
-_live_meetings = 0  # barrier_live calls, the same count on every worker
+def tracks_lost() -> bool:
+    """Whether singa-launch drops this job's lost worker groups (an asynchronous job of several groups): then the
+    others meet through barrier_live, which does not wait for them."""
+    return (_state.initialized and _state.launcher == "singa-launch" and _state.topology.nworker_groups > 1
+            and strategy_kind(_state.job_strategy).asynchronous)
 
 
-def barrier_live(what: str) -> None:
-    """A barrier of every worker that singa-launch has not lost (an asynchronous job), through the job's store: a
-    worker group lost before or while the others wait here is not waited for, as a collective would wait for it."""
-    global _live_meetings
-    _live_meetings += 1
+_live_meetings = {False: 0, True: 0}  # barrier_live calls (of the workers, of every process), the same everywhere
+
+
+def barrier_live(what: str, processes: bool = False, timeout: float | None = None) -> None:
+    """A barrier of every worker (`processes`: every process, servers too) that singa-launch has not lost (an
+    asynchronous job), through the job's store: a worker group lost before or while the others wait here is not
+    waited for, as a collective would wait for it."""
+    _live_meetings[processes] += 1
+    n = _state.proc_size if processes else _state.size
     store = dist.distributed_c10d._get_default_store()
-    prefix = f"singa/live/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/{_live_meetings}/"
+    prefix = (f"singa/live/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/"
+              f"{'p' if processes else 'w'}{_live_meetings[processes]}/")
     store.set(f"{prefix}at/{_state.proc_rank}", "1")
     store.add(prefix + "count", 1)
+    timeout = _state.timeout_s if timeout is None else timeout
     try:
-        _meet_live(store, prefix, _state.size, _state.timeout_s)
+        _meet_live(store, prefix, n, timeout)
     except TimeoutError:
         lost = lost_procs()
-        missing = [p for p in range(_state.size) if p not in lost and not store.check([f"{prefix}at/{p}"])]
+        missing = [p for p in range(n) if p not in lost and not store.check([f"{prefix}at/{p}"])]
         blame(missing, f"process{'es' * (len(missing) > 1)} {', '.join(map(str, missing))} did not reach {what}")
         raise RuntimeError(f"process {_state.proc_rank}: worker process{'es' * (len(missing) > 1)} "
-                           f"{', '.join(map(str, missing))} did not reach {what} within {_state.timeout_s:g} s") from None
+                           f"{', '.join(map(str, missing))} did not reach {what} within {timeout:g} s") from None
 
 
 def _meet_live(store, prefix: str, n: int, timeout: float) -> None:

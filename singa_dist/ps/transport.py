@@ -66,9 +66,17 @@ def leave() -> None:
         try:
             # Graceful: every process of the job meets here first, so no peer sees its connections drop
             # mid-message. A peer that died makes it fail after the timeout; the local side still closes. A worker
-            # group lost in an asynchronous job would never come: the others have finished their exchanges with
-            # each other (Hogwild's close(), the servers' goodbyes) and leave at once.
-            rpc.shutdown(graceful=not runtime.lost_procs(), timeout=min(runtime.timeout_s(), 60.0))
+            # group singa-launch lost would never come: the others meet without it (every exchange is over once
+            # every live process is here: the servers' goodbyes, Hogwild's close()) and leave at once.
+            graceful = True
+            if runtime.tracks_lost():
+                graceful = False
+                try:
+                    runtime.barrier_live("leaving the RPC group", processes=True,
+                                         timeout=min(runtime.timeout_s(), 60.0))
+                except RuntimeError:  # a process that is neither here nor lost: leave without it
+                    pass
+            rpc.shutdown(graceful=graceful, timeout=min(runtime.timeout_s(), 60.0))
         except Exception:
             pass
 

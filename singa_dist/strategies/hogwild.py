@@ -205,7 +205,7 @@ class Hogwild(ParameterServerStrategy):
 
     def _lost_peer(self, proc: int) -> bool:
         """Whether singa-launch marks `proc` lost (it does within moments of the group's end)."""
-        if runtime.launcher() != "singa-launch":
+        if not runtime.tracks_lost():
             return False
         deadline = time.monotonic() + LOST_WAIT_S
         while proc not in runtime.lost_procs():
@@ -296,7 +296,7 @@ class Hogwild(ParameterServerStrategy):
         if self.local or self.session not in _live:
             return
         # Under singa-launch a group lost on the way is not waited for (the launcher marks it in the job's store).
-        barrier = runtime.barrier_live if runtime.launcher() == "singa-launch" else primitives.barrier
+        barrier = runtime.barrier_live if runtime.tracks_lost() else primitives.barrier
         try:
             # Every group has finished training first: a delta folded into a group still training would change
             # what it computes next, and the end result with it.
