@@ -70,12 +70,14 @@ def leave() -> None:
             # every live process is here: the servers' goodbyes, Hogwild's close()) and leave at once.
             graceful = True
             if runtime.tracks_lost():
-                graceful = False
                 try:
                     runtime.barrier_live("leaving the RPC group", processes=True,
                                          timeout=min(runtime.timeout_s(), 60.0))
                 except RuntimeError:  # a process that is neither here nor lost: leave without it
-                    pass
+                    graceful = False
+                # Everyone came: torch's graceful goodbye closes every connection cleanly (no peer sees a pipe
+                # drop); with a lost group it would wait for that group's processes in vain.
+                graceful = graceful and not runtime.lost_procs()
             rpc.shutdown(graceful=graceful, timeout=min(runtime.timeout_s(), 60.0))
         except Exception:
             pass
