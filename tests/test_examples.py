@@ -64,7 +64,7 @@ def test_char_rnn_learns_the_text():
     assert bits < 3.6, result.stdout
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", pytest.param("rnn", marks=pytest.mark.slow)])
 def test_char_rnn_other_cells_learn_quickly(cell):
     result = run_command([sys.executable, "examples/char_rnn.py", "--cell", cell, "--steps", "40", "--hidden", "32",
                           "--unroll", "20", "--lr", "1e-2"], timeout=240, cwd=str(ROOT))
@@ -127,9 +127,9 @@ def test_autoencoder_rbm_stack_then_finetuning(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and f"wrote {png}" in result.stdout
 
 
-# Both RBM examples under every framework; one of each framework's pair in the default run, the rest slow.
+# Both RBM examples under every framework; one in the default run (beside the allreduce runs above), the rest slow.
 @pytest.mark.parametrize("script,framework", [
-    ("digits_rbm.py", "sandblaster"),
+    pytest.param("digits_rbm.py", "sandblaster", marks=pytest.mark.slow),
     ("digits_autoencoder.py", "hogwild"),
     pytest.param("digits_autoencoder.py", "sandblaster", marks=pytest.mark.slow),
     pytest.param("digits_rbm.py", "downpour", marks=pytest.mark.slow),
