@@ -24,7 +24,7 @@ import time
 
 import torch.distributed as dist
 
-from singa_dist.environment import LOST_KEY_PREFIX
+from singa_dist.environment import LOST_KEY_PREFIX, init_key
 
 HEARTBEAT_S = 1.0
 STALE_S = 10.0  # a launcher whose heartbeat stood still this long is gone
@@ -108,7 +108,7 @@ class NodeWatch:
         process lost before it would leave the others waiting in theirs."""
         store = self._store
         try:
-            return store is not None and store.check([f"singa/init/{self.attempt}/0/{p}" for p in procs])
+            return store is not None and store.check([init_key(self.attempt, 0, p) for p in procs])
         except Exception:
             return False
 

@@ -43,6 +43,12 @@ def env_int(*names: str) -> int | None:
 # Where singa-launch marks, in the job's store, the processes of worker groups it lost in an asynchronous job:
 # "<prefix><attempt>/<proc>", and a "changes" counter bumped after each mark (runtime.lost_procs reads them).
 LOST_KEY_PREFIX = "singa/lost/"
+
+
+def init_key(attempt: int | str, inits: int, proc: int) -> str:
+    """The key process `proc` sets in the job's store as it joins the rendezvous (attempt: the launcher's restart
+    count; inits: how many times the process joined a job before), which singa-launch reads to know who came."""
+    return f"singa/init/{attempt}/{inits}/{proc}"
 AUTOTUNE_VARIABLE = "SINGA_AUTOTUNE"  # 1: AllReduce tunes its bucket size unless the script fixes one
 # The strategies that tune something then: AllReduce its bucket size, the others their messages per server.
 AUTOTUNED_STRATEGIES = ("allreduce", "sandblaster", "downpour", "hybrid")

@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 from . import rendezvous, timeline
-from .environment import (LOST_KEY_PREFIX, detect_launcher, job_topology, layout_from_slurm, node_key, ranks_within,
-                          rendezvous_address)
+from .environment import (LOST_KEY_PREFIX, detect_launcher, init_key, job_topology, layout_from_slurm, node_key,
+                          ranks_within, rendezvous_address)
 from .topology import ClusterTopology, ProcessRole, strategy_kind
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -335,13 +335,13 @@ def _join_process_group(backend: str, rank: int, size: int, wait: datetime.timed
             f"process {rank}: the job's rendezvous at {host}:{port} (hosted by process 0) did not answer within "
             f"{seconds:g} s: process 0 never reached singa_dist.init() (stopped, hung before it, or elsewhere), "
             f"or MASTER_ADDR/MASTER_PORT are wrong. Cause: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
-    key = f"singa/init/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/"
-    store.set(key + str(rank), "1")
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    store.set(init_key(attempt, _inits, rank), "1")
     try:
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size, timeout=wait)
     except Exception as exc:
         try:
-            missing = [r for r in range(size) if not store.check([key + str(r)])]
+            missing = [r for r in range(size) if not store.check([init_key(attempt, _inits, r)])]
         except Exception:
             missing = []
         if not missing:
