@@ -95,6 +95,7 @@ class ElasticDriver:
         self.next_id = 0
         self.round = -1
         self.members: list[int] = []
+        self.rounds: dict[int, tuple] = {}  # members of every round published
         self.failures: dict[str, int] = {}
         self.left_out: set[str] = set()
         self.first_failure: str | None = None
@@ -202,6 +203,7 @@ class ElasticDriver:
         self.round += 1
         self.members = list(members)
         found = rendezvous.Round(self.round, tuple(members), tuple(self.workers[m].host for m in members))
+        self.rounds[self.round] = found.members
         self.store.set(rendezvous.round_key(self.round), found.to_json())
         self.store.set(rendezvous.LATEST, str(self.round))
 
@@ -273,7 +275,9 @@ class ElasticDriver:
         """A worker ended with an error: break its round, count its host's failure. True: the members changed."""
         what = f"worker {worker.id} on {worker.host} {describe_exit(worker.code)}"
         self.first_failure = self.first_failure or what
-        rendezvous.abort(self.store, self.round, what)
+        for number, members in self.rounds.items():  # the round it trains in, and a newer one still forming
+            if worker.id in members:
+                rendezvous.abort(self.store, number, what)
         self.failures[worker.host] = self.failures.get(worker.host, 0) + 1
         note = ""
         if self.failures[worker.host] >= self.spec.host_failures and worker.host not in self.left_out:

@@ -218,7 +218,6 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
         elif joining is not None:
             store = _elastic_store()
-            store.set(rendezvous.joined_key(joining.number, rendezvous.worker_id()), "1")
             dist.init_process_group(backend=backend, store=dist.PrefixStore(rendezvous.group_prefix(joining.number),
                                                                             store),
                                     rank=proc_rank, world_size=proc_size, timeout=wait)
@@ -375,7 +374,26 @@ def _elastic_store():
 
 
 def _join_round(after: int, timeout_s: float) -> "rendezvous.Round":
-    return rendezvous.next_round(_elastic_store(), rendezvous.worker_id(), after, timeout_s)
+    """The round this worker forms a process group in: the newest after `after` that lists it, once every member
+    has come to it (torch's group creation cannot be interrupted, so a member that died before coming must not
+    leave the others inside it: the round breaks, and they meet again in the next one)."""
+    store, me = _elastic_store(), rendezvous.worker_id()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = rendezvous.next_round(store, me, after, max(deadline - time.monotonic(), 0.0))
+        store.set(rendezvous.joined_key(found.number, me), "1")
+        keys = [rendezvous.joined_key(found.number, m) for m in found.members]
+        # Broken (a member died) is checked first: a round the launcher broke is never formed. (Workers added
+        # meanwhile wait for the next round; this one forms, and they are taken in at the next commit.)
+        while rendezvous.aborted(store, found.number) is None:
+            if store.check(keys):
+                return found
+            if time.monotonic() > deadline:
+                missing = [m for m, k in zip(found.members, keys) if not store.check([k])]
+                raise RuntimeError(f"elastic worker {me}: workers {missing} of round {found.number} did not come "
+                                   f"within {timeout_s:g} s")
+            time.sleep(rendezvous.POLL_S)
+        after = found.number
 
 
 class RoundAborted(RuntimeError):

@@ -47,8 +47,13 @@ def main() -> None:
 
     def on_reset():
         resets[0] += 1
+        if sd.rank() == 0:  # the state is the last commit's here (rolled back after a failure, kept otherwise)
+            print(f"reset: size {sd.size()} steps {state.steps}", flush=True)
+
+    def commit(state):
         if sd.rank() == 0:
-            print(f"reset: size {sd.size()}", flush=True)
+            print(f"commit: epoch {state.epoch} batch {state.batch} steps {state.steps} size {sd.size()}", flush=True)
+        state.commit()
 
     state = sd.elastic.TorchState(model=model, optimizer=optimizer, sampler=sampler, epoch=0, batch=0, steps=0)
     state.register_reset_callbacks([on_reset])
@@ -71,14 +76,11 @@ def main() -> None:
                 state.batch += 1
                 state.steps += 1
                 if state.batch % args.commit_every == 0:
-                    if sd.rank() == 0:
-                        print(f"commit: epoch {state.epoch} batch {state.batch} steps {state.steps} "
-                              f"size {sd.size()}", flush=True)
-                    state.commit()
+                    commit(state)
             state.epoch += 1
             state.batch = 0
             state.sampler.set_epoch(state.epoch)
-            state.commit()
+            commit(state)
 
     train(state)
     model.eval()
