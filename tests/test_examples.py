@@ -82,6 +82,17 @@ FRAMEWORKS = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[]] + list(FRAMEWORKS.values()), ids=["allreduce"] + list(FRAMEWORKS))
+def test_char_rnn_under_every_framework(flags):
+    """The native-GRU char-RNN through singa-launch -np 2 under every framework (-m slow: the main suite runs it as
+    one process above)."""
+    result = _launch_example("char_rnn.py", "--steps", "40", "--hidden", "32", "--unroll", "20", "--lr", "1e-2",
+                             flags=flags)
+    bits = float(re.findall(r"\[0\] .*held-out bits per character: ([0-9.]+)", result.stdout)[-1])
+    assert bits < 4.5, result.stdout  # letter frequencies alone: about 5.0
+
+
 @pytest.mark.parametrize("flags", list(FRAMEWORKS.values()), ids=list(FRAMEWORKS))
 def test_main_job_unchanged_under_every_framework(flags):
     # The launcher starts the servers and hands every process its role; the script names no strategy.
