@@ -96,6 +96,7 @@ class ElasticDriver:
         self.round = -1
         self.members: list[int] = []
         self.rounds: dict[int, tuple] = {}  # members of every round published
+        self.joined: set[int] = set()  # workers seen in a round
         self.failures: dict[str, int] = {}
         self.left_out: set[str] = set()
         self.first_failure: str | None = None
@@ -209,7 +210,10 @@ class ElasticDriver:
 
     def _joined(self, worker: _Worker) -> bool:
         """Whether the worker has been in some round (else it is still waiting to join its first)."""
-        return any(self.store.check([rendezvous.joined_key(r, worker.id)]) for r in range(self.round + 1))
+        if worker.id not in self.joined and any(self.store.check([rendezvous.joined_key(r, worker.id)])
+                                                 for r in range(self.round + 1)):
+            self.joined.add(worker.id)  # once in a round, always: the store is not asked again
+        return worker.id in self.joined
 
     # ---------------------------------------------------------------------------------------------- the job
     def run(self) -> int:
@@ -242,8 +246,7 @@ class ElasticDriver:
                     changed |= self._failed(worker)
             running = self._running()
             finished = [w for w in self.workers.values() if w.code == 0]
-            joined_running = [w for w in running if self._joined(w)]
-            if finished and not joined_running:
+            if finished and not any(self._joined(w) for w in running):
                 # Every worker that trained has finished well: the ones still waiting to join have nothing to do.
                 for worker in running:
                     self.stop(worker, 0)

@@ -72,7 +72,6 @@ class State:
 
     def __init__(self):
         self._reset_callbacks: list = []
-        self._round_seen = runtime.elastic_round()
 
     def register_reset_callbacks(self, callbacks) -> None:
         """Functions called with no argument after every change of workers (e.g. to scale the learning rate
@@ -80,7 +79,6 @@ class State:
         self._reset_callbacks.extend(callbacks)
 
     def on_reset(self) -> None:
-        self._round_seen = runtime.elastic_round()
         for callback in self._reset_callbacks:
             callback()
 
