@@ -115,7 +115,9 @@ def test_horovod_script_with_join_syncbn_grouped_allreduce_and_process_sets():
 
 # A few epochs each: enough for a clear effect, little enough to run every example under every framework.
 RBM_QUICK = ("--epochs", "5", "--finetune-epochs", "8")
-AUTOENCODER_QUICK = ("--sizes", "64,40,10", "--pretrain-epochs", "5", "--finetune-epochs", "5")
+# Fine-tuning starts on a plateau: after 5 epochs Hogwild's ratio after/before ranged 0.58 to 0.84 over 7 runs,
+# after 10 it ranged 0.49 to 0.55 (AllReduce: 0.57 after 5).
+AUTOENCODER_QUICK = ("--sizes", "64,40,10", "--pretrain-epochs", "5", "--finetune-epochs", "10")
 
 
 def _check_rbm(output: str) -> None:
