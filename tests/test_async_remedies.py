@@ -145,3 +145,149 @@ def test_servers_scale_each_update_by_its_staleness():
     for _, _, final in results:
         torch.testing.assert_close(final, expected, rtol=1e-12, atol=1e-12)
         assert (final - unscaled).abs().max() > 0.01
+
+
+# ---- Downpour/Hybrid's warm start (warmup_steps) and DANA (dana) ---------------------------------------------------
+def _sgd_table(groups=2, warmup_steps=0, dana=False, staleness_lr=True):
+    """A server's table of one 6-element parameter, SGD lr 0.1 momentum 0.9 weight decay 0.01, `groups` groups."""
+    table, value, options = _table(False, groups)
+    table.warmup_steps, table.dana = warmup_steps, dana and groups > 1
+    table.staleness_lr = staleness_lr
+    for g in range(groups):
+        table.register(g)
+    return table, value, options
+
+
+def _grads(n):
+    return [torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + i)) for i in range(n)]
+
+
+def test_warm_start_runs_the_first_updates_synchronously():
+    """warmup_steps=2 with 2 groups: each group's push waits for the other's; the two gradients are averaged into
+    one fresh update (AllReduce's, momentum and weight decay at the user's values) and both groups get the same
+    values; the third push is applied alone, asynchronously."""
+    table, w, options = _sgd_table(warmup_steps=2)
+    g = _grads(5)
+    buf = None
+    for step in range(2):
+        first, done = table.push(0, [g[2 * step].clone()], options, want=False, average=True)
+        assert done == [] and not first.done()  # waits for group 1
+        second, done = table.push(1, [g[2 * step + 1].clone()], options, want=False, average=True)
+        server._complete(done)
+        d = (g[2 * step] + g[2 * step + 1]) / 2 + 0.01 * w
+        buf = d if buf is None else 0.9 * buf + d
+        w = w - 0.1 * buf
+        for future in (first, second):
+            version, values, stale = future.wait()
+            assert (version, stale) == (step + 1, 0)
+            torch.testing.assert_close(values[0], w, rtol=1e-12, atol=1e-12)
+    future, done = table.push(0, [g[4].clone()], options, want=True, average=True)
+    server._complete(done)
+    version, values, stale = future.wait()
+    assert (version, stale) == (3, 0)  # group 0 read version 2: fresh, applied at once
+    w = w - 0.1 * (0.9 * buf + g[4] + 0.01 * w)
+    torch.testing.assert_close(values[0], w, rtol=1e-12, atol=1e-12)
+
+
+def test_warm_start_goes_on_without_a_group_that_left():
+    """A group that leaves during the warm start (finished, or lost) is not waited for."""
+    table, w, options = _sgd_table(warmup_steps=5)
+    g = _grads(1)[0]
+    future, done = table.push(0, [g.clone()], options, want=False, average=True)
+    assert done == [] and not future.done()
+    table.left[1] = (None, None)  # what close_table records
+    server._complete(table.drain())
+    version, values, stale = future.wait()
+    torch.testing.assert_close(values[0], w - 0.1 * (g + 0.01 * w), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("staleness_lr", [False, True])
+def test_dana_steps_each_group_with_its_own_momentum_and_answers_looked_ahead(staleness_lr):
+    """Group 0, group 1, group 0 again (each read the values after its own last update): each gradient enters its
+    own group's momentum buffer; the values answered are w - lr * momentum * (sum of the groups' buffers)."""
+    table, w, options = _sgd_table(dana=True, staleness_lr=staleness_lr)
+    g = _grads(3)
+    bufs = {}
+    for group, grad, stale in ((0, g[0], 0), (1, g[1], 1), (0, g[2], 1)):
+        future, done = table.push(group, [grad.clone()], options, want=True, average=True)
+        server._complete(done)
+        version, values, seen = future.wait()
+        assert seen == stale
+        share = 1 / (stale + 1) if staleness_lr else 1.0
+        d = (grad + 0.01 * w) * share
+        bufs[group] = d if group not in bufs else 0.9 * bufs[group] + d
+        w = w - 0.1 * bufs[group]
+        torch.testing.assert_close(values[0], w - 0.1 * 0.9 * sum(bufs.values()), rtol=1e-12, atol=1e-12)
+    # The servers' own values (a pull, the final model) are not looked ahead.
+    torch.testing.assert_close(table.values()[0], w, rtol=1e-12, atol=1e-12)
+    # Checkpoints carry each group's state, and a load restores it.
+    state = table.state()
+    (entry,) = state.values()
+    assert set(entry["state"]) == {"group0.momentum_buffer", "group1.momentum_buffer"}
+    torch.testing.assert_close(entry["state"]["group0.momentum_buffer"], bufs[0], rtol=1e-12, atol=1e-12)
+    other, _, _ = _sgd_table(dana=True)
+    other.load(state)
+    torch.testing.assert_close(other.values(look_ahead=True)[0], values[0], rtol=1e-12, atol=1e-12)
+
+
+def test_dana_after_the_warm_start_splits_the_momentum_among_the_groups():
+    """After a synchronous update each group's buffer starts as a 1/G share of the shared one (their sum is the
+    synchronous momentum); a lone group has no DANA (nothing is asynchronous)."""
+    table, w, options = _sgd_table(warmup_steps=1, dana=True)
+    g = _grads(3)
+    for group in (0, 1):
+        future, done = table.push(group, [g[group].clone()], options, want=False, average=True)
+    server._complete(done)
+    buf = (g[0] + g[1]) / 2 + 0.01 * w
+    w = w - 0.1 * buf
+    future, done = table.push(0, [g[2].clone()], options, want=True, average=True)
+    server._complete(done)
+    b0 = 0.9 * buf / 2 + g[2] + 0.01 * w  # fresh (group 0 read the synchronous update's values)
+    w = w - 0.1 * b0
+    torch.testing.assert_close(future.wait()[1][0], w - 0.09 * (b0 + buf / 2), rtol=1e-12, atol=1e-12)
+    lone, _, _ = _sgd_table(groups=1, dana=True)
+    assert not lone.dana
+
+
+def test_warm_start_and_dana_options_are_checked():
+    for cls in (sd.Downpour, sd.Hybrid):
+        for bad in (-1, 1.5, "10", True):
+            with pytest.raises(ValueError, match=f"warmup_steps must be a number of updates .* got {bad!r}"):
+                cls(warmup_steps=bad)
+        with pytest.raises(ValueError, match="dana must be True or False, got 1"):
+            cls(dana=1)
+    for name in ("downpour", "hybrid"):  # what --strategy builds
+        built = make(name)
+        assert (built.dana, built.warmup_steps) == (True, 0)
+
+
+def _warm_start_run():
+    """Each group pushes a constant gradient c_g (plain SGD, staleness_lr): the first 3 updates are synchronous (the
+    groups' mean, fresh), the others asynchronous (c_g counting 1/(s + 1))."""
+    w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    c = torch.arange(1.0, 6.0, dtype=torch.float64) * (1 if sd.worker_group() == 0 else -0.5)
+    strategy = sd.Downpour(warmup_steps=3)
+    opt = sd.DistributedOptimizer(torch.optim.SGD([w], lr=0.1), [("w", w)], strategy=strategy)
+    versions = []
+    for step in range(6):
+        if sd.worker_group() == 1 and step == 3:
+            time.sleep(0.3)  # after the warm start group 0 runs ahead
+        opt.zero_grad()
+        (w * c).sum().backward()
+        opt.step()
+        versions.append(strategy.versions[0])
+    sd.barrier()
+    strategy.pull()
+    seen = strategy.staleness_seen
+    strategy.close()
+    return c, list(seen), versions, w.detach().clone()
+
+
+def test_warm_start_in_a_downpour_job():
+    world = ps_world(sd.ClusterTopology.downpour(2, 1, nservers=1))  # shared with the test above
+    results = world.run(_warm_start_run, timeout=60)
+    for _, seen, versions, _ in results:
+        assert versions[:3] == [1, 2, 3] and seen[:3] == [0, 0, 0], (versions, seen)  # in step, every update fresh
+    expected = -sum(0.1 * c * (3 / 2 + sum(1 / (s + 1) for s in seen[3:])) for c, seen, _, _ in results)
+    for _, _, _, final in results:
+        torch.testing.assert_close(final, expected, rtol=1e-12, atol=1e-12)

@@ -21,7 +21,9 @@ and the slices' versions. The RPC handlers below run on the server; workers call
 """
 from __future__ import annotations
 
+import collections
 import os
+import re
 import sys
 import threading
 import time
@@ -100,6 +102,13 @@ class _Table:
         # Downpour/Hybrid's remedies for asynchrony (asynchronous_step); off for synchronous tables.
         self.staleness_lr = bool(spec.get("staleness_lr", False))
         self.momentum_correction = bool(spec.get("momentum_correction", False))
+        # Downpour/Hybrid's warm start: the first `warmup_steps` updates are synchronous (see _warm_step).
+        self.warmup_steps = int(spec.get("warmup_steps", 0) or 0)
+        self.warm: list = []  # the groups' pushes for the synchronous update in the making
+        self.groups_at_start = self.groups
+        # DANA (Hakimi et al. 2019): optimizer state per worker group, values answered looked ahead (see values()).
+        self.dana = bool(spec.get("dana", False)) and self.groups > 1  # a lone group is synchronous: nothing to tame
+        self.group_states: dict[int, dict] = {}
         self.optimizer, self.group_index = self._make_optimizer(spec)
 
     def _make_optimizer(self, spec):
@@ -123,15 +132,37 @@ class _Table:
         self.computing.add(group)
         return self.version, self.values()
 
-    def values(self) -> list[torch.Tensor]:
+    def values(self, look_ahead: bool = False) -> list[torch.Tensor]:
+        """The slices' values; `look_ahead` (DANA): minus the momentum part of every group's next update, lr *
+        momentum * (sum of the groups' momentum buffers), where the group's next gradient will be applied (SGD)."""
+        out = [p.detach() for p in self.params]
+        if look_ahead and isinstance(self.optimizer, torch.optim.SGD):
+            options = {id(p): pg for pg in self.optimizer.param_groups for p in pg["params"]}
+            for i, p in enumerate(self.params):
+                pg = options[id(p)]
+                bufs = [st[p]["momentum_buffer"] for st in self.group_states.values()
+                        if st.get(p, {}).get("momentum_buffer") is not None]
+                if bufs and pg.get("momentum"):
+                    out[i] = out[i] - float(pg["lr"]) * float(pg["momentum"]) * torch.stack(bufs).sum(0)
         if self.value_dtype is not None:
-            return [p.detach().to(self.value_dtype, copy=True) for p in self.params]
-        return [p.detach().clone() for p in self.params]
+            return [v.to(self.value_dtype, copy=True) for v in out]
+        return [v.clone() for v in out]
+
+    def _group_state(self, group: int) -> dict:
+        """DANA: the optimizer state of one worker group. The groups' states start, all at once, from the shared state
+        (that of the warm start's synchronous updates), each momentum a 1/G share of it."""
+        if group not in self.group_states:
+            for g in {group} | (set(self.base) if not self.group_states else set()):
+                state = self.group_states[g] = collections.defaultdict(dict)
+                for p, st in self.optimizer.state.items():
+                    state[p] = {k: (x.detach() / self.groups if k == "momentum_buffer" else x.detach().clone())
+                                if torch.is_tensor(x) else x for k, x in st.items()}
+        return self.group_states[group]
 
     def _apply(self, grads: list[torch.Tensor], options: list[dict], values=None, group: int = 0,
-               stale: int = 0) -> None:
+               stale: int = 0, others: tuple = (), synchronous: bool = False) -> None:
         """Adopt the values workers set themselves (loaded, broadcast, edited), then step on the gradients
-        (computed on values `stale` versions old)."""
+        (computed on values `stale` versions old) of `group` (and of the `others` a synchronous update averages)."""
         t0 = timeline.now() if timeline.on else 0
         for i, (p, value) in enumerate(zip(self.params, values or ())):
             if value is None:
@@ -142,14 +173,14 @@ class _Table:
             p.data.copy_(value)
             self.user_values[i] = (value.clone(), set())
         for i in list(self.user_values):
-            self.user_values[i][1].add(group)
+            self.user_values[i][1].update((group, *others))
             if len(self.user_values[i][1]) >= self.groups:
                 del self.user_values[i]
         if self.optimizer is not None:
             scale = 1.0
             for k, g in enumerate(self.group_index):
                 given = options[g]
-                if self.staleness_lr or self.momentum_correction:
+                if (self.staleness_lr or self.momentum_correction) and not synchronous:
                     given, scale = asynchronous_step(given, stale, self.groups, staleness_lr=self.staleness_lr,
                                                      momentum_correction=self.momentum_correction,
                                                      scales_gradient=isinstance(self.optimizer, torch.optim.SGD))
@@ -159,7 +190,15 @@ class _Table:
                 p.grad = None if grad is None else grad.to(p.dtype)  # None: the optimizer skips the slice
                 if scale != 1.0 and p.grad is not None:
                     p.grad = p.grad * scale  # a stale gradient's share (asynchronous_step)
-            self.optimizer.step()
+            if self.dana and not synchronous:
+                # DANA: each group steps through its own optimizer state (momentum), as if it trained alone.
+                shared, self.optimizer.state = self.optimizer.state, self._group_state(group)
+                try:
+                    self.optimizer.step()
+                finally:
+                    self.optimizer.state = shared
+            else:
+                self.optimizer.step()
             for p in self.params:
                 p.grad = None
         self.version += 1
@@ -174,9 +213,40 @@ class _Table:
             return True
         return all(self.version + 1 - self.base[c] <= self.staleness for c in self.computing if c != group)
 
-    def drain(self) -> list:
-        """Apply every queued update the staleness bound allows; (futures, answer) pairs to complete."""
+    def _warm_step(self) -> list:
+        """The warm start's synchronous update (Dean et al. 2012 warm-started Downpour before "unleashing the other
+        replicas"; every group computing on the same values through the first steps of training is AllReduce's
+        path): once every group still in the job has pushed, their gradients are averaged and applied as one
+        fresh update, and every group gets the new values. (futures, answer) pairs to complete."""
+        needed = self.groups_at_start - len(self.left)
+        if not self.warm or len({w[0] for w in self.warm}) < needed:
+            return []
+        warm, self.warm = self.warm, []
+        average = warm[0][5]
+        grads, values = [], None
+        for i in range(len(self.params)):
+            given = [w[1][i] for w in warm if w[1][i] is not None]
+            # As Sandblaster's replicas: a group without this gradient counts as zeros.
+            grads.append(None if not given else torch.stack(given).sum(0) / (len(warm) if average else 1))
+        if any(w[4] for w in warm):
+            values = []
+            for i in range(len(self.params)):
+                given = [w[4][i] for w in warm if w[4] and w[4][i] is not None]
+                values.append(None if not given else torch.stack(given).mean(0))
+        self._apply(grads, warm[0][2], values, warm[0][0], 0, tuple(w[0] for w in warm[1:]), synchronous=True)
+        fresh = self.values()
         done = []
+        for group, _, _, futures, _, _ in warm:
+            if group in self.base:
+                self.base[group] = self.version
+                self.computing.add(group)
+            done.append((futures, (self.version, fresh, 0)))
+        return done
+
+    def drain(self) -> list:
+        """Apply every queued update the staleness bound allows (and the warm start's synchronous update once
+        complete); (futures, answer) pairs to complete."""
+        done = self._warm_step()
         progress = True
         while progress:
             progress = False
@@ -193,7 +263,7 @@ class _Table:
                 values = None
                 if want:
                     self.base[group] = self.version
-                    values = self.values()
+                    values = self.values(look_ahead=self.dana)
                 if group in self.base:
                     self.computing.add(group)
                 done.append((futures, (self.version, values, stale)))
@@ -261,25 +331,39 @@ class _Table:
                     given = [p[3][i] for p in pushes if p[3] and p[3][i] is not None]
                     adopted.append(None if not given else
                                    given[0] if len(given) == 1 else torch.stack(given).mean(0))
-            self.queue.append((group, total, options, [p[1] for p in pushes], any(p[2] for p in pushes), stale,
-                               adopted))
+            if self.version < self.warmup_steps:
+                self.warm.append((group, total, options, [p[1] for p in pushes], adopted, average))
+            else:
+                self.queue.append((group, total, options, [p[1] for p in pushes], any(p[2] for p in pushes), stale,
+                                   adopted))
             return future, self.drain()
 
     def state(self) -> dict:
         entries = {}
         for sid, p, v in zip(self.slice_ids, self.params, self.slice_versions):
-            st = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+            st = dict(self.optimizer.state.get(p, {})) if self.optimizer is not None else {}
+            for g, group_state in sorted(self.group_states.items()):  # DANA's: "group<g>.<key>"
+                st.update({f"group{g}.{k}": x for k, x in group_state.get(p, {}).items()})
             entries[sid] = {"value": p.detach().clone(), "version": v,
                             "state": {k: (x.detach().clone() if torch.is_tensor(x) else x) for k, x in st.items()}}
         return entries
 
     def load(self, entries: dict) -> None:
+        self.group_states = {}
         for sid, p in zip(self.slice_ids, self.params):
             entry = entries[sid]
             p.data.copy_(entry["value"])
             if self.optimizer is not None:
-                self.optimizer.state[p] = {k: (x.clone().to(p.device) if torch.is_tensor(x) else x)
-                                           for k, x in entry["state"].items()}
+                shared = {}
+                for k, x in entry["state"].items():
+                    x = x.clone().to(p.device) if torch.is_tensor(x) else x
+                    of_group = re.fullmatch(r"group(\d+)\.(.+)", k)
+                    if of_group:
+                        state = self.group_states.setdefault(int(of_group[1]), collections.defaultdict(dict))
+                        state[p][of_group[2]] = x
+                    else:
+                        shared[k] = x
+                self.optimizer.state[p] = shared
         self.version = max([e["version"] for e in entries.values()], default=self.version)
         self.slice_versions = [entries[sid]["version"] for sid in self.slice_ids]
         for g in self.base:

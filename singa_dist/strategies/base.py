@@ -250,9 +250,10 @@ def check_op(op, strategy: str):
     return op
 
 
-def check_remedies(staleness_lr, momentum_correction) -> tuple[bool, bool]:
-    """The asynchronous frameworks' remedies for asynchrony (see ps.server.asynchronous_step): on or off."""
-    for name, value in (("staleness_lr", staleness_lr), ("momentum_correction", momentum_correction)):
+def check_remedies(staleness_lr, momentum_correction, **more) -> tuple[bool, ...]:
+    """The asynchronous frameworks' remedies for asynchrony (see ps.server.asynchronous_step; `more`: a strategy's
+    own, such as Downpour's dana): on or off."""
+    for name, value in (("staleness_lr", staleness_lr), ("momentum_correction", momentum_correction), *more.items()):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
-    return staleness_lr, momentum_correction
+    return (staleness_lr, momentum_correction, *more.values())

@@ -15,6 +15,13 @@ synchronous hyperparameters work unchanged (ps.server.asynchronous_step; Zhang e
 2016): an update computed on values s versions old counts 1/(s + 1); the explicit momentum is lowered by the
 implicit momentum of G groups, 1 - 1/G. Defaults as measured by benchmarks/async_accuracy.py.
 
+`dana` (on): DANA (Hakimi et al. 2019, "Taming momentum in a distributed asynchronous environment"): the servers keep
+the optimizer state (momentum) of each worker group apart, and answer a push with the values looked ahead by the
+momentum part of the groups' next updates (SGD). A gradient computed on values one update old and fed to one
+shared momentum of 0.9 makes the servers' step unstable at about a twentieth of the curvature synchronous SGD bears
+(what threw back some seeds of the digits CNN); a group's own momentum and the look-ahead raise that about fivefold. `warmup_steps` (0): Dean et al. 2012's warm start: the first N updates are synchronous
+(the groups' gradients averaged into one fresh update, as AllReduce's), then every group goes asynchronous.
+
 `checkpoint_dir`, `checkpoint_every`: each server writes its slices, their optimizer state and version there every
 N updates (atomically); a server started again (singa-launch --max-restarts) resumes from its file, so a job loses
 at most N updates. Under singa-launch a worker group that dies is dropped and the other groups go on.
@@ -38,7 +45,8 @@ class Downpour(ParameterServerStrategy):
     name = "downpour"
 
     def __init__(self, pull_freq: int = 1, staleness: int | None = None, messages_per_server: int | str | None = None,
-                 *, staleness_lr: bool = True, momentum_correction: bool = False,
+                 *, staleness_lr: bool = True, momentum_correction: bool = False, dana: bool = True,
+                 warmup_steps: int = 0,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 100,
                  autotune_messages=AUTOTUNE_MESSAGES, autotune_warmup: int = 2, autotune_steps: int = 8):
         if not isinstance(pull_freq, int) or pull_freq < 1:
@@ -53,7 +61,11 @@ class Downpour(ParameterServerStrategy):
         # Each server checkpoints its slices every `checkpoint_every` updates there and resumes from them.
         self.checkpoint = None if checkpoint_dir is None else (os.path.abspath(os.fspath(checkpoint_dir)),
                                                                checkpoint_every)
-        self.staleness_lr, self.momentum_correction = check_remedies(staleness_lr, momentum_correction)
+        self.staleness_lr, self.momentum_correction, self.dana = check_remedies(staleness_lr, momentum_correction,
+                                                                                dana=dana)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a number of updates (0 or more), got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
         self._init_messages(messages_per_server, autotune_messages, autotune_warmup, autotune_steps)
         self.client = None
         self.local = False
@@ -74,7 +86,8 @@ class Downpour(ParameterServerStrategy):
                 optimizer, self.named, group=self.group, replicas=1, staleness=self.staleness,
                 clients=topo.nworker_groups, create=runtime.rank() == 0,
                 compression=self.compression, staleness_lr=self.staleness_lr,
-                momentum_correction=self.momentum_correction, checkpoint=self.checkpoint)
+                momentum_correction=self.momentum_correction, checkpoint=self.checkpoint,
+                warmup_steps=self.warmup_steps, dana=self.dana)
         self._broadcast_in_group()
         self._start_messages(self.group_pg, len(self.group_ranks), runtime.proc_rank() == self.leader)
         runtime.on_shutdown(self.close)
