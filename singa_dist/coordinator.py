@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from . import primitives, runtime, timeline
+from . import primitives, runtime, shared_headers, timeline
 from .primitives import CollectiveError, Handle
 
 HEADER = 8  # int64 fields of a header, in this order:
@@ -197,6 +197,8 @@ def _forget_sets() -> None:
     """shutdown(): process sets belong to one job; after it every set but the global one is gone."""
     with _lock:
         for i, s in list(_sets.items()):
+            if s._engine is not None and s._engine.shared is not None:
+                s._engine.shared.close()
             if i:
                 s.process_set_id = None
                 s._engine = None
@@ -358,8 +360,16 @@ class _Engine:
         self.joined_at: int | None = None  # the sequence number at which this rank joined
         self.shadows: list = []  # what a joined rank took part in, still in flight
         self.progressing = False
+        # On one host the headers go through shared memory instead of header_pg (see singa_dist.shared_headers).
+        self.shared = None
+        if header_pg is not None and shared_headers.wanted(self.n):
+            self.shared = shared_headers.SharedHeaders(
+                self.members, self.index, HEADER, f"{runtime.job_key('negotiation')}{header_pg.group_name}/",
+                group=header_pg)
 
     def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
         for pg in (self.header_pg, self.data_pg, self.strategy_pg):
             if pg is not None and pg is not runtime.workers_process_group():
                 try:
@@ -381,12 +391,16 @@ class _Engine:
             t0 = timeline.now() if timeline.on else 0
             self.k += 1
             dim0, numel, dtype, extra = request.header()
-            mine = torch.tensor([self.k, KINDS.index(request.kind), signature_hash(request.signature()), dim0, numel,
-                                 dtype, flags, extra], dtype=torch.int64)
-            rows = torch.empty(self.n * HEADER, dtype=torch.int64)
-            header = primitives.all_gather_into(rows, mine, f"{request.label}{self.describe_set()}",
-                                                group=self.header_pg, async_op=True,
-                                                finish=lambda: rows.view(self.n, HEADER))
+            mine = [self.k, KINDS.index(request.kind), signature_hash(request.signature()), dim0, numel, dtype, flags,
+                    extra]
+            what = f"{request.label}{self.describe_set()}"
+            if self.shared is not None:
+                header = self.shared.post(mine, what)
+            else:
+                rows = torch.empty(self.n * HEADER, dtype=torch.int64)
+                header = primitives.all_gather_into(rows, torch.tensor(mine, dtype=torch.int64), what,
+                                                    group=self.header_pg, async_op=True,
+                                                    finish=lambda: rows.view(self.n, HEADER))
             entry = _Entry(self.k, request, header, t0)
             if t0:
                 header.timeline_what = f"negotiation of {request.label}{self.describe_set()}"
@@ -428,12 +442,13 @@ class _Engine:
 
     def _settle(self, entry: _Entry, rows: torch.Tensor, blocking: bool) -> bool:
         """Decide what entry k is (the same decision on every member) and start it; False to postpone."""
-        kinds, hashes, flags = rows[:, KIND], rows[:, HASH], rows[:, FLAGS]
-        joined = (flags & JOINED) != 0
-        if bool(joined.all()):
+        table = rows.tolist()  # (Python: a few tensor operations would cost more than the rest of a step's checks)
+        joined = [row[FLAGS] & JOINED for row in table]
+        if all(joined):
             self._finish_join(entry, rows)
             return True
-        if not bool(joined.any()) and bool((kinds == kinds[0]).all()) and bool((hashes == hashes[0]).all()):
+        kind, signature = table[0][KIND], table[0][HASH]
+        if not any(joined) and all(row[KIND] == kind and row[HASH] == signature for row in table):
             if getattr(entry.request, "stages", 1) > 1 and not blocking:
                 return False  # an exchange in several dependent steps runs when this rank waits
             try:

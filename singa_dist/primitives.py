@@ -61,11 +61,12 @@ def members(group=None) -> list[int]:
 _roll_calls: dict[int, int] = {}  # group tag -> roll calls so far (the same count on every member)
 
 
-def _roll_call(what: str, ranks: list[int]) -> tuple[list[int], dict[int, str]]:
+def _roll_call(what: str, ranks: list[int], ended=()) -> tuple[list[int], dict[int, str]]:
     """Which of `ranks` are still alive to answer, and what each is waiting in.
 
     Every member whose wait failed writes what it waits in under a numbered key and looks for the others'
-    keys for a while; a member that never writes one is missing (stopped, hung, or busy elsewhere).
+    keys for a while; a member that never writes one is missing (stopped, hung, or busy elsewhere). Members
+    known to have ended (`ended`) are not waited for.
     """
     tag = zlib.crc32(",".join(map(str, ranks)).encode())
     _roll_calls[tag] = number = _roll_calls.get(tag, 0) + 1
@@ -75,7 +76,7 @@ def _roll_call(what: str, ranks: list[int]) -> tuple[list[int], dict[int, str]]:
     store.set(prefix + str(me), what)
     answers: dict[int, str] = {me: what}
     deadline = time.monotonic() + min(max(runtime.timeout_s(), 1.0), 10.0)
-    while len(answers) < len(ranks) and time.monotonic() < deadline:
+    while len(answers) + len(set(ended) - set(answers)) < len(ranks) and time.monotonic() < deadline:
         for r in ranks:
             if r not in answers and store.check([prefix + str(r)]):
                 answers[r] = store.get(prefix + str(r)).decode()
@@ -89,7 +90,8 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
     timeout = runtime.timeout_s()
     runtime.publish_where(what)
     try:
-        missing, answers = _roll_call(what, members(group))
+        ended = getattr(error, "ended_ranks", ())
+        missing, answers = _roll_call(what, members(group), ended)
     except Exception as store_error:  # the store itself is gone: rank 0's process has died
         return CollectiveError(
             f"rank {me}: {what} failed and the job's store (hosted by rank 0) did not answer "
@@ -109,6 +111,10 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
                 f"{runtime.steps()} step(s), waits in {what}. Give every rank the same number of steps (or let the "
                 f"ranks that run out of data call join()). Cause: {error}")
         runtime.blame(missing, f"rank{'s' if len(missing) > 1 else ''} {names} did not reach {what}")
+        if set(missing) <= set(ended):
+            return CollectiveError(
+                f"rank {me}: rank{'s' if len(missing) > 1 else ''} {names} ended (the process is gone) without "
+                f"reaching {what}; stopping instead of waiting for {'them' if len(missing) > 1 else 'it'}.")
         return CollectiveError(
             f"rank {me}: rank{'s' if len(missing) > 1 else ''} {names} did not reach {what} within the "
             f"{timeout:g} s timeout (missing: stopped, hung or too slow); stopping instead of waiting forever. "

@@ -742,9 +742,14 @@ def _timeline_from_environment() -> None:
             return
 
 
+def job_key(kind: str) -> str:
+    """The prefix of this job's keys of `kind` in the store: new for every init() and restart, since a launcher's
+    store can outlive them (an elastic round's store has a prefix of its own already)."""
+    return f"singa/{kind}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/"
+
+
 def _timeline_key(path: str) -> str:
-    return (f"singa/timeline/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/{path}/"
-            f"{_timeline_paths.get(path, 0)}/")
+    return f"{job_key('timeline')}{path}/{_timeline_paths.get(path, 0)}/"
 
 
 def _store():
@@ -836,7 +841,7 @@ def count_step() -> None:
 
 
 def _where_key(proc: int) -> str:
-    return f"singa/where/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/{proc}"
+    return f"{job_key('where')}{proc}"
 
 
 def publish_where(what: str) -> None:
@@ -895,8 +900,7 @@ def _meet(timeout: float) -> list[int]:
     processes that did not come within `timeout` seconds."""
     store = dist.distributed_c10d._get_default_store()
     me, n = _state.proc_rank, _state.proc_size
-    # Keys are new for every init() and restart: a launcher's store can outlive them.
-    prefix = f"singa/shutdown/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/"
+    prefix = job_key("shutdown")
     asynchronous = strategy_kind(_state.job_strategy).asynchronous
     try:
         store.set(f"{prefix}at/{me}", "1")
@@ -940,8 +944,7 @@ def barrier_live(what: str, processes: bool = False, timeout: float | None = Non
     _live_meetings[processes] += 1
     n = _state.proc_size if processes else _state.size
     store = dist.distributed_c10d._get_default_store()
-    prefix = (f"singa/live/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_inits}/"
-              f"{'p' if processes else 'w'}{_live_meetings[processes]}/")
+    prefix = f"{job_key('live')}{'p' if processes else 'w'}{_live_meetings[processes]}/"
     store.set(f"{prefix}at/{_state.proc_rank}", "1")
     store.add(prefix + "count", 1)
     timeout = _state.timeout_s if timeout is None else timeout

@@ -21,7 +21,7 @@ LAYERS = [
                     "rendezvous"]),
     ("runtime", ["runtime"]),
     ("primitives", ["primitives", "runner"]),
-    ("negotiation", ["coordinator"]),
+    ("negotiation", ["shared_headers", "coordinator"]),
     ("collectives", ["collectives"]),
     ("model-level functions", ["functions", "partition", "sync_batch_norm"]),
     ("parameter server", ["ps", "ps.slicing", "ps.wire", "ps.transport", "ps.server", "ps.client", "ps.__main__"]),
