@@ -230,6 +230,22 @@ def test_dana_steps_each_group_with_its_own_momentum_and_answers_looked_ahead(st
     torch.testing.assert_close(other.values(look_ahead=True)[0], values[0], rtol=1e-12, atol=1e-12)
 
 
+def test_dana_looks_ahead_at_each_groups_own_learning_rate():
+    """Group 1 runs ahead into the LR schedule's lower rate (0.01): the look-ahead takes its momentum at 0.01 and
+    group 0's at 0.1, whichever group pushed last."""
+    table, w, options = _sgd_table(dana=True, staleness_lr=False)
+    slow = [{**options[0], "lr": 0.01}]
+    g = _grads(2)
+    b0 = g[0] + 0.01 * w
+    w = w - 0.1 * b0
+    b1 = g[1] + 0.01 * w
+    w = w - 0.01 * b1
+    for group, grad, opts in ((0, g[0], options), (1, g[1], slow)):
+        future, done = table.push(group, [grad.clone()], opts, want=True, average=True)
+        server._complete(done)
+    torch.testing.assert_close(future.wait()[1][0], w - 0.09 * b0 - 0.009 * b1, rtol=1e-12, atol=1e-12)
+
+
 def test_dana_after_the_warm_start_splits_the_momentum_among_the_groups():
     """After a synchronous update each group's buffer starts as a 1/G share of the shared one (their sum is the
     synchronous momentum); a lone group has no DANA (nothing is asynchronous)."""

@@ -109,6 +109,7 @@ class _Table:
         # DANA (Hakimi et al. 2019): optimizer state per worker group, values answered looked ahead (see values()).
         self.dana = bool(spec.get("dana", False)) and self.groups > 1  # a lone group is synchronous: nothing to tame
         self.group_states: dict[int, dict] = {}
+        self.group_steps: dict[int, list] = {}  # group -> (lr, momentum) of its last update, per param group
         self.optimizer, self.group_index = self._make_optimizer(spec)
 
     def _make_optimizer(self, spec):
@@ -133,17 +134,19 @@ class _Table:
         return self.version, self.values()
 
     def values(self, look_ahead: bool = False) -> list[torch.Tensor]:
-        """The slices' values; `look_ahead` (DANA): minus the momentum part of every group's next update, lr *
-        momentum * (sum of the groups' momentum buffers), where the group's next gradient will be applied (SGD)."""
+        """The slices' values; `look_ahead` (DANA): minus the momentum part of every group's next update (the sum over
+        the groups of lr * momentum * momentum buffer, each at the group's own lr: groups that drift apart may be at
+        different points of an LR schedule), where the group's next gradient will be applied (SGD)."""
         out = [p.detach() for p in self.params]
         if look_ahead and isinstance(self.optimizer, torch.optim.SGD):
-            options = {id(p): pg for pg in self.optimizer.param_groups for p in pg["params"]}
+            index = {id(p): k for k, pg in enumerate(self.optimizer.param_groups) for p in pg["params"]}
+            current = [(float(pg["lr"]), float(pg.get("momentum") or 0)) for pg in self.optimizer.param_groups]
             for i, p in enumerate(self.params):
-                pg = options[id(p)]
-                bufs = [st[p]["momentum_buffer"] for st in self.group_states.values()
-                        if st.get(p, {}).get("momentum_buffer") is not None]
-                if bufs and pg.get("momentum"):
-                    out[i] = out[i] - float(pg["lr"]) * float(pg["momentum"]) * torch.stack(bufs).sum(0)
+                for g, state in self.group_states.items():
+                    buf = state.get(p, {}).get("momentum_buffer")
+                    lr, momentum = self.group_steps.get(g, current)[index[id(p)]]
+                    if buf is not None and momentum:
+                        out[i] = out[i] - lr * momentum * buf
         if self.value_dtype is not None:
             return [v.to(self.value_dtype, copy=True) for v in out]
         return [v.clone() for v in out]
@@ -192,6 +195,8 @@ class _Table:
                     p.grad = p.grad * scale  # a stale gradient's share (asynchronous_step)
             if self.dana and not synchronous:
                 # DANA: each group steps through its own optimizer state (momentum), as if it trained alone.
+                self.group_steps[group] = [(float(pg["lr"]), float(pg.get("momentum") or 0))
+                                           for pg in self.optimizer.param_groups]
                 shared, self.optimizer.state = self.optimizer.state, self._group_state(group)
                 try:
                     self.optimizer.step()
