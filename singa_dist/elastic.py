@@ -171,6 +171,13 @@ class TorchState(ObjectState):
             sampler.load_state_dict(copy.deepcopy(self._saved_samplers[name]))
         super().restore()
 
+    def on_reset(self) -> None:
+        """The samplers share the epoch's remaining samples out among the new workers first, so that the reset
+        callbacks see them as the new size() has them."""
+        for sampler in self._samplers.values():
+            sampler.reset()
+        super().on_reset()
+
     def sync(self) -> None:
         if self.model is not None:
             broadcast_parameters(self.model.state_dict(), root_rank=0)
@@ -292,8 +299,6 @@ def run(func):
                 raise RuntimeError(f"the elastic job changed its workers more than {limit} times "
                                    "(SINGA_ELASTIC_RESET_LIMIT / HOROVOD_ELASTIC_RESET_LIMIT)")
             runtime.reset()
-            for sampler in getattr(state, "_samplers", {}).values():
-                sampler.reset()
             state.on_reset()
 
     return wrapper
