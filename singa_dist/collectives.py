@@ -25,6 +25,8 @@ import itertools
 import math
 import pickle
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -74,6 +76,8 @@ def resolve_op(op=None, average=None) -> ReduceOp:
     if op is not None and average is not None:
         raise ValueError("The op parameter supersedes average. Please provide only one of them.")
     if average is not None:
+        warnings.warn("Parameter `average` has been replaced with `op` and will be removed in v1.0",
+                      DeprecationWarning, stacklevel=3)
         return Average if average else Sum
     if op is None:
         return Average
