@@ -133,12 +133,17 @@ class SharedHeaders:
         _sweep(folder)
         self.path = os.path.join(folder, f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
         size = 8 * (META + SLOTS * self.slot)
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                self._map = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise RuntimeError(f"rank {runtime.rank()}: cannot make the negotiation file {self.path} ({exc}); free "
+                               f"space in {folder}, or set SINGA_SHM_NEGOTIATION=0 on every process to negotiate "
+                               "through the network instead") from exc
         self.mine = memoryview(self._map).cast("q")
         self.mine[PID] = os.getpid()
         self.mine[MAGIC] = MAGIC_VALUE
