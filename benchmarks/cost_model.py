@@ -129,22 +129,33 @@ def exposed_s(comm_s: float, work: Workload, overlap: float = 1.0) -> float:
     return max(comm_s / work.buckets, comm_s - window)
 
 
+def contention(procs: int, cores: int) -> float:
+    """How many times slower a CPU-bound phase runs when `procs` busy processes share `cores` cores: 1 while each
+    has a core of its own, procs/cores beyond (the scheduler shares the cores out evenly)."""
+    if procs < 1 or cores < 1:
+        raise ValueError(f"contention: procs and cores must be at least 1, got {procs!r} and {cores!r}")
+    return max(1.0, procs / cores)
+
+
 def ps_exchange_s(nbytes_push: float, nbytes_pull: float, clients: int, servers: int, link: Link,
-                  messages: int = 1) -> float:
+                  messages: int = 1, server_push_s: float = 0.0) -> float:
     """One push and one pull of a client (worker or group leader) while `clients` push at once to `servers`
-    servers: each way, the slower of the client's own link and a server's link carrying clients/servers shares."""
+    servers: each way, the slower of the client's own link and a server's link carrying clients/servers shares.
+    server_push_s: a server's CPU time per push (unpack, apply, pack the answer); a server takes its pushes in
+    turn, so a step waits for clients/servers of them."""
     if servers < 1 or clients < 1:
         raise ValueError(f"clients and servers must be at least 1, got {clients!r} and {servers!r}")
     load = max(1.0, clients / servers)
     return (2 * messages * link.alpha + load * nbytes_push / link.bandwidth
-            + load * nbytes_pull / link.bandwidth)
+            + load * nbytes_pull / link.bandwidth + load * server_push_s)
 
 
 def step_s(framework: str, work: Workload, p: int, link: Link, *, servers: int = 1, groups: int = 1,
            sync_freq: int = 1, compression=None, overlap: float = 1.0, server_update_s: float = 0.0,
-           compute_s: float | None = None) -> float:
+           compute_s: float | None = None, server_push_s: float = 0.0) -> float:
     """Predicted time of one worker's step with p workers. compute_s overrides work.compute_s (e.g. the compute
-    time measured with p processes sharing cores); server_update_s: a server's optimizer step on its slices."""
+    time measured with p processes sharing cores); server_update_s: a server's optimizer step on its slices, once
+    per step; server_push_s: a server's CPU time per push, paid for every push it takes (ps_exchange_s)."""
     _check_p(p)
     compute = work.compute_s if compute_s is None else compute_s
     work = Workload(work.name, work.param_bytes, compute, work.backward_share, work.buckets, work.elem_bytes)
@@ -156,14 +167,15 @@ def step_s(framework: str, work: Workload, p: int, link: Link, *, servers: int =
         comm = allreduce_comm_s(work, p, link, framework.split("_")[1], compression)
         return compute + exposed_s(comm, work, overlap)
     if framework == "sandblaster":
-        return compute + ps_exchange_s(sent, dense, p, servers, link) + server_update_s
+        return compute + ps_exchange_s(sent, dense, p, servers, link, server_push_s=server_push_s) + server_update_s
     if framework == "downpour":
         if groups < 1 or p % groups:
             raise ValueError(f"downpour: {p} workers cannot form {groups} equal worker groups")
         inside = p // groups
         # In-group all-reduce runs in synchronize(), after backward: nothing overlaps it.
         allreduce = ring_allreduce_s(dense, inside, link) if inside > 1 else 0.0
-        return compute + allreduce + ps_exchange_s(sent, dense, groups, servers, link) + server_update_s
+        return (compute + allreduce + ps_exchange_s(sent, dense, groups, servers, link, server_push_s=server_push_s)
+                + server_update_s)
     if framework == "hogwild":
         if sync_freq < 1:
             raise ValueError(f"hogwild: sync_freq must be at least 1, got {sync_freq!r}")
@@ -213,3 +225,29 @@ def fit_link(samples, algorithm: str = "ring") -> Link:
     if inv_bw <= 0:
         raise ValueError("fit_link: the times do not grow with the message size; measure larger messages")
     return Link(max(float(alpha), 0.0), 1.0 / float(inv_bw))
+
+
+def fit_overhead(features, excess_s, measured_s) -> tuple[float, ...]:
+    """Non-negative least squares for CPU constants: excess_s[i] ~ sum_j features[i][j] * coef[j], each row weighted
+    by 1 / measured_s[i] (the relative error of the step it belongs to, so a small model counts as much as a large
+    one, and a row whose excess is negative pulls the constants down by no more than its step's share). A
+    coefficient the unconstrained fit makes negative is dropped and the rest fitted again."""
+    import numpy as np
+
+    a = np.array(features, dtype=float)
+    t = np.array(excess_s, dtype=float)
+    w = np.array(measured_s, dtype=float)
+    if a.ndim != 2 or len(a) != len(t) or len(t) != len(w) or len(t) == 0:
+        raise ValueError(f"fit_overhead: features, excess_s and measured_s must be non-empty rows of one length, got "
+                         f"{len(a)}, {len(t)} and {len(w)}")
+    if not (w > 0).all():
+        raise ValueError(f"fit_overhead: measured_s must be positive, got {measured_s!r}")
+    keep = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    while keep:
+        sub = np.linalg.lstsq(a[:, keep] / w[:, None], t / w, rcond=None)[0]
+        if sub.min() >= 0:
+            coef[keep] = sub
+            break
+        keep.pop(int(np.argmin(sub)))  # the most negative term explains nothing physical here
+    return tuple(float(c) for c in coef)

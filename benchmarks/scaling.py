@@ -313,61 +313,55 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
     """Predicted against measured step time of every model in one world's measurements (overhead=False: without the
     fitted CPU overhead per tensor and per byte).
 
-    links: fit_links(). On loopback a world whose processes compute c times slower than those of the link's fit
-    world moves its bytes c times slower too (the same cores copy them); a shaped link is its own limit."""
+    links: fit_links(). Compute is the time measured in the world itself. The CPU's other work is scaled by what
+    shares it: on loopback the cores that compute also copy the bytes, so a world with more busy processes than
+    cores moves them contention(procs, cores) times slower than the 2-process sweep did; a shaped link's wire is
+    its own limit. The CPU overhead is charged per push on a parameter server (it takes every worker's push in
+    turn), elsewhere once per step at the world's contention. Each row's `overhead_scale` is that factor."""
     fw, p, network = world["framework"], world["workers"], world["network"]
     rows = []
     needed = "shaped" if network == "shaped" else "gloo" if fw == "allreduce" else "rpc"
     if needed not in links:  # its fit world failed or was not measured
         return []
+    cores = links["cores"]
+    server = fw in ("sandblaster", "downpour")
+    procs = p + 1 if server else p  # one server process beside the workers
+    contention = cost_model.contention(procs, cores)
     for kind, steps in world["step_ms"].items():
         compute_ms = statistics.median(world["compute_ms"][kind])
         base = alone[kind]
-        slowdown = compute_ms / base["step_ms"]  # this world's CPU against one process alone
         work = cost_model.Workload(kind, base["param_bytes"], compute_ms / 1e3,
                                    backward_share=max(0.0, 1 - base["forward_ms"] / base["step_ms"]),
                                    buckets=world["buckets"][kind])
-        link, fit_compute = links["shaped" if network == "shaped" else "gloo" if fw == "allreduce" else "rpc"]
-        c = 1.0 if network == "shaped" else compute_ms / fit_compute[kind]
-        link = cost_model.Link(link.alpha * c, link.bandwidth / c)
+        link = links[needed]
+        # The sweeps ran with 2 busy processes. Contention slows the copies (CPU work), not alpha (a wait for the
+        # peer); a server's transfers are its pushes in turn (the load), as the workers wait while it works.
+        c = 1.0 if network == "shaped" or server else contention / cost_model.contention(2, cores)
+        link = cost_model.Link(link.alpha, link.bandwidth / c)
+        per_tensor, per_byte = links["overhead"].get((network, fw), (0.0, 0.0)) if overhead else (0.0, 0.0)
+        cpu = per_tensor * _tensors(kind, alone) + per_byte * base["param_bytes"]
         if fw == "allreduce":
             # Gloo's all-reduce copies on the cores the backward pass uses: it hides behind backward only where the
             # wire, not the CPU, is the limit (a shaped link).
             pred = cost_model.step_s("allreduce_ring", work, p, link, overlap=1.0 if network == "shaped" else 0.0)
+        elif fw == "sandblaster":
+            pred = cost_model.step_s("sandblaster", work, p, link, servers=1, server_push_s=cpu)
+        elif fw == "downpour":
+            pred = cost_model.step_s("downpour", work, p, link, servers=1, groups=p, server_push_s=cpu)
         else:
-            update = links["update_s_per_byte"] * base["param_bytes"] * slowdown
-            if fw == "sandblaster":
-                pred = cost_model.step_s("sandblaster", work, p, link, servers=1, server_update_s=update)
-            elif fw == "downpour":
-                pred = cost_model.step_s("downpour", work, p, link, servers=1, groups=p, server_update_s=update)
-            else:
-                pred = cost_model.step_s("hogwild", work, p, link, sync_freq=HOGWILD_SYNC_FREQ)
-        per_tensor, per_byte = links["overhead"].get((network, fw), (0.0, 0.0)) if overhead else (0.0, 0.0)
-        pred += (per_tensor * _tensors(kind, alone) + per_byte * base["param_bytes"]) * slowdown
+            pred = cost_model.step_s("hogwild", work, p, link, sync_freq=HOGWILD_SYNC_FREQ)
+        # Per step: pushes per server; AllReduce's hooks and copies at the cores' share; Hogwild's deltas cover
+        # the (p-1)/p of the slices a process does not master (and as a master, the others' deltas of its 1/p).
+        scale = float(p) if server else contention * (p - 1) / p if fw == "hogwild" else contention
+        if not server:
+            pred += cpu * scale
         measured = statistics.median(steps)
         rows.append({"repeat": world["repeat"], "network": network, "framework": fw, "workers": p, "model": kind,
                      "compute_ms": compute_ms, "measured_ms": measured,
                      "spread_ms": f"{min(steps):.1f}-{max(steps):.1f}", "predicted_ms": pred * 1e3,
-                     "error": pred * 1e3 / measured - 1,
-                     "fit_point": p == 2, "slowdown": slowdown})
+                     "error": pred * 1e3 / measured - 1, "fit_point": p == 2,
+                     "slowdown": compute_ms / base["step_ms"], "overhead_scale": scale})
     return rows
-
-
-def server_update_s_per_byte(reps: int) -> float:
-    """A server's work per gradient byte and pushing worker: averaging the pushes and an SGD step, one thread."""
-    import torch
-
-    torch.set_num_threads(1)
-    n = 4 << 20
-    value, grads = torch.zeros(n, requires_grad=True), [torch.randn(n) for _ in range(2)]
-    opt = torch.optim.SGD([value], lr=1e-3)
-
-    def update():
-        value.grad = torch.stack(grads).mean(0)
-        opt.step()
-    for _ in range(2):
-        update()
-    return statistics.median(_times_ms(update, reps)) / 1e3 / (n * 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,21 +612,19 @@ def _timeline(args) -> None:
     print(f"{spans} spans of {trace} drawn to {args.timeline_png}")
 
 
-def fit_links(worlds, alone: dict, update_per_byte: float) -> dict:
+def fit_links(worlds, alone: dict, cores: int) -> dict:
     """The fitted constants of one run: the links (Gloo's and the RPC's from the loopback sweeps, the shaped link's
-    from its sweep, each with the compute times measured beside it) and, per framework and network, the CPU time
-    per gradient byte a step spends beyond the model (copies into buckets and messages, Hogwild's deltas), taken
-    from the 2-worker world: what its measured step exceeds the prediction without it."""
-    def with_compute(world, link):
-        return link, {k: statistics.median(v) for k, v in world["compute_ms"].items()}
-
-    links = {"update_s_per_byte": update_per_byte, "overhead": {}}
+    from its sweep), the host's cores and, per framework and network, the CPU time per tensor and per gradient byte
+    a step spends beyond the model (hooks, negotiation, copies into buckets and messages, a server's unpacking,
+    update and answer, Hogwild's deltas), taken from the 2-worker world only: what its measured steps exceed the
+    prediction without it."""
+    links = {"cores": cores, "overhead": {}}
     for world in worlds:
         if world["framework"] == "allreduce" and world["sweep"]:
-            links["shaped" if world["network"] == "shaped" else "gloo"] = with_compute(
-                world, cost_model.fit_link([tuple(s) for s in world["sweep"]], "ring"))
+            links["shaped" if world["network"] == "shaped" else "gloo"] = cost_model.fit_link(
+                [tuple(s) for s in world["sweep"]], "ring")
         if world["framework"] == "sandblaster" and world["sweep"]:
-            links["rpc"] = with_compute(world, cost_model.fit_link([tuple(s) for s in world["sweep"]], "p2p"))
+            links["rpc"] = cost_model.fit_link([tuple(s) for s in world["sweep"]], "p2p")
     for world in worlds:
         if world["workers"] == 2:
             rows = predict_measured(world, alone, links, overhead=False)
@@ -642,24 +634,13 @@ def fit_links(worlds, alone: dict, update_per_byte: float) -> dict:
 
 
 def fit_overhead(rows: list[dict], alone: dict) -> tuple[float, float]:
-    """(seconds per tensor, seconds per gradient byte) of CPU work a step does beyond the model and the wire, by least
-    squares on what the measured steps of the models exceed the prediction without it (at one process per core:
-    divided by the world's slowdown); neither may be negative."""
-    import numpy as np
-
-    a = np.array([(_tensors(r["model"], alone), alone[r["model"]]["param_bytes"]) for r in rows], dtype=float)
-    excess = np.array([(r["measured_ms"] - r["predicted_ms"]) / 1e3 / r["slowdown"] for r in rows])
-    scale = np.maximum(excess, 1e-4)  # relative errors: the small model counts as much as the large one
-    coef = np.linalg.lstsq(a / scale[:, None], excess / scale, rcond=None)[0]
-    if coef.min() < 0:  # keep the one term that fits best on its own
-        singles = []
-        for j in range(2):
-            c = max(0.0, float(np.linalg.lstsq(a[:, [j]] / scale[:, None], excess / scale, rcond=None)[0][0]))
-            singles.append((float(np.sum(((a[:, j] * c - excess) / scale) ** 2)), j, c))
-        _, j, c = min(singles)
-        coef = np.zeros(2)
-        coef[j] = c
-    return float(coef[0]), float(coef[1])
+    """(seconds per tensor, seconds per gradient byte) of CPU work beyond the model and the wire, per unit of each
+    row's overhead_scale (a push on a server, or a step at the world's contention), from what the measured steps
+    exceed the prediction without it (cost_model.fit_overhead)."""
+    features = [(_tensors(r["model"], alone) * r["overhead_scale"], alone[r["model"]]["param_bytes"] * r["overhead_scale"])
+                for r in rows]
+    return cost_model.fit_overhead(features, [(r["measured_ms"] - r["predicted_ms"]) / 1e3 for r in rows],
+                                   [r["measured_ms"] / 1e3 for r in rows])
 
 
 def measure_all(plan, kinds, reps: int, repeats: int, shaped: bool, rate_mbit: int, started: float,
@@ -667,7 +648,7 @@ def measure_all(plan, kinds, reps: int, repeats: int, shaped: bool, rate_mbit: i
     """Every measurement of a run, as plain data, handed to save() after each world (so that --refit can fit them
     again, also after an interrupted run). A world that fails is reported and left out."""
     raw = {"date": machine()["date"], "reps": reps, "repeats": repeats, "rate_mbit": rate_mbit,
-           "alone": compute_alone(kinds, reps), "update_s_per_byte": server_update_s_per_byte(reps),
+           "alone": compute_alone(kinds, reps), "cores": os.cpu_count(),
            "zoo": zoo_workloads(reps), "worlds": [], "failed": []}
 
     def measured(world, network, repeat, what):
@@ -755,7 +736,7 @@ def main(argv=None) -> None:
     rows, fitted = [], []
     for repeat in range(repeats):
         worlds = [w for w in raw["worlds"] if w["repeat"] == repeat]
-        links = fit_links(worlds, raw["alone"], raw["update_s_per_byte"])
+        links = fit_links(worlds, raw["alone"], raw.get("cores") or os.cpu_count())
         fitted.append(links)
         for world in worlds:
             rows += predict_measured(world, raw["alone"], links)
@@ -764,7 +745,7 @@ def main(argv=None) -> None:
     print(f"\n{info['device']}, torch {info['torch']}, Gloo and torch.distributed.rpc, one thread per process, "
           f"{reps} timed repetitions x {HOGWILD_SYNC_FREQ} steps, {repeats} run(s)")
     for i, links in enumerate(fitted):
-        described = [f"{name}: alpha {links[name][0].alpha * 1e6:.0f} us, B {links[name][0].bandwidth / 1e6:.0f} MB/s"
+        described = [f"{name}: alpha {links[name].alpha * 1e6:.0f} us, B {links[name].bandwidth / 1e6:.0f} MB/s"
                      for name in ("gloo", "rpc", "shaped") if name in links]
         overheads = [f"{network} {fw} {per_tensor * 1e6:.0f} us/tensor + {per_byte * 1e9:.2f} ns/B"
                      for (network, fw), (per_tensor, per_byte) in links["overhead"].items()]
@@ -785,11 +766,11 @@ def main(argv=None) -> None:
             errs = [f"{r['workers']}:{r['error']:+.0%}{'*' if r['fit_point'] else ''}" for r in rows
                     if r["network"] == network and r["framework"] == fw]
             print(f"  {network:8s} {fw:11s} workers:error {' '.join(errs)}  (* fit point)")
-    path = write_csv("scaling", rows)
+    path = write_csv("scaling", [{k: v for k, v in r.items() if k != "overhead_scale"} for r in rows])  # the CSV's columns
     print(f"rows appended to {os.path.relpath(path)}")
 
     # Predictions at scale: the measured link efficiency (shaped link: fitted B over its rate) on faster links.
-    shaped_links = [links["shaped"][0] for links in fitted if "shaped" in links]
+    shaped_links = [links["shaped"] for links in fitted if "shaped" in links]
     efficiency = (min(1.0, statistics.median(link.bandwidth for link in shaped_links) * 8 / (rate_mbit * 1e6))
                   if shaped_links else 0.9)
     zoo = raw["zoo"]

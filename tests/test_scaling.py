@@ -142,3 +142,94 @@ def test_timeline_renderer_draws_one_row_per_process(tmp_path):
     empty.write_text(json.dumps({"traceEvents": events[:2]}))
     with pytest.raises(ValueError, match="no complete"):
         render_timeline(empty, tmp_path / "empty.png")
+
+
+def test_contention_shares_the_cores_out_evenly():
+    assert cm.contention(1, 2) == cm.contention(2, 2) == 1.0  # a core each
+    assert cm.contention(3, 2) == 1.5 and cm.contention(4, 2) == 2.0 and cm.contention(5, 4) == 1.25
+    with pytest.raises(ValueError, match="cores"):
+        cm.contention(2, 0)
+
+
+def test_a_server_takes_every_push_in_turn():
+    work = cm.Workload("m", 1e8, compute_s=1.0)
+    # 3 workers, 1 server, 5 ms of server CPU per push: the step waits for all 3 pushes' 15 ms, beside the link's
+    # 2 alpha + 3 x 0.1 s each way
+    assert cm.step_s("sandblaster", work, 3, LINK, servers=1, server_push_s=5e-3) == pytest.approx(
+        1.0 + 2e-4 + 0.3 + 0.3 + 0.015, rel=1e-12)
+    # Downpour with 4 single-worker groups on 2 servers: 2 pushes per server
+    assert cm.step_s("downpour", work, 4, LINK, servers=2, groups=4, server_push_s=5e-3) == pytest.approx(
+        1.0 + 2e-4 + 0.2 + 0.2 + 0.01, rel=1e-12)
+
+
+def test_fit_overhead_is_non_negative_and_relative_to_the_step():
+    # Exact: 10 us per tensor, 1 ns per byte; rows (tensors, bytes) = (200, 4e5) and (8, 1.6e7)
+    excess = [200 * 1e-5 + 4e5 * 1e-9, 8 * 1e-5 + 1.6e7 * 1e-9]
+    per_tensor, per_byte = cm.fit_overhead([(200, 4e5), (8, 1.6e7)], excess, [0.01, 0.05])
+    assert per_tensor == pytest.approx(1e-5, rel=1e-9) and per_byte == pytest.approx(1e-9, rel=1e-9)
+    # The large model over-predicted already (excess -2 ms of a 50 ms step): the per-byte term would be negative,
+    # so it is dropped and the per-tensor term fitted alone, weighted by 1/step: minimise
+    # ((200c - 0.0024)/0.01)^2 + ((8c + 0.002)/0.05)^2 -> c = (200*0.0024/1e-4 - 8*0.002/2.5e-3) / (200^2/1e-4 + 8^2/2.5e-3)
+    c = (200 * 0.0024 / 1e-4 - 8 * 0.002 / 2.5e-3) / (200 ** 2 / 1e-4 + 8 ** 2 / 2.5e-3)
+    per_tensor, per_byte = cm.fit_overhead([(200, 4e5), (8, 1.6e7)], [0.0024, -0.002], [0.01, 0.05])
+    assert per_byte == 0.0 and per_tensor == pytest.approx(c, rel=1e-9) and c > 1e-5  # not zeroed by the -2 ms
+    with pytest.raises(ValueError, match="measured_s must be positive"):
+        cm.fit_overhead([(1, 1)], [0.0], [0.0])
+
+
+def _world(framework, workers, compute_ms, step_ms):
+    return {"framework": framework, "workers": workers, "network": "loopback", "repeat": 0,
+            "compute_ms": {"m": [compute_ms]}, "step_ms": {"m": [step_ms]}, "buckets": {"m": 1}}
+
+
+def test_measured_worlds_charge_contention_and_server_pushes():
+    from benchmarks.scaling import predict_measured
+
+    # A 1e6-byte model of 10 tensors, all backward (forward 0): no overlap on loopback anyway.
+    alone = {"m": {"step_ms": 10.0, "forward_ms": 0.0, "tensors": 10, "param_bytes": 1e6}}
+    gloo, rpc = cm.Link(1e-3, 1e9), cm.Link(2e-3, 1e9)
+    links = {"cores": 2, "gloo": gloo, "rpc": rpc,
+             "overhead": {("loopback", fw): (1e-4, 1e-9) for fw in ("allreduce", "sandblaster", "hogwild")}}
+    cpu = 10 * 1e-4 + 1e6 * 1e-9  # 2 ms of CPU overhead per unit
+    # AllReduce, 4 ranks on 2 cores (contention 2): the copies at half the bandwidth, alpha as measured:
+    # 2*3/4 * 1e6 / 0.5e9 + 6 * 1e-3 = 3 ms + 6 ms, and the overhead at contention 2: 4 ms
+    row, = predict_measured(_world("allreduce", 4, 20.0, 40.0), alone, links)
+    assert row["predicted_ms"] == pytest.approx(20 + 3 + 6 + 4, rel=1e-9) and row["overhead_scale"] == 2.0
+    assert row["error"] == pytest.approx(33 / 40 - 1, rel=1e-9) and not row["fit_point"]
+    # Sandblaster, 3 workers and 1 server (4 processes, but the workers wait while the server works): the RPC link
+    # as swept, 3 pushes in turn: 2 alpha + 3 * (1 ms out + 1 ms back) + 3 * 2 ms of server CPU
+    row, = predict_measured(_world("sandblaster", 3, 15.0, 30.0), alone, links)
+    assert row["predicted_ms"] == pytest.approx(15 + 4 + 6 + 6, rel=1e-9) and row["overhead_scale"] == 3.0
+    # Hogwild, 3 processes, sync every 2 steps: (2/3 * 2e6 / (1e9 / 1.5) + 2 * 2e-3) / 2 = 1 + 2 ms, and the
+    # overhead on the 2/3 of the slices not mastered at contention 1.5: 2 ms
+    row, = predict_measured(_world("hogwild", 3, 12.0, 30.0), alone, links)
+    assert row["predicted_ms"] == pytest.approx(12 + 3 + 2, rel=1e-9) and row["overhead_scale"] == pytest.approx(1.0)
+    # A world whose fit world is missing is left out
+    assert predict_measured(_world("downpour", 3, 12.0, 30.0), alone, {"cores": 2, "overhead": {}}) == []
+
+
+def test_the_overhead_is_fitted_at_the_2_worker_worlds_only():
+    from benchmarks.scaling import fit_links, predict_measured
+
+    alone = {"a": {"step_ms": 10.0, "forward_ms": 0.0, "tensors": 200, "param_bytes": 4e5},
+             "b": {"step_ms": 10.0, "forward_ms": 0.0, "tensors": 8, "param_bytes": 1.6e7}}
+    gloo = cm.Link(1e-3, 1e9)
+    sweep = [(n, 2, cm.ring_allreduce_s(n, 2, gloo)) for n in (4096, 1 << 20, 16 << 20)]
+    per_tensor, per_byte = 2e-5, 5e-10
+
+    def world(p, extra_ms=0.0):  # measured steps: the model's own, plus extra_ms in the 4-rank world
+        w = {"framework": "allreduce", "workers": p, "network": "loopback", "repeat": 0, "sweep": sweep if p == 2 else [],
+             "compute_ms": {"a": [10.0], "b": [10.0]}, "buckets": {"a": 1, "b": 1}, "step_ms": {}}
+        for kind in ("a", "b"):
+            f = cm.contention(p, 2)
+            t = 10e-3 + cm.ring_allreduce_s(alone[kind]["param_bytes"], p, cm.Link(gloo.alpha, gloo.bandwidth / f))
+            t += f * (per_tensor * alone[kind]["tensors"] + per_byte * alone[kind]["param_bytes"])
+            w["step_ms"][kind] = [t * 1e3 + extra_ms]
+        return w
+
+    links = fit_links([world(2), world(4, extra_ms=50.0)], alone, 2)
+    assert links["gloo"].alpha == pytest.approx(1e-3, rel=1e-6) and links["gloo"].bandwidth == pytest.approx(1e9, rel=1e-6)
+    got = links["overhead"]["loopback", "allreduce"]
+    assert got == pytest.approx((per_tensor, per_byte), rel=1e-6)  # the 4-rank world's extra 50 ms is not fitted
+    rows = predict_measured(world(4), alone, links)
+    assert [r["error"] for r in rows] == pytest.approx([0.0, 0.0], abs=1e-9)
