@@ -190,7 +190,7 @@ def test_measured_worlds_charge_contention_and_server_pushes():
     gloo, rpc = cm.Link(1e-3, 1e9), cm.Link(2e-3, 1e9)
     links = {"cores": 2, "gloo": gloo, "rpc": rpc,
              "overhead": {("loopback", fw): (1e-4, 1e-9) for fw in ("allreduce", "sandblaster", "hogwild")}}
-    cpu = 10 * 1e-4 + 1e6 * 1e-9  # 2 ms of CPU overhead per unit
+    # The CPU overhead per unit: 10 tensors * 0.1 ms + 1e6 bytes * 1 ns = 2 ms
     # AllReduce, 4 ranks on 2 cores (contention 2): the copies at half the bandwidth, alpha as measured:
     # 2*3/4 * 1e6 / 0.5e9 + 6 * 1e-3 = 3 ms + 6 ms, and the overhead at contention 2: 4 ms
     row, = predict_measured(_world("allreduce", 4, 20.0, 40.0), alone, links)
