@@ -8,7 +8,8 @@ What each framework sends per step (docs/allreduce.md, docs/parameter_server.md)
 - AllReduce: every gradient byte once, in `buckets` fused buffers, each a ring all-reduce
   2(p-1)/p·n/B + 2(p-1)·alpha (or a tree, 2·log2(p)·(alpha + n/B)); buckets start while backward still runs.
 - Sandblaster with s servers: each worker pushes n bytes (n/s to each server) and pulls n bytes back in step();
-  each server's link carries p·n/s each way, so the step waits for max(n, p·n/s)/B each way.
+  each server's link carries p·n/s each way, so the step waits for max(n, p·n/s)/B each way, and for the server's
+  CPU work on each of the p/s pushes it takes in turn (server_push_s).
 - Downpour with g groups: ring all-reduce inside each group of p/g workers, then the group's first worker pushes
   and pulls n bytes; groups do not wait for each other, but the s servers' links carry all g groups' traffic.
 - Hogwild with sync_freq f: every f steps each process sends the deltas of the (p-1)/p of the parameters it does not
