@@ -637,8 +637,8 @@ def fit_overhead(rows: list[dict], alone: dict) -> tuple[float, float]:
     """(seconds per tensor, seconds per gradient byte) of CPU work beyond the model and the wire, per unit of each
     row's overhead_scale (a push on a server, or a step at the world's contention), from what the measured steps
     exceed the prediction without it (cost_model.fit_overhead)."""
-    features = [(_tensors(r["model"], alone) * r["overhead_scale"], alone[r["model"]]["param_bytes"] * r["overhead_scale"])
-                for r in rows]
+    features = [(_tensors(r["model"], alone) * r["overhead_scale"],
+                 alone[r["model"]]["param_bytes"] * r["overhead_scale"]) for r in rows]
     return cost_model.fit_overhead(features, [(r["measured_ms"] - r["predicted_ms"]) / 1e3 for r in rows],
                                    [r["measured_ms"] / 1e3 for r in rows])
 
@@ -766,7 +766,8 @@ def main(argv=None) -> None:
             errs = [f"{r['workers']}:{r['error']:+.0%}{'*' if r['fit_point'] else ''}" for r in rows
                     if r["network"] == network and r["framework"] == fw]
             print(f"  {network:8s} {fw:11s} workers:error {' '.join(errs)}  (* fit point)")
-    path = write_csv("scaling", [{k: v for k, v in r.items() if k != "overhead_scale"} for r in rows])  # the CSV's columns
+    # overhead_scale stays out: the CSV's columns are those of its first rows
+    path = write_csv("scaling", [{k: v for k, v in r.items() if k != "overhead_scale"} for r in rows])
     print(f"rows appended to {os.path.relpath(path)}")
 
     # Predictions at scale: the measured link efficiency (shaped link: fitted B over its rate) on faster links.

@@ -169,7 +169,8 @@ def test_fit_overhead_is_non_negative_and_relative_to_the_step():
     assert per_tensor == pytest.approx(1e-5, rel=1e-9) and per_byte == pytest.approx(1e-9, rel=1e-9)
     # The large model over-predicted already (excess -2 ms of a 50 ms step): the per-byte term would be negative,
     # so it is dropped and the per-tensor term fitted alone, weighted by 1/step: minimise
-    # ((200c - 0.0024)/0.01)^2 + ((8c + 0.002)/0.05)^2 -> c = (200*0.0024/1e-4 - 8*0.002/2.5e-3) / (200^2/1e-4 + 8^2/2.5e-3)
+    # ((200c - 0.0024)/0.01)^2 + ((8c + 0.002)/0.05)^2
+    #   -> c = (200*0.0024/1e-4 - 8*0.002/2.5e-3) / (200^2/1e-4 + 8^2/2.5e-3)
     c = (200 * 0.0024 / 1e-4 - 8 * 0.002 / 2.5e-3) / (200 ** 2 / 1e-4 + 8 ** 2 / 2.5e-3)
     per_tensor, per_byte = cm.fit_overhead([(200, 4e5), (8, 1.6e7)], [0.0024, -0.002], [0.01, 0.05])
     assert per_byte == 0.0 and per_tensor == pytest.approx(c, rel=1e-9) and c > 1e-5  # not zeroed by the -2 ms
@@ -218,7 +219,8 @@ def test_the_overhead_is_fitted_at_the_2_worker_worlds_only():
     per_tensor, per_byte = 2e-5, 5e-10
 
     def world(p, extra_ms=0.0):  # measured steps: the model's own, plus extra_ms in the 4-rank world
-        w = {"framework": "allreduce", "workers": p, "network": "loopback", "repeat": 0, "sweep": sweep if p == 2 else [],
+        w = {"framework": "allreduce", "workers": p, "network": "loopback", "repeat": 0,
+             "sweep": sweep if p == 2 else [],
              "compute_ms": {"a": [10.0], "b": [10.0]}, "buckets": {"a": 1, "b": 1}, "step_ms": {}}
         for kind in ("a", "b"):
             f = cm.contention(p, 2)
@@ -228,7 +230,8 @@ def test_the_overhead_is_fitted_at_the_2_worker_worlds_only():
         return w
 
     links = fit_links([world(2), world(4, extra_ms=50.0)], alone, 2)
-    assert links["gloo"].alpha == pytest.approx(1e-3, rel=1e-6) and links["gloo"].bandwidth == pytest.approx(1e9, rel=1e-6)
+    assert links["gloo"].alpha == pytest.approx(1e-3, rel=1e-6)
+    assert links["gloo"].bandwidth == pytest.approx(1e9, rel=1e-6)
     got = links["overhead"]["loopback", "allreduce"]
     assert got == pytest.approx((per_tensor, per_byte), rel=1e-6)  # the 4-rank world's extra 50 ms is not fitted
     rows = predict_measured(world(4), alone, links)
