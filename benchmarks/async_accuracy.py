@@ -3,8 +3,8 @@
 The digits MLP and CNN of `examples/` (the same models, optimizers and schedules; 10 epochs; global batch 64)
 train under AllReduce, Sandblaster, Downpour, Hybrid and Hogwild with 2 worker groups, each job started by
 `singa-launch --strategy ...`, over several seeds. The asynchronous frameworks run twice: with their default
-remedies for asynchrony (staleness-aware learning rate, momentum correction: docs/parameter_server.md) and with
-them off. The table gives the mean and spread (max - min) of the final test accuracy per framework and model
+remedies for asynchrony (staleness-aware learning rate, momentum correction, Downpour/Hybrid's DANA and warm start:
+docs/parameter_server.md) and with them off (--remedies picks other variants). The table gives the mean and spread (max - min) of the final test accuracy per framework and model
 and the difference of the mean from AllReduce's; goal: within 1 point of AllReduce, spread at most 2 points.
 The CSV (benchmarks/results/async_accuracy.csv) and a plot of accuracy against wall time land in results/.
 
