@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass, field
 
 from singa_dist.environment import free_port
-from singa_dist.environment import AUTOTUNE_VARIABLE, AUTOTUNED_STRATEGIES
+from singa_dist.environment import (AUTOTUNE_VARIABLE, AUTOTUNED_STRATEGIES, CHECKPOINTED_STRATEGIES,
+                                    SERVER_CHECKPOINT_DIR_VARIABLE, SERVER_CHECKPOINT_EVERY_VARIABLE)
 from singa_dist.metrics import FILE_VARIABLE as METRICS_FILE_VARIABLE
 from singa_dist.metrics import VARIABLE as METRICS_VARIABLE
 from singa_dist.metrics import parse_interval
@@ -124,6 +125,8 @@ class LaunchConfig:
     metrics: float | None = None  # seconds between live-metrics reports (SINGA_METRICS for every process)
     elastic: ElasticSpec | None = None  # --min-np/--max-np/--host-discovery-script: an elastic job
     autotune: bool = False  # AllReduce's bucket size, the parameter servers' messages (SINGA_AUTOTUNE=1 everywhere)
+    server_checkpoint_dir: str | None = None  # absolute: where Downpour's/Hybrid's servers checkpoint their slices
+    server_checkpoint_every: int | None = None  # ...every this many updates
 
     @property
     def nnodes(self) -> int:
@@ -181,6 +184,10 @@ class LaunchConfig:
                 env[METRICS_FILE_VARIABLE] = os.path.join(os.path.abspath(self.log_dir), "metrics.csv")
         if self.autotune:
             env[AUTOTUNE_VARIABLE] = "1"
+        if self.server_checkpoint_dir:
+            env[SERVER_CHECKPOINT_DIR_VARIABLE] = self.server_checkpoint_dir
+        if self.server_checkpoint_every is not None:
+            env[SERVER_CHECKPOINT_EVERY_VARIABLE] = str(self.server_checkpoint_every)
         env.update(self.extra_env)
         return env
 
@@ -254,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--servers", type=int, help="servers per server group")
     g.add_argument("--server-groups", type=int)
     g.add_argument("--sync-freq", type=int, default=1)
+    g.add_argument("--server-checkpoint-dir", metavar="DIR",
+                   help="downpour/hybrid: each server checkpoints its slices there; a restarted one resumes from them")
+    g.add_argument("--server-checkpoint-every", type=int, metavar="N",
+                   help="with --server-checkpoint-dir: every N updates (default 100)")
     sep = g.add_mutually_exclusive_group()
     sep.add_argument("--colocate-servers", dest="separate", action="store_false", default=None,
                      help="servers live inside worker processes")
@@ -538,6 +549,19 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         raise UsageError(f"--autotune tunes AllReduce's bucket size and the messages per server of "
                          f"{', '.join(AUTOTUNED_STRATEGIES[1:])}; --strategy {args.strategy} has neither")
 
+    checkpoint_dir = None
+    if args.server_checkpoint_dir is not None or args.server_checkpoint_every is not None:
+        if args.strategy not in CHECKPOINTED_STRATEGIES:
+            raise UsageError(f"--server-checkpoint-dir/--server-checkpoint-every: the servers of "
+                             f"{' and '.join(CHECKPOINTED_STRATEGIES)} checkpoint; --strategy {args.strategy} has none")
+        if args.server_checkpoint_dir is None:
+            raise UsageError("--server-checkpoint-every needs --server-checkpoint-dir DIR")
+        if args.server_checkpoint_every is not None and args.server_checkpoint_every < 1:
+            raise UsageError(f"--server-checkpoint-every must be at least 1, got {args.server_checkpoint_every}")
+        if not args.server_checkpoint_dir or os.path.isfile(args.server_checkpoint_dir):
+            raise UsageError(f"--server-checkpoint-dir {args.server_checkpoint_dir!r} is not a directory")
+        checkpoint_dir = os.path.abspath(args.server_checkpoint_dir)
+
     command = resolve_module(args.command) if args.module else resolve_command(args.command)
 
     if args.min_np is not None or args.max_np is not None or args.host_discovery_script:
@@ -637,7 +661,8 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
         mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
         exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, timeline=timeline, metrics=interval,
-        autotune=args.autotune)
+        autotune=args.autotune, server_checkpoint_dir=checkpoint_dir,
+        server_checkpoint_every=args.server_checkpoint_every)
 
 
 def _check_port_free(port: int) -> None:

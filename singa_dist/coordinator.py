@@ -7,7 +7,8 @@ before running it; a mismatch becomes an error on every rank instead of a crash 
   header: its kind, a hash of everything that must agree (name, kind, dtype, shape, op, root, scale factors,
   ...) and the per-rank facts the exchange needs (the first dimension for allgather, the byte count of a
   pickled object). The headers of submission k are all-gathered on the set's *negotiation* group, at once
-  and asynchronously: submitting never blocks.
+  and asynchronously: submitting never blocks. When every worker runs on one host they go through shared
+  memory instead (singa_dist.shared_headers), for a few microseconds rather than a collective.
 - Fast path: every rank sent the same kind and hash. The exchange runs on the set's *data* group, in
   sequence order on every rank, so the data of one collective never meets that of another.
 - Slow path: the hashes differ, or a rank has joined. Every rank sees the same headers, so every rank takes
@@ -403,7 +404,7 @@ class _Engine:
                                                     finish=lambda: rows.view(self.n, HEADER))
             entry = _Entry(self.k, request, header, t0)
             if t0:
-                header.timeline_what = f"negotiation of {request.label}{self.describe_set()}"
+                header.timeline_what = f"negotiation of {what}"
             self.names[request.name] = entry
             self.queue.append(entry)
         self.progress(block_until=None)

@@ -50,8 +50,26 @@ def init_key(attempt: int | str, inits: int, proc: int) -> str:
     count; inits: how many times the process joined a job before), which singa-launch reads to know who came."""
     return f"singa/init/{attempt}/{inits}/{proc}"
 AUTOTUNE_VARIABLE = "SINGA_AUTOTUNE"  # 1: AllReduce tunes its bucket size unless the script fixes one
+# Where Downpour's and Hybrid's servers checkpoint their slices, and every how many updates, unless the script says.
+SERVER_CHECKPOINT_DIR_VARIABLE = "SINGA_SERVER_CHECKPOINT_DIR"
+SERVER_CHECKPOINT_EVERY_VARIABLE = "SINGA_SERVER_CHECKPOINT_EVERY"
+CHECKPOINTED_STRATEGIES = ("downpour", "hybrid")
 # The strategies that tune something then: AllReduce its bucket size, the others their messages per server.
 AUTOTUNED_STRATEGIES = ("allreduce", "sandblaster", "downpour", "hybrid")
+
+
+def server_checkpoint_defaults() -> tuple[str | None, int]:
+    """The server checkpoint folder and interval the launcher asked for (singa-launch --server-checkpoint-dir,
+    --server-checkpoint-every), or (None, 100)."""
+    folder = os.environ.get(SERVER_CHECKPOINT_DIR_VARIABLE) or None
+    text = os.environ.get(SERVER_CHECKPOINT_EVERY_VARIABLE, "").strip()
+    try:
+        every = int(text) if text else 100
+    except ValueError:
+        every = 0
+    if every < 1:
+        raise ValueError(f"{SERVER_CHECKPOINT_EVERY_VARIABLE} must be a positive number of updates, got {text!r}")
+    return folder, every
 
 
 def autotune_requested() -> bool:

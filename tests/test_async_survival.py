@@ -122,9 +122,10 @@ def jobs(tmp_path_factory):
     started = _start(root, {
         "downpour killed": (DOWNPOUR, TRAIN, _killed(2, 30)),
         "hogwild killed": (HOGWILD, TRAIN, _killed(2, 30)),
-        "server killed": (DOWNPOUR + ["--max-restarts", "1"], RESUME, {
+        "server killed": (DOWNPOUR + ["--max-restarts", "1", "--server-checkpoint-dir", str(root / "ckpt"),
+                                      "--server-checkpoint-every", "10"], RESUME, {
             "SINGA_SERVER_COMMAND": f"{sys.executable} {root / 'server.py'}", "KILL_AT": "45",
-            "KILLED": str(root / "killed"), "CKPT": str(root / "ckpt")})})
+            "KILLED": str(root / "killed")})})
     yield root, started
     _stop(started)
 
@@ -232,8 +233,8 @@ RESUME = textwrap.dedent("""
     sd.init()
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
-    opt = sd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model.named_parameters(),
-                                  strategy=sd.Downpour(checkpoint_dir=os.environ["CKPT"], checkpoint_every=10))
+    # The strategy and its checkpoints are the launcher's (--server-checkpoint-dir/--server-checkpoint-every).
+    opt = sd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model.named_parameters())
     print(f"attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} rank {sd.rank()} opened at {opt.strategy.versions[0]}",
           flush=True)
     x = torch.randn(16, 8)

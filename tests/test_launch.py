@@ -362,6 +362,11 @@ def test_dry_run_over_ssh_prints_each_host(capsys, tmp_path):
     (["-np", "2", "--network-interface", "no-such-if9"], "'no-such-if9' is not an interface of this host"),
     (["-np", "2", "--sync-freq", "0"], "--sync-freq must be at least 1"),
     (["-np", "2", "--node-rank", "-1"], "--node-rank must be 0 or more"),
+    (["-np", "2", "--server-checkpoint-dir", "ck"], "--strategy allreduce has none"),
+    (["-np", "2", "--strategy", "downpour", "--servers", "1", "--server-checkpoint-every", "5"],
+     "--server-checkpoint-every needs --server-checkpoint-dir DIR"),
+    (["-np", "2", "--strategy", "downpour", "--servers", "1", "--server-checkpoint-dir", "ck",
+      "--server-checkpoint-every", "0"], "--server-checkpoint-every must be at least 1, got 0"),
 ])
 def test_bad_input_exits_2_before_starting(args, reason, tmp_path, capsys):
     script = _write(tmp_path, "rank.py", RANK_SCRIPT)

@@ -23,8 +23,9 @@ shared momentum of 0.9 makes the servers' step unstable at about a twentieth of 
 (the groups' gradients averaged into one fresh update, as AllReduce's), then every group goes asynchronous.
 
 `checkpoint_dir`, `checkpoint_every`: each server writes its slices, their optimizer state and version there every
-N updates (atomically); a server started again (singa-launch --max-restarts) resumes from its file, so a job loses
-at most N updates. Under singa-launch a worker group that dies is dropped and the other groups go on.
+N updates (atomically; default 100); a server started again (singa-launch --max-restarts) resumes from its file, so
+a job loses at most N updates. Unless given, they come from singa-launch --server-checkpoint-dir and
+--server-checkpoint-every. Under singa-launch a worker group that dies is dropped and the other groups go on.
 
 `messages_per_server`: as Sandblaster's (each push to a server cut into that many messages). "auto" tunes it per
 worker group, since groups do not wait for each other and only a group's first worker pushes: the group's
@@ -35,6 +36,7 @@ from __future__ import annotations
 import os
 
 from .. import primitives, runtime
+from ..environment import server_checkpoint_defaults
 from ..functions import allreduce_gradients_, broadcast_flat_
 from ..ps import client as ps_client
 from ..ps import transport
@@ -47,7 +49,7 @@ class Downpour(ParameterServerStrategy):
     def __init__(self, pull_freq: int = 1, staleness: int | None = None, messages_per_server: int | str | None = None,
                  *, staleness_lr: bool = True, momentum_correction: bool = False, dana: bool = True,
                  warmup_steps: int = 0,
-                 checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+                 checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
                  autotune_messages=AUTOTUNE_MESSAGES, autotune_warmup: int = 2, autotune_steps: int = 8):
         if not isinstance(pull_freq, int) or pull_freq < 1:
             raise ValueError(f"pull_freq must be a positive integer, got {pull_freq!r}")
@@ -56,6 +58,10 @@ class Downpour(ParameterServerStrategy):
                              "(a bound of 0 is synchronous training: use the sandblaster strategy)")
         self.pull_freq = pull_freq
         self.staleness = staleness
+        # Unless the script says, what singa-launch --server-checkpoint-dir/--server-checkpoint-every asked for.
+        launcher_dir, launcher_every = server_checkpoint_defaults()
+        checkpoint_dir = launcher_dir if checkpoint_dir is None else checkpoint_dir
+        checkpoint_every = launcher_every if checkpoint_every is None else checkpoint_every
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of updates, got {checkpoint_every!r}")
         # Each server checkpoints its slices every `checkpoint_every` updates there and resumes from them.
