@@ -563,6 +563,13 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         checkpoint_dir = os.path.abspath(args.server_checkpoint_dir)
 
     command = resolve_module(args.command) if args.module else resolve_command(args.command)
+    # What every job takes from the flags alike, elastic or not (one list, so that no flag is dropped in one kind).
+    common = dict(
+        command=command, omp_num_threads=args.omp_num_threads, network_interface=args.network_interface,
+        grace_period=args.grace_period, extra_env=_extra_env(args.env), ssh_command=shlex.split(args.ssh_command),
+        ssh_port=args.ssh_port, ssh_identity=args.ssh_identity, dry_run=args.dry_run, timeline=timeline,
+        metrics=interval, autotune=args.autotune, server_checkpoint_dir=checkpoint_dir,
+        server_checkpoint_every=args.server_checkpoint_every)
 
     if args.min_np is not None or args.max_np is not None or args.host_discovery_script:
         if args.mpi or args.hosts or args.hostfile or args.nnodes:
@@ -574,6 +581,9 @@ def parse_args(argv: list[str]) -> LaunchConfig:
                              f"{args.strategy} needs parameter servers, which cannot come and go")
         if args.max_restarts:
             raise UsageError("--max-restarts restarts a whole job; an elastic job replaces its workers instead")
+        if args.log_dir is not None or args.tee:
+            raise UsageError("an elastic job's workers come and go and print to this console, tagged by worker; "
+                             "--log-dir and --tee are for jobs of fixed processes")
         min_np = args.min_np if args.min_np is not None else 1
         initial = args.np if args.np is not None else None if args.host_discovery_script else min_np
         if args.max_np is not None:
@@ -586,12 +596,9 @@ def parse_args(argv: list[str]) -> LaunchConfig:
                            host_failures=args.host_failures, elastic_timeout=args.elastic_timeout,
                            reset_limit=args.reset_limit)
         topology = ClusterTopology.for_strategy(args.strategy, spec.initial_np)
-        return LaunchConfig(
-            command=command, topology=topology, node_procs=[spec.initial_np], master_addr=args.master_addr or
-            "127.0.0.1", master_port=args.master_port or free_port(), omp_num_threads=args.omp_num_threads,
-            network_interface=args.network_interface, grace_period=args.grace_period, extra_env=_extra_env(args.env),
-            ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
-            dry_run=args.dry_run, timeline=timeline, metrics=interval, elastic=spec)
+        return LaunchConfig(topology=topology, node_procs=[spec.initial_np],
+                            master_addr=args.master_addr or "127.0.0.1", master_port=args.master_port or free_port(),
+                            elastic=spec, **common)
 
     # Workers: -np, else what the nodes hold.
     nworkers = args.np
@@ -654,15 +661,9 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         _check_port_free(master_port)
 
     return LaunchConfig(
-        command=command, topology=topology, node_procs=node_procs, node_rank=node_rank, hosts=hosts,
-        master_addr=master_addr, master_port=master_port, max_restarts=args.max_restarts, log_dir=args.log_dir,
-        omp_num_threads=args.omp_num_threads, network_interface=args.network_interface,
-        grace_period=args.grace_period, extra_env=_extra_env(args.env),
-        ssh_command=shlex.split(args.ssh_command), ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
-        mpi=args.mpi, mpi_args=shlex.split(args.mpi_args), dry_run=args.dry_run,
-        exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, timeline=timeline, metrics=interval,
-        autotune=args.autotune, server_checkpoint_dir=checkpoint_dir,
-        server_checkpoint_every=args.server_checkpoint_every)
+        topology=topology, node_procs=node_procs, node_rank=node_rank, hosts=hosts, master_addr=master_addr,
+        master_port=master_port, max_restarts=args.max_restarts, log_dir=args.log_dir, mpi=args.mpi,
+        mpi_args=shlex.split(args.mpi_args), exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, **common)
 
 
 def _check_port_free(port: int) -> None:

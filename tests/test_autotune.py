@@ -160,6 +160,8 @@ def test_launcher_sets_the_environment_and_checks_the_strategy(tmp_path):
     script.write_text("print('hi')\n")
     assert parse_args(["-np", "2", "--autotune", str(script)]).common_env()[AUTOTUNE_VARIABLE] == "1"
     assert AUTOTUNE_VARIABLE not in parse_args(["-np", "2", str(script)]).common_env()
+    # an elastic job's workers get it too
+    assert parse_args(["-np", "2", "--min-np", "1", "--autotune", str(script)]).common_env()[AUTOTUNE_VARIABLE] == "1"
     with pytest.raises(UsageError, match="--autotune"):
         parse_args(["-np", "2", "--strategy", "hogwild", "--autotune", str(script)])
     for strategy in ("sandblaster", "downpour"):  # their messages per server

@@ -110,6 +110,7 @@ def test_a_host_that_fails_too_often_is_left_out(tmp_path):
     (["-np", "2", "--min-np", "1", "--mpi"], "is started by this launcher alone"),
     (["-np", "2", "--min-np", "1", "--max-restarts", "2"], "an elastic job replaces its workers instead"),
     (["--min-np", "0"], "--min-np must be at least 1"),
+    (["-np", "2", "--min-np", "1", "--log-dir", "logs"], "--log-dir and --tee are for jobs of fixed processes"),
 ])
 def test_elastic_usage_errors(args, reason, tmp_path, capsys):
     script = tmp_path / "train.py"
