@@ -1,6 +1,7 @@
 """Shared fixtures: Triton's interpreter on hosts without a GPU, the paths a layer runs on, and shared N-rank\nworlds."""
 import os
 import shutil
+import threading
 
 # Must happen before anything imports triton: kernels run in the interpreter where there is no GPU.
 _HAS_NVIDIA = shutil.which("nvidia-smi") is not None
@@ -87,5 +88,9 @@ def world3() -> World:
 @pytest.fixture(scope="session", autouse=True)
 def _close_worlds():
     yield
-    for world in _worlds.values():
-        world.close()
+    # Side by side: a world with parameter servers takes seconds to stop, and each would wait for the one before.
+    closing = [threading.Thread(target=world.close) for world in _worlds.values()]
+    for thread in closing:
+        thread.start()
+    for thread in closing:
+        thread.join()

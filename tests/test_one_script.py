@@ -5,6 +5,7 @@ The script uses torch's DistributedSampler and DataLoader as a newcomer would. T
 Sandblaster, and Downpour with one worker group of two) must equal one process on the whole batch. Hogwild's two
 groups train apart and exchange their deltas at the end: its three multi-process runs must agree.
 """
+import concurrent.futures
 import json
 import os
 import shutil
@@ -111,7 +112,10 @@ def _same(a, b) -> bool:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_one_script_every_launcher(strategy, tmp_path_factory):
-    results = {launcher: _result(launcher, strategy, tmp_path_factory) for launcher in LAUNCHERS}
+    # The launchers run side by side: most of each run is processes starting and meeting, not computing.
+    with concurrent.futures.ThreadPoolExecutor(len(LAUNCHERS)) as pool:
+        started = {launcher: pool.submit(_result, launcher, strategy, tmp_path_factory) for launcher in LAUNCHERS}
+    results = {launcher: future.result() for launcher, future in started.items()}
     workers = STRATEGIES[strategy][0] - int(STRATEGIES[strategy][1].get("SINGA_SERVERS", 0))
     for launcher, (name, size, _) in results.items():
         assert name == strategy, (launcher, name)  # sd.strategy_name() tells the truth
