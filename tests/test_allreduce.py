@@ -315,3 +315,32 @@ def test_many_tensors_in_one_bucket(world3, set_to_none):
     want = [p.detach() for p in model.parameters()]
     for got in world3.run(train_deep, set_to_none, timeout=60):
         assert_close(got, want)
+
+
+def replicas_that_differ():
+    """A model built without a common seed: warned at the first step unless broadcast_parameters() came first."""
+    import warnings
+
+    out = {}
+    for broadcast in (False, True):
+        torch.manual_seed(100 + sd.rank())
+        model = nn.Linear(6, 3)
+        opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                      named_parameters=model.named_parameters())
+        if broadcast:
+            sd.broadcast_parameters(model.state_dict(), root_rank=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for x, y in batches(steps=2):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        out[broadcast] = [str(w.message) for w in caught if "parameters differ" in str(w.message)]
+    return out
+
+
+def test_ranks_whose_parameters_differ_are_warned(world3):
+    for r, out in enumerate(world3.run(replicas_that_differ)):
+        assert len(out[False]) == 1 and out[False][0].startswith(f"rank {r}: "), out
+        assert "broadcast_parameters" in out[False][0]
+        assert out[True] == []

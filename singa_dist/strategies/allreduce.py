@@ -35,12 +35,13 @@ Partial update (SINGA's `backward_and_partial_update`) is its own strategy besid
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 
 from .. import coordinator, primitives, runtime, timeline
-from ..collectives import Average, sparse_allreduce_async
+from ..collectives import Average, Sum, allreduce, sparse_allreduce_async
 from ..compression import SparseCompressor, load_residual_state, residual_state
 from ..compression import resolve as resolve_compression
 from ..environment import autotune_requested
@@ -255,6 +256,7 @@ class AllReduce(Strategy):
         self.round_open = False  # some gradient arrived since the last synchronize()
         self.round = None  # this round's announcement to the other ranks (see coordinator.GradientRound)
         self.rounds = 0
+        self.replicas_checked = runtime.is_elastic()  # (an elastic job's state.sync() makes them one)
 
     def _bind(self) -> None:
         """The ranks this strategy reduces over, and their groups (again after an elastic job's reset())."""
@@ -382,6 +384,9 @@ class AllReduce(Strategy):
     # -------------------------------------------------------------------------------------- synchronize
     def synchronize(self) -> None:
         self._finish_round(write_back=True)
+        if self.active and not self.replicas_checked:  # after the first round: a missing rank is named by it
+            self.replicas_checked = True
+            self._check_replicas()
 
     def _finish_round(self, write_back: bool) -> None:
         if not self.active or self.synced:
@@ -455,6 +460,26 @@ class AllReduce(Strategy):
         if getattr(self, "replan", False):
             self.replan = False
             self._plan()
+
+    def _check_replicas(self) -> None:
+        """After the first gradient round, before the first update: warn when the ranks' parameters differ (no broadcast_parameters() after building
+        the model, as Horovod scripts do; DDP copies rank 0's at construction). Averaged gradients would then move
+        every replica alike and keep them apart for good. One small sum over the ranks: (count, s, s^2, a, a^2) of
+        each rank's sum s and sum of magnitudes a of its parameters; they agree when the variances are zero. A
+        joined rank adds zeros and is not counted."""
+        with torch.no_grad():
+            s = sum(float(p.detach().double().sum()) for _, p in self.named)
+            a = sum(float(p.detach().double().abs().sum()) for _, p in self.named)
+        total = allreduce(torch.tensor([1.0, s, s * s, a, a * a], dtype=torch.float64), op=Sum,
+                          name="DistributedOptimizer.replica_check", process_set=self.process_set)
+        n, sums = float(total[0]), total[1:].tolist()
+        spread = [max(sums[i + 1] / n - (sums[i] / n) ** 2, 0.0) for i in (0, 2)]
+        if any(v > 1e-12 * max((sums[i] / n) ** 2, 1e-30) for v, i in zip(spread, (0, 2))):
+            warnings.warn(
+                f"rank {runtime.rank()}: the ranks' parameters differ before the first step, so every rank trains a "
+                "model of its own (averaged gradients move them alike). Start them from one state: "
+                "broadcast_parameters(model.state_dict(), root_rank=0) and broadcast_optimizer_state(optimizer, "
+                "root_rank=0) after building them.", UserWarning, stacklevel=5)
 
     def shadow_round(self) -> primitives.Handle:
         """This rank has joined: take part in the others' round with zeros (no gradient of its own changes). The
