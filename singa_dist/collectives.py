@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
-
 import warnings
 
 import torch

@@ -8,10 +8,11 @@ took about 0.3 ms of every training step from the computation on a 2-core host (
 `SINGA_SHM_NEGOTIATION=0` keeps the all-gather.
 
 A member's file: META int64 fields (magic, pid, the highest submission it has read every member's header of,
-whether it has opened every member's file), then SLOTS slots of (header, checksum). Submission k goes into slot k % SLOTS; a reader takes a slot only when
-its sequence number is k and its checksum matches (a half-written slot never passes), and a writer reuses a
-slot only once every member has read it. Members find each other's files through the job's store; a file's
-name is removed as soon as every member has it open, so that nothing is left behind even by a killed process.
+whether it has opened every member's file), then SLOTS slots of (header, checksum). Submission k goes into slot
+k % SLOTS; a reader takes a slot only when its sequence number is k and its checksum matches (a half-written slot
+never passes), and a writer reuses a slot only once every member has read it. Members find each other's files
+through the job's store; a file's name is removed as soon as every member has it open, so that nothing is left
+behind even by a killed process.
 """
 from __future__ import annotations
 
@@ -132,12 +133,12 @@ class SharedHeaders:
         folder = _folder()
         _sweep(folder)
         self.path = os.path.join(folder, f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
-        size = 8 * (META + SLOTS * self.slot)
+        self.size = 8 * (META + SLOTS * self.slot)  # bytes of every member's file
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
-                os.ftruncate(fd, size)
-                self._map = mmap.mmap(fd, size)
+                os.ftruncate(fd, self.size)
+                self._map = mmap.mmap(fd, self.size)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -173,7 +174,7 @@ class SharedHeaders:
             except FileNotFoundError:
                 raise RuntimeError(f"rank {self.members[j]}'s negotiation file {path} is gone (the process ended)")
             try:
-                mapped = mmap.mmap(fd, 8 * (META + SLOTS * self.slot), prot=mmap.PROT_READ)
+                mapped = mmap.mmap(fd, self.size, prot=mmap.PROT_READ)
             finally:
                 os.close(fd)
             view = memoryview(mapped).cast("q")
@@ -184,6 +185,10 @@ class SharedHeaders:
             if all(f is not None for f in self.files):
                 self.mine[ATTACHED] = 1
         return view
+
+    def _base(self, k: int) -> int:
+        """Where submission k's slot starts in a member's file (int64 fields)."""
+        return META + (k % SLOTS) * self.slot
 
     def _unlink_when_everyone_has_it(self) -> None:
         if self.mine[ATTACHED] and all(f[ATTACHED] for f in self.files):
@@ -196,7 +201,7 @@ class SharedHeaders:
         k = fields[0]
         if k > SLOTS:
             self._wait_for_readers(k - SLOTS, what)
-        base = META + (k % SLOTS) * self.slot
+        base = self._base(k)
         mine = self.mine
         # The fields, then k, then the checksum: a reader that sees k and a matching checksum sees the fields.
         mine[base + 1:base + self.header_len] = memoryview(array.array("q", fields[1:]))
@@ -241,7 +246,7 @@ class SharedHeaders:
 
     def _read_slots(self, k: int) -> list | None:
         rows = []
-        base = META + (k % SLOTS) * self.slot
+        base = self._base(k)
         end = base + self.slot
         for j in range(self.n):
             view = self._file(j)
@@ -267,8 +272,7 @@ class SharedHeaders:
     def check_members(self, k: int, what: str, deadline: float, missing=None) -> None:
         """While waiting for submission k: raise if a member has died, the job lost it, or the timeout passed."""
         if missing is None:
-            missing = [j for j in range(self.n) if self._file(j) is None or self.files[j][
-                META + (k % SLOTS) * self.slot] != k]
+            missing = [j for j in range(self.n) if self._file(j) is None or self.files[j][self._base(k)] != k]
         dead = [self.members[j] for j in missing if self.pids[j] and not alive(self.pids[j])]
         lost = runtime.lost_procs() if runtime.tracks_lost() else ()
         dead += [self.members[j] for j in missing if self.members[j] in lost and self.members[j] not in dead]

@@ -111,6 +111,8 @@ class _Table:
         self.group_states: dict[int, dict] = {}
         self.group_steps: dict[int, list] = {}  # group -> (lr, momentum) of its last update, per param group
         self.optimizer, self.group_index = self._make_optimizer(spec)
+        # Each slice's param group in the optimizer (the look-ahead reads that group's lr and momentum).
+        self.position = [self.group_index.index(g) for g in self.param_group] if self.optimizer is not None else []
 
     def _make_optimizer(self, spec):
         by_group: dict[int, list] = {}
@@ -139,12 +141,11 @@ class _Table:
         different points of an LR schedule), where the group's next gradient will be applied (SGD)."""
         out = [p.detach() for p in self.params]
         if look_ahead and isinstance(self.optimizer, torch.optim.SGD):
-            index = {id(p): k for k, pg in enumerate(self.optimizer.param_groups) for p in pg["params"]}
             current = [(float(pg["lr"]), float(pg.get("momentum") or 0)) for pg in self.optimizer.param_groups]
             for i, p in enumerate(self.params):
                 for g, state in self.group_states.items():
                     buf = state.get(p, {}).get("momentum_buffer")
-                    lr, momentum = self.group_steps.get(g, current)[index[id(p)]]
+                    lr, momentum = self.group_steps.get(g, current)[self.position[i]]
                     if buf is not None and momentum:
                         out[i] = out[i] - lr * momentum * buf
         if self.value_dtype is not None:

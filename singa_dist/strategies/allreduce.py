@@ -462,11 +462,11 @@ class AllReduce(Strategy):
             self._plan()
 
     def _check_replicas(self) -> None:
-        """After the first gradient round, before the first update: warn when the ranks' parameters differ (no broadcast_parameters() after building
-        the model, as Horovod scripts do; DDP copies rank 0's at construction). Averaged gradients would then move
-        every replica alike and keep them apart for good. One small sum over the ranks: (count, s, s^2, a, a^2) of
-        each rank's sum s and sum of magnitudes a of its parameters; they agree when the variances are zero. A
-        joined rank adds zeros and is not counted."""
+        """After the first gradient round, before the first update: warn when the ranks' parameters differ (no
+        broadcast_parameters() after building the model, as Horovod scripts do; DDP copies rank 0's at
+        construction). Averaged gradients would then move every replica alike and keep them apart for good. One
+        small sum over the ranks: (count, s, s^2, a, a^2) of each rank's sum s and sum of magnitudes a of its
+        parameters; they agree when the variances are zero. A joined rank adds zeros and is not counted."""
         with torch.no_grad():
             s = sum(float(p.detach().double().sum()) for _, p in self.named)
             a = sum(float(p.detach().double().abs().sum()) for _, p in self.named)

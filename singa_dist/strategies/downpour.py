@@ -19,8 +19,9 @@ implicit momentum of G groups, 1 - 1/G. Defaults as measured by benchmarks/async
 the optimizer state (momentum) of each worker group apart, and answer a push with the values looked ahead by the
 momentum part of the groups' next updates (SGD). A gradient computed on values one update old and fed to one
 shared momentum of 0.9 makes the servers' step unstable at about a twentieth of the curvature synchronous SGD bears
-(what threw back some seeds of the digits CNN); a group's own momentum and the look-ahead raise that about fivefold. `warmup_steps` (0): Dean et al. 2012's warm start: the first N updates are synchronous
-(the groups' gradients averaged into one fresh update, as AllReduce's), then every group goes asynchronous.
+(what threw back some seeds of the digits CNN); a group's own momentum and the look-ahead raise that about
+fivefold. `warmup_steps` (0): Dean et al. 2012's warm start: the first N updates are synchronous (the groups'
+gradients averaged into one fresh update, as AllReduce's), then every group goes asynchronous.
 
 `checkpoint_dir`, `checkpoint_every`: each server writes its slices, their optimizer state and version there every
 N updates (atomically; default 100); a server started again (singa-launch --max-restarts) resumes from its file, so
