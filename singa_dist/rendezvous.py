@@ -133,3 +133,85 @@ def aborted(store, number: int) -> str | None:
     if store.check([key]):
         return store.get(key).decode()
     return None
+
+
+class RoundAborted(RuntimeError):
+    """The elastic job's round broke (a worker failed) while this process waited for it."""
+
+
+class RoundStore(dist.Store):
+    """Round `number`'s keys for torch's group creation, whose waits stop as soon as the round breaks.
+
+    torch's process-group creation cannot be interrupted and waits for every member's address for the job's
+    whole timeout: a member that dies inside it (after the members met, see singa_dist.runtime._join_round)
+    would leave the others there. Creation reads the store through `get` and `wait`, which here poll the round's
+    abort mark between short looks at the keys, and raise RoundAborted once it is set."""
+
+    # torch holds a Python store only through its C++ side, which does not keep the Python object alive: without
+    # a reference here its methods would vanish under the group ("Not implemented"). One per round, and clones.
+    _alive: list = []
+
+    def __init__(self, store, number: int):
+        super().__init__()
+        self._store, self._number = store, number
+        self._keys = dist.PrefixStore(group_prefix(number), store)
+        RoundStore._alive.append(self)
+
+    def _wait_for(self, keys: list) -> None:
+        pause = 0.001
+        while not self._keys.check(keys):
+            why = aborted(self._store, self._number)
+            if why is not None:
+                raise RoundAborted(f"round {self._number} of the elastic job broke ({why}) while its process "
+                                   f"group formed")
+            time.sleep(pause)
+            pause = min(pause * 2, POLL_S)
+
+    def wait(self, keys, timeout=None) -> None:
+        self._wait_for(list(keys))
+
+    def get(self, key):
+        self._wait_for([key])
+        return self._keys.get(key)
+
+    def set(self, key, value) -> None:
+        self._keys.set(key, value)
+
+    def add(self, key, amount):
+        return self._keys.add(key, amount)
+
+    def compare_set(self, key, expected, desired):
+        return self._keys.compare_set(key, expected, desired)
+
+    def check(self, keys) -> bool:
+        return self._keys.check(keys)
+
+    def delete_key(self, key) -> bool:
+        return self._keys.delete_key(key)
+
+    def num_keys(self) -> int:
+        return self._keys.num_keys()
+
+    def set_timeout(self, timeout) -> None:
+        self._keys.set_timeout(timeout)
+
+    @property
+    def timeout(self):
+        return self._keys.timeout
+
+    def clone(self) -> "RoundStore":
+        """A store of its own for a thread of the group (torch's Gloo asks for one per group)."""
+        return RoundStore(self._store.clone(), self._number)
+
+    def multi_get(self, keys: list) -> list:
+        self._wait_for(list(keys))
+        return self._keys.multi_get(keys)
+
+    def multi_set(self, keys: list, values: list) -> None:
+        self._keys.multi_set(keys, values)
+
+    def append(self, key, value) -> None:
+        self._keys.append(key, value)
+
+    def has_extended_api(self) -> bool:
+        return True

@@ -153,11 +153,46 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
              is the job's. With separate servers, the last processes are the servers: on them init() runs the
              server until the workers are done and then exits the process, so the script goes no further there.
     """
-    global _inits, _init_args
+    global _init_args
     if _state.initialized:
         return
     _init_args = dict(timeout=timeout, backend=backend, strategy=strategy, servers=servers,
                       worker_groups=worker_groups, sync_freq=sync_freq, _serve=_serve)
+    if not rendezvous.enabled():
+        _init(**_init_args)
+        return
+    while True:
+        try:
+            _init(**_init_args)
+            return
+        except Exception as exc:
+            # A member of the round died while its process groups formed: drop what was built and meet the
+            # others in the next round, which singa-launch publishes without the dead member.
+            if not _round_broke(exc):
+                raise
+            _leave_groups()
+
+
+def _round_broke(exc: Exception) -> bool:
+    """Whether `exc`, raised while this elastic worker formed its round's groups, came of the round breaking.
+    A connection refused by a member that just died may come before singa-launch marks the round: wait a little
+    for the mark rather than fail the job."""
+    global _forming_round
+    number, _forming_round = _forming_round, -1
+    if number < 0:  # it failed before it came to a round (or after it formed one): not the round's doing
+        return False
+    if isinstance(exc, rendezvous.RoundAborted):
+        return True
+    deadline = time.monotonic() + min(5.0, _state.timeout_s)
+    while time.monotonic() < deadline:
+        if rendezvous.aborted(_elastic_store(), number) is not None:
+            return True
+        time.sleep(rendezvous.POLL_S)
+    return False
+
+
+def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve) -> None:
+    global _inits, _forming_round
     if timeout is None:
         timeout = float(os.environ.get("SINGA_TIMEOUT", DEFAULT_TIMEOUT_S))
     if not timeout > 0:
@@ -169,6 +204,8 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
     if rendezvous.enabled():
         # An elastic job: the rank and size are this worker's place in the newest round that lists it.
         joining = _join_round(_last_round, _state.timeout_s)
+        _remember_round(joining.number)
+        _forming_round = joining.number
         rank_, size_, local_rank_, local_size_, _, _ = joining.layout(rendezvous.worker_id())
         found = ("singa-launch", rank_, size_, local_rank_, local_size_)
     alone = found is None
@@ -217,12 +254,9 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
         if alone:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
         elif joining is not None:
-            store = _elastic_store()
-            dist.init_process_group(backend=backend, store=dist.PrefixStore(rendezvous.group_prefix(joining.number),
-                                                                            store),
+            dist.init_process_group(backend=backend, store=rendezvous.RoundStore(_elastic_store(), joining.number),
                                     rank=proc_rank, world_size=proc_size, timeout=wait)
             _state.elastic_round = joining.number
-            _remember_round(joining.number)
         else:
             rendezvous_address(launcher, proc_rank)
             _join_process_group(backend, proc_rank, proc_size, wait)
@@ -255,6 +289,7 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
     for name in _worker_group_names:
         _state.named_pgs[name] = dist.new_group(topology.worker_ranks(), timeout=wait)
     _state.initialized = True
+    _forming_round = -1
     _timeline_from_environment()
     if topology.nprocs != topology.nworkers:
         _samplers_count_workers()
@@ -357,6 +392,7 @@ def _join_process_group(backend: str, rank: int, size: int, wait: datetime.timed
 # Elastic jobs (singa_dist.rendezvous): joining a round, noticing that it broke, and moving to the next one
 
 _last_round = -1  # the round this process was last in (kept across reset())
+_forming_round = -1  # the round whose process groups this process is forming now
 _elastic_client = None  # this process's connection to the launcher's store
 _reset_hooks: dict[str, list] = {"leave": [], "join": []}
 
@@ -396,8 +432,7 @@ def _join_round(after: int, timeout_s: float) -> "rendezvous.Round":
         after = found.number
 
 
-class RoundAborted(RuntimeError):
-    """The elastic job's round broke (a worker failed) while this process waited in a collective."""
+RoundAborted = rendezvous.RoundAborted  # the elastic job's round broke while this process waited for it
 
 
 def is_elastic() -> bool:
@@ -464,12 +499,20 @@ def reset() -> None:
     next round singa-launch publishes; rank() and size() are then those of the new round. What the layers
     above built on the old round's groups is rebuilt (on_reset hooks): a DistributedOptimizer goes on working.
     """
-    global _state
     if not is_elastic():
         raise RuntimeError("reset() is for elastic jobs (singa-launch --min-np/--max-np); this process is not in one")
     init_args = _init_args
     _run_reset_hooks("leave")
-    groups = {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values(), *_state.named_pgs.values()}
+    _leave_groups()
+    init(**init_args)
+    _run_reset_hooks("join")
+
+
+def _leave_groups() -> None:
+    """Drop this process's groups of its elastic round at once (nobody is waited for) and forget the round."""
+    global _state
+    groups = {dist.group.WORLD if dist.is_initialized() else None, _state.workers_pg, *_state.group_pgs.values(),
+              *_state.named_pgs.values()}
     for pg in groups:
         if isinstance(pg, dist.ProcessGroup):
             try:  # work in flight on a broken round would hold the group's threads until the timeout
@@ -481,8 +524,6 @@ def reset() -> None:
     _state = _Runtime()
     groups.clear()
     gc.collect()
-    init(**init_args)
-    _run_reset_hooks("join")
 
 
 def _require_init() -> _Runtime:

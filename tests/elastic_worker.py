@@ -3,7 +3,8 @@
     singa-launch -np 3 --min-np 2 --max-np 3 python tests/elastic_worker.py --epochs 8 [--die 1:3:5]
 
 --die W:E:B makes worker W (its SINGA_WORKER_ID) kill itself with SIGKILL at epoch E, batch B, before that
-batch's step; --touch-at E:B:PATH makes rank 0 create the file PATH there (a host discovery script that
+batch's step; --die-forming W:N makes worker W kill itself when it comes to form its N-th process group (the
+others are inside torch's group creation by then, waiting for it); --touch-at E:B:PATH makes rank 0 create the file PATH there (a host discovery script that
 reads it then offers one more slot).
 Rank 0 prints one line per commit and a last line `final accuracy A size S steps N resets R`.
 """
@@ -27,11 +28,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
     parser.add_argument("--die", default=None)
+    parser.add_argument("--die-forming", default=None)
     parser.add_argument("--touch-at", default=None)
     parser.add_argument("--commit-every", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds of extra 'compute' per step")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    me = int(os.environ.get("SINGA_WORKER_ID", "0"))
+    if args.die_forming and me == int(args.die_forming.split(":")[0]):
+        die_at, forming, created = int(args.die_forming.split(":")[1]), torch.distributed.init_process_group, [0]
+
+        def dying(*a, **k):
+            created[0] += 1
+            if created[0] == die_at:
+                time.sleep(1.0)  # the others are inside their group's creation by now
+                os.kill(os.getpid(), signal.SIGKILL)
+            return forming(*a, **k)
+
+        torch.distributed.init_process_group = dying
     sd.init()
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = digits()
@@ -40,7 +54,6 @@ def main() -> None:
     optimizer = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                         named_parameters=model.named_parameters())
     sampler = sd.elastic.ElasticSampler(dataset, shuffle=True, seed=0)
-    me = int(os.environ.get("SINGA_WORKER_ID", "0"))
     die = tuple(int(v) for v in args.die.split(":")) if args.die else None
     touch = args.touch_at.split(":", 2) if args.touch_at else None
     resets = [0]

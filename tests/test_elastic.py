@@ -74,6 +74,22 @@ def test_killed_worker_is_dropped_and_the_rest_go_on_from_the_last_commit(unbrok
     assert abs(final["accuracy"] - unbroken["accuracy"]) <= 0.01, (final, unbroken)
 
 
+def test_worker_dying_while_the_next_round_forms_is_dropped_too():
+    # Worker 1 dies mid-epoch; worker 2 dies as the survivors form the next round's process group (inside torch's
+    # group creation, which waits for every member's address): worker 0 must not wait there for the job's timeout
+    # (60 s here) but form the round after with itself alone and finish.
+    r = run_command(LAUNCH + ["-np", "3", "--min-np", "1", "--max-np", "3"] + WORKER +
+                    ["--epochs", "2", "--die", "1:1:6", "--die-forming", "2:2"], timeout=100,
+                    env={**ENV, "SINGA_TIMEOUT": "60"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "worker 2 on localhost was killed by signal SIGKILL (9); going on without it" in r.stderr, out
+    final = _final(r.stdout)
+    assert final["size"] == 1 and final["resets"] == 1, final
+    _check_resets_resume_from_the_last_commit(r.stdout)
+    assert r.seconds < 50, r.seconds
+
+
 def test_added_worker_joins_at_the_next_commit(tmp_path):
     flag = tmp_path / "grow"
     script = tmp_path / "hosts.sh"
