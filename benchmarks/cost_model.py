@@ -27,15 +27,19 @@ FRAMEWORKS = ("allreduce_ring", "allreduce_tree", "sandblaster", "downpour", "ho
 
 @dataclass(frozen=True)
 class Link:
-    """alpha: seconds per message (software and wire latency); bandwidth: bytes per second each way."""
+    """alpha: seconds per message (software and wire latency); bandwidth: bytes per second each way; burst: the
+    bytes a token bucket (tc tbf) in front of the link lets through at once, unshaped, when full (0: none)."""
     alpha: float
     bandwidth: float
+    burst: float = 0.0
 
     def __post_init__(self):
         if not self.alpha >= 0:
             raise ValueError(f"Link: alpha must be at least 0 seconds, got {self.alpha!r}")
         if not self.bandwidth > 0:
             raise ValueError(f"Link: bandwidth must be positive bytes/s, got {self.bandwidth!r}")
+        if not self.burst >= 0:
+            raise ValueError(f"Link: burst must be at least 0 bytes, got {self.burst!r}")
 
     @classmethod
     def gbit(cls, gbit_per_s: float, alpha: float, efficiency: float = 1.0) -> "Link":
@@ -68,12 +72,17 @@ def _check_p(p: int) -> None:
         raise ValueError(f"the number of workers must be a positive integer, got {p!r}")
 
 
-def ring_allreduce_s(nbytes: float, p: int, link: Link) -> float:
-    """One ring all-reduce of nbytes over p workers: reduce-scatter then all-gather, 2(p-1) steps of n/p bytes."""
+def ring_allreduce_s(nbytes: float, p: int, link: Link, hop_contention: float = 1.0) -> float:
+    """One ring all-reduce of nbytes over p workers: reduce-scatter then all-gather, 2(p-1) steps of n/p bytes,
+    each alpha + n/p/B. hop_contention: with more busy processes than cores a step's receiver also waits for a
+    core, alpha·hop_contention in all; that wait overlaps the chunk's time on the wire, so a step costs
+    max(alpha·hop_contention, alpha + n/p/B) (1: 2(p-1)/p·n/B + 2(p-1)·alpha)."""
     _check_p(p)
+    if hop_contention < 1:
+        raise ValueError(f"hop_contention must be at least 1, got {hop_contention!r}")
     if p == 1:
         return 0.0
-    return 2 * (p - 1) / p * nbytes / link.bandwidth + 2 * (p - 1) * link.alpha
+    return 2 * (p - 1) * max(link.alpha * hop_contention, link.alpha + nbytes / p / link.bandwidth)
 
 
 def tree_allreduce_s(nbytes: float, p: int, link: Link) -> float:
@@ -108,15 +117,29 @@ def _sparse(compression) -> bool:
     return isinstance(compression, tuple)
 
 
-def allreduce_comm_s(work: Workload, p: int, link: Link, algorithm: str = "ring", compression=None) -> float:
-    """All of a step's bucket exchanges one after another (what the backward pass may hide)."""
+def shaped_share(wire_bytes: float, link: Link, compute_s: float) -> float:
+    """The share of a step's wire_bytes (what one link carries in the step) that waits for the rate: a token
+    bucket refills at the rate while the step computes (up to link.burst) and lets that much through unshaped."""
+    if wire_bytes <= 0 or link.burst == 0:
+        return 1.0
+    credit = min(link.burst, link.bandwidth * compute_s)
+    return max(0.0, wire_bytes - credit) / wire_bytes
+
+
+def allreduce_comm_s(work: Workload, p: int, link: Link, algorithm: str = "ring", compression=None,
+                     hop_contention: float = 1.0) -> float:
+    """All of a step's bucket exchanges one after another (what the backward pass may hide). hop_contention: the
+    ring's (ring_allreduce_s)."""
     nbytes = work.param_bytes * compression_ratio(compression, work.elem_bytes)
     if _sparse(compression):  # top-k: every worker's selection is gathered, not reduced
         return sum(allgather_s(nbytes / work.buckets, p, link) for _ in range(work.buckets)) if p > 1 else 0.0
-    one = {"ring": ring_allreduce_s, "tree": tree_allreduce_s}.get(algorithm)
-    if one is None:
-        raise ValueError(f"all-reduce algorithm must be 'ring' or 'tree', got {algorithm!r}")
-    return work.buckets * one(nbytes / work.buckets, p, link)
+    if algorithm == "ring":
+        # What fits in a token bucket's burst passes unshaped: only the rest of the step's bytes pays the rate.
+        nbytes *= shaped_share(2 * (p - 1) / p * nbytes, link, work.compute_s)
+        return work.buckets * ring_allreduce_s(nbytes / work.buckets, p, link, hop_contention)
+    if algorithm == "tree":
+        return work.buckets * tree_allreduce_s(nbytes / work.buckets, p, link)
+    raise ValueError(f"all-reduce algorithm must be 'ring' or 'tree', got {algorithm!r}")
 
 
 def exposed_s(comm_s: float, work: Workload, overlap: float = 1.0) -> float:
@@ -153,10 +176,11 @@ def ps_exchange_s(nbytes_push: float, nbytes_pull: float, clients: int, servers:
 
 def step_s(framework: str, work: Workload, p: int, link: Link, *, servers: int = 1, groups: int = 1,
            sync_freq: int = 1, compression=None, overlap: float = 1.0, server_update_s: float = 0.0,
-           compute_s: float | None = None, server_push_s: float = 0.0) -> float:
+           compute_s: float | None = None, server_push_s: float = 0.0, hop_contention: float = 1.0) -> float:
     """Predicted time of one worker's step with p workers. compute_s overrides work.compute_s (e.g. the compute
     time measured with p processes sharing cores); server_update_s: a server's optimizer step on its slices, once
-    per step; server_push_s: a server's CPU time per push, paid for every push it takes (ps_exchange_s)."""
+    per step; server_push_s: a server's CPU time per push, paid for every push it takes (ps_exchange_s);
+    hop_contention: how much longer a ring step waits for its receiver's core (ring_allreduce_s)."""
     _check_p(p)
     compute = work.compute_s if compute_s is None else compute_s
     work = Workload(work.name, work.param_bytes, compute, work.backward_share, work.buckets, work.elem_bytes)
@@ -165,7 +189,7 @@ def step_s(framework: str, work: Workload, p: int, link: Link, *, servers: int =
     dense = work.param_bytes
     sent = dense * compression_ratio(compression, work.elem_bytes)
     if framework in ("allreduce_ring", "allreduce_tree"):
-        comm = allreduce_comm_s(work, p, link, framework.split("_")[1], compression)
+        comm = allreduce_comm_s(work, p, link, framework.split("_")[1], compression, hop_contention)
         return compute + exposed_s(comm, work, overlap)
     if framework == "sandblaster":
         return compute + ps_exchange_s(sent, dense, p, servers, link, server_push_s=server_push_s) + server_update_s

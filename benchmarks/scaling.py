@@ -202,6 +202,12 @@ def _ip(*args, check: bool = True):
     return out
 
 
+def tbf_burst_bytes(rate_mbit: int) -> int:
+    """The token bucket of every shaped veth: at least one timer tick of traffic (10 ms here), or tbf caps the rate
+    below `rate`; what it holds passes at once, unshaped (cost_model.shaped_share)."""
+    return max(64, rate_mbit * 1000 // 8 // 100) * 1024  # tc's "kb" is 1024 bytes
+
+
 @contextlib.contextmanager
 def shaped_namespaces(count: int, rate_mbit: int):
     """`count` network namespaces, each with interface sg0 (address 10.233.<x>.<i+1>) on a veth pair to one
@@ -214,9 +220,8 @@ def shaped_namespaces(count: int, rate_mbit: int):
     hub = f"sgscale_hub{tag}"
     names = [f"sgscale_{i}_{tag}" for i in range(count)]
     made = []
-    # The bucket must hold at least one timer tick of traffic (10 ms here), or tbf caps the rate below `rate`.
-    burst_kb = max(64, rate_mbit * 1000 // 8 // 100)
-    shape = ["root", "tbf", "rate", f"{rate_mbit}mbit", "burst", f"{burst_kb}kb", "latency", "100ms"]
+    shape = ["root", "tbf", "rate", f"{rate_mbit}mbit", "burst", f"{tbf_burst_bytes(rate_mbit) // 1024}kb", "latency",
+             "100ms"]
 
     def tc(ns, *args):
         out = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True, text=True, timeout=30)
@@ -336,14 +341,18 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
         link = links[needed]
         # The sweeps ran with 2 busy processes. Contention slows the copies (CPU work), not alpha (a wait for the
         # peer); a server's transfers are its pushes in turn (the load), as the workers wait while it works.
-        c = 1.0 if network == "shaped" or server else contention / cost_model.contention(2, cores)
-        link = cost_model.Link(link.alpha, link.bandwidth / c)
+        relative = contention / cost_model.contention(2, cores)
+        c = 1.0 if network == "shaped" or server else relative
+        link = cost_model.Link(link.alpha, link.bandwidth / c, link.burst)
         per_tensor, per_byte = links["overhead"].get((network, fw), (0.0, 0.0)) if overhead else (0.0, 0.0)
         cpu = per_tensor * _tensors(kind, alone) + per_byte * base["param_bytes"]
         if fw == "allreduce":
             # Gloo's all-reduce copies on the cores the backward pass uses: it hides behind backward only where the
             # wire, not the CPU, is the limit (a shaped link).
-            pred = cost_model.step_s("allreduce_ring", work, p, link, overlap=1.0 if network == "shaped" else 0.0)
+            # A ring step also waits for its receiver to get a core, as much longer than in the sweep as the
+            # contention is (cost_model.ring_allreduce_s).
+            pred = cost_model.step_s("allreduce_ring", work, p, link, overlap=1.0 if network == "shaped" else 0.0,
+                                     hop_contention=relative)
         elif fw == "sandblaster":
             pred = cost_model.step_s("sandblaster", work, p, link, servers=1, server_push_s=cpu)
         elif fw == "downpour":
@@ -612,17 +621,20 @@ def _timeline(args) -> None:
     print(f"{spans} spans of {trace} drawn to {args.timeline_png}")
 
 
-def fit_links(worlds, alone: dict, cores: int) -> dict:
+def fit_links(worlds, alone: dict, cores: int, rate_mbit: int | None = None) -> dict:
     """The fitted constants of one run: the links (Gloo's and the RPC's from the loopback sweeps, the shaped link's
-    from its sweep), the host's cores and, per framework and network, the CPU time per tensor and per gradient byte
+    from its sweep, with the token bucket's burst of its rate_mbit), the host's cores and, per framework and
+    network, the CPU time per tensor and per gradient byte
     a step spends beyond the model (hooks, negotiation, copies into buckets and messages, a server's unpacking,
     update and answer, Hogwild's deltas), taken from the 2-worker world only: what its measured steps exceed the
     prediction without it."""
     links = {"cores": cores, "overhead": {}}
     for world in worlds:
         if world["framework"] == "allreduce" and world["sweep"]:
-            links["shaped" if world["network"] == "shaped" else "gloo"] = cost_model.fit_link(
-                [tuple(s) for s in world["sweep"]], "ring")
+            link = cost_model.fit_link([tuple(s) for s in world["sweep"]], "ring")
+            if world["network"] == "shaped" and rate_mbit:
+                link = cost_model.Link(link.alpha, link.bandwidth, tbf_burst_bytes(rate_mbit))
+            links["shaped" if world["network"] == "shaped" else "gloo"] = link
         if world["framework"] == "sandblaster" and world["sweep"]:
             links["rpc"] = cost_model.fit_link([tuple(s) for s in world["sweep"]], "p2p")
     for world in worlds:
@@ -736,7 +748,7 @@ def main(argv=None) -> None:
     rows, fitted = [], []
     for repeat in range(repeats):
         worlds = [w for w in raw["worlds"] if w["repeat"] == repeat]
-        links = fit_links(worlds, raw["alone"], raw.get("cores") or os.cpu_count())
+        links = fit_links(worlds, raw["alone"], raw.get("cores") or os.cpu_count(), rate_mbit)
         fitted.append(links)
         for world in worlds:
             rows += predict_measured(world, raw["alone"], links)

@@ -192,11 +192,12 @@ def test_measured_worlds_charge_contention_and_server_pushes():
     links = {"cores": 2, "gloo": gloo, "rpc": rpc,
              "overhead": {("loopback", fw): (1e-4, 1e-9) for fw in ("allreduce", "sandblaster", "hogwild")}}
     # The CPU overhead per unit: 10 tensors * 0.1 ms + 1e6 bytes * 1 ns = 2 ms
-    # AllReduce, 4 ranks on 2 cores (contention 2): the copies at half the bandwidth, alpha as measured:
-    # 2*3/4 * 1e6 / 0.5e9 + 6 * 1e-3 = 3 ms + 6 ms, and the overhead at contention 2: 4 ms
+    # AllReduce, 4 ranks on 2 cores (contention 2): the copies at half the bandwidth, and each of the 6 ring steps
+    # waits for a core twice as long as alpha, which covers its chunk: max(2 * 1 ms, 1 ms + 0.25e6 / 0.5e9) = 2 ms,
+    # 12 ms in all; the overhead at contention 2: 4 ms
     row, = predict_measured(_world("allreduce", 4, 20.0, 40.0), alone, links)
-    assert row["predicted_ms"] == pytest.approx(20 + 3 + 6 + 4, rel=1e-9) and row["overhead_scale"] == 2.0
-    assert row["error"] == pytest.approx(33 / 40 - 1, rel=1e-9) and not row["fit_point"]
+    assert row["predicted_ms"] == pytest.approx(20 + 12 + 4, rel=1e-9) and row["overhead_scale"] == 2.0
+    assert row["error"] == pytest.approx(36 / 40 - 1, rel=1e-9) and not row["fit_point"]
     # Sandblaster, 3 workers and 1 server (4 processes, but the workers wait while the server works): the RPC link
     # as swept, 3 pushes in turn: 2 alpha + 3 * (1 ms out + 1 ms back) + 3 * 2 ms of server CPU
     row, = predict_measured(_world("sandblaster", 3, 15.0, 30.0), alone, links)
@@ -224,7 +225,8 @@ def test_the_overhead_is_fitted_at_the_2_worker_worlds_only():
              "compute_ms": {"a": [10.0], "b": [10.0]}, "buckets": {"a": 1, "b": 1}, "step_ms": {}}
         for kind in ("a", "b"):
             f = cm.contention(p, 2)
-            t = 10e-3 + cm.ring_allreduce_s(alone[kind]["param_bytes"], p, cm.Link(gloo.alpha, gloo.bandwidth / f))
+            t = 10e-3 + cm.ring_allreduce_s(alone[kind]["param_bytes"], p, cm.Link(gloo.alpha, gloo.bandwidth / f),
+                                            hop_contention=f)
             t += f * (per_tensor * alone[kind]["tensors"] + per_byte * alone[kind]["param_bytes"])
             w["step_ms"][kind] = [t * 1e3 + extra_ms]
         return w
@@ -236,3 +238,35 @@ def test_the_overhead_is_fitted_at_the_2_worker_worlds_only():
     assert got == pytest.approx((per_tensor, per_byte), rel=1e-6)  # the 4-rank world's extra 50 ms is not fitted
     rows = predict_measured(world(4), alone, links)
     assert [r["error"] for r in rows] == pytest.approx([0.0, 0.0], abs=1e-9)
+
+
+def test_a_ring_step_waits_for_its_receivers_core():
+    # Latency-bound, 4 ranks at twice the sweep's contention: each of the 6 steps max(2 * 0.1 ms, 0.1 ms + 1e5 / 4
+    # bytes at 1 GB/s = 0.125 ms) = 0.2 ms
+    assert cm.ring_allreduce_s(1e5, 4, LINK, hop_contention=2.0) == pytest.approx(6 * 2e-4, rel=1e-12)
+    # Bandwidth-bound: the wait hides behind the 25 ms chunk, 6 * (0.1 + 25) ms as without contention
+    assert cm.ring_allreduce_s(1e8, 4, LINK, hop_contention=2.0) == pytest.approx(6 * (1e-4 + 0.025), rel=1e-12)
+    assert cm.ring_allreduce_s(1e8, 4, LINK, hop_contention=1.0) == pytest.approx(0.15 + 6e-4, rel=1e-12)
+    with pytest.raises(ValueError, match="hop_contention"):
+        cm.ring_allreduce_s(1e5, 4, LINK, hop_contention=0.5)
+
+
+def test_a_token_bucket_lets_its_burst_through_unshaped():
+    from benchmarks.scaling import tbf_burst_bytes
+
+    assert tbf_burst_bytes(1000) == 1250 * 1024  # 10 ms of 1 Gbit/s, in tc's 1024-byte kb
+    assert tbf_burst_bytes(10) == 64 * 1024  # never under 64 kb
+    bucket = cm.Link(alpha=1e-4, bandwidth=1e9, burst=1e6)
+    # 4 ranks, 1e6 bytes, 1 s of compute (the bucket refills): each link carries 1.5e6 bytes, 1e6 of them in the
+    # burst, so the ring pays the rate for 1/3 of them: 6 * (0.1 ms + 1e6 / 3 / 4 / 1e9 s) = 0.6 + 0.5 ms
+    work = cm.Workload("m", 1e6, compute_s=1.0)
+    assert cm.allreduce_comm_s(work, 4, bucket) == pytest.approx(6e-4 + 5e-4, rel=1e-12)
+    # 0.2 ms of compute refills 0.2 MB of the bucket: 1.3e6 of the 1.5e6 bytes pay, 6 * (0.1 + 1.3e6/1.5e6/4) ms
+    short = cm.Workload("m", 1e6, compute_s=2e-4)
+    assert cm.allreduce_comm_s(short, 4, bucket) == pytest.approx(6 * (1e-4 + 1.3e6 / 1.5 / 4 / 1e9), rel=1e-12)
+    # More than the burst: 1e8 bytes, the link carries 1.5e8, 1.49e8 pay the rate
+    big = cm.Workload("m", 1e8, compute_s=1.0)
+    assert cm.allreduce_comm_s(big, 4, bucket) == pytest.approx(6e-4 + 1.49e8 / 1e9, rel=1e-12)
+    assert cm.allreduce_comm_s(big, 4, LINK) == pytest.approx(6e-4 + 0.15, rel=1e-12)  # no bucket
+    with pytest.raises(ValueError, match="burst"):
+        cm.Link(alpha=1e-4, bandwidth=1e9, burst=-1.0)
