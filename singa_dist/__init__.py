@@ -31,7 +31,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .strategies import Strategy
 from .strategies.allreduce import AllReduce
 from .strategies.partial_update import PartialUpdate
-from .runner import RunError, run
+from .runner import RunError, run, run_elastic
 from . import elastic, partition
 
 __version__ = "0.1.0"

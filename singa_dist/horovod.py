@@ -37,7 +37,7 @@ from .optimizer import DistributedOptimizer as _DistributedOptimizer
 from .primitives import CollectiveError
 from .runtime import (cross_rank, cross_size, is_initialized, local_rank, local_size, rank, shutdown,  # noqa: F401
                       size)
-from .runner import run as _run
+from .runner import run as _run, run_elastic
 from .strategies.allreduce import AllReduce  # noqa: F401
 from .sync_batch_norm import SyncBatchNorm  # noqa: F401
 
@@ -168,24 +168,45 @@ def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_pr
         verbose=None, use_gloo=None, use_mpi=None, mpi_args=None, network_interface=None, network_interfaces=None,
         executable=None, np=None, min_np=None, max_np=None):
     """horovod.run: run `func(*args, **kwargs)` on `num_proc` processes of this host joined in one job and return
-    their results in rank order (singa_dist.run does the work). `hosts` (or a hostfile) may name this host;
-    elastic arguments raise."""
+    their results in rank order (singa_dist.run does the work). `hosts` (or a hostfile) may name this host.
+
+    Elastic (min_num_proc/min_np, max_num_proc/max_np or host_discovery_script given, as horovod.run has them):
+    the workers are started and replaced as `singa-launch --min-np/--max-np` does, `func` wraps its loop in
+    `hvd.elastic.run`, and the results are those of the workers of the job's last round, in rank order
+    (singa_dist.runner.run_elastic). Without a discovery script the hosts are this one, with num_proc slots (or
+    the slots `hosts` gives)."""
     if hosts is not None and hostfile is not None:
         raise ValueError("Argument hosts and hostfile only allow one provided.")
     if use_gloo and use_mpi:
         raise ValueError("Argument use_gloo and use_mpi only allow one set True.")
-    for name, value in (("min_num_proc", min_num_proc or min_np), ("max_num_proc", max_num_proc or max_np),
-                        ("host_discovery_script", host_discovery_script), ("reset_limit", reset_limit)):
-        if value is not None:
-            raise NotImplementedError(f"singa_dist.horovod.run does not run elastic jobs ({name}); start the "
-                                      "script with singa-launch --min-np/--max-np (docs/elastic.md)")
+    min_np = min_np if min_np is not None else min_num_proc
+    max_np = max_np if max_np is not None else max_num_proc
+    if min_np is not None or max_np is not None or host_discovery_script is not None:
+        if use_mpi:
+            raise ValueError("an elastic run starts its workers itself and joins them over Gloo: use_mpi=True does "
+                             "not apply")
+        if hosts is not None or hostfile is not None:
+            num_proc = num_proc if num_proc is not None or np is not None else _local_slots(hosts, hostfile)
+        return run_elastic(func, np=np if np is not None else num_proc, min_np=min_np, max_np=max_np,
+                           args=tuple(args), kwargs=kwargs, host_discovery_script=host_discovery_script,
+                           slots=slots, reset_limit=reset_limit, elastic_timeout=start_timeout)
     if hostfile is not None:
-        with open(hostfile) as f:
-            hosts = ",".join(line.split()[0] + ":" + (line.split("slots=")[1].split()[0] if "slots=" in line else "1")
-                             for line in f if line.strip() and not line.lstrip().startswith("#"))
+        hosts = _hostfile_hosts(hostfile)
     num_proc = np if np is not None else num_proc
     if num_proc is None and hosts is None:
         num_proc = 1
     env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     return _run(func, np=num_proc, args=tuple(args), kwargs=kwargs, env=env, hosts=hosts, use_gloo=use_gloo,
                 use_mpi=use_mpi)
+
+
+def _hostfile_hosts(hostfile: str) -> str:
+    """A hostfile's `host slots=N` lines as horovod.run's hosts string."""
+    with open(hostfile) as f:
+        return ",".join(line.split()[0] + ":" + (line.split("slots=")[1].split()[0] if "slots=" in line else "1")
+                        for line in f if line.strip() and not line.lstrip().startswith("#"))
+
+
+def _local_slots(hosts, hostfile) -> int | None:
+    from .runner import local_slots
+    return local_slots(_hostfile_hosts(hostfile) if hostfile is not None else hosts)

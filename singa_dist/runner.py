@@ -19,9 +19,13 @@ import os
 import pickle
 import queue as queue_module
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 
+import cloudpickle
 import torch
 import torch.multiprocessing as mp
 
@@ -110,6 +114,48 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
     if failures or missing:
         raise RunError(_describe(failures, missing, timeout), failures, missing)
     return [values[r] for r in range(np)]
+
+
+def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: int | None = None, args: tuple = (),
+                kwargs: dict | None = None, host_discovery_script: str | None = None, slots: int | None = None,
+                reset_limit: int | None = None, elastic_timeout: float | None = None, env: dict | None = None) -> list:
+    """Run `fn(*args, **kwargs)` as an elastic job (horovod.run with min_np/max_np/host_discovery_script): the
+    workers are started, watched and replaced as `singa-launch --min-np/--max-np` does (launchers/elastic.py), `fn`
+    typically wraps its loop in `singa_dist.elastic.run`. Returns the results of the workers of the job's last
+    round, in their rank order; raises RunError when the job fails (the launcher has said why on stderr).
+
+    `fn` and its arguments travel by cloudpickle (a function of the calling script goes by value, as horovod.run
+    sends it), the results by pickle."""
+    argv = [sys.executable, "-m", "launchers.launch"]  # singa-launch, as a program: this layer imports none of it
+    for flag, value in (("-np", np), ("--min-np", min_np), ("--max-np", max_np),
+                        ("--host-discovery-script", host_discovery_script), ("--slots", slots),
+                        ("--reset-limit", reset_limit), ("--elastic-timeout", elastic_timeout)):
+        if value is not None:
+            argv += [flag, str(value)]
+    child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                 **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="singa-run-") as folder:
+        with open(os.path.join(folder, "task"), "wb") as f:
+            # By value where it must be (a function of the caller's script), as horovod.run sends it.
+            cloudpickle.dump((fn, tuple(args), dict(kwargs or {})), f)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = subprocess.call(argv + [sys.executable, "-m", "singa_dist.run_task", folder], env=child_env,
+                               stdin=subprocess.DEVNULL)
+        finished = []
+        for name in os.listdir(folder):
+            if name.startswith("result."):
+                with open(os.path.join(folder, name), "rb") as f:
+                    finished.append(pickle.load(f))
+    if code == 2:
+        raise ValueError(f"singa_dist.run_elastic: singa-launch refused {' '.join(argv[3:])} (its message is above)")
+    if code != 0:
+        raise RunError(f"singa_dist.run_elastic: the elastic job failed (exit status {code}; the launcher's lines "
+                       "above say why)", {}, [])
+    if not finished:
+        raise RunError("singa_dist.run_elastic: the job ended well but no worker left a result", {}, [])
+    last = max(number for number, _, _ in finished)
+    return [value for _, _, value in sorted((r for r in finished if r[0] == last), key=lambda r: r[1])]
 
 
 def local_slots(hosts: str | None) -> int | None:

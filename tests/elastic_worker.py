@@ -47,6 +47,20 @@ def main() -> None:
 
         torch.distributed.init_process_group = dying
     sd.init()
+    result = train(args.epochs, args.batch_size, tuple(int(v) for v in args.die.split(":")) if args.die else None,
+                   args.touch_at, args.commit_every, args.sleep)
+    if sd.rank() == 0:
+        print(f"final accuracy {result['accuracy']:.4f} size {result['size']} steps {result['steps']} "
+              f"resets {result['resets']}", flush=True)
+    sd.shutdown()
+
+
+def train(epochs: int = 8, batch_size: int = 32, die: tuple | None = None, touch_at: str | None = None,
+          commit_every: int = 4, sleep: float = 0.0) -> dict:
+    """The training (after sd.init()); also the function a test hands to hvd.run with elastic arguments.
+    Returns this worker's rank, size, steps, resets and final test accuracy."""
+    me = int(os.environ.get("SINGA_WORKER_ID", "0"))
+    sd.init()
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = digits()
     dataset = torch.utils.data.TensorDataset(x_train, y_train)
@@ -54,8 +68,7 @@ def main() -> None:
     optimizer = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                         named_parameters=model.named_parameters())
     sampler = sd.elastic.ElasticSampler(dataset, shuffle=True, seed=0)
-    die = tuple(int(v) for v in args.die.split(":")) if args.die else None
-    touch = args.touch_at.split(":", 2) if args.touch_at else None
+    touch = touch_at.split(":", 2) if touch_at else None
     resets = [0]
 
     def on_reset():
@@ -72,36 +85,34 @@ def main() -> None:
     state.register_reset_callbacks([on_reset])
 
     @sd.elastic.run
-    def train(state):
+    def loop(state):
         loss_fn = torch.nn.CrossEntropyLoss()
-        while state.epoch < args.epochs:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=state.sampler)
+        while state.epoch < epochs:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=state.sampler)
             for i, (x, y) in enumerate(loader):
                 if die and (me, state.epoch, state.batch) == die:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if touch and sd.rank() == 0 and (state.epoch, state.batch) == (int(touch[0]), int(touch[1])):
                     open(touch[2], "w").close()
-                time.sleep(args.sleep)
+                time.sleep(sleep)
                 optimizer.zero_grad()
                 loss_fn(model(x), y).backward()
                 optimizer.step()
-                state.sampler.record_batch(i, args.batch_size)
+                state.sampler.record_batch(i, batch_size)
                 state.batch += 1
                 state.steps += 1
-                if state.batch % args.commit_every == 0:
+                if state.batch % commit_every == 0:
                     commit(state)
             state.epoch += 1
             state.batch = 0
             state.sampler.set_epoch(state.epoch)
             commit(state)
 
-    train(state)
+    loop(state)
     model.eval()
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-    if sd.rank() == 0:
-        print(f"final accuracy {acc:.4f} size {sd.size()} steps {state.steps} resets {resets[0]}", flush=True)
-    sd.shutdown()
+    return {"rank": sd.rank(), "size": sd.size(), "steps": state.steps, "resets": resets[0], "accuracy": acc}
 
 
 if __name__ == "__main__":

@@ -153,6 +153,23 @@ def test_elastic_names_under_horovod():
     assert issubclass(sd.CollectiveError, RuntimeError) and hvd.HorovodInternalError is sd.CollectiveError
 
 
+def test_horovod_run_with_elastic_arguments(capfd):
+    # horovod.run(fn, np=3, min_np=2, max_np=3): worker 2 dies at epoch 1, batch 6; the results are those of the
+    # 2 workers of the last round, in rank order, both having rolled back once and counted the same steps.
+    from tests import elastic_worker
+    results = hvd.run(elastic_worker.train, kwargs=dict(epochs=2, die=(2, 1, 6)), np=3, min_np=2, max_np=3)
+    assert [r["rank"] for r in results] == [0, 1], results
+    assert all(r["size"] == 2 and r["resets"] == 1 for r in results), results
+    assert results[0]["steps"] == results[1]["steps"] and results[0]["accuracy"] == results[1]["accuracy"], results
+    assert "worker 2 on localhost was killed by signal SIGKILL (9); going on without it" in capfd.readouterr().err
+
+    def fails():  # a function of the caller's own (it travels by value, as horovod.run sends it)
+        raise ValueError("no data here")
+    with pytest.raises(sd.RunError, match="the elastic job failed"):
+        hvd.run(fails, np=2, min_np=1, max_np=2)
+    assert "ValueError: no data here" in capfd.readouterr().err
+
+
 def test_sampler_shares_out_what_is_left():
     data = list(range(10))
     sampler = sd.elastic.ElasticSampler(data, shuffle=False)

@@ -20,7 +20,7 @@ LAYERS = [
     ("foundation", ["topology", "environment", "compression", "shards", "checkpoint", "timeline", "metrics",
                     "rendezvous"]),
     ("runtime", ["runtime"]),
-    ("primitives", ["primitives", "runner"]),
+    ("primitives", ["primitives", "runner", "run_task"]),
     ("negotiation", ["shared_headers", "coordinator"]),
     ("collectives", ["collectives"]),
     ("model-level functions", ["functions", "partition", "sync_batch_norm"]),
