@@ -321,8 +321,10 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
     links: fit_links(). Compute is the time measured in the world itself. The CPU's other work is scaled by what
     shares it: on loopback the cores that compute also copy the bytes, so a world with more busy processes than
     cores moves them contention(procs, cores) times slower than the 2-process sweep did; a shaped link's wire is
-    its own limit. The CPU overhead is charged per push on a parameter server (it takes every worker's push in
-    turn), elsewhere once per step at the world's contention. Each row's `overhead_scale` is that factor."""
+    its own limit, and the RPC's transfers are waits. The CPU overhead is charged per push on a parameter server
+    (it takes every worker's push in turn), elsewhere once per step at the world's contention (Hogwild's per tensor
+    on the (p-1)/p of the slices it exchanges). Each row's `overhead_scale` and `byte_scale` are those factors
+    for the per-tensor and the per-byte constant."""
     fw, p, network = world["framework"], world["workers"], world["network"]
     rows = []
     needed = "shaped" if network == "shaped" else "gloo" if fw == "allreduce" else "rpc"
@@ -340,9 +342,10 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
                                    buckets=world["buckets"][kind])
         link = links[needed]
         # The sweeps ran with 2 busy processes. Contention slows the copies (CPU work), not alpha (a wait for the
-        # peer); a server's transfers are its pushes in turn (the load), as the workers wait while it works.
+        # peer); a server's transfers are its pushes in turn (the load), as the workers wait while it works, and a
+        # Hogwild process sends its p-1 deltas at once and blocks until they are answered: its cores serve others.
         relative = contention / cost_model.contention(2, cores)
-        c = 1.0 if network == "shaped" or server else relative
+        c = 1.0 if network == "shaped" or server or fw == "hogwild" else relative
         link = cost_model.Link(link.alpha, link.bandwidth / c, link.burst)
         per_tensor, per_byte = links["overhead"].get((network, fw), (0.0, 0.0)) if overhead else (0.0, 0.0)
         cpu = per_tensor * _tensors(kind, alone) + per_byte * base["param_bytes"]
@@ -359,17 +362,20 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
             pred = cost_model.step_s("downpour", work, p, link, servers=1, groups=p, server_push_s=cpu)
         else:
             pred = cost_model.step_s("hogwild", work, p, link, sync_freq=HOGWILD_SYNC_FREQ)
-        # Per step: pushes per server; AllReduce's hooks and copies at the cores' share; Hogwild's deltas cover
-        # the (p-1)/p of the slices a process does not master (and as a master, the others' deltas of its 1/p).
+        # Per step: pushes per server; AllReduce's hooks and copies at the cores' share. Hogwild: each slice's
+        # exchange work (read, delta, pack, a master's merge, apply) covers the (p-1)/p of the slices a process does
+        # not master (and as a master, the others' deltas of its 1/p), but its bytes beyond the wire are the
+        # whole replica's, every step at any p: compared with and copied to the last step's (hogwild.Hogwild.step).
         scale = float(p) if server else contention * (p - 1) / p if fw == "hogwild" else contention
+        byte_scale = contention if fw == "hogwild" else scale
         if not server:
-            pred += cpu * scale
+            pred += per_tensor * _tensors(kind, alone) * scale + per_byte * base["param_bytes"] * byte_scale
         measured = statistics.median(steps)
         rows.append({"repeat": world["repeat"], "network": network, "framework": fw, "workers": p, "model": kind,
                      "compute_ms": compute_ms, "measured_ms": measured,
                      "spread_ms": f"{min(steps):.1f}-{max(steps):.1f}", "predicted_ms": pred * 1e3,
                      "error": pred * 1e3 / measured - 1, "fit_point": p == 2,
-                     "slowdown": compute_ms / base["step_ms"], "overhead_scale": scale})
+                     "slowdown": compute_ms / base["step_ms"], "overhead_scale": scale, "byte_scale": byte_scale})
     return rows
 
 
@@ -647,10 +653,11 @@ def fit_links(worlds, alone: dict, cores: int, rate_mbit: int | None = None) -> 
 
 def fit_overhead(rows: list[dict], alone: dict) -> tuple[float, float]:
     """(seconds per tensor, seconds per gradient byte) of CPU work beyond the model and the wire, per unit of each
-    row's overhead_scale (a push on a server, or a step at the world's contention), from what the measured steps
+    row's overhead_scale and byte_scale (a push on a server, or a step at the world's contention), from what the
+    measured steps
     exceed the prediction without it (cost_model.fit_overhead)."""
     features = [(_tensors(r["model"], alone) * r["overhead_scale"],
-                 alone[r["model"]]["param_bytes"] * r["overhead_scale"]) for r in rows]
+                 alone[r["model"]]["param_bytes"] * r["byte_scale"]) for r in rows]
     return cost_model.fit_overhead(features, [(r["measured_ms"] - r["predicted_ms"]) / 1e3 for r in rows],
                                    [r["measured_ms"] / 1e3 for r in rows])
 
@@ -778,8 +785,9 @@ def main(argv=None) -> None:
             errs = [f"{r['workers']}:{r['error']:+.0%}{'*' if r['fit_point'] else ''}" for r in rows
                     if r["network"] == network and r["framework"] == fw]
             print(f"  {network:8s} {fw:11s} workers:error {' '.join(errs)}  (* fit point)")
-    # overhead_scale stays out: the CSV's columns are those of its first rows
-    path = write_csv("scaling", [{k: v for k, v in r.items() if k != "overhead_scale"} for r in rows])
+    # the overhead scales stay out: the CSV's columns are those of its first rows
+    path = write_csv("scaling", [{k: v for k, v in r.items() if k not in ("overhead_scale", "byte_scale")}
+                                 for r in rows])
     print(f"rows appended to {os.path.relpath(path)}")
 
     # Predictions at scale: the measured link efficiency (shaped link: fitted B over its rate) on faster links.

@@ -202,10 +202,13 @@ def test_measured_worlds_charge_contention_and_server_pushes():
     # as swept, 3 pushes in turn: 2 alpha + 3 * (1 ms out + 1 ms back) + 3 * 2 ms of server CPU
     row, = predict_measured(_world("sandblaster", 3, 15.0, 30.0), alone, links)
     assert row["predicted_ms"] == pytest.approx(15 + 4 + 6 + 6, rel=1e-9) and row["overhead_scale"] == 3.0
-    # Hogwild, 3 processes, sync every 2 steps: (2/3 * 2e6 / (1e9 / 1.5) + 2 * 2e-3) / 2 = 1 + 2 ms, and the
-    # overhead on the 2/3 of the slices not mastered at contention 1.5: 2 ms
+    # Hogwild, 3 processes, sync every 2 steps: the transfers are waits, at the swept bandwidth:
+    # (2/3 * 2e6 / 1e9 + 2 * 2e-3) / 2 = 2/3 + 2 ms; the per-tensor overhead on the 2/3 of the slices not mastered
+    # at contention 1.5: 10 * 0.1 ms * 1.0 = 1 ms; the per-byte one on the whole replica at contention 1.5:
+    # 1e6 * 1 ns * 1.5 = 1.5 ms
     row, = predict_measured(_world("hogwild", 3, 12.0, 30.0), alone, links)
-    assert row["predicted_ms"] == pytest.approx(12 + 3 + 2, rel=1e-9) and row["overhead_scale"] == pytest.approx(1.0)
+    assert row["predicted_ms"] == pytest.approx(12 + 2 / 3 + 2 + 1 + 1.5, rel=1e-9)
+    assert row["overhead_scale"] == pytest.approx(1.0) and row["byte_scale"] == 1.5
     # A world whose fit world is missing is left out
     assert predict_measured(_world("downpour", 3, 12.0, 30.0), alone, {"cores": 2, "overhead": {}}) == []
 
