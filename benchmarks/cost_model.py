@@ -117,13 +117,10 @@ def _sparse(compression) -> bool:
     return isinstance(compression, tuple)
 
 
-def shaped_share(wire_bytes: float, link: Link, compute_s: float) -> float:
-    """The share of a step's wire_bytes (what one link carries in the step) that waits for the rate: a token
-    bucket refills at the rate while the step computes (up to link.burst) and lets that much through unshaped."""
-    if wire_bytes <= 0 or link.burst == 0:
-        return 1.0
-    credit = min(link.burst, link.bandwidth * compute_s)
-    return max(0.0, wire_bytes - credit) / wire_bytes
+def shaped_share(wire_bytes: float, credit: float) -> float:
+    """The share of wire_bytes (what one link carries) that waits for a token bucket's rate when the bucket holds
+    `credit` bytes of tokens as they start: that much passes at once, unshaped."""
+    return max(0.0, wire_bytes - credit) / wire_bytes if wire_bytes > 0 else 1.0
 
 
 def allreduce_comm_s(work: Workload, p: int, link: Link, algorithm: str = "ring", compression=None,
@@ -134,8 +131,8 @@ def allreduce_comm_s(work: Workload, p: int, link: Link, algorithm: str = "ring"
     if _sparse(compression):  # top-k: every worker's selection is gathered, not reduced
         return sum(allgather_s(nbytes / work.buckets, p, link) for _ in range(work.buckets)) if p > 1 else 0.0
     if algorithm == "ring":
-        # What fits in a token bucket's burst passes unshaped: only the rest of the step's bytes pays the rate.
-        nbytes *= shaped_share(2 * (p - 1) / p * nbytes, link, work.compute_s)
+        # The bucket refills at the rate while the step computes, and what it holds then passes unshaped.
+        nbytes *= shaped_share(2 * (p - 1) / p * nbytes, min(link.burst, link.bandwidth * work.compute_s))
         return work.buckets * ring_allreduce_s(nbytes / work.buckets, p, link, hop_contention)
     if algorithm == "tree":
         return work.buckets * tree_allreduce_s(nbytes / work.buckets, p, link)

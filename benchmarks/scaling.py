@@ -42,6 +42,7 @@ from benchmarks.common import RESULTS, machine, print_table, write_csv
 
 KINDS = ("few_large", "many_small")
 SWEEP_BYTES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
+SWEEP_BLOCK = 5  # all-reduces of one size timed back to back after a barrier
 HOGWILD_SYNC_FREQ = 2
 GBITS = (10, 25, 100, 400)
 WORKERS = tuple(2 ** i for i in range(11))  # 1 .. 1024
@@ -144,7 +145,7 @@ def measure_rank(framework: str, kinds, reps: int, sweep: bool) -> dict | None:
             compute += _times_ms(local, 1, block, barrier)
             steps += _times_ms(step, 1, block, barrier)
             for n, t in tensors.items():
-                times[n] += _times_ms(lambda: dist.all_reduce(t, group=group), 1, 5, barrier)
+                times[n] += _times_ms(lambda: dist.all_reduce(t, group=group), 1, SWEEP_BLOCK, barrier)
         result["compute_ms"][kind], result["step_ms"][kind] = compute, steps
         if tensors:
             result["sweep"] = [(n, sd.size(), statistics.median(times[n]) / 1e3) for n in SWEEP_BYTES]
@@ -637,9 +638,17 @@ def fit_links(worlds, alone: dict, cores: int, rate_mbit: int | None = None) -> 
     links = {"cores": cores, "overhead": {}}
     for world in worlds:
         if world["framework"] == "allreduce" and world["sweep"]:
-            link = cost_model.fit_link([tuple(s) for s in world["sweep"]], "ring")
-            if world["network"] == "shaped" and rate_mbit:
-                link = cost_model.Link(link.alpha, link.bandwidth, tbf_burst_bytes(rate_mbit))
+            samples = [tuple(s) for s in world["sweep"]]
+            burst = tbf_burst_bytes(rate_mbit) if world["network"] == "shaped" and rate_mbit else 0
+            if burst:
+                # A block starts with the bucket full (the sizes go up, and the one it saves most on, 1 MiB, follows
+                # a block far under the burst): each all-reduce's first burst/SWEEP_BLOCK bytes a link carries are
+                # unshaped, and only the rest tells the rate.
+                samples = [(n * cost_model.shaped_share(2 * (q - 1) / q * n, burst / SWEEP_BLOCK), q, t)
+                           for n, q, t in samples]
+            link = cost_model.fit_link(samples, "ring")
+            if burst:
+                link = cost_model.Link(link.alpha, link.bandwidth, burst)
             links["shaped" if world["network"] == "shaped" else "gloo"] = link
         if world["framework"] == "sandblaster" and world["sweep"]:
             links["rpc"] = cost_model.fit_link([tuple(s) for s in world["sweep"]], "p2p")

@@ -273,3 +273,23 @@ def test_a_token_bucket_lets_its_burst_through_unshaped():
     assert cm.allreduce_comm_s(big, 4, LINK) == pytest.approx(6e-4 + 0.15, rel=1e-12)  # no bucket
     with pytest.raises(ValueError, match="burst"):
         cm.Link(alpha=1e-4, bandwidth=1e9, burst=-1.0)
+
+
+def test_the_shaped_sweep_is_fitted_beyond_the_burst():
+    from benchmarks.scaling import SWEEP_BLOCK, SWEEP_BYTES, fit_links, tbf_burst_bytes
+
+    assert cm.shaped_share(1.5e6, 1e6) == pytest.approx(1 / 3, rel=1e-12)
+    assert cm.shaped_share(1e5, 1e6) == 0.0 and cm.shaped_share(0.0, 1e6) == 1.0
+    # 2 ranks at 1 Gbit/s: a block of 5 all-reduces starts with 1.28 MB of tokens, 256 000 bytes per all-reduce
+    # unshaped; the rest at 125 MB/s after 2 alpha of 1 ms: 4 KiB and 64 KiB take 2 ms, 1 MiB 2 ms + 792 576 bytes
+    burst = tbf_burst_bytes(1000)
+    sweep = [(n, 2, 2e-3 + max(0, n - burst / SWEEP_BLOCK) / 1.25e8) for n in SWEEP_BYTES]
+    assert sweep[2][2] == pytest.approx(2e-3 + 792576 / 1.25e8, rel=1e-12)
+    alone = {"m": {"step_ms": 10.0, "forward_ms": 0.0, "tensors": 10, "param_bytes": 1e6}}
+    world = {"framework": "allreduce", "workers": 2, "network": "shaped", "repeat": 0, "sweep": sweep,
+             "compute_ms": {"m": [10.0]}, "step_ms": {"m": [20.0]}, "buckets": {"m": 1}}
+    shaped = fit_links([world], alone, 2, rate_mbit=1000)["shaped"]
+    assert shaped.alpha == pytest.approx(1e-3, rel=1e-6) and shaped.bandwidth == pytest.approx(1.25e8, rel=1e-6)
+    assert shaped.burst == burst
+    # Without the bucket taken into account, the 1 MiB block's burst would pass for bandwidth
+    assert fit_links([world], alone, 2)["shaped"].bandwidth > 1.3e8
