@@ -6,7 +6,9 @@ values. Units: seconds, bytes, bytes per second. p is the number of workers (not
 
 What each framework sends per step (docs/allreduce.md, docs/parameter_server.md):
 - AllReduce: every gradient byte once, in `buckets` fused buffers, each a ring all-reduce
-  2(p-1)/p·n/B + 2(p-1)·alpha (or a tree, 2·log2(p)·(alpha + n/B)); buckets start while backward still runs.
+  2(p-1)/p·n/B + 2(p-1)·alpha (or a tree, 2·log2(p)·(alpha + n/B)); buckets start while backward still runs. With
+  more busy processes than cores a ring step also waits for its receiver's core; behind a token bucket (a shaped
+  link) the bytes within its burst pass unshaped.
 - Sandblaster with s servers: each worker pushes n bytes (n/s to each server) and pulls n bytes back in step();
   each server's link carries p·n/s each way, so the step waits for max(n, p·n/s)/B each way, and for the server's
   CPU work on each of the p/s pushes it takes in turn (server_push_s).
