@@ -631,10 +631,9 @@ def _timeline(args) -> None:
 def fit_links(worlds, alone: dict, cores: int, rate_mbit: int | None = None) -> dict:
     """The fitted constants of one run: the links (Gloo's and the RPC's from the loopback sweeps, the shaped link's
     from its sweep, with the token bucket's burst of its rate_mbit), the host's cores and, per framework and
-    network, the CPU time per tensor and per gradient byte
-    a step spends beyond the model (hooks, negotiation, copies into buckets and messages, a server's unpacking,
-    update and answer, Hogwild's deltas), taken from the 2-worker world only: what its measured steps exceed the
-    prediction without it."""
+    network, the CPU time per tensor and per gradient byte a step spends beyond the model (hooks, negotiation,
+    copies into buckets and messages, a server's unpacking, update and answer, Hogwild's deltas and replica),
+    taken from the 2-worker world only: what its measured steps exceed the prediction without it."""
     links = {"cores": cores, "overhead": {}}
     for world in worlds:
         if world["framework"] == "allreduce" and world["sweep"]:
@@ -663,8 +662,7 @@ def fit_links(worlds, alone: dict, cores: int, rate_mbit: int | None = None) -> 
 def fit_overhead(rows: list[dict], alone: dict) -> tuple[float, float]:
     """(seconds per tensor, seconds per gradient byte) of CPU work beyond the model and the wire, per unit of each
     row's overhead_scale and byte_scale (a push on a server, or a step at the world's contention), from what the
-    measured steps
-    exceed the prediction without it (cost_model.fit_overhead)."""
+    measured steps exceed the prediction without it (cost_model.fit_overhead)."""
     features = [(_tensors(r["model"], alone) * r["overhead_scale"],
                  alone[r["model"]]["param_bytes"] * r["byte_scale"]) for r in rows]
     return cost_model.fit_overhead(features, [(r["measured_ms"] - r["predicted_ms"]) / 1e3 for r in rows],
