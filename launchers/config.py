@@ -127,6 +127,10 @@ class LaunchConfig:
     autotune: bool = False  # AllReduce's bucket size, the parameter servers' messages (SINGA_AUTOTUNE=1 everywhere)
     server_checkpoint_dir: str | None = None  # absolute: where Downpour's/Hybrid's servers checkpoint their slices
     server_checkpoint_every: int | None = None  # ...every this many updates
+    run_id: str = "none"  # torchrun's --rdzv-id (TORCHELASTIC_RUN_ID)
+    rank_from_rendezvous: bool = False  # c10d, several nodes, no --node-rank: node_rank comes from node 0 at start
+    rendezvous_timeout: float = 600.0  # how long a node waits for node 0 to give it its rank
+    console_ranks: frozenset | None = None  # --local-ranks-filter: the local ranks shown on the console
 
     @property
     def nnodes(self) -> int:
@@ -163,6 +167,7 @@ class LaunchConfig:
             "GROUP_RANK": str(self.node_rank),
             "GROUP_WORLD_SIZE": str(self.nnodes),
             "TORCHELASTIC_RESTART_COUNT": str(restart_count),
+            "TORCHELASTIC_RUN_ID": self.run_id,
             "TORCHELASTIC_MAX_RESTARTS": str(self.max_restarts),
             # Children write to files the launcher tails: unbuffered, so lines show when printed.
             "PYTHONUNBUFFERED": "1",
@@ -253,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-proc", dest="np", type=int, help="number of worker processes in the whole job")
     p.add_argument("-m", "--module", action="store_true",
                    help="run COMMAND as a Python module, as `python -m COMMAND` (as torchrun -m)")
-    p.add_argument("--nproc-per-node", type=int, help="processes on this node (with --nnodes; as torchrun)")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=_nproc_per_node,
+                   help="processes on this node (with --nnodes; as torchrun): a number, or auto, cpu or gpu")
     g = p.add_argument_group("topology (SINGA's cluster fields)")
     g.add_argument("--strategy", default="allreduce", help=f"one of {', '.join(STRATEGIES)}")
     g.add_argument("--worker-groups", type=int)
@@ -277,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--nnodes", type=_nnodes, help="nodes in the job; run singa-launch on each with its --node-rank. "
                    "MIN:MAX (torchrun's elastic form): an elastic job of MIN to MAX nodes of --nproc-per-node "
                    "workers each, found by --host-discovery-script, started from this launcher")
-    m.add_argument("--node-rank", type=int, default=0)
+    m.add_argument("--node-rank", "--node_rank", type=int,
+                   help="this node's place (default 0; with --rdzv-backend c10d and several nodes, given out by the "
+                        "rendezvous)")
     m.add_argument("--node-slots", help=argparse.SUPPRESS)  # per-node process counts, from the ssh path
-    m.add_argument("--master-addr", help="address of node 0 (default 127.0.0.1, or the first host)")
-    m.add_argument("--master-port", type=int, help=f"a free port on node 0 (default {DEFAULT_MASTER_PORT} "
+    m.add_argument("--master-addr", "--master_addr", help="address of node 0 (default 127.0.0.1, or the first host)")
+    m.add_argument("--master-port", "--master_port", type=int, help=f"a free port on node 0 (default {DEFAULT_MASTER_PORT} "
                                                    "with several nodes, a free one on one node)")
     m.add_argument("--network-interface", help="interface Gloo and NCCL use (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)")
     m.add_argument("--ssh-command", default="ssh", help="the ssh program and its options (default: ssh)")
@@ -293,10 +301,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--standalone", action="store_true",
                    help="one node, rendezvous on this host (the default for one node; torchrun's --standalone)")
     m.add_argument("--mpi-args", default="", help="extra options for mpirun, as one string")
+    t = p.add_argument_group("torchrun's rendezvous and process options (the same meaning here)")
+    t.add_argument("--rdzv-backend", "--rdzv_backend", default="static",
+                   help="static (node ranks given, node 0 at --master-addr) or c10d (node 0 is the node at "
+                        "--rdzv-endpoint; the others get their ranks from it)")
+    t.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default="", help="HOST[:PORT] of the rendezvous (node 0)")
+    t.add_argument("--rdzv-id", "--rdzv_id", default="none", help="the job's id (TORCHELASTIC_RUN_ID)")
+    t.add_argument("--rdzv-conf", "--rdzv_conf", default="", help="KEY=VALUE,...: join_timeout (seconds), is_host")
+    t.add_argument("--local-addr", "--local_addr", help="this node's address (accepted; the rendezvous finds it)")
+    t.add_argument("--monitor-interval", "--monitor_interval", type=float, default=None,
+                   help="accepted for torchrun's sake: processes are watched continuously")
+    t.add_argument("--start-method", "--start_method", choices=["spawn", "fork", "forkserver"], default="spawn",
+                   help="accepted for torchrun's sake: every process starts as a fresh program")
+    t.add_argument("--role", default="default", help="accepted for torchrun's sake (ROLE_NAME is worker or server)")
+    t.add_argument("--no-python", "--no_python", action="store_true",
+                   help="run COMMAND as it is, even a .py script (not with this Python)")
+    t.add_argument("--run-path", "--run_path", action="store_true", help="run a script by its path (the default)")
+    t.add_argument("-r", "--redirects", default="0",
+                   help="accepted for torchrun's sake: with --log-dir every process's output goes to files")
+    t.add_argument("--local-ranks-filter", "--local_ranks_filter", default="",
+                   help="show only these local ranks' output on the console, e.g. 0 or 0,2")
     r = p.add_argument_group("processes")
-    r.add_argument("--max-restarts", type=int, default=0, help="restart the whole job this many times after a failure")
-    r.add_argument("--log-dir", help="write each process's output to files there instead of the console")
-    r.add_argument("--tee", type=int, choices=[0, 1, 2, 3], default=0,
+    r.add_argument("--max-restarts", "--max_restarts", type=int, default=0, help="restart the whole job this many times after a failure")
+    r.add_argument("--log-dir", "--log_dir", help="write each process's output to files there instead of the console")
+    r.add_argument("-t", "--tee", type=int, choices=[0, 1, 2, 3], default=0,
                    help="with --log-dir, also show stdout (1), stderr (2) or both (3) on the console (as torchrun)")
     r.add_argument("--omp-num-threads", type=int,
                    help="intra-op threads per process (default: the cores shared out among the processes)")
@@ -376,14 +404,15 @@ def _positive(text, what: str) -> int:
     return value
 
 
-def resolve_command(command: list[str]) -> list[str]:
-    """The program to run: a .py script runs with this Python; anything else must be on PATH or a file."""
+def resolve_command(command: list[str], python: bool = True) -> list[str]:
+    """The program to run: a .py script runs with this Python (unless `python` is False: torchrun's --no-python);
+    anything else must be on PATH or a file."""
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise UsageError("no program given: singa-launch [options] COMMAND [ARGS...]")
     program = command[0]
-    if program.endswith(".py"):
+    if program.endswith(".py") and python:
         if not os.path.isfile(program):
             raise UsageError(f"the program {program} does not exist")
         return [sys.executable, *command]
@@ -468,8 +497,91 @@ def _nnodes(text: str):
         raise argparse.ArgumentTypeError(f"want a number of nodes or MIN:MAX, got {text!r}") from None
 
 
+def _nproc_per_node(text: str):
+    """torchrun's --nproc-per-node: a number, or cpu (the cores), gpu (the GPUs), auto (the GPUs, else the cores)."""
+    if text in ("auto", "cpu", "gpu"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number of processes, auto, cpu or gpu, got {text!r}") from None
+
+
+def _resolve_nproc(value):
+    if not isinstance(value, str):
+        return value
+    gpus = 0
+    if value in ("auto", "gpu"):
+        import torch
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if value == "gpu" and gpus == 0:
+        raise UsageError("--nproc-per-node gpu: this host has no GPU that torch can use")
+    return gpus if gpus else os.cpu_count() or 1
+
+
+def _endpoint(text: str, default_port: int) -> tuple[str, int]:
+    """HOST[:PORT] (an IPv6 address in brackets when it has a port), as torchrun's --rdzv-endpoint."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        number = -1
+    if not host or not 0 <= number <= 65535 or (port and not port.isdigit()):
+        raise UsageError(f"--rdzv-endpoint wants HOST[:PORT], got {text!r}")
+    return host, number
+
+
+def _rdzv_conf(text: str) -> dict[str, str]:
+    conf = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--rdzv-conf wants KEY=VALUE,..., got {item!r}")
+        conf[key.strip()] = value.strip()
+    return conf
+
+
 def parse_args(argv: list[str]) -> LaunchConfig:
     args = build_parser().parse_args(argv)
+    args.nproc_per_node = _resolve_nproc(args.nproc_per_node)
+    if isinstance(args.nnodes, tuple) and args.nnodes[0] == args.nnodes[1] and not args.host_discovery_script:
+        args.nnodes = args.nnodes[0]  # torchrun's N:N (its default is 1:1): a job of N nodes
+    backend = args.rdzv_backend.lower()
+    if backend not in ("static", "c10d"):
+        raise UsageError(f"--rdzv-backend {args.rdzv_backend}: this launcher's rendezvous is static or c10d (node 0 "
+                         "hosts it, as torchrun's c10d does); etcd is not available")
+    conf = _rdzv_conf(args.rdzv_conf)
+    unknown = set(conf) - {"join_timeout", "is_host", "timeout", "read_timeout", "last_call_timeout",
+                           "close_timeout", "keep_alive_interval", "keep_alive_max_attempt"}
+    if unknown:
+        raise UsageError(f"--rdzv-conf: unknown key(s) {', '.join(sorted(unknown))}")
+    if args.rdzv_endpoint:
+        host, port = _endpoint(args.rdzv_endpoint, 29400 if backend == "c10d" else DEFAULT_MASTER_PORT)
+        if args.master_addr not in (None, host) or args.master_port not in (None, port):
+            raise UsageError(f"--rdzv-endpoint {args.rdzv_endpoint} and --master-addr/--master-port name different "
+                             "places for node 0: give one of them")
+        if port == 0 and args.nnodes not in (None, 1):
+            raise UsageError("--rdzv-endpoint HOST:0 (a free port) is for one node: several nodes must agree on one")
+        args.master_addr, args.master_port = host, port or None  # (HOST:0: a free port, as torchrun picks)
+    try:
+        join_timeout = float(conf.get("join_timeout", 600))
+    except ValueError:
+        raise UsageError(f"--rdzv-conf join_timeout wants seconds, got {conf['join_timeout']!r}") from None
+    rank_from_rendezvous = (backend == "c10d" and args.node_rank is None and isinstance(args.nnodes, int)
+                            and args.nnodes > 1 and conf.get("is_host", "").lower() not in ("1", "true", "yes"))
+    if args.node_rank is None:
+        args.node_rank = 0
+    try:
+        console_ranks = frozenset(int(r) for r in args.local_ranks_filter.split(",") if r.strip()) or None
+    except ValueError:
+        raise UsageError(f"--local-ranks-filter wants local ranks such as 0 or 0,2, got "
+                         f"{args.local_ranks_filter!r}") from None
     if isinstance(args.nnodes, tuple):
         # torchrun's elastic --nnodes MIN:MAX, in this launcher's terms: workers, --nproc-per-node a node.
         low, high = args.nnodes
@@ -477,7 +589,8 @@ def parse_args(argv: list[str]) -> LaunchConfig:
             raise UsageError(f"--nnodes MIN:MAX wants 1 <= MIN <= MAX, got {low}:{high}")
         if not args.host_discovery_script:
             raise UsageError("--nnodes MIN:MAX runs an elastic job from this launcher: give "
-                             "--host-discovery-script (it prints the nodes, host:slots a line)")
+                             "--host-discovery-script (it prints the nodes, host:slots a line); nodes that each run "
+                             "singa-launch with a c10d rendezvous form a job of fixed size: --nnodes N")
         per_node = args.nproc_per_node or 1
         args.min_np = args.min_np if args.min_np is not None else low * per_node
         args.max_np = args.max_np if args.max_np is not None else high * per_node
@@ -562,14 +675,17 @@ def parse_args(argv: list[str]) -> LaunchConfig:
             raise UsageError(f"--server-checkpoint-dir {args.server_checkpoint_dir!r} is not a directory")
         checkpoint_dir = os.path.abspath(args.server_checkpoint_dir)
 
-    command = resolve_module(args.command) if args.module else resolve_command(args.command)
+    if args.no_python and args.module:
+        raise UsageError("--no-python runs COMMAND as a program; -m runs a Python module: give one of them")
+    command = (resolve_module(args.command) if args.module
+               else resolve_command(args.command, python=not args.no_python))
     # What every job takes from the flags alike, elastic or not (one list, so that no flag is dropped in one kind).
     common = dict(
         command=command, omp_num_threads=args.omp_num_threads, network_interface=args.network_interface,
         grace_period=args.grace_period, extra_env=_extra_env(args.env), ssh_command=shlex.split(args.ssh_command),
         ssh_port=args.ssh_port, ssh_identity=args.ssh_identity, dry_run=args.dry_run, timeline=timeline,
         metrics=interval, autotune=args.autotune, server_checkpoint_dir=checkpoint_dir,
-        server_checkpoint_every=args.server_checkpoint_every)
+        server_checkpoint_every=args.server_checkpoint_every, run_id=args.rdzv_id, console_ranks=console_ranks)
 
     if args.min_np is not None or args.max_np is not None or args.host_discovery_script:
         if args.mpi or args.hosts or args.hostfile or args.nnodes:
@@ -657,13 +773,15 @@ def parse_args(argv: list[str]) -> LaunchConfig:
     master_addr = master_addr or "127.0.0.1"
     if master_port is None:
         master_port = DEFAULT_MASTER_PORT if several else free_port()
-    elif node_rank == 0 and not args.node_slots and not args.dry_run and not args.mpi and not hosts:
+    elif node_rank == 0 and not args.node_slots and not args.dry_run and not args.mpi and not hosts \
+            and not rank_from_rendezvous:
         _check_port_free(master_port)
 
     return LaunchConfig(
         topology=topology, node_procs=node_procs, node_rank=node_rank, hosts=hosts, master_addr=master_addr,
         master_port=master_port, max_restarts=args.max_restarts, log_dir=args.log_dir, mpi=args.mpi,
-        mpi_args=shlex.split(args.mpi_args), exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee, **common)
+        mpi_args=shlex.split(args.mpi_args), exit_on_stdin_close=args.exit_on_stdin_close, tee=args.tee,
+        rank_from_rendezvous=rank_from_rendezvous, rendezvous_timeout=join_timeout, **common)
 
 
 def _check_port_free(port: int) -> None:

@@ -28,7 +28,6 @@ import datetime
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ import singa_dist.rendezvous as rendezvous
 from .config import LaunchConfig
 from .local import describe_exit, say
 from .tag_output import copy_tagged
+from .watchdog import is_this_host as _is_local
 
 POLL_S = 0.05
 
@@ -53,18 +53,6 @@ class _Worker:
     proc: subprocess.Popen
     copiers: list = field(default_factory=list)
     code: int | None = None  # exit status once it ended
-
-
-def _is_local(host: str) -> bool:
-    """Whether `host` names this machine (by name, or by an address one of its interfaces holds)."""
-    if host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()):
-        return True
-    try:
-        with socket.socket() as s:
-            s.bind((host, 0))
-        return True
-    except OSError:
-        return False
 
 
 def parse_discovered(text: str, default_slots: int) -> dict[str, int]:

@@ -39,11 +39,24 @@ def main(argv: list[str] | None = None) -> int:
             from .elastic import run_elastic
             return run_elastic(cfg)
         if cfg.dry_run:
+            if cfg.rank_from_rendezvous:
+                print(f"# this node's rank comes from the c10d rendezvous at {cfg.master_addr}:{cfg.master_port}; "
+                      "shown as node 0")
             _print_local_plan(cfg)
             return 0
     except UsageError as exc:
         print(f"singa-launch: error: {exc}", file=sys.stderr)
         return 2
+    if cfg.rank_from_rendezvous:
+        from .watchdog import take_node_rank
+        try:
+            cfg.node_rank = take_node_rank(cfg.master_addr, cfg.master_port, cfg.nnodes, cfg.run_id,
+                                           cfg.rendezvous_timeout)
+        except OSError as exc:
+            print(f"singa-launch: {exc}", file=sys.stderr)
+            return 1
+        print(f"singa-launch: node {cfg.node_rank} of {cfg.nnodes} (c10d rendezvous at {cfg.master_addr}:"
+              f"{cfg.master_port})", file=sys.stderr)
     from .local import run_node
     return _merge_timeline(cfg, run_node(cfg))
 

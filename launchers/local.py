@@ -220,6 +220,8 @@ class LocalJob:
             if self.pump is not None:
                 tee = self.cfg.tee if self.cfg.log_dir else 3
                 for i, s in enumerate(specs):
+                    if self.cfg.console_ranks is not None and s.local_rank not in self.cfg.console_ranks:
+                        continue  # --local-ranks-filter: its output goes to its files only
                     if tee & 1:
                         self.pump.add(s.label, ctx.stdouts[i], sys.stdout)
                     if tee & 2:

@@ -19,6 +19,7 @@ the store outlives rank 0's worker group, and marks there the processes of a wor
 from __future__ import annotations
 
 import datetime
+import socket
 import threading
 import time
 
@@ -32,6 +33,57 @@ CONNECT_S = 600.0  # how long a node's launcher waits for node 0's to open the s
 OP_TIMEOUT_S = 30.0  # one store operation on a host that vanished without closing its connections
 
 
+def is_this_host(host: str) -> bool:
+    """Whether `host` names this machine (by name, or by an address one of its interfaces holds)."""
+    if host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        with socket.socket() as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+_rendezvous_store = None  # node 0's store of a c10d rendezvous: the job's store from then on (NodeWatch)
+
+
+def take_node_rank(addr: str, port: int, nnodes: int, run_id: str, timeout_s: float) -> int:
+    """torchrun's c10d rendezvous for a job of `nnodes` fixed nodes, each launcher started without --node-rank: the
+    launcher on the endpoint's host that can open the store there is node 0; the others number themselves 1, 2, ...
+    in the order they come. Node 0 waits until every other node has its number, then closes that store (its
+    NodeWatch keeps that store as the job's: the others' launchers and processes connect to it once more)."""
+    key = f"singa/rdzv/{run_id}/taken"
+    wait = datetime.timedelta(seconds=timeout_s)
+    if is_this_host(addr):
+        try:
+            store = dist.TCPStore(addr, port, is_master=True, wait_for_workers=False, timeout=wait)
+        except Exception:  # another launcher of this host hosts it: this one is not node 0
+            store = None
+        if store is not None:
+            deadline = time.monotonic() + timeout_s
+            while store.add(key, 0) < nnodes - 1:
+                if time.monotonic() > deadline:
+                    came = store.add(key, 0)
+                    raise OSError(f"the rendezvous at {addr}:{port} (job {run_id}): {came} of the other "
+                                  f"{nnodes - 1} node(s) came within {timeout_s:g} s")
+                time.sleep(0.05)
+            global _rendezvous_store
+            _rendezvous_store = store
+            return 0
+    try:
+        client = dist.TCPStore(addr, port, is_master=False, wait_for_workers=False, timeout=wait)
+    except Exception as exc:
+        raise OSError(f"the rendezvous at {addr}:{port} (node 0's launcher) did not answer within {timeout_s:g} s: "
+                      f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    rank = client.add(key, 1)
+    del client
+    if rank > nnodes - 1:
+        raise OSError(f"the rendezvous at {addr}:{port} (job {run_id}) has all its {nnodes} nodes already: this "
+                      f"node is one too many (--nnodes {nnodes})")
+    return rank
+
+
 class NodeWatch:
     """One attempt's store and heartbeat on one node. `problem` becomes a sentence once a peer is gone."""
 
@@ -42,7 +94,10 @@ class NodeWatch:
         self.problem: str | None = None
         self._stop = threading.Event()
         self._store = None
-        if node == 0:
+        if node == 0 and _rendezvous_store is not None:
+            self._store = _rendezvous_store  # opened by the rendezvous: every attempt's keys have their own prefix
+            self._store.set_timeout(datetime.timedelta(seconds=OP_TIMEOUT_S))
+        elif node == 0:
             try:
                 self._store = dist.TCPStore(master_addr, master_port, is_master=True, wait_for_workers=False,
                                             timeout=datetime.timedelta(seconds=OP_TIMEOUT_S))

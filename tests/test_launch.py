@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from launchers.launch import main as launch_main
+from singa_dist.environment import free_port
 from tests.dist_harness import kill_session, run_command, session_alive
 
 LAUNCH = [sys.executable, "-m", "launchers.launch"]
@@ -446,6 +447,63 @@ def test_horovodrun_and_torchrun_spellings(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         launch_main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("singa-launch ")
+
+
+def test_torchrun_flags(tmp_path, capsys):
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+
+    def plan(*args):
+        assert launch_main([*args, "--dry-run", script]) == 0
+        return capsys.readouterr().out
+    out = plan("--nnodes=1:1", "--nproc_per_node=2", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+               "--rdzv-id", "job9", "--max_restarts=0", "--monitor-interval", "1", "--start-method", "spawn",
+               "--role", "trainer", "-r", "3", "--run-path")
+    assert "2 processes" in out and "TORCHELASTIC_RUN_ID=job9" in out, out
+    out = plan("--nproc-per-node", "cpu")
+    assert f"{os.cpu_count()} processes" in out, out
+    out = plan("--nnodes", "2", "--node_rank", "1", "--rdzv-endpoint", "10.0.0.1:29555", "--nproc-per-node", "1")
+    assert "# node 1 of 2 (this host): 1 processes, master 10.0.0.1:29555" in out, out
+    out = plan("--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1", "--nproc-per-node", "1")
+    assert "rank comes from the c10d rendezvous at 10.0.0.1:29400" in out, out
+    assert launch_main(["--no-python", "-np", "1", "--dry-run", script]) == 2  # not executable: not run as a program
+    assert "does not exist or is not executable" in capsys.readouterr().err
+    os.chmod(script, 0o755)
+    out = plan("--no-python", "--nproc-per-node", "1")
+    assert f"{script}" in out and f"{sys.executable} {script}" not in out, out
+    for args, reason in [
+        (["--rdzv-backend", "etcd"], "etcd is not available"),
+        (["--rdzv-endpoint", "h:1", "--master-addr", "g"], "name different places for node 0"),
+        (["--rdzv-endpoint", "h:port"], "--rdzv-endpoint wants HOST[:PORT]"),
+        (["--rdzv-conf", "bogus=1"], "unknown key(s) bogus"),
+        (["--local-ranks-filter", "x"], "--local-ranks-filter wants local ranks"),
+        (["--nproc-per-node", "many"], "want a number of processes, auto, cpu or gpu"),
+    ]:
+        assert launch_main(["-np", "1", *args, script]) == 2, args
+        assert reason in capsys.readouterr().err, args
+
+
+def test_c10d_rendezvous_numbers_the_nodes(tmp_path):
+    # Two launchers as torchrun is started on two nodes (here both on this host): no --node-rank, the launcher that
+    # hosts the rendezvous at the endpoint is node 0, the other gets rank 1; --local-ranks-filter 1 shows only
+    # local rank 1's output on its console.
+    script = _write(tmp_path, "rank.py", RANK_SCRIPT)
+    port = str(free_port())
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+              f"127.0.0.1:{port}", "--rdzv-id", "j1"]
+    env = {**os.environ, **ENV}
+    first = subprocess.Popen(LAUNCH + common + [script, str(tmp_path), "ok"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        second = run_command(LAUNCH + common + ["--local-ranks-filter", "1", script, str(tmp_path), "ok"],
+                             timeout=60, env=ENV)
+        out, err = first.communicate(timeout=60)
+    finally:
+        kill_session(first.pid)
+    assert first.returncode == 0 and second.returncode == 0, out + err + second.stdout + second.stderr
+    assert "node 0 of 2 (c10d rendezvous" in err and "node 1 of 2 (c10d rendezvous" in second.stderr
+    assert "[0] hello from rank 0 of 4 local 0/2" in out and "[1] hello from rank 1 of 4 local 1/2" in out, out
+    assert "[3] hello from rank 3 of 4 local 1/2" in second.stdout and "rank 2" not in second.stdout, second.stdout
 
 
 @pytest.mark.parametrize("args, reason", [
