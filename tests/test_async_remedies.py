@@ -39,16 +39,16 @@ def test_rule_against_hand_computation():
     assert _rule(adam, 1, 2, sgd=False) == ({"lr": pytest.approx(5e-4), "betas": (0.9, 0.999)}, 1.0)
 
 
-def _table(momentum_correction: bool, groups: int = 2):
+def _table(momentum_correction: bool, groups: int = 2, **more):
     """A server's table of one 6-element parameter, SGD with momentum and weight decay, pushed to by `groups`
-    worker groups."""
+    worker groups (`more`: other entries of the spec)."""
     value = torch.linspace(-1, 1, 6, dtype=torch.float64)
     slices = slice_params([("w", 6)], 1, 1)
     opt = torch.optim.SGD([torch.nn.Parameter(value.clone())], lr=0.1, momentum=0.9, weight_decay=0.01)
     options = [{k: v for k, v in opt.param_groups[0].items() if k != "params"}]
     spec = {"slices": slices, "values": [value.clone()], "param_group": [0], "optimizer_class": torch.optim.SGD,
             "defaults": dict(opt.defaults), "group_options": options, "replicas": 1, "staleness": None,
-            "clients": groups, "staleness_lr": True, "momentum_correction": momentum_correction}
+            "clients": groups, "staleness_lr": True, "momentum_correction": momentum_correction, **more}
     return server._Table(spec), value, options
 
 
@@ -307,3 +307,43 @@ def test_warm_start_in_a_downpour_job():
     expected = -sum(0.1 * c * (3 / 2 + sum(1 / (s + 1) for s in seen[3:])) for c, seen, _, _ in results)
     for _, _, _, final in results:
         torch.testing.assert_close(final, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---- Downpour/Hybrid's relative clip (relative_clip) ---------------------------------------------------------------
+def test_relative_clip_scales_a_gradient_far_above_the_groups_running_norm():
+    """Each group's first gradient starts its running mean of norms; a later gradient of more than 2 times that mean
+    is scaled down to 2 times it (before the staleness share), and the mean takes the clipped norm with weight 0.1.
+    Group 1's norms are its own. DANA and the staleness-aware step on, as by default: SGD by hand in float64."""
+    table, w, options = _sgd_table(dana=True)
+    table.relative_clip = 2.0
+    g = _grads(4)
+    pushes = ((0, g[0], 0), (1, 10 * g[1], 1), (0, 5 * g[2], 1), (0, 3 * g[3], 0))
+    bufs, means = {}, {}
+    for group, grad, stale in pushes:
+        future, done = table.push(group, [grad.clone()], options, want=True, average=True)
+        server._complete(done)
+        version, values, seen = future.wait()
+        assert seen == stale
+        norm = grad.norm().item()
+        if group in means and norm > 2 * means[group]:
+            grad, norm = grad * (2 * means[group] / norm), 2 * means[group]
+        means[group] = norm if group not in means else 0.9 * means[group] + 0.1 * norm
+        d = (grad + 0.01 * w) / (stale + 1)
+        bufs[group] = d if group not in bufs else 0.9 * bufs[group] + d
+        w = w - 0.1 * bufs[group]
+        torch.testing.assert_close(values[0], w - 0.09 * sum(bufs.values()), rtol=1e-12, atol=1e-12)
+    assert table.grad_norms == pytest.approx(means, rel=1e-12)
+    # The third push (5 times a gradient of about the first's norm) was clipped; group 1's large first one was not.
+    assert means[0] < 5 * g[0].norm().item() and means[1] == pytest.approx(10 * g[1].norm().item())
+
+
+def test_relative_clip_default_and_checks():
+    for cls in (sd.Downpour, sd.Hybrid):
+        assert cls().relative_clip == 2.0 and cls(relative_clip=None).relative_clip is None
+        for bad in (1, 0.5, True, "2"):
+            with pytest.raises(ValueError, match=f"relative_clip must be None or a number above 1.*got {bad!r}"):
+                cls(relative_clip=bad)
+    for name in ("downpour", "hybrid"):  # what --strategy builds
+        assert make(name).relative_clip == 2.0
+    assert _table(False, groups=2, relative_clip=2.0)[0].relative_clip == 2.0
+    assert _table(False, groups=1, relative_clip=2.0)[0].relative_clip is None  # a lone group is synchronous

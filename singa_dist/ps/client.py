@@ -90,7 +90,8 @@ class ParameterClient:
 
     def __init__(self, optimizer, named, *, group: int, replicas: int, staleness: int | None, clients: int,
                  create: bool, compression=None, staleness_lr: bool = False, momentum_correction: bool = False,
-                 checkpoint: tuple | None = None, warmup_steps: int = 0, dana: bool = False):
+                 checkpoint: tuple | None = None, warmup_steps: int = 0, dana: bool = False,
+                 relative_clip: float | None = None):
         topo = runtime.topology()
         self.packer = Packer(resolve_compression(compression))
         self.bytes_sent_last_step = 0  # gradient payload pushed to the servers in the last push
@@ -131,7 +132,7 @@ class ParameterClient:
                         "compression": self.packer.compressor,
                         "value_dtype": value_dtype(self.packer.compressor),
                         "staleness_lr": staleness_lr, "momentum_correction": momentum_correction,
-                        "warmup_steps": warmup_steps, "dana": dana}
+                        "warmup_steps": warmup_steps, "dana": dana, "relative_clip": relative_clip}
                 if checkpoint is not None:  # (folder, every N updates): the servers checkpoint and resume there
                     spec["checkpoint_dir"], spec["checkpoint_every"] = checkpoint
             futures.append(transport.call_async(proc, server.open_table, self.session, spec, group))

@@ -110,6 +110,9 @@ class _Table:
         self.dana = bool(spec.get("dana", False)) and self.groups > 1  # a lone group is synchronous: nothing to tame
         self.group_states: dict[int, dict] = {}
         self.group_steps: dict[int, list] = {}  # group -> (lr, momentum) of its last update, per param group
+        # Downpour/Hybrid's relative clip of asynchronous gradients (see _clip); a lone group is synchronous.
+        self.relative_clip = spec.get("relative_clip") if self.groups > 1 else None
+        self.grad_norms: dict[int, float] = {}  # group -> running mean of its gradients' norms (this server's slices)
         self.optimizer, self.group_index = self._make_optimizer(spec)
         # Each slice's param group in the optimizer (the look-ahead reads that group's lr and momentum).
         self.position = [self.group_index.index(g) for g in self.param_group] if self.optimizer is not None else []
@@ -163,6 +166,23 @@ class _Table:
                                 if torch.is_tensor(x) else x for k, x in st.items()}
         return self.group_states[group]
 
+    def _clip(self, group: int, grads: list) -> list:
+        """A gradient whose norm (over this server's slices) is more than `relative_clip` times the running mean of the
+        group's is scaled down to that: a stale update past the edge of stability throws the loss up (catapults of the
+        digits CNN), and its large gradients would feed the group's momentum for many updates. The running mean takes
+        each (clipped) norm with weight 0.1, so norms may still grow 10% per update."""
+        given = [g for g in grads if g is not None]
+        if not given:
+            return grads
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in given])))
+        mean = self.grad_norms.get(group)
+        if mean is not None and norm > self.relative_clip * mean:
+            factor = self.relative_clip * mean / norm
+            grads = [None if g is None else g * factor for g in grads]
+            norm = self.relative_clip * mean
+        self.grad_norms[group] = norm if mean is None else 0.9 * mean + 0.1 * norm
+        return grads
+
     def _apply(self, grads: list[torch.Tensor], options: list[dict], values=None, group: int = 0,
                stale: int = 0, others: tuple = (), synchronous: bool = False) -> None:
         """Adopt the values workers set themselves (loaded, broadcast, edited), then step on the gradients
@@ -181,6 +201,8 @@ class _Table:
             if len(self.user_values[i][1]) >= self.groups:
                 del self.user_values[i]
         if self.optimizer is not None:
+            if self.relative_clip and not synchronous:
+                grads = self._clip(group, grads)
             scale = 1.0
             for k, g in enumerate(self.group_index):
                 given = options[g]

@@ -22,6 +22,9 @@ shared momentum of 0.9 makes the servers' step unstable at about a twentieth of 
 (what threw back some seeds of the digits CNN); a group's own momentum and the look-ahead raise that about
 fivefold. `warmup_steps` (0): Dean et al. 2012's warm start: the first N updates are synchronous (the groups'
 gradients averaged into one fresh update, as AllReduce's), then every group goes asynchronous.
+`relative_clip` (2.0): the servers scale down a group's gradient whose norm is more than that many times the running
+mean of the group's gradient norms; a stale update past the edge of stability (lower than synchronous SGD's even with
+DANA) throws the loss up, and the clip keeps that spike out of the group's momentum. None: no clip.
 
 `checkpoint_dir`, `checkpoint_every`: each server writes its slices, their optimizer state and version there every
 N updates (atomically; default 100); a server started again (singa-launch --max-restarts) resumes from its file, so
@@ -49,7 +52,7 @@ class Downpour(ParameterServerStrategy):
 
     def __init__(self, pull_freq: int = 1, staleness: int | None = None, messages_per_server: int | str | None = None,
                  *, staleness_lr: bool = True, momentum_correction: bool = False, dana: bool = True,
-                 warmup_steps: int = 0,
+                 warmup_steps: int = 0, relative_clip: float | None = 2.0,
                  checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
                  autotune_messages=AUTOTUNE_MESSAGES, autotune_warmup: int = 2, autotune_steps: int = 8):
         if not isinstance(pull_freq, int) or pull_freq < 1:
@@ -73,6 +76,11 @@ class Downpour(ParameterServerStrategy):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a number of updates (0 or more), got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
+        if relative_clip is not None and (isinstance(relative_clip, bool) or not isinstance(relative_clip, (int, float))
+                                          or not relative_clip > 1):
+            raise ValueError(f"relative_clip must be None or a number above 1 (times the running mean of a group's "
+                             f"gradient norms), got {relative_clip!r}")
+        self.relative_clip = None if relative_clip is None else float(relative_clip)
         self._init_messages(messages_per_server, autotune_messages, autotune_warmup, autotune_steps)
         self.client = None
         self.local = False
@@ -94,7 +102,7 @@ class Downpour(ParameterServerStrategy):
                 clients=topo.nworker_groups, create=runtime.rank() == 0,
                 compression=self.compression, staleness_lr=self.staleness_lr,
                 momentum_correction=self.momentum_correction, checkpoint=self.checkpoint,
-                warmup_steps=self.warmup_steps, dana=self.dana)
+                warmup_steps=self.warmup_steps, dana=self.dana, relative_clip=self.relative_clip)
         self._broadcast_in_group()
         self._start_messages(self.group_pg, len(self.group_ranks), runtime.proc_rank() == self.leader)
         runtime.on_shutdown(self.close)
