@@ -48,9 +48,8 @@ REMEDIES = {"default": None,
             "dana": {"staleness_lr": False, "momentum_correction": False, "dana": True, **NO_CLIP},
             "staleness_lr+dana": {"staleness_lr": True, "momentum_correction": False, "dana": True, **NO_CLIP},
             "warmup": {"staleness_lr": True, "momentum_correction": False, "dana": True, "warmup_steps": 22,
-                       **NO_CLIP},
-            "clip": {"staleness_lr": True, "momentum_correction": False, "dana": True, "relative_clip": 2.0}}
-OWN_REMEDIES = {"dana", "warmup_steps", "relative_clip"}  # Downpour/Hybrid's only: Hogwild runs its variant without them
+                       **NO_CLIP}}
+OWN_REMEDIES = {"dana", "warmup_steps"}  # Downpour/Hybrid's only: Hogwild runs its variant without them
 
 
 def _worker(args) -> None:

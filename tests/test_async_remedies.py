@@ -347,3 +347,32 @@ def test_relative_clip_default_and_checks():
         assert make(name).relative_clip == 2.0
     assert _table(False, groups=2, relative_clip=2.0)[0].relative_clip == 2.0
     assert _table(False, groups=1, relative_clip=2.0)[0].relative_clip is None  # a lone group is synchronous
+
+
+def test_hogwild_replica_clips_relative_to_its_running_norm():
+    """Hogwild's default: a replica's gradient of more than 2 times the running mean of its norms is scaled down to
+    it before the user's SGD step (weight decay untouched); the user's gradient is given back."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.3, momentum=0.9, weight_decay=0.1)
+    strategy = sd.Hogwild()
+    strategy.optimizer, strategy.params, strategy.groups = opt, [w], 2
+    grads = [torch.tensor([0.5, 1.0, -1.5], dtype=torch.float64), torch.tensor([2.0, -1.0, 0.25], dtype=torch.float64),
+             torch.tensor([-6.0, 8.0, 3.0], dtype=torch.float64)]
+    ref, buf, mean = w.detach().clone(), None, None
+    for grad in grads:
+        w.grad = grad.clone()
+        strategy._local_update(None, lambda closure: opt.step(closure))
+        norm, used = grad.norm().item(), grad
+        if mean is not None and norm > 2 * mean:
+            used, norm = grad * (2 * mean / norm), 2 * mean
+        mean = norm if mean is None else 0.9 * mean + 0.1 * norm
+        d = used + 0.1 * ref
+        buf = d if buf is None else 0.9 * buf + d
+        ref = ref - 0.3 * buf
+        assert torch.equal(w.grad, grad) and opt.param_groups[0]["weight_decay"] == 0.1
+    assert grads[2].norm() > 2 * grads[0].norm()  # the last one was clipped
+    torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-12)
+    assert strategy.grad_norm == pytest.approx(mean, rel=1e-12)
+    with pytest.raises(ValueError, match="relative_clip must be None or a number above 1.*got 0"):
+        sd.Hogwild(relative_clip=0)
+    assert sd.Hogwild().relative_clip == 2.0 and make("hogwild").relative_clip == 2.0

@@ -95,3 +95,32 @@ def test_hogwild_with_topk_trains_like_synchronous():
         # One packet per exchange to the other group, the master of the slices listed in `remote`: a quarter
         # of their elements as float32 values and int32 indices, half the bytes of the dense deltas.
         assert syncs > 0 and sent == syncs * math.ceil(0.25 * sum(remote)) * 8, (sent, syncs, remote)
+
+
+def _constant_gradient_steps():
+    """Each group pushes the same gradient c_g every step (plain SGD, an exchange after every step while the other
+    group steps too; group 1 takes more steps, more slowly)."""
+    import time
+
+    w = torch.nn.Parameter(torch.zeros(7, dtype=torch.float64))
+    c = torch.arange(1.0, 8.0, dtype=torch.float64) * (1 if sd.worker_group() == 0 else -0.5)
+    strategy = sd.Hogwild(sync_freq=1)
+    opt = sd.DistributedOptimizer(torch.optim.SGD([w], lr=0.1), [("w", w)], strategy=strategy)
+    steps = 20 + 7 * sd.worker_group()
+    for _ in range(steps):
+        opt.zero_grad()
+        (w * c).sum().backward()
+        opt.step()
+        time.sleep(0.002 * sd.worker_group())
+    strategy.close()
+    return c, steps, strategy.syncs, w.detach().clone()
+
+
+def test_every_step_counts_once_through_the_exchanges():
+    """No delta is lost or applied twice however the groups' exchanges interleave: every replica ends at the start
+    minus lr times every step of every group (in float64, exactly up to rounding)."""
+    results = hogwild_world(2).run(_constant_gradient_steps, timeout=60)
+    expected = -sum(0.1 * steps * c for c, steps, _, _ in results)
+    for c, steps, syncs, final in results:
+        assert syncs >= steps
+        torch.testing.assert_close(final, expected, rtol=1e-12, atol=1e-12)

@@ -69,6 +69,21 @@ def asynchronous_step(options: dict, staleness: int, groups: int, *, staleness_l
     return out, scale
 
 
+def relative_clip_factor(grads: list, mean: float | None, ratio: float) -> tuple[float, float | None]:
+    """The factor that scales `grads` (None entries skipped) down to `ratio` times `mean`, the running mean of earlier
+    gradients' norms (1.0 when under it, or for the first gradient), and the running mean taking this (clipped) norm
+    with weight 0.1, so norms may still grow 10% per update. A stale update past the edge of stability throws the loss
+    up (the digits CNN's catapults), and its large gradients would feed the momentum for many updates."""
+    given = [g for g in grads if g is not None]
+    if not given:
+        return 1.0, mean
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in given])))
+    factor = 1.0
+    if mean is not None and norm > ratio * mean:
+        factor, norm = ratio * mean / norm, ratio * mean
+    return factor, (norm if mean is None else 0.9 * mean + 0.1 * norm)
+
+
 class _Table:
     """One strategy's slices on this server."""
 
@@ -167,21 +182,9 @@ class _Table:
         return self.group_states[group]
 
     def _clip(self, group: int, grads: list) -> list:
-        """A gradient whose norm (over this server's slices) is more than `relative_clip` times the running mean of the
-        group's is scaled down to that: a stale update past the edge of stability throws the loss up (catapults of the
-        digits CNN), and its large gradients would feed the group's momentum for many updates. The running mean takes
-        each (clipped) norm with weight 0.1, so norms may still grow 10% per update."""
-        given = [g for g in grads if g is not None]
-        if not given:
-            return grads
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in given])))
-        mean = self.grad_norms.get(group)
-        if mean is not None and norm > self.relative_clip * mean:
-            factor = self.relative_clip * mean / norm
-            grads = [None if g is None else g * factor for g in grads]
-            norm = self.relative_clip * mean
-        self.grad_norms[group] = norm if mean is None else 0.9 * mean + 0.1 * norm
-        return grads
+        """The group's gradient clipped relative to its running norm on this server's slices (relative_clip_factor)."""
+        factor, self.grad_norms[group] = relative_clip_factor(grads, self.grad_norms.get(group), self.relative_clip)
+        return grads if factor == 1.0 else [None if g is None else g * factor for g in grads]
 
     def _apply(self, grads: list[torch.Tensor], options: list[dict], values=None, group: int = 0,
                stale: int = 0, others: tuple = (), synchronous: bool = False) -> None:

@@ -257,3 +257,12 @@ def check_remedies(staleness_lr, momentum_correction, **more) -> tuple[bool, ...
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
     return (staleness_lr, momentum_correction, *more.values())
+
+
+def check_relative_clip(ratio) -> float | None:
+    """The asynchronous frameworks' relative gradient clip (ps.server.relative_clip_factor): None (off) or a ratio
+    above 1 to the running mean of the gradient norms."""
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1):
+        raise ValueError(f"relative_clip must be None or a number above 1 (times the running mean of the gradient "
+                         f"norms), got {ratio!r}")
+    return None if ratio is None else float(ratio)

@@ -44,7 +44,7 @@ from ..environment import server_checkpoint_defaults
 from ..functions import allreduce_gradients_, broadcast_flat_
 from ..ps import client as ps_client
 from ..ps import transport
-from .base import AUTOTUNE_MESSAGES, ParameterServerStrategy, check_remedies
+from .base import AUTOTUNE_MESSAGES, ParameterServerStrategy, check_relative_clip, check_remedies
 
 
 class Downpour(ParameterServerStrategy):
@@ -76,11 +76,7 @@ class Downpour(ParameterServerStrategy):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a number of updates (0 or more), got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
-        if relative_clip is not None and (isinstance(relative_clip, bool) or not isinstance(relative_clip, (int, float))
-                                          or not relative_clip > 1):
-            raise ValueError(f"relative_clip must be None or a number above 1 (times the running mean of a group's "
-                             f"gradient norms), got {relative_clip!r}")
-        self.relative_clip = None if relative_clip is None else float(relative_clip)
+        self.relative_clip = check_relative_clip(relative_clip)
         self._init_messages(messages_per_server, autotune_messages, autotune_warmup, autotune_steps)
         self.client = None
         self.local = False

@@ -22,9 +22,9 @@ from .. import primitives, runtime
 from ..functions import broadcast_flat_
 from ..ps import client as ps_client
 from ..ps import transport, wire
-from ..ps.server import asynchronous_step
+from ..ps.server import asynchronous_step, relative_clip_factor
 from ..ps.slicing import slice_params
-from .base import ParameterServerStrategy, check_remedies
+from .base import ParameterServerStrategy, check_relative_clip, check_remedies
 
 _live: dict[int, "Hogwild"] = {}  # session -> strategy, for the masters' RPC handler
 LOST_WAIT_S = 10.0  # how long a failed exchange waits for singa-launch to mark the master's group lost
@@ -54,11 +54,14 @@ def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torc
 class Hogwild(ParameterServerStrategy):
     name = "hogwild"
 
-    def __init__(self, sync_freq: int | None = None, *, staleness_lr: bool = False, momentum_correction: bool = False):
+    def __init__(self, sync_freq: int | None = None, *, staleness_lr: bool = False, momentum_correction: bool = False,
+                 relative_clip: float | None = 2.0):
         if sync_freq is not None and (not isinstance(sync_freq, int) or sync_freq < 1):
             raise ValueError(f"sync_freq must be a positive integer, got {sync_freq!r}")
         self.sync_freq = sync_freq
         self.staleness_lr, self.momentum_correction = check_remedies(staleness_lr, momentum_correction)
+        self.relative_clip = check_relative_clip(relative_clip)
+        self.grad_norm = None  # running mean of this replica's gradient norms (relative_clip)
         self.groups = 1
         self._bytes_last = self._bytes_total = self._received_total = 0
         self.local = False
@@ -165,7 +168,7 @@ class Hogwild(ParameterServerStrategy):
         """The user's optimizer step on this replica as an asynchronous update (ps.server.asynchronous_step): every
         group's steps are summed at the masters, each computed without the other groups' latest, so each counts as
         staleness groups - 1. The user's options and gradients are put back after the step."""
-        if self.groups < 2 or not (self.staleness_lr or self.momentum_correction):
+        if self.groups < 2 or not (self.staleness_lr or self.momentum_correction or self.relative_clip):
             return local_step(closure)
         loss = self._run_closure(closure)
         sgd = isinstance(self.optimizer, torch.optim.SGD)
@@ -175,6 +178,10 @@ class Hogwild(ParameterServerStrategy):
             changed, scale = asynchronous_step(options, self.groups - 1, self.groups, staleness_lr=self.staleness_lr,
                                                momentum_correction=self.momentum_correction, scales_gradient=sgd)
             group.update(changed)
+        if self.relative_clip:  # as Downpour's servers: a catapult's gradients kept out of the replica's momentum
+            clip, self.grad_norm = relative_clip_factor([p.grad for p in self.params], self.grad_norm,
+                                                        self.relative_clip)
+            scale *= clip
         grads = [(p, p.grad.clone()) for p in self.params if p.grad is not None] if scale != 1.0 else []
         try:
             for p, _ in grads:
