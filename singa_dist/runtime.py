@@ -205,7 +205,6 @@ def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve)
         # An elastic job: the rank and size are this worker's place in the newest round that lists it.
         joining = _join_round(_last_round, _state.timeout_s)
         _remember_round(joining.number)
-        _forming_round = joining.number
         rank_, size_, local_rank_, local_size_, _, _ = joining.layout(rendezvous.worker_id())
         found = ("singa-launch", rank_, size_, local_rank_, local_size_)
     alone = found is None
@@ -254,6 +253,7 @@ def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve)
         if alone:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
         elif joining is not None:
+            _forming_round = joining.number  # from here to the end of init(), a failure may be the round breaking
             dist.init_process_group(backend=backend, store=rendezvous.RoundStore(_elastic_store(), joining.number),
                                     rank=proc_rank, world_size=proc_size, timeout=wait)
             _state.elastic_round = joining.number
