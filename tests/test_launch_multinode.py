@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 import torch
@@ -92,18 +93,27 @@ def _assert_same_params(path, reference):
         torch.testing.assert_close(params[key], reference[key], rtol=1e-5, atol=1e-6)
 
 
-def test_two_nodes_with_nnodes(namespaces, reference, tmp_path):
+@pytest.mark.parametrize("spelling", ["node-rank", pytest.param("c10d", marks=pytest.mark.slow)])
+def test_two_nodes_with_nnodes(namespaces, reference, tmp_path, spelling):
+    # node-rank: each node's rank given; c10d: torchrun's command line, the same on both nodes, node b started
+    # first: host a holds the rendezvous endpoint and is node 0 whatever the order.
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     env = {**os.environ, **ENV, "PARAMS_OUT": str(tmp_path / "params.pt"), "EPOCHS": "2"}
     procs = []
     try:
-        for node, side in enumerate("ab"):
-            cmd = ["ip", "netns", "exec", namespaces[side], *LAUNCH, "--nnodes", "2", "--node-rank", str(node),
-                   "--master-addr", ADDR["a"], "--master-port", "29512", "-np", "4",
+        for node, side in enumerate("ab") if spelling == "node-rank" else ((1, "b"), (0, "a")):
+            where = (["--node-rank", str(node), "--master-addr", ADDR["a"], "--master-port", "29512", "-np", "4"]
+                     if spelling == "node-rank" else
+                     ["--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint={ADDR['a']}:29512"])
+            cmd = ["ip", "netns", "exec", namespaces[side], *LAUNCH, "--nnodes", "2", *where,
                    "--network-interface", "sg0", str(script)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                           start_new_session=True))
+            if spelling == "c10d":
+                time.sleep(1.0)
+        if spelling == "c10d":
+            procs.reverse()  # a, then b
         outs = [p.communicate(timeout=180) for p in procs]
     finally:
         for p in procs:
