@@ -182,6 +182,9 @@ def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_pr
     min_np = min_np if min_np is not None else min_num_proc
     max_np = max_np if max_np is not None else max_num_proc
     if min_np is not None or max_np is not None or host_discovery_script is not None:
+        if output_filename is not None:
+            raise ValueError("an elastic run's workers come and go and print to this console, tagged by worker: "
+                             "output_filename is for runs of fixed processes")
         if use_mpi:
             raise ValueError("an elastic run starts its workers itself and joins them over Gloo: use_mpi=True does "
                              "not apply")
@@ -197,7 +200,7 @@ def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_pr
         num_proc = 1
     env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     return _run(func, np=num_proc, args=tuple(args), kwargs=kwargs, env=env, hosts=hosts, use_gloo=use_gloo,
-                use_mpi=use_mpi)
+                use_mpi=use_mpi, output_dir=output_filename)
 
 
 def _hostfile_hosts(hostfile: str) -> str:

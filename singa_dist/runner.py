@@ -38,6 +38,23 @@ FAILURE_GRACE_S = 5.0
 STOP_GRACE_S = 3.0
 
 
+# run(output_dir=...): each rank's stdout and stderr go to DIR/rank.<r>/stdout and stderr (horovod.run's
+# output_filename layout).
+OUTPUT_VARIABLE = "SINGA_RUN_OUTPUT_DIR"
+
+
+def _output_to_files(folder: str) -> None:
+    """This process's file descriptors 1 and 2 (Python's and native code's output alike) go to folder/stdout and
+    folder/stderr."""
+    os.makedirs(folder, exist_ok=True)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        target = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
 class RunError(RuntimeError):
     """Raised by `run()`: `failures` maps each rank that raised to its traceback; `missing` lists the ranks that
     had not finished when the run was stopped."""
@@ -50,6 +67,8 @@ class RunError(RuntimeError):
 
 def _rank_main(index: int, nprocs: int, env: dict, fn, args, kwargs, results) -> None:
     os.environ.update(env)
+    if env.get(OUTPUT_VARIABLE):
+        _output_to_files(os.path.join(env[OUTPUT_VARIABLE], f"rank.{index}"))
     os.environ.update({"RANK": str(index), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(index),
                        "LOCAL_WORLD_SIZE": str(nprocs), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1"})
     if "SINGA_PROC_WORLD_SIZE" in env:  # a topology with separate servers: every process of it runs fn
@@ -76,7 +95,7 @@ def _rank_main(index: int, nprocs: int, env: dict, fn, args, kwargs, results) ->
 
 def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None, timeout: float | None = None,
         env: dict | None = None, hosts: str | None = None, use_gloo: bool | None = None,
-        use_mpi: bool | None = None) -> list:
+        use_mpi: bool | None = None, output_dir: str | None = None) -> list:
     """Run `fn(*args, **kwargs)` on `np` local processes joined in one job; return their results in rank order.
 
     np: the number of processes (default: the slots `hosts` gives, else 2).
@@ -87,6 +106,8 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
          their results are None.
     hosts, use_gloo, use_mpi: horovod.run's. The processes run on this host and meet over Gloo: `hosts` may
          name this host ("localhost:4"); use_mpi=True is refused (singa-launch --mpi runs a script with mpirun).
+    output_dir: each rank's output goes to output_dir/rank.<r>/stdout and .../stderr instead of this console
+         (horovod.run's output_filename).
 
     A rank that raises makes RunError name it, with its traceback, after the others had a moment to report
     too; every process is stopped before run() returns or raises.
@@ -103,6 +124,8 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
         raise ValueError(f"np must be at least 1, got {np}")
     child_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "OMP_NUM_THREADS": "1"}
     child_env.update(env or {})
+    if output_dir is not None:
+        child_env[OUTPUT_VARIABLE] = os.path.abspath(output_dir)
     results = mp.get_context("spawn").Queue()
     context = mp.start_processes(_rank_main, args=(np, child_env, fn, tuple(args), dict(kwargs or {}), results),
                                  nprocs=np, join=False, start_method="spawn")

@@ -95,6 +95,23 @@ def test_horovod_run_keywords():
         hvd.run(_rank_and_size, np=2, use_gloo=True, use_mpi=True)
 
 
+def _say_rank():
+    print(f"out of rank {sd.rank()}", flush=True)
+    os.write(2, f"native err of rank {sd.rank()}\n".encode())  # what native code writes goes there too
+    return sd.rank()
+
+
+def test_horovod_run_output_filename(tmp_path):
+    import singa_dist.horovod as hvd
+
+    assert hvd.run(_say_rank, np=2, output_filename=str(tmp_path / "out")) == [0, 1]
+    for r in (0, 1):
+        assert (tmp_path / "out" / f"rank.{r}" / "stdout").read_text() == f"out of rank {r}\n"
+        assert f"native err of rank {r}\n" in (tmp_path / "out" / f"rank.{r}" / "stderr").read_text()
+    with pytest.raises(ValueError, match="output_filename is for runs of fixed processes"):
+        hvd.run(_say_rank, min_np=1, max_np=2, output_filename=str(tmp_path / "out"))
+
+
 def _train_with_the_job_strategy():
     model = torch.nn.Linear(3, 2)
     opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
