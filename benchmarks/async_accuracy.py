@@ -133,7 +133,8 @@ def _train(args, seed: int, remedies: str) -> dict:
             "staleness_lr": getattr(strategy, "staleness_lr", None),
             "momentum_correction": getattr(strategy, "momentum_correction", None),
             "dana": getattr(strategy, "dana", None), "warmup_steps": getattr(strategy, "warmup_steps", None),
-            "relative_clip": getattr(strategy, "relative_clip", None)}
+            "relative_clip": getattr(strategy, "relative_clip", None),
+            "staleness_rule": "sqrt" if getattr(strategy, "dana", False) else "inverse"}
 
 
 def run_job(framework: str, model: str, seeds: list[int], remedies: list[str], epochs: int) -> list[dict]:
@@ -157,6 +158,8 @@ def _label(run: dict) -> str:
     if (run.get("staleness_lr"), run.get("momentum_correction")) == (None, None):
         return "-"
     on = [name for name in ("staleness_lr", "momentum_correction", "dana") if run.get(name)]
+    if run.get("dana") and run.get("staleness_lr") and run.get("staleness_rule") == "sqrt":
+        on[0] = "staleness_sqrt"  # under DANA a stale update counts 1/sqrt(s + 1) (ps.server.asynchronous_step)
     if run.get("warmup_steps"):
         on.append(f"warmup{run['warmup_steps']}")
     if run.get("relative_clip"):
@@ -173,8 +176,9 @@ def _is_default(framework: str, label: str) -> bool:
     from singa_dist.strategies import strategy_class
 
     default = strategy_class(framework)()
-    return label == _label({name: getattr(default, name, None) for name in
-                            ("staleness_lr", "momentum_correction", "dana", "warmup_steps", "relative_clip")})
+    options = {name: getattr(default, name, None) for name in
+               ("staleness_lr", "momentum_correction", "dana", "warmup_steps", "relative_clip")}
+    return label == _label({**options, "staleness_rule": "sqrt"})
 
 
 def summarize(runs: list[dict]) -> list[dict]:

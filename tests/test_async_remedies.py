@@ -37,6 +37,12 @@ def test_rule_against_hand_computation():
     assert _rule({"lr": 0.1, "momentum": 0.3}, 1, 8, lr=False)[0]["momentum"] == 0.0
     adam = {"lr": 1e-3, "betas": (0.9, 0.999)}
     assert _rule(adam, 1, 2, sgd=False) == ({"lr": pytest.approx(5e-4), "betas": (0.9, 0.999)}, 1.0)
+    # Under DANA a stale update counts 1 / sqrt(s + 1): 3 versions old, a half.
+    dana = server.asynchronous_step(sgd, 3, 4, staleness_lr=True, momentum_correction=False, scales_gradient=True,
+                                    dana=True)
+    assert dana == ({**sgd, "weight_decay": pytest.approx(1e-4 / 2)}, pytest.approx(1 / 2))
+    assert server.asynchronous_step(adam, 8, 2, staleness_lr=True, momentum_correction=False, scales_gradient=False,
+                                    dana=True) == ({"lr": pytest.approx(1e-3 / 3), "betas": (0.9, 0.999)}, 1.0)
 
 
 def _table(momentum_correction: bool, groups: int = 2, **more):
@@ -120,7 +126,7 @@ def _constant_gradient_run(staleness_lr: bool):
     its first updates are stale; plain SGD, so the servers' final value is w0 - sum over updates of lr_u * c_g."""
     w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
     c = torch.arange(1.0, 6.0, dtype=torch.float64) * (1 if sd.worker_group() == 0 else -0.5)
-    strategy = sd.Downpour(staleness_lr=staleness_lr, momentum_correction=False)
+    strategy = sd.Downpour(staleness_lr=staleness_lr, momentum_correction=False, dana=False)  # Zhang et al.'s share
     opt = sd.DistributedOptimizer(torch.optim.SGD([w], lr=0.1), [("w", w)], strategy=strategy)
     if sd.worker_group() == 1:
         time.sleep(0.3)  # group 0 runs ahead: group 1's first push is several versions stale
@@ -204,7 +210,8 @@ def test_warm_start_goes_on_without_a_group_that_left():
 @pytest.mark.parametrize("staleness_lr", [False, True])
 def test_dana_steps_each_group_with_its_own_momentum_and_answers_looked_ahead(staleness_lr):
     """Group 0, group 1, group 0 again (each read the values after its own last update): each gradient enters its
-    own group's momentum buffer; the values answered are w - lr * momentum * (sum of the groups' buffers)."""
+    own group's momentum buffer, a stale one counting 1 / sqrt(s + 1); the values answered are
+    w - lr * momentum * (sum of the groups' buffers)."""
     table, w, options = _sgd_table(dana=True, staleness_lr=staleness_lr)
     g = _grads(3)
     bufs = {}
@@ -213,7 +220,7 @@ def test_dana_steps_each_group_with_its_own_momentum_and_answers_looked_ahead(st
         server._complete(done)
         version, values, seen = future.wait()
         assert seen == stale
-        share = 1 / (stale + 1) if staleness_lr else 1.0
+        share = (stale + 1) ** -0.5 if staleness_lr else 1.0
         d = (grad + 0.01 * w) * share
         bufs[group] = d if group not in bufs else 0.9 * bufs[group] + d
         w = w - 0.1 * bufs[group]
@@ -278,8 +285,8 @@ def test_warm_start_and_dana_options_are_checked():
 
 
 def _warm_start_run():
-    """Each group pushes a constant gradient c_g (plain SGD, staleness_lr): the first 3 updates are synchronous (the
-    groups' mean, fresh), the others asynchronous (c_g counting 1/(s + 1))."""
+    """Each group pushes a constant gradient c_g (plain SGD, staleness_lr and DANA by default): the first 3 updates are
+    synchronous (the groups' mean, fresh), the others asynchronous (c_g counting 1/sqrt(s + 1))."""
     w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
     c = torch.arange(1.0, 6.0, dtype=torch.float64) * (1 if sd.worker_group() == 0 else -0.5)
     strategy = sd.Downpour(warmup_steps=3)
@@ -304,7 +311,7 @@ def test_warm_start_in_a_downpour_job():
     results = world.run(_warm_start_run, timeout=60)
     for _, seen, versions, _ in results:
         assert versions[:3] == [1, 2, 3] and seen[:3] == [0, 0, 0], (versions, seen)  # in step, every update fresh
-    expected = -sum(0.1 * c * (3 / 2 + sum(1 / (s + 1) for s in seen[3:])) for c, seen, _, _ in results)
+    expected = -sum(0.1 * c * (3 / 2 + sum((s + 1) ** -0.5 for s in seen[3:])) for c, seen, _, _ in results)
     for _, _, _, final in results:
         torch.testing.assert_close(final, expected, rtol=1e-12, atol=1e-12)
 
@@ -328,7 +335,7 @@ def test_relative_clip_scales_a_gradient_far_above_the_groups_running_norm():
         if group in means and norm > 2 * means[group]:
             grad, norm = grad * (2 * means[group] / norm), 2 * means[group]
         means[group] = norm if group not in means else 0.9 * means[group] + 0.1 * norm
-        d = (grad + 0.01 * w) / (stale + 1)
+        d = (grad + 0.01 * w) * (stale + 1) ** -0.5
         bufs[group] = d if group not in bufs else 0.9 * bufs[group] + d
         w = w - 0.1 * bufs[group]
         torch.testing.assert_close(values[0], w - 0.09 * sum(bufs.values()), rtol=1e-12, atol=1e-12)

@@ -12,8 +12,9 @@ would put a computing group more than N behind until that group has pushed). Non
 
 `staleness_lr` (on), `momentum_correction` (off): the servers' remedies for asynchrony, so that the user's
 synchronous hyperparameters work unchanged (ps.server.asynchronous_step; Zhang et al. 2016, Mitliagkas et al.
-2016): an update computed on values s versions old counts 1/(s + 1); the explicit momentum is lowered by the
-implicit momentum of G groups, 1 - 1/G. Defaults as measured by benchmarks/async_accuracy.py.
+2016): an update computed on values s versions old counts 1/(s + 1) (with `dana`, 1/sqrt(s + 1): the look-ahead
+already covers the momentum's part of the staleness); the explicit momentum is lowered by the implicit momentum of
+G groups, 1 - 1/G. Defaults as measured by benchmarks/async_accuracy.py.
 
 `dana` (on): DANA (Hakimi et al. 2019, "Taming momentum in a distributed asynchronous environment"): the servers keep
 the optimizer state (momentum) of each worker group apart, and answer a push with the values looked ahead by the

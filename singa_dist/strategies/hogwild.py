@@ -9,7 +9,10 @@ into its replica at its next step, so after everyone's sync it holds the sum of 
 
 `staleness_lr`, `momentum_correction` (both off: benchmarks/async_accuracy.py measured no gain): the remedies for
 asynchrony of Downpour's servers (ps.server.asynchronous_step) applied to each replica's own step, which the
-masters sum with the G - 1 other groups' steps: it counts as staleness G - 1.
+masters sum with the G - 1 other groups' steps: it counts as staleness G - 1. `relative_clip` (2.0): a gradient of more
+than that many times the running mean of the replica's gradient norms is scaled down to it before the step
+(ps.server.relative_clip_factor, as Downpour's servers do): the digits CNN's low seeds were catapults whose large
+gradients then fed the replica's momentum. None: no clip.
 """
 from __future__ import annotations
 
