@@ -9,27 +9,26 @@
 
     losses = sd.run(train, np=2, args=(0.1,))
 
-Each process starts fresh (torch.multiprocessing's spawn), with one intra-op thread as `singa-launch` gives
-processes that share a host, calls `sd.init()`, runs `fn(*args, **kwargs)` and `sd.shutdown()`. `fn`, its
-arguments and its results travel by pickle: `fn` must be importable by name (a module-level function).
+Each process starts fresh (`python -m singa_dist.run_task`), with one intra-op thread as `singa-launch` gives
+processes that share a host, calls `sd.init()`, runs `fn(*args, **kwargs)` and `sd.shutdown()`. `fn` and its
+arguments travel by cloudpickle, as horovod.run sends them: a function of the calling script or of a notebook goes
+by value, and the calling script is not run again in the processes (it needs no `if __name__ == "__main__"`
+guard). The results travel by pickle.
 """
 from __future__ import annotations
 
 import os
 import pickle
-import queue as queue_module
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 import cloudpickle
-import torch
-import torch.multiprocessing as mp
 
-from . import runtime
 from .environment import free_port
 
 # After a rank fails, the others get this long to report (those waiting for it in a collective fail too).
@@ -65,34 +64,6 @@ class RunError(RuntimeError):
         self.missing = missing
 
 
-def _rank_main(index: int, nprocs: int, env: dict, fn, args, kwargs, results) -> None:
-    os.environ.update(env)
-    if env.get(OUTPUT_VARIABLE):
-        _output_to_files(os.path.join(env[OUTPUT_VARIABLE], f"rank.{index}"))
-    os.environ.update({"RANK": str(index), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(index),
-                       "LOCAL_WORLD_SIZE": str(nprocs), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1"})
-    if "SINGA_PROC_WORLD_SIZE" in env:  # a topology with separate servers: every process of it runs fn
-        os.environ["SINGA_PROC_RANK"] = str(index)
-    torch.set_num_threads(1)
-    try:
-        runtime.init()
-        results.put((index, "returned", pickle.dumps(fn(*args, **kwargs))))
-    except runtime.ServerDone:  # a parameter server: init() served until the workers were done
-        results.put((index, "returned", pickle.dumps(None)))
-        results.put((index, "left", None))
-        return
-    except BaseException:
-        results.put((index, "error", traceback.format_exc()))
-        runtime.shutdown()  # with the exception in flight: leaves without waiting for the others
-        raise SystemExit(1) from None
-    try:
-        runtime.shutdown()
-    except BaseException:
-        results.put((index, "error", traceback.format_exc()))
-        raise SystemExit(1) from None
-    results.put((index, "left", None))
-
-
 def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None, timeout: float | None = None,
         env: dict | None = None, hosts: str | None = None, use_gloo: bool | None = None,
         use_mpi: bool | None = None, output_dir: str | None = None) -> list:
@@ -122,21 +93,37 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
         raise ValueError(f"{np} processes requested but hosts={hosts!r} gives {slots} slots")
     if np < 1:
         raise ValueError(f"np must be at least 1, got {np}")
-    child_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "OMP_NUM_THREADS": "1"}
+    child_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")),
+                 "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                 "WORLD_SIZE": str(np), "LOCAL_WORLD_SIZE": str(np), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1"}
     child_env.update(env or {})
     if output_dir is not None:
         child_env[OUTPUT_VARIABLE] = os.path.abspath(output_dir)
-    results = mp.get_context("spawn").Queue()
-    context = mp.start_processes(_rank_main, args=(np, child_env, fn, tuple(args), dict(kwargs or {}), results),
-                                 nprocs=np, join=False, start_method="spawn")
+    folder = tempfile.mkdtemp(prefix="singa-run-")
+    processes = []
     try:
-        values, failures, missing = _collect(context.processes, results, timeout)
+        _write_task(folder, fn, args, kwargs)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for index in range(np):
+            rank_env = {**child_env, "RANK": str(index), "LOCAL_RANK": str(index)}
+            if "SINGA_PROC_WORLD_SIZE" in rank_env:  # a topology with separate servers: every process of it runs fn
+                rank_env["SINGA_PROC_RANK"] = str(index)
+            processes.append(subprocess.Popen([sys.executable, "-m", "singa_dist.run_task", folder, str(index)],
+                                              env=rank_env, stdin=subprocess.DEVNULL, start_new_session=True))
+        values, failures, missing = _collect(processes, folder, timeout)
     finally:
-        _stop(context.processes)
-        results.close()
+        _stop(processes)
+        shutil.rmtree(folder, ignore_errors=True)
     if failures or missing:
         raise RunError(_describe(failures, missing, timeout), failures, missing)
     return [values[r] for r in range(np)]
+
+
+def _write_task(folder: str, fn, args, kwargs) -> None:
+    with open(os.path.join(folder, "task"), "wb") as f:
+        # By value where it must be (a function of the caller's script or notebook), as horovod.run sends it.
+        cloudpickle.dump((fn, tuple(args), dict(kwargs or {})), f)
 
 
 def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: int | None = None, args: tuple = (),
@@ -158,9 +145,7 @@ def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: in
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                  **(env or {})}
     with tempfile.TemporaryDirectory(prefix="singa-run-") as folder:
-        with open(os.path.join(folder, "task"), "wb") as f:
-            # By value where it must be (a function of the caller's script), as horovod.run sends it.
-            cloudpickle.dump((fn, tuple(args), dict(kwargs or {})), f)
+        _write_task(folder, fn, args, kwargs)
         sys.stdout.flush()
         sys.stderr.flush()
         code = subprocess.call(argv + [sys.executable, "-m", "singa_dist.run_task", folder], env=child_env,
@@ -200,40 +185,50 @@ def local_slots(hosts: str | None) -> int | None:
     return total
 
 
-def _collect(processes, results, timeout: float | None):
+def _report(folder: str, kind: str, index: int):
+    """What rank `index` left in the run's folder (run_task writes each file whole): the pickled value for
+    "returned", the traceback for "error", True for "left"; None while it has not."""
+    path = os.path.join(folder, f"{kind}.{index}")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    return data if kind == "returned" else data.decode("utf-8", "replace") if kind == "error" else True
+
+
+def _collect(processes, folder: str, timeout: float | None):
     """Read the ranks' reports until all have returned and left the job, one failed (plus a grace period for
     the others to report), or time is up. Returns (values, failures, missing)."""
     np = len(processes)
     deadline = None if timeout is None else time.monotonic() + timeout
     values: dict[int, object] = {}
     left: set[int] = set()
-    failures: dict[int, str] = {}  # in the order they arrived: the first is most likely the cause
-    silent_since: dict[int, float] = {}
+    failures: dict[int, str] = {}  # in the order they were found: the first is most likely the cause
     stop_at = None
     while len(left) + len(failures) < np:
         now = time.monotonic()
         if (deadline is not None and now >= deadline) or (stop_at is not None and now >= stop_at):
             break
-        try:
-            index, kind, payload = results.get(timeout=0.1)
-        except queue_module.Empty:
-            for index, process in enumerate(processes):
-                if index in left or index in failures or process.exitcode is None:
-                    continue
-                # Ended without a last report (killed, or crashed in native code): give what it sent time to
-                # arrive through the queue, then count it as failed.
-                first = silent_since.setdefault(index, now)
-                if now - first > 1.0:
-                    failures[index] = f"the process ended without a report, {_exit_status(process.exitcode)}"
-                    stop_at = stop_at or now + FAILURE_GRACE_S
-            continue
-        if kind == "returned":
-            values[index] = pickle.loads(payload)
-        elif kind == "left":
-            left.add(index)
-        else:
-            failures[index] = payload
-            stop_at = stop_at or time.monotonic() + FAILURE_GRACE_S
+        for index, process in enumerate(processes):
+            if index in left or index in failures:
+                continue
+            ended = process.poll() is not None  # read before the files: a report written before the end is seen
+            if index not in values:
+                value = _report(folder, "returned", index)
+                if value is not None:
+                    values[index] = pickle.loads(value)
+            error = _report(folder, "error", index)
+            if error is not None:
+                failures[index] = error
+            elif _report(folder, "left", index):
+                left.add(index)
+            elif ended:  # killed, or crashed in native code, without a last report
+                failures[index] = f"the process ended without a report, {_exit_status(process.returncode)}"
+            else:
+                continue
+            if index in failures:
+                stop_at = stop_at or now + FAILURE_GRACE_S
+        time.sleep(0.02)
     # A rank that returned and waits in shutdown() for the others is not the one missing.
     missing = [r for r in range(np) if r not in values and r not in failures]
     if not missing and not failures and len(left) < np:
@@ -265,14 +260,23 @@ def _describe(failures: dict[int, str], missing: list[int], timeout: float | Non
 
 
 def _stop(processes) -> None:
-    """SIGTERM the processes still running, SIGKILL those that outlive STOP_GRACE_S."""
+    """SIGTERM the processes still running, SIGKILL those that outlive STOP_GRACE_S, and whatever they left in
+    their sessions."""
     for process in processes:
-        if process.is_alive():
+        if process.poll() is None:
             process.terminate()
     deadline = time.monotonic() + STOP_GRACE_S
     for process in processes:
-        process.join(timeout=max(deadline - time.monotonic(), 0.05))
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.05))
+        except subprocess.TimeoutExpired:
+            pass
     for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass

@@ -2,12 +2,17 @@
 process left behind."""
 import multiprocessing
 import os
+import sys
+import textwrap
 import time
 
 import pytest
 import torch
 
 import singa_dist as sd
+from tests.dist_harness import run_command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _identity(offset):
@@ -93,6 +98,23 @@ def test_horovod_run_keywords():
         sd.run(_rank_and_size, np=3, hosts="localhost:2")
     with pytest.raises(ValueError, match="use_gloo and use_mpi"):
         hvd.run(_rank_and_size, np=2, use_gloo=True, use_mpi=True)
+
+
+def test_horovod_run_from_a_script_without_a_main_guard(tmp_path):
+    # As Horovod users write it: the function lives in the script, which calls horovod.run at its top level. The
+    # function goes by value; the script is not run again in the processes (spawn would, and start a run there).
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import singa_dist.horovod as hvd
+        SCALE = 10
+        def train(offset):
+            hvd.init()
+            return hvd.rank() * SCALE + offset
+        print("results", hvd.run(train, args=(1,), np=2), flush=True)
+    """))
+    res = run_command([sys.executable, str(script)], timeout=120, env={"PYTHONPATH": ROOT})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("results") == 1 and "results [1, 11]" in res.stdout, res.stdout
 
 
 def _say_rank():
