@@ -48,7 +48,9 @@ REMEDIES = {"default": None,
             "dana": {"staleness_lr": False, "momentum_correction": False, "dana": True, **NO_CLIP},
             "staleness_lr+dana": {"staleness_lr": True, "momentum_correction": False, "dana": True, **NO_CLIP},
             "warmup": {"staleness_lr": True, "momentum_correction": False, "dana": True, "warmup_steps": 22,
-                       **NO_CLIP}}
+                       **NO_CLIP},
+            "staleness_lr+clip": {"staleness_lr": True, "momentum_correction": False, "dana": False,
+                                  "relative_clip": 2.0}}
 OWN_REMEDIES = {"dana", "warmup_steps"}  # Downpour/Hybrid's only: Hogwild runs its variant without them
 
 
