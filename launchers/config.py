@@ -81,6 +81,7 @@ class ElasticSpec:
     host_failures: int = 3  # failures after which a host is left out
     elastic_timeout: float = 600.0  # how long the job may stay below min_np
     reset_limit: int | None = None
+    agents: bool = False  # nodes each run singa-launch (--rdzv-backend c10d): the one at the endpoint drives the job
 
     def __post_init__(self):
         if self.min_np < 1:
@@ -582,15 +583,18 @@ def parse_args(argv: list[str]) -> LaunchConfig:
     except ValueError:
         raise UsageError(f"--local-ranks-filter wants local ranks such as 0 or 0,2, got "
                          f"{args.local_ranks_filter!r}") from None
+    agents = False  # an elastic job of nodes that each run singa-launch, meeting at --rdzv-endpoint
     if isinstance(args.nnodes, tuple):
         # torchrun's elastic --nnodes MIN:MAX, in this launcher's terms: workers, --nproc-per-node a node.
         low, high = args.nnodes
         if not 1 <= low <= high:
             raise UsageError(f"--nnodes MIN:MAX wants 1 <= MIN <= MAX, got {low}:{high}")
         if not args.host_discovery_script:
-            raise UsageError("--nnodes MIN:MAX runs an elastic job from this launcher: give "
-                             "--host-discovery-script (it prints the nodes, host:slots a line); nodes that each run "
-                             "singa-launch with a c10d rendezvous form a job of fixed size: --nnodes N")
+            if backend != "c10d" or not args.rdzv_endpoint:
+                raise UsageError("--nnodes MIN:MAX is an elastic job: run it from one launcher with "
+                                 "--host-discovery-script (it prints the nodes, host:slots a line), or on every node "
+                                 "with --rdzv-backend c10d --rdzv-endpoint HOST[:PORT] (as torchrun)")
+            agents = True
         per_node = args.nproc_per_node or 1
         args.min_np = args.min_np if args.min_np is not None else low * per_node
         args.max_np = args.max_np if args.max_np is not None else high * per_node
@@ -687,7 +691,7 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         metrics=interval, autotune=args.autotune, server_checkpoint_dir=checkpoint_dir,
         server_checkpoint_every=args.server_checkpoint_every, run_id=args.rdzv_id, console_ranks=console_ranks)
 
-    if args.min_np is not None or args.max_np is not None or args.host_discovery_script:
+    if args.min_np is not None or args.max_np is not None or args.host_discovery_script or agents:
         if args.mpi or args.hosts or args.hostfile or args.nnodes:
             raise UsageError("an elastic job (--min-np/--max-np/--host-discovery-script) is started by this "
                              "launcher alone: give its hosts through --host-discovery-script, not --mpi, --hosts "
@@ -701,7 +705,8 @@ def parse_args(argv: list[str]) -> LaunchConfig:
             raise UsageError("an elastic job's workers come and go and print to this console, tagged by worker; "
                              "--log-dir and --tee are for jobs of fixed processes")
         min_np = args.min_np if args.min_np is not None else 1
-        initial = args.np if args.np is not None else None if args.host_discovery_script else min_np
+        # (with agents the job starts once min_np slots have come, with as many as have come by then)
+        initial = args.np if args.np is not None else None if args.host_discovery_script and not agents else min_np
         if args.max_np is not None:
             max_np = args.max_np
         else:  # as many as discovery offers, or as started
@@ -710,7 +715,7 @@ def parse_args(argv: list[str]) -> LaunchConfig:
                            max_np=max_np, discovery_script=args.host_discovery_script,
                            discovery_interval=args.discovery_interval, slots=args.slots,
                            host_failures=args.host_failures, elastic_timeout=args.elastic_timeout,
-                           reset_limit=args.reset_limit)
+                           reset_limit=args.reset_limit, agents=agents)
         topology = ClusterTopology.for_strategy(args.strategy, spec.initial_np)
         return LaunchConfig(topology=topology, node_procs=[spec.initial_np],
                             master_addr=args.master_addr or "127.0.0.1", master_port=args.master_port or free_port(),

@@ -24,10 +24,13 @@ connection, so a lost host takes only its own workers with it.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -93,9 +96,13 @@ class ElasticDriver:
                                    timeout=datetime.timedelta(seconds=30))
         self._next_discovery = 0.0
         self._slots: dict[str, int] = {}
+        self.label = f"{socket.gethostname()}/0" if self.spec.agents else "localhost"
+        self.agents = AgentBoard(self.store) if self.spec.agents else None
 
     # ---------------------------------------------------------------------------------------------- hosts
     def discover(self) -> dict[str, int]:
+        if self.spec.agents:  # this node, and every node whose launcher has joined and still beats
+            return {self.label: self.spec.slots, **{a.label: self.spec.slots for a in self.agents.live()}}
         if not self.spec.discovery_script:
             return {"localhost": self.spec.initial_np}
         try:
@@ -127,7 +134,8 @@ class ElasticDriver:
         for host, slots in self._slots.items():
             if host in self.left_out:
                 continue
-            if not _is_local(host) and self.cfg.master_addr in ("127.0.0.1", "localhost", "::1"):
+            if not self.spec.agents and not _is_local(host) and self.cfg.master_addr in ("127.0.0.1", "localhost",
+                                                                                            "::1"):
                 say(f"host {host} is not this one, and the workers there cannot reach the job's store at "
                     f"{self.cfg.master_addr}: give --master-addr (this host's address); leaving {host} out")
                 self.left_out.add(host)
@@ -146,7 +154,11 @@ class ElasticDriver:
         if self.spec.reset_limit is not None:
             env["SINGA_ELASTIC_RESET_LIMIT"] = str(self.spec.reset_limit)
         argv = [sys.executable, "-m", "launchers.lifeline", *self.cfg.command]
-        if _is_local(host):
+        if self.spec.agents and host != self.label:  # its node's launcher starts it and reports its end
+            worker = _Worker(wid, host, self.agents.start(host, wid, env))
+            self.workers[wid] = worker
+            return worker
+        if self.spec.agents or _is_local(host):
             proc = subprocess.Popen(argv, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         else:
@@ -171,6 +183,9 @@ class ElasticDriver:
         return worker
 
     def stop(self, worker: _Worker, grace: float) -> None:
+        if isinstance(worker.proc, AgentWorker):
+            worker.proc.stop(grace)
+            return
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             if worker.proc.poll() is not None:
                 break
@@ -206,6 +221,13 @@ class ElasticDriver:
     # ---------------------------------------------------------------------------------------------- the job
     def run(self) -> int:
         self._slots = self.discover()
+        if self.spec.agents:  # the job starts once --nnodes MIN nodes have come, with all that have by then
+            deadline = time.monotonic() + self.spec.elastic_timeout
+            while len(self._free_slots()) < self.spec.min_np and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+                self._slots = self.discover()
+            if len(self._free_slots()) >= self.spec.min_np:
+                self.spec = dataclasses.replace(self.spec, initial_np=len(self._free_slots()))
         self._next_discovery = time.monotonic() + self.spec.discovery_interval
         first = self._free_slots()[:self.spec.initial_np]
         if len(first) < self.spec.min_np:
@@ -213,11 +235,15 @@ class ElasticDriver:
             return 1
         self.publish([self.spawn(host).id for host in first])
         say(f"elastic job: {len(first)} workers (min {self.spec.min_np}, max {self.spec.max_np})")
+        code = 1
         try:
-            return self._watch()
+            code = self._watch()
+            return code
         finally:
             for worker in self._running():
                 self.stop(worker, self.cfg.grace_period)
+            if self.agents is not None:
+                self.agents.finish(code)
             for worker in self.workers.values():
                 for t in worker.copiers:
                     t.join(timeout=2.0)
@@ -244,7 +270,8 @@ class ElasticDriver:
             if not running:
                 say(f"job failed: every worker stopped ({self.first_failure or 'no worker finished'})")
                 return 1
-            if time.monotonic() >= self._next_discovery and self.spec.discovery_script and not finished:
+            if time.monotonic() >= self._next_discovery and (self.spec.discovery_script or self.spec.agents) \
+                    and not finished:
                 # (once a worker has finished well the job is ending: its slot is not filled again)
                 self._slots = self.discover()
                 self._next_discovery = time.monotonic() + self.spec.discovery_interval
@@ -265,6 +292,9 @@ class ElasticDriver:
     def _failed(self, worker: _Worker) -> bool:
         """A worker ended with an error: break its round, count its host's failure. True: the members changed."""
         what = f"worker {worker.id} on {worker.host} {describe_exit(worker.code)}"
+        if isinstance(worker.proc, AgentWorker) and worker.proc.lost:
+            what = (f"worker {worker.id} on {worker.host} was lost with its node's launcher (no heartbeat for "
+                    f"{AGENT_STALE_S:g} s)")
         self.first_failure = self.first_failure or what
         for number, members in self.rounds.items():  # the round it trains in, and a newer one still forming
             if worker.id in members:
@@ -292,9 +322,14 @@ class ElasticDriver:
 
 
 def run_elastic(cfg: LaunchConfig) -> int:
+    if cfg.elastic.agents and not _is_local(cfg.master_addr):
+        return run_agent(cfg)  # the rendezvous endpoint is another node's: its launcher drives the job
     try:
         driver = ElasticDriver(cfg)
     except Exception as exc:
+        if cfg.elastic.agents and not (_is_local(cfg.master_addr) and _port_free(cfg.master_port)):
+            # Another node's launcher (or this host's first) holds the rendezvous: this one serves it as an agent.
+            return run_agent(cfg)
         say(f"cannot host the job's store at port {cfg.master_port}: {exc}")
         return 1
     try:
@@ -302,3 +337,194 @@ def run_elastic(cfg: LaunchConfig) -> int:
     except KeyboardInterrupt:
         say("stopped by signal SIGINT")
         return 128 + signal.SIGINT
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Several nodes, each running singa-launch with --nnodes MIN:MAX --rdzv-backend c10d --rdzv-endpoint HOST[:PORT]
+# (torchrun's command line): the launcher that opens the store at the endpoint drives the job as above; every other
+# one is an agent for its node. An agent announces its node and beats in the store, starts the workers the driver
+# asks for on its node, stops those it is told to stop, and reports each one's end. A node whose agent stops beating
+# (killed, host gone) counts as failed with all its workers: the driver goes on without them.
+
+AGENTS = "singa/agents/"
+AGENT_BEAT_S = 0.5
+AGENT_STALE_S = 3.0  # an agent whose heartbeat stood still this long is gone, with its workers
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class _Agent:
+    number: int
+    label: str
+    beat: str = ""
+    changed: float = 0.0
+
+
+class AgentBoard:
+    """The driver's view of the agents: who has joined, who still beats; starting and stopping workers there."""
+
+    def __init__(self, store):
+        self.store = store
+        self.known: dict[int, _Agent] = {}
+
+    def _refresh(self) -> None:
+        count = int(self.store.add(AGENTS + "count", 0))
+        now = time.monotonic()
+        for n in range(1, count + 1):
+            if n not in self.known and self.store.check([f"{AGENTS}{n}/host"]):
+                self.known[n] = _Agent(n, f"{self.store.get(f'{AGENTS}{n}/host').decode()}/{n}", changed=now)
+        for agent in self.known.values():
+            key = f"{AGENTS}{agent.number}/alive"
+            beat = self.store.get(key).decode() if self.store.check([key]) else ""
+            if beat != agent.beat:
+                agent.beat, agent.changed = beat, now
+
+    def live(self) -> list[_Agent]:
+        self._refresh()
+        now = time.monotonic()
+        return [a for a in self.known.values() if now - a.changed < AGENT_STALE_S]
+
+    def agent(self, label: str) -> _Agent:
+        return next(a for a in self.known.values() if a.label == label)
+
+    def start(self, label: str, wid: int, env: dict) -> "AgentWorker":
+        agent = self.agent(label)
+        index = self.store.add(f"{AGENTS}{agent.number}/spawn/count", 1)
+        self.store.set(f"{AGENTS}{agent.number}/spawn/{index}", json.dumps({"id": wid, "env": env}))
+        return AgentWorker(self, agent, wid)
+
+    def finish(self, code: int) -> None:
+        """Tell every agent the job is over (they stop what runs there and end with this status)."""
+        try:
+            self.store.set(AGENTS + "done", str(code))
+            deadline = time.monotonic() + 2 * AGENT_STALE_S
+            while time.monotonic() < deadline and any(
+                    not self.store.check([f"{AGENTS}{a.number}/gone"]) for a in self.live()):
+                time.sleep(POLL_S)
+        except Exception:
+            pass
+
+
+class AgentWorker:
+    """A worker on another node, as far as the driver's loop needs a process: poll(), wait(), stop()."""
+
+    def __init__(self, board: AgentBoard, agent: _Agent, wid: int):
+        self.board, self.agent, self.wid = board, agent, wid
+        self.returncode: int | None = None
+        self.pid = None
+        self.lost = False  # its node's launcher stopped beating: its end is presumed
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            key = f"{AGENTS}{self.agent.number}/exit/{self.wid}"
+            if self.board.store.check([key]):
+                self.returncode = int(self.board.store.get(key))
+            elif self.agent not in self.board.live():
+                self.returncode, self.lost = -signal.SIGKILL, True  # its node's launcher is gone, and the worker
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("worker", timeout)
+            time.sleep(POLL_S)
+        return self.returncode
+
+    def stop(self, grace: float) -> None:
+        if self.poll() is None:
+            self.board.store.set(f"{AGENTS}{self.agent.number}/stop/{self.wid}", str(grace))
+            try:
+                self.wait(grace + 5.0 + AGENT_STALE_S)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def run_agent(cfg: LaunchConfig) -> int:
+    """This node's part in an elastic job of several launchers: start, watch and report the workers the driver (the
+    launcher at the rendezvous endpoint) asks for here, until it says the job is over."""
+    timeout = max(cfg.rendezvous_timeout, 1.0)
+    try:
+        store = dist.TCPStore(cfg.master_addr, cfg.master_port, is_master=False, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=timeout))
+        store.set_timeout(datetime.timedelta(seconds=30))
+        number = int(store.add(AGENTS + "count", 1))
+        store.set(f"{AGENTS}{number}/host", socket.gethostname())
+    except Exception as exc:
+        say(f"the elastic job's rendezvous at {cfg.master_addr}:{cfg.master_port} did not answer: {exc}")
+        return 1
+    prefix = f"{AGENTS}{number}/"
+    say(f"this node joined the elastic job at {cfg.master_addr}:{cfg.master_port} (node {number}, "
+        f"{cfg.elastic.slots} slot(s))")
+    workers: dict[int, _Worker] = {}
+    started, beat = 0, 0
+    code = 1
+    try:
+        while True:
+            store.set(prefix + "alive", str(beat))
+            beat += 1
+            if store.check([AGENTS + "done"]):
+                code = int(store.get(AGENTS + "done"))
+                break
+            while store.check([f"{prefix}spawn/{started + 1}"]):
+                started += 1
+                request = json.loads(store.get(f"{prefix}spawn/{started}"))
+                workers[request["id"]] = _start_here(cfg, request["id"], request["env"])
+            for wid, worker in workers.items():
+                if worker.code is not None:
+                    continue
+                if store.check([f"{prefix}stop/{wid}"]):
+                    _stop_here(worker, float(store.get(f"{prefix}stop/{wid}")))
+                worker.code = worker.proc.poll()
+                if worker.code is not None:
+                    store.set(f"{prefix}exit/{wid}", str(worker.code))
+            time.sleep(AGENT_BEAT_S / 5)
+    except Exception as exc:  # the driver's store is gone: the job ended badly, or the driver's node did
+        say(f"the elastic job's driver at {cfg.master_addr}:{cfg.master_port} stopped answering ({exc}); stopping "
+            "this node's workers")
+        code = 1
+    finally:
+        for worker in workers.values():
+            if worker.proc.poll() is None:
+                _stop_here(worker, cfg.grace_period)
+            for t in worker.copiers:
+                t.join(timeout=2.0)
+        try:
+            store.set(prefix + "gone", "1")
+        except Exception:
+            pass
+    return code
+
+
+def _start_here(cfg: LaunchConfig, wid: int, env: dict) -> _Worker:
+    proc = subprocess.Popen([sys.executable, "-m", "launchers.lifeline", *cfg.command],
+                            env={**os.environ, **env, "SINGA_LAUNCHER_PID": str(os.getpid())},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    worker = _Worker(wid, socket.gethostname(), proc)
+    for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer)):
+        t = threading.Thread(target=copy_tagged, args=(pipe, out, str(wid)), daemon=True)
+        t.start()
+        worker.copiers.append(t)
+    return worker
+
+
+def _stop_here(worker: _Worker, grace: float) -> None:
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if worker.proc.poll() is not None:
+            return
+        try:
+            os.killpg(worker.proc.pid, sig)
+            worker.proc.wait(timeout=wait)
+        except (ProcessLookupError, PermissionError):
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ import singa_dist.horovod as hvd
 from launchers.elastic import parse_discovered
 from launchers.launch import main as launch_main
 from singa_dist.rendezvous import Round
-from tests.dist_harness import run_command
+from singa_dist.environment import free_port
+from tests.dist_harness import kill_session, run_command
 from tests.test_launch_multinode import ADDR, SSH_STAND_IN, namespaces  # noqa: F401 (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +113,38 @@ def test_added_worker_joins_at_the_next_commit(tmp_path):
 
 
 @pytest.mark.slow
+def test_nodes_each_running_the_launcher_as_torchrun(tmp_path):
+    # torchrun's command line on two "nodes" (two launchers on this host): the one that opens the rendezvous
+    # endpoint drives the job and starts at once (--nnodes 1:2: one node is enough); the second one joins as an
+    # agent, its worker joins at the next commit (size 2); then that node's launcher is killed outright (its worker
+    # dies with it): the job goes on with 1 worker from its last commit and finishes.
+    port = str(free_port())
+    cmd = LAUNCH + ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                    f"127.0.0.1:{port}"] + WORKER + ["--epochs", "6", "--sleep", "0.05"]
+    env = {**os.environ, **ENV, "SINGA_TIMEOUT": "60"}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    agent = None
+    try:
+        time.sleep(3)
+        agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        time.sleep(8)
+        kill_session(agent.pid)  # the node's launcher and its worker
+        out, err = driver.communicate(timeout=180)
+    finally:
+        kill_session(driver.pid)
+        if agent is not None:
+            kill_session(agent.pid)
+    assert driver.returncode == 0, out + err
+    assert "1 new worker(s) on" in err and "was lost with its node's launcher" in err, err
+    final = _final(out)
+    assert final["size"] == 1 and final["resets"] == 2, final
+    assert [c[3] for c in _commits(out)].count(2) > 0, out  # the two nodes trained together for a while
+    _check_resets_resume_from_the_last_commit(out)
+
+
+@pytest.mark.slow
 def test_a_host_that_fails_too_often_is_left_out(tmp_path):
     r = run_command(LAUNCH + ["-np", "2", "--min-np", "1", "--max-np", "2", "--host-failures", "1"] + WORKER +
                     ["--epochs", "2", "--die", "1:0:2"], timeout=240, env=ENV)
@@ -127,6 +162,7 @@ def test_a_host_that_fails_too_often_is_left_out(tmp_path):
     (["-np", "2", "--min-np", "1", "--max-restarts", "2"], "an elastic job replaces its workers instead"),
     (["--min-np", "0"], "--min-np must be at least 1"),
     (["-np", "2", "--min-np", "1", "--log-dir", "logs"], "--log-dir and --tee are for jobs of fixed processes"),
+    (["--nnodes", "1:2", "--nproc-per-node", "2"], "or on every node with --rdzv-backend c10d --rdzv-endpoint"),
 ])
 def test_elastic_usage_errors(args, reason, tmp_path, capsys):
     script = tmp_path / "train.py"
