@@ -10,8 +10,9 @@ What each framework sends per step (docs/allreduce.md, docs/parameter_server.md)
   more busy processes than cores a ring step also waits for its receiver's core; behind a token bucket (a shaped
   link) the bytes within its burst pass unshaped.
 - Sandblaster with s servers: each worker pushes n bytes (n/s to each server) and pulls n bytes back in step();
-  each server's link carries p·n/s each way, so the step waits for max(n, p·n/s)/B each way, and for the server's
-  CPU work on each of the p/s pushes it takes in turn (server_push_s).
+  each server's link carries p·n/s each way, so the step waits for max(n, p·n/s)/B each way, for the server's
+  CPU work on each of the p/s pushes it takes in turn (server_push_s) and for the work done once per step, its
+  one update and the workers' own copies (server_update_s).
 - Downpour with g groups: ring all-reduce inside each group of p/g workers, then the group's first worker pushes
   and pulls n bytes; groups do not wait for each other, but the s servers' links carry all g groups' traffic.
 - Hogwild with sync_freq f: every f steps each process sends the deltas of the (p-1)/p of the parameters it does not
@@ -177,9 +178,10 @@ def step_s(framework: str, work: Workload, p: int, link: Link, *, servers: int =
            sync_freq: int = 1, compression=None, overlap: float = 1.0, server_update_s: float = 0.0,
            compute_s: float | None = None, server_push_s: float = 0.0, hop_contention: float = 1.0) -> float:
     """Predicted time of one worker's step with p workers. compute_s overrides work.compute_s (e.g. the compute
-    time measured with p processes sharing cores); server_update_s: a server's optimizer step on its slices, once
-    per step; server_push_s: a server's CPU time per push, paid for every push it takes (ps_exchange_s);
-    hop_contention: how much longer a ring step waits for its receiver's core (ring_allreduce_s)."""
+    time measured with p processes sharing cores); server_update_s: what a step pays once however many push (a
+    Sandblaster server's one update on its slices, the workers' own copies made in parallel); server_push_s: a
+    server's CPU time per push, paid for every push it takes (ps_exchange_s); hop_contention: how much longer a
+    ring step waits for its receiver's core (ring_allreduce_s)."""
     _check_p(p)
     compute = work.compute_s if compute_s is None else compute_s
     work = Workload(work.name, work.param_bytes, compute, work.backward_share, work.buckets, work.elem_bytes)

@@ -324,8 +324,9 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
     cores moves them contention(procs, cores) times slower than the 2-process sweep did; a shaped link's wire is
     its own limit, and the RPC's transfers are waits. The CPU overhead is charged per push on a parameter server
     (it takes every worker's push in turn), elsewhere once per step at the world's contention (Hogwild's per tensor
-    on the (p-1)/p of the slices it exchanges). Each row's `overhead_scale` and `byte_scale` are those factors
-    for the per-tensor and the per-byte constant."""
+    on the (p-1)/p of the slices it exchanges; Sandblaster's per-byte once per step: its one update and the
+    workers' own copies). Each row's `overhead_scale` and `byte_scale` are those factors for the per-tensor and
+    the per-byte constant."""
     fw, p, network = world["framework"], world["workers"], world["network"]
     rows = []
     needed = "shaped" if network == "shaped" else "gloo" if fw == "allreduce" else "rpc"
@@ -358,7 +359,11 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
             pred = cost_model.step_s("allreduce_ring", work, p, link, overlap=1.0 if network == "shaped" else 0.0,
                                      hop_contention=relative)
         elif fw == "sandblaster":
-            pred = cost_model.step_s("sandblaster", work, p, link, servers=1, server_push_s=cpu)
+            # Its byte work beyond the wire runs once per step, not per push: the server's one update (average,
+            # optimizer, the values answered) and each worker's own copies (into its message, out of the answer).
+            pred = cost_model.step_s("sandblaster", work, p, link, servers=1,
+                                     server_push_s=per_tensor * _tensors(kind, alone),
+                                     server_update_s=per_byte * base["param_bytes"])
         elif fw == "downpour":
             pred = cost_model.step_s("downpour", work, p, link, servers=1, groups=p, server_push_s=cpu)
         else:
@@ -367,8 +372,9 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
         # exchange work (read, delta, pack, a master's merge, apply) covers the (p-1)/p of the slices a process does
         # not master (and as a master, the others' deltas of its 1/p), but its bytes beyond the wire are the
         # whole replica's, every step at any p: compared with and copied to the last step's (hogwild.Hogwild.step).
+        # Sandblaster's bytes beyond the wire: once per step (above).
         scale = float(p) if server else contention * (p - 1) / p if fw == "hogwild" else contention
-        byte_scale = contention if fw == "hogwild" else scale
+        byte_scale = contention if fw == "hogwild" else 1.0 if fw == "sandblaster" else scale
         if not server:
             pred += per_tensor * _tensors(kind, alone) * scale + per_byte * base["param_bytes"] * byte_scale
         measured = statistics.median(steps)

@@ -199,9 +199,11 @@ def test_measured_worlds_charge_contention_and_server_pushes():
     assert row["predicted_ms"] == pytest.approx(20 + 12 + 4, rel=1e-9) and row["overhead_scale"] == 2.0
     assert row["error"] == pytest.approx(36 / 40 - 1, rel=1e-9) and not row["fit_point"]
     # Sandblaster, 3 workers and 1 server (4 processes, but the workers wait while the server works): the RPC link
-    # as swept, 3 pushes in turn: 2 alpha + 3 * (1 ms out + 1 ms back) + 3 * 2 ms of server CPU
+    # as swept, 3 pushes in turn: 2 alpha + 3 * (1 ms out + 1 ms back) + 3 * 1 ms of tensors' handling per push,
+    # and 1 ms of byte work once per step (the one update, the workers' own copies)
     row, = predict_measured(_world("sandblaster", 3, 15.0, 30.0), alone, links)
-    assert row["predicted_ms"] == pytest.approx(15 + 4 + 6 + 6, rel=1e-9) and row["overhead_scale"] == 3.0
+    assert row["predicted_ms"] == pytest.approx(15 + 4 + 6 + 3 + 1, rel=1e-9)
+    assert row["overhead_scale"] == 3.0 and row["byte_scale"] == 1.0
     # Hogwild, 3 processes, sync every 2 steps: the transfers are waits, at the swept bandwidth:
     # (2/3 * 2e6 / 1e9 + 2 * 2e-3) / 2 = 2/3 + 2 ms; the per-tensor overhead on the 2/3 of the slices not mastered
     # at contention 1.5: 10 * 0.1 ms * 1.0 = 1 ms; the per-byte one on the whole replica at contention 1.5:
@@ -293,3 +295,28 @@ def test_the_shaped_sweep_is_fitted_beyond_the_burst():
     assert shaped.burst == burst
     # Without the bucket taken into account, the 1 MiB block's burst would pass for bandwidth
     assert fit_links([world], alone, 2)["shaped"].bandwidth > 1.3e8
+
+
+def test_sandblaster_pays_its_byte_work_once_per_step_and_its_tensors_per_push():
+    from benchmarks.scaling import fit_links, predict_measured
+
+    # 2 models (200 tensors of 4e5 bytes in all; 8 tensors of 1.6e7 bytes), RPC link alpha 1 ms, 1 GB/s, and
+    # 20 us per tensor per push, 1 ns per byte per step. 2 workers, compute 10 ms:
+    #   a: 10 + 2 + 2 * 0.8 + 2 * 4 + 0.4 = 22.0 ms; b: 10 + 2 + 2 * 32 + 2 * 0.16 + 16 = 92.32 ms
+    # 3 workers: a: 10 + 2 + 3 * 0.8 + 3 * 4 + 0.4 = 26.8 ms; b: 10 + 2 + 3 * 32 + 3 * 0.16 + 16 = 124.48 ms
+    # (charged per push, b's 16 ms would be 24: 132.48 ms)
+    alone = {"a": {"step_ms": 10.0, "forward_ms": 0.0, "tensors": 200, "param_bytes": 4e5},
+             "b": {"step_ms": 10.0, "forward_ms": 0.0, "tensors": 8, "param_bytes": 1.6e7}}
+    sweep = [(n, 1e-3 + n / 1e9) for n in (4096, 1 << 20, 16 << 20)]
+
+    def world(p, a_ms, b_ms):
+        return {"framework": "sandblaster", "workers": p, "network": "loopback", "repeat": 0,
+                "sweep": sweep if p == 2 else [], "compute_ms": {"a": [10.0], "b": [10.0]},
+                "buckets": {"a": 1, "b": 1}, "step_ms": {"a": [a_ms], "b": [b_ms]}}
+
+    links = fit_links([world(2, 22.0, 92.32)], alone, 2)
+    assert links["rpc"].alpha == pytest.approx(1e-3, rel=1e-6) and links["rpc"].bandwidth == pytest.approx(1e9)
+    assert links["overhead"]["loopback", "sandblaster"] == pytest.approx((2e-5, 1e-9), rel=1e-6)
+    a, b = predict_measured(world(3, 26.8, 124.48), alone, links)
+    assert a["predicted_ms"] == pytest.approx(26.8, rel=1e-6) and b["predicted_ms"] == pytest.approx(124.48, rel=1e-6)
+    assert (a["overhead_scale"], a["byte_scale"]) == (3.0, 1.0)
