@@ -279,3 +279,30 @@ def test_two_hosts_in_network_namespaces(namespaces, tmp_path):  # noqa: F811
     final = _final(r.stdout)
     assert final["size"] == 3 and final["resets"] >= 1, final
     _check_resets_resume_from_the_last_commit(r.stdout)
+
+
+@pytest.mark.slow
+def test_nodes_in_network_namespaces_each_running_the_launcher(namespaces):  # noqa: F811
+    """torchrun's elastic command line in two namespaces, the rendezvous endpoint on host a: a drives the job and
+    starts at once, b's launcher serves its node; b's worker joins and the job ends with 2 workers, one per host."""
+    def command(side):
+        return ["ip", "netns", "exec", namespaces[side], *LAUNCH, "--nnodes", "1:2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{ADDR['a']}:29561", "--network-interface",
+                "sg0"] + WORKER + ["--epochs", "4", "--sleep", "0.05"]
+    env = {**os.environ, **ENV}
+    procs = []
+    try:
+        for side in "ab":
+            procs.append(subprocess.Popen(command(side), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True, cwd=ROOT))
+            time.sleep(3)
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            kill_session(p.pid)
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out + err
+    assert "this node joined the elastic job" in outs[1][1] and "1 new worker(s) on" in outs[0][1], outs
+    final = _final(outs[0][0])
+    assert final["size"] == 2 and final["resets"] == 1, final
+    _check_resets_resume_from_the_last_commit(outs[0][0])
