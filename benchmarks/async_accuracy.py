@@ -51,7 +51,7 @@ REMEDIES = {"default": None,
                        **NO_CLIP},
             "staleness_lr+clip": {"staleness_lr": True, "momentum_correction": False, "dana": False,
                                   "relative_clip": 2.0}}
-OWN_REMEDIES = {"dana", "warmup_steps"}  # Downpour/Hybrid's only: Hogwild runs its variant without them
+OWN_REMEDIES = {"warmup_steps"}  # Downpour/Hybrid's only: Hogwild runs its variant without it
 
 
 def _worker(args) -> None:
@@ -136,7 +136,7 @@ def _train(args, seed: int, remedies: str) -> dict:
             "momentum_correction": getattr(strategy, "momentum_correction", None),
             "dana": getattr(strategy, "dana", None), "warmup_steps": getattr(strategy, "warmup_steps", None),
             "relative_clip": getattr(strategy, "relative_clip", None),
-            "staleness_rule": "sqrt" if getattr(strategy, "dana", False) else "inverse"}
+            "staleness_rule": "sqrt" if getattr(strategy, "dana", False) and strategy.name != "hogwild" else "inverse"}
 
 
 def run_job(framework: str, model: str, seeds: list[int], remedies: list[str], epochs: int) -> list[dict]:

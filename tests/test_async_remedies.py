@@ -88,7 +88,7 @@ def test_hogwild_replica_steps_as_one_of_its_groups():
     and gives the user's options and gradients back afterwards (LR schedulers and the user see their own)."""
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
     opt = torch.optim.SGD([w], lr=0.3, momentum=0.9, weight_decay=0.1)
-    strategy = sd.Hogwild(staleness_lr=True, momentum_correction=True)
+    strategy = sd.Hogwild(staleness_lr=True, momentum_correction=True, dana=False)
     strategy.optimizer, strategy.params, strategy.groups = opt, [w], 3
     grads = [torch.tensor([0.5, 1.0, -1.5], dtype=torch.float64), torch.tensor([2.0, -1.0, 0.25],
                                                                                 dtype=torch.float64)]
@@ -357,11 +357,11 @@ def test_relative_clip_default_and_checks():
 
 
 def test_hogwild_replica_clips_relative_to_its_running_norm():
-    """Hogwild's default: a replica's gradient of more than 2 times the running mean of its norms is scaled down to
+    """Hogwild's default (here without DANA's look-ahead): a replica's gradient of more than 2 times the running mean of its norms is scaled down to
     it before the user's SGD step (weight decay untouched); the user's gradient is given back."""
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
     opt = torch.optim.SGD([w], lr=0.3, momentum=0.9, weight_decay=0.1)
-    strategy = sd.Hogwild()
+    strategy = sd.Hogwild(dana=False)
     strategy.optimizer, strategy.params, strategy.groups = opt, [w], 2
     grads = [torch.tensor([0.5, 1.0, -1.5], dtype=torch.float64), torch.tensor([2.0, -1.0, 0.25], dtype=torch.float64),
              torch.tensor([-6.0, 8.0, 3.0], dtype=torch.float64)]
@@ -383,3 +383,30 @@ def test_hogwild_replica_clips_relative_to_its_running_norm():
     with pytest.raises(ValueError, match="relative_clip must be None or a number above 1.*got 0"):
         sd.Hogwild(relative_clip=0)
     assert sd.Hogwild().relative_clip == 2.0 and make("hogwild").relative_clip == 2.0
+
+
+def test_hogwild_replica_looks_ahead_by_its_own_momentum():
+    """Hogwild's DANA (default): the replica steps in SGD's Nesterov form (its values at the point its momentum takes
+    them to); the user's nesterov=False is given back. With momentum 0 (or dampening) nothing changes."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.3, momentum=0.9, weight_decay=0.1)
+    strategy = sd.Hogwild(relative_clip=None)
+    strategy.optimizer, strategy.params, strategy.groups = opt, [w], 2
+    grads = [torch.tensor([0.5, 1.0, -1.5], dtype=torch.float64), torch.tensor([2.0, -1.0, 0.25], dtype=torch.float64)]
+    ref, buf = w.detach().clone(), None
+    for grad in grads:
+        w.grad = grad.clone()
+        strategy._local_update(None, lambda closure: opt.step(closure))
+        d = grad + 0.1 * ref
+        buf = d if buf is None else 0.9 * buf + d
+        ref = ref - 0.3 * (d + 0.9 * buf)
+        assert opt.param_groups[0]["nesterov"] is False and torch.equal(w.grad, grad)
+    torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-12)
+    plain = torch.optim.SGD([w], lr=0.3, momentum=0.0)
+    strategy.optimizer = plain
+    w.grad, before = grads[0].clone(), w.detach().clone()
+    strategy._local_update(None, lambda closure: plain.step(closure))
+    torch.testing.assert_close(w.detach(), before - 0.3 * grads[0], rtol=1e-12, atol=1e-12)
+    assert sd.Hogwild().dana is True and make("hogwild").dana is True
+    with pytest.raises(ValueError, match="dana must be True or False, got 1"):
+        sd.Hogwild(dana=1)

@@ -9,7 +9,10 @@ into its replica at its next step, so after everyone's sync it holds the sum of 
 
 `staleness_lr`, `momentum_correction` (both off: benchmarks/async_accuracy.py measured no gain): the remedies for
 asynchrony of Downpour's servers (ps.server.asynchronous_step) applied to each replica's own step, which the
-masters sum with the G - 1 other groups' steps: it counts as staleness G - 1. `relative_clip` (2.0): a gradient of more
+masters sum with the G - 1 other groups' steps: it counts as staleness G - 1. `dana` (on): DANA's look-ahead (as
+Downpour's servers do it) with the one momentum a replica knows, its own: the replica steps with SGD's Nesterov form
+(momentum without dampening), which keeps its values at the point its momentum takes them to, so its gradients are
+computed there (the replicas exchange and end with those values). `relative_clip` (2.0): a gradient of more
 than that many times the running mean of the replica's gradient norms is scaled down to it before the step
 (ps.server.relative_clip_factor, as Downpour's servers do): the digits CNN's low seeds were catapults whose large
 gradients then fed the replica's momentum. None: no clip.
@@ -58,11 +61,12 @@ class Hogwild(ParameterServerStrategy):
     name = "hogwild"
 
     def __init__(self, sync_freq: int | None = None, *, staleness_lr: bool = False, momentum_correction: bool = False,
-                 relative_clip: float | None = 2.0):
+                 dana: bool = True, relative_clip: float | None = 2.0):
         if sync_freq is not None and (not isinstance(sync_freq, int) or sync_freq < 1):
             raise ValueError(f"sync_freq must be a positive integer, got {sync_freq!r}")
         self.sync_freq = sync_freq
-        self.staleness_lr, self.momentum_correction = check_remedies(staleness_lr, momentum_correction)
+        self.staleness_lr, self.momentum_correction, self.dana = check_remedies(staleness_lr, momentum_correction,
+                                                                                dana=dana)
         self.relative_clip = check_relative_clip(relative_clip)
         self.grad_norm = None  # running mean of this replica's gradient norms (relative_clip)
         self.groups = 1
@@ -171,15 +175,20 @@ class Hogwild(ParameterServerStrategy):
         """The user's optimizer step on this replica as an asynchronous update (ps.server.asynchronous_step): every
         group's steps are summed at the masters, each computed without the other groups' latest, so each counts as
         staleness groups - 1. The user's options and gradients are put back after the step."""
-        if self.groups < 2 or not (self.staleness_lr or self.momentum_correction or self.relative_clip):
+        if self.groups < 2 or not (self.staleness_lr or self.momentum_correction or self.relative_clip or self.dana):
             return local_step(closure)
         loss = self._run_closure(closure)
         sgd = isinstance(self.optimizer, torch.optim.SGD)
-        given = [{k: g[k] for k in ("lr", "momentum", "weight_decay") if k in g} for g in self.optimizer.param_groups]
+        given = [{k: g[k] for k in ("lr", "momentum", "weight_decay", "nesterov") if k in g}
+                 for g in self.optimizer.param_groups]
         scale = 1.0
         for group, options in zip(self.optimizer.param_groups, given):
             changed, scale = asynchronous_step(options, self.groups - 1, self.groups, staleness_lr=self.staleness_lr,
                                                momentum_correction=self.momentum_correction, scales_gradient=sgd)
+            if self.dana and sgd and changed.get("momentum") and not group.get("dampening"):
+                # DANA's look-ahead by the one momentum a replica knows, its own: SGD's Nesterov form keeps the
+                # replica at the point its momentum takes it to, where its next gradient is then computed.
+                changed["nesterov"] = True
             group.update(changed)
         if self.relative_clip:  # as Downpour's servers: a catapult's gradients kept out of the replica's momentum
             clip, self.grad_norm = relative_clip_factor([p.grad for p in self.params], self.grad_norm,
