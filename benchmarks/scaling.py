@@ -122,7 +122,7 @@ def measure_rank(framework: str, kinds, reps: int, sweep: bool) -> dict | None:
 
     barrier = sd.barrier
     result = {"framework": framework, "workers": sd.size(), "compute_ms": {}, "step_ms": {}, "buckets": {},
-              "bytes_sent": {}, "sweep": [], "sweep_compute_ms": []}
+              "bytes_sent": {}, "sweep": [], "sweep_compute_ms": [], "compute_ranks_ms": {}}
     block = HOGWILD_SYNC_FREQ  # steps timed together: a whole Hogwild exchange period, and less barrier skew
     for kind in kinds:
         model, x, y = fresh_model(kind, False, sd.rank())
@@ -147,6 +147,9 @@ def measure_rank(framework: str, kinds, reps: int, sweep: bool) -> dict | None:
             for n, t in tensors.items():
                 times[n] += _times_ms(lambda: dist.all_reduce(t, group=group), 1, SWEEP_BLOCK, barrier)
         result["compute_ms"][kind], result["step_ms"][kind] = compute, steps
+        # Every worker's compute too: with more processes than cores some get a core to themselves and some share
+        # one, and a synchronous step waits for the slowest (predict_measured).
+        result["compute_ranks_ms"][kind] = sd.allgather_object(compute)
         if tensors:
             result["sweep"] = [(n, sd.size(), statistics.median(times[n]) / 1e3) for n in SWEEP_BYTES]
             result["sweep_compute_ms"] = compute
@@ -315,11 +318,25 @@ def _tensors(kind: str, alone: dict) -> int:
     return len(list(make_model(kind, False).parameters()))
 
 
+def synchronous_compute_ms(world: dict, kind: str) -> float:
+    """The compute time a synchronous step waits for: per repetition the slowest worker's, median over the
+    repetitions (rank 0's median where a run stored no other rank's). With 3 processes on 2 cores a short step
+    runs on a core of its own on one rank and on a shared one on the others: rank 0's alone is no measure."""
+    ranks = world.get("compute_ranks_ms", {}).get(kind)
+    if not ranks:
+        return statistics.median(world["compute_ms"][kind])
+    if len({len(r) for r in ranks}) != 1:
+        raise ValueError(f"{world['framework']} x{world['workers']}: the ranks' compute samples of {kind} differ in "
+                         f"number ({[len(r) for r in ranks]})")
+    return statistics.median(max(rep) for rep in zip(*ranks))
+
+
 def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = True) -> list[dict]:
     """Predicted against measured step time of every model in one world's measurements (overhead=False: without the
     fitted CPU overhead per tensor and per byte).
 
-    links: fit_links(). Compute is the time measured in the world itself. The CPU's other work is scaled by what
+    links: fit_links(). Compute is the time measured in the world itself (a synchronous one's slowest worker's,
+    synchronous_compute_ms). The CPU's other work is scaled by what
     shares it: on loopback the cores that compute also copy the bytes, so a world with more busy processes than
     cores moves them contention(procs, cores) times slower than the 2-process sweep did; a shaped link's wire is
     its own limit, and the RPC's transfers are waits. The CPU overhead is charged per push on a parameter server
@@ -337,7 +354,8 @@ def predict_measured(world: dict, alone: dict, links: dict, overhead: bool = Tru
     procs = p + 1 if server else p  # one server process beside the workers
     contention = cost_model.contention(procs, cores)
     for kind, steps in world["step_ms"].items():
-        compute_ms = statistics.median(world["compute_ms"][kind])
+        compute_ms = synchronous_compute_ms(world, kind) if fw in ("allreduce", "sandblaster") else \
+            statistics.median(world["compute_ms"][kind])
         base = alone[kind]
         work = cost_model.Workload(kind, base["param_bytes"], compute_ms / 1e3,
                                    backward_share=max(0.0, 1 - base["forward_ms"] / base["step_ms"]),

@@ -320,3 +320,27 @@ def test_sandblaster_pays_its_byte_work_once_per_step_and_its_tensors_per_push()
     a, b = predict_measured(world(3, 26.8, 124.48), alone, links)
     assert a["predicted_ms"] == pytest.approx(26.8, rel=1e-6) and b["predicted_ms"] == pytest.approx(124.48, rel=1e-6)
     assert (a["overhead_scale"], a["byte_scale"]) == (3.0, 1.0)
+
+
+def test_a_synchronous_step_waits_for_the_slowest_workers_compute():
+    from benchmarks.scaling import predict_measured, synchronous_compute_ms
+
+    # 3 workers, 3 repetitions: rank 0 has a core to itself (4.5 ms), the others share one (9 ms) or not.
+    # Slowest per repetition: 9, 9.2, 5 -> median 9 ms (rank 0's median: 4.6 ms)
+    world = {"framework": "allreduce", "workers": 3, "network": "loopback", "repeat": 0, "buckets": {"m": 1},
+             "compute_ms": {"m": [4.5, 4.6, 4.7]}, "step_ms": {"m": [20.0]},
+             "compute_ranks_ms": {"m": [[4.5, 4.6, 4.7], [9.0, 4.4, 5.0], [8.8, 9.2, 4.9]]}}
+    assert synchronous_compute_ms(world, "m") == pytest.approx(9.0)
+    # A run stored before every rank's compute was recorded: rank 0's median
+    assert synchronous_compute_ms({**world, "compute_ranks_ms": {}}, "m") == pytest.approx(4.6)
+    # In the prediction: AllReduce of 1e6 bytes on a 1 ms, 1 GB/s link at contention 1.5 (no overlap on loopback):
+    # 4 ring steps of max(1.5 * 1 ms, 1 ms + 1e6 / 3 / (1e9 / 1.5) = 1.5 ms) = 6 ms, no CPU constants: 9 + 6 = 15 ms
+    alone = {"m": {"step_ms": 4.5, "forward_ms": 0.0, "tensors": 10, "param_bytes": 1e6}}
+    row, = predict_measured(world, alone, {"cores": 2, "gloo": cm.Link(1e-3, 1e9), "overhead": {}})
+    assert row["compute_ms"] == pytest.approx(9.0) and row["predicted_ms"] == pytest.approx(15.0, rel=1e-9)
+    # Hogwild is asynchronous: rank 0's own compute
+    row, = predict_measured({**world, "framework": "hogwild"}, alone,
+                            {"cores": 2, "rpc": cm.Link(1e-3, 1e9), "overhead": {}})
+    assert row["compute_ms"] == pytest.approx(4.6)
+    with pytest.raises(ValueError, match="differ in number"):
+        synchronous_compute_ms({**world, "compute_ranks_ms": {"m": [[1.0], [1.0, 2.0]]}}, "m")
