@@ -273,7 +273,7 @@ class LocalJob:
                 return Outcome(False, [], lost=self.watch.problem)
             codes = [(spec, code) for spec, code in self._codes() if spec.proc_rank not in self.lost]
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
-            if failed and self.asynchronous and self._lose_groups(failed):
+            if failed and self.asynchronous and not self._blames_others(failed) and self._lose_groups(failed):
                 continue
             if failed:
                 time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
@@ -298,6 +298,22 @@ class LocalJob:
                 elif time.monotonic() > servers_done_by:
                     return Outcome(True, [])
             time.sleep(POLL_S)
+
+    def _blames_others(self, failed: list) -> bool:
+        """Whether the failed processes failed because of processes of other worker groups that still run (a group
+        that hangs, waited for in shutdown() until the timeout): then dropping the failed ones' groups would leave
+        the job to the hung ones, for ever. The job stops instead, naming them."""
+        time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
+        topo = self.cfg.topology
+        groups = {topo.role_of(spec.proc_rank).group for spec, _ in failed}
+        running = {spec.proc_rank for spec, code in self._codes() if code is None}
+        for note in self._notes(failed).values():
+            if note.get("neutral"):
+                continue
+            for proc in note.get("blames", []):
+                if proc in running and proc not in self.lost and topo.role_of(proc).group not in groups:
+                    return True
+        return False
 
     def _lose_groups(self, failed: list) -> bool:
         """An asynchronous job goes on without the worker groups of the failed workers: the rest of each group is

@@ -16,7 +16,7 @@ import torch
 
 from singa_dist.checkpoint import CheckpointError
 from singa_dist.ps import server
-from tests.dist_harness import kill_session
+from tests.dist_harness import kill_session, run_command
 
 LAUNCH = [sys.executable, "-m", "launchers.launch"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,3 +307,34 @@ def test_server_checkpoint_round_trip_and_corruption(tmp_path):
 def test_lost_groups_need_an_asynchronous_framework():
     from singa_dist.topology import STRATEGIES
     assert {n for n, k in STRATEGIES.items() if k.asynchronous} == {"downpour", "hybrid", "hogwild"}
+
+
+HANGS = textwrap.dedent("""
+    import time, torch
+    import singa_dist as sd
+    sd.init()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    for step in range(20):
+        if sd.rank() == 1 and step == 5:
+            time.sleep(3600)  # hangs: neither dead nor working
+        opt.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+    sd.shutdown()
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_hung_group_stops_the_job_naming_it(tmp_path):
+    # Group 0 finishes and waits at shutdown() for group 1, which hangs; after the timeout it fails, blaming rank 1.
+    # Dropping group 0 as lost would leave the job to the hung group for ever: the job stops instead, naming it.
+    script = tmp_path / "hangs.py"
+    script.write_text(HANGS)
+    res = run_command(LAUNCH + ["-np", "2", "--strategy", "downpour", "--worker-groups", "2", "--servers", "1",
+                                str(script)], timeout=180, env={**ENV, "SINGA_TIMEOUT": "10"})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "job failed: process 1 did not reach singa_dist.shutdown() (rank 1)" in res.stderr, res.stderr
+    assert "worker group 0" not in res.stderr, res.stderr  # the group that waited is not taken for lost
