@@ -17,6 +17,7 @@ guard). The results travel by pickle.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import shutil
@@ -95,6 +96,7 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
         raise ValueError(f"np must be at least 1, got {np}")
     child_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")),
                  "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                 "SINGA_LAUNCHER_PID": str(os.getpid()),
                  "WORLD_SIZE": str(np), "LOCAL_WORLD_SIZE": str(np), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1"}
     child_env.update(env or {})
     if output_dir is not None:
@@ -109,7 +111,9 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
             rank_env = {**child_env, "RANK": str(index), "LOCAL_RANK": str(index)}
             if "SINGA_PROC_WORLD_SIZE" in rank_env:  # a topology with separate servers: every process of it runs fn
                 rank_env["SINGA_PROC_RANK"] = str(index)
-            processes.append(subprocess.Popen([sys.executable, "-m", "singa_dist.run_task", folder, str(index)],
+            # Through singa-launch's lifeline (a program, not an import): the process dies with this one.
+            processes.append(subprocess.Popen([sys.executable, "-m", "launchers.lifeline", sys.executable, "-m",
+                                               "singa_dist.run_task", folder, str(index)],
                                               env=rank_env, stdin=subprocess.DEVNULL, start_new_session=True))
         values, failures, missing = _collect(processes, folder, timeout)
     finally:
@@ -123,7 +127,23 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
 def _write_task(folder: str, fn, args, kwargs) -> None:
     with open(os.path.join(folder, "task"), "wb") as f:
         # By value where it must be (a function of the caller's script or notebook), as horovod.run sends it.
-        cloudpickle.dump((fn, tuple(args), dict(kwargs or {})), f)
+        cloudpickle.dump((_by_name(fn), tuple(args), dict(kwargs or {})), f)
+
+
+def _by_name(fn):
+    """A function of a caller started as `python -m package.module` by its importable name rather than by value:
+    its module's other functions are then the same objects in every process, so that what the function hands on
+    by name (torch RPC to a parameter server, say) is found there too. A script run by its path cannot be imported
+    without running it again: its functions go by value."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if getattr(fn, "__module__", None) != "__main__" or not name or name.endswith("__main__"):
+        return fn
+    try:
+        found = getattr(importlib.import_module(name), fn.__qualname__, None)
+    except Exception:
+        return fn
+    return found if callable(found) else fn
 
 
 def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: int | None = None, args: tuple = (),
@@ -136,14 +156,15 @@ def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: in
 
     `fn` and its arguments travel by cloudpickle (a function of the calling script goes by value, as horovod.run
     sends it), the results by pickle."""
-    argv = [sys.executable, "-m", "launchers.launch"]  # singa-launch, as a program: this layer imports none of it
+    # singa-launch, as a program (this layer imports none of it), through its lifeline: it dies with this process.
+    argv = [sys.executable, "-m", "launchers.lifeline", sys.executable, "-m", "launchers.launch"]
     for flag, value in (("-np", np), ("--min-np", min_np), ("--max-np", max_np),
                         ("--host-discovery-script", host_discovery_script), ("--slots", slots),
                         ("--reset-limit", reset_limit), ("--elastic-timeout", elastic_timeout)):
         if value is not None:
             argv += [flag, str(value)]
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-                 **(env or {})}
+                 "SINGA_LAUNCHER_PID": str(os.getpid()), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="singa-run-") as folder:
         _write_task(folder, fn, args, kwargs)
         sys.stdout.flush()
@@ -156,7 +177,7 @@ def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: in
                 with open(os.path.join(folder, name), "rb") as f:
                     finished.append(pickle.load(f))
     if code == 2:
-        raise ValueError(f"singa_dist.run_elastic: singa-launch refused {' '.join(argv[3:])} (its message is above)")
+        raise ValueError(f"singa_dist.run_elastic: singa-launch refused {' '.join(argv[6:])} (its message is above)")
     if code != 0:
         raise RunError(f"singa_dist.run_elastic: the elastic job failed (exit status {code}; the launcher's lines "
                        "above say why)", {}, [])
