@@ -465,6 +465,7 @@ def run_agent(cfg: LaunchConfig) -> int:
     say(f"this node joined the elastic job at {cfg.master_addr}:{cfg.master_port} (node {number}, "
         f"{cfg.elastic.slots} slot(s))")
     workers: dict[int, _Worker] = {}
+    killing: dict[int, float] = {}  # workers told to stop: when SIGKILL follows their SIGTERM
     started, beat = 0, 0
     code = 1
     try:
@@ -481,8 +482,12 @@ def run_agent(cfg: LaunchConfig) -> int:
             for wid, worker in workers.items():
                 if worker.code is not None:
                     continue
-                if store.check([f"{prefix}stop/{wid}"]):
-                    _stop_here(worker, float(store.get(f"{prefix}stop/{wid}")))
+                # Stopped without blocking this loop: its heartbeat must go on (3 s of silence is a lost node).
+                if wid not in killing and store.check([f"{prefix}stop/{wid}"]):
+                    killing[wid] = time.monotonic() + float(store.get(f"{prefix}stop/{wid}"))
+                    _signal_here(worker, signal.SIGTERM)
+                elif wid in killing and time.monotonic() > killing[wid]:
+                    _signal_here(worker, signal.SIGKILL)
                 worker.code = worker.proc.poll()
                 if worker.code is not None:
                     store.set(f"{prefix}exit/{wid}", str(worker.code))
@@ -515,6 +520,13 @@ def _start_here(cfg: LaunchConfig, wid: int, env: dict) -> _Worker:
         t.start()
         worker.copiers.append(t)
     return worker
+
+
+def _signal_here(worker: _Worker, sig: int) -> None:
+    try:
+        os.killpg(worker.proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _stop_here(worker: _Worker, grace: float) -> None:
