@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 import singa_dist.rendezvous as rendezvous
 
-from .config import LaunchConfig
+from .config import LaunchConfig, UsageError, _check_port_free
 from .local import describe_exit, say
 from .tag_output import copy_tagged
 from .watchdog import is_this_host as _is_local
@@ -56,6 +56,42 @@ class _Worker:
     proc: subprocess.Popen
     copiers: list = field(default_factory=list)
     code: int | None = None  # exit status once it ended
+
+
+def _start(wid: int, host: str, argv: list[str], env: dict) -> _Worker:
+    """A worker process of this host (or the ssh client that runs it elsewhere), its output copied to this console
+    tagged with its id."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    worker = _Worker(wid, host, proc)
+    for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer)):
+        t = threading.Thread(target=copy_tagged, args=(pipe, out, str(wid)), daemon=True)
+        t.start()
+        worker.copiers.append(t)
+    return worker
+
+
+def _signal(worker: _Worker, sig: int) -> None:
+    try:
+        os.killpg(worker.proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(worker: _Worker, grace: float) -> None:
+    """SIGTERM, SIGKILL after `grace` seconds, then whatever it left in its process group."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if worker.proc.poll() is not None:
+            break
+        try:
+            os.killpg(worker.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            worker.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    _signal(worker, signal.SIGKILL)  # children it left in its group
 
 
 def parse_discovered(text: str, default_slots: int) -> dict[str, int]:
@@ -159,8 +195,7 @@ class ElasticDriver:
             self.workers[wid] = worker
             return worker
         if self.spec.agents or _is_local(host):
-            proc = subprocess.Popen(argv, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            worker = _start(wid, host, argv, {**os.environ, **env})
         else:
             remote = ["cd", shlex.quote(os.getcwd()), "&&", "env",
                       *[f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k != "SINGA_LAUNCHER_PID"],
@@ -170,37 +205,16 @@ class ElasticDriver:
                 ssh += ["-p", str(self.cfg.ssh_port)]
             if self.cfg.ssh_identity:
                 ssh += ["-i", self.cfg.ssh_identity]
-            proc = subprocess.Popen([sys.executable, "-m", "launchers.lifeline", *ssh, host, " ".join(remote)],
-                                    env={**os.environ, "SINGA_LAUNCHER_PID": str(os.getpid())},
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
-        worker = _Worker(wid, host, proc)
-        for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer)):
-            t = threading.Thread(target=copy_tagged, args=(pipe, out, str(wid)), daemon=True)
-            t.start()
-            worker.copiers.append(t)
+            worker = _start(wid, host, [sys.executable, "-m", "launchers.lifeline", *ssh, host, " ".join(remote)],
+                            {**os.environ, "SINGA_LAUNCHER_PID": str(os.getpid())})
         self.workers[wid] = worker
         return worker
 
     def stop(self, worker: _Worker, grace: float) -> None:
         if isinstance(worker.proc, AgentWorker):
             worker.proc.stop(grace)
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            if worker.proc.poll() is not None:
-                break
-            try:
-                os.killpg(worker.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            try:
-                worker.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # children it left in its group
-            os.killpg(worker.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        else:
+            _stop(worker, grace)
 
     # ---------------------------------------------------------------------------------------------- rounds
     def publish(self, members: list[int]) -> None:
@@ -327,7 +341,7 @@ def run_elastic(cfg: LaunchConfig) -> int:
     try:
         driver = ElasticDriver(cfg)
     except Exception as exc:
-        if cfg.elastic.agents and not (_is_local(cfg.master_addr) and _port_free(cfg.master_port)):
+        if cfg.elastic.agents and not _port_free(cfg.master_port):
             # Another node's launcher (or this host's first) holds the rendezvous: this one serves it as an agent.
             return run_agent(cfg)
         say(f"cannot host the job's store at port {cfg.master_port}: {exc}")
@@ -352,12 +366,11 @@ AGENT_STALE_S = 3.0  # an agent whose heartbeat stood still this long is gone, w
 
 
 def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-            return True
-        except OSError:
-            return False
+    try:
+        _check_port_free(port)
+        return True
+    except UsageError:
+        return False
 
 
 @dataclass
@@ -374,10 +387,14 @@ class AgentBoard:
     def __init__(self, store):
         self.store = store
         self.known: dict[int, _Agent] = {}
+        self._refreshed = -POLL_S
 
     def _refresh(self) -> None:
-        count = int(self.store.add(AGENTS + "count", 0))
         now = time.monotonic()
+        if now - self._refreshed < POLL_S:  # once per turn of the driver's loop, not once per worker it polls
+            return
+        self._refreshed = now
+        count = int(self.store.add(AGENTS + "count", 0))
         for n in range(1, count + 1):
             if n not in self.known and self.store.check([f"{AGENTS}{n}/host"]):
                 self.known[n] = _Agent(n, f"{self.store.get(f'{AGENTS}{n}/host').decode()}/{n}", changed=now)
@@ -478,16 +495,18 @@ def run_agent(cfg: LaunchConfig) -> int:
             while store.check([f"{prefix}spawn/{started + 1}"]):
                 started += 1
                 request = json.loads(store.get(f"{prefix}spawn/{started}"))
-                workers[request["id"]] = _start_here(cfg, request["id"], request["env"])
+                workers[request["id"]] = _start(request["id"], socket.gethostname(),
+                                                [sys.executable, "-m", "launchers.lifeline", *cfg.command],
+                                                {**os.environ, **request["env"], "SINGA_LAUNCHER_PID": str(os.getpid())})
             for wid, worker in workers.items():
                 if worker.code is not None:
                     continue
                 # Stopped without blocking this loop: its heartbeat must go on (3 s of silence is a lost node).
                 if wid not in killing and store.check([f"{prefix}stop/{wid}"]):
                     killing[wid] = time.monotonic() + float(store.get(f"{prefix}stop/{wid}"))
-                    _signal_here(worker, signal.SIGTERM)
+                    _signal(worker, signal.SIGTERM)
                 elif wid in killing and time.monotonic() > killing[wid]:
-                    _signal_here(worker, signal.SIGKILL)
+                    _signal(worker, signal.SIGKILL)
                 worker.code = worker.proc.poll()
                 if worker.code is not None:
                     store.set(f"{prefix}exit/{wid}", str(worker.code))
@@ -499,7 +518,7 @@ def run_agent(cfg: LaunchConfig) -> int:
     finally:
         for worker in workers.values():
             if worker.proc.poll() is None:
-                _stop_here(worker, cfg.grace_period)
+                _stop(worker, cfg.grace_period)
             for t in worker.copiers:
                 t.join(timeout=2.0)
         try:
@@ -507,36 +526,3 @@ def run_agent(cfg: LaunchConfig) -> int:
         except Exception:
             pass
     return code
-
-
-def _start_here(cfg: LaunchConfig, wid: int, env: dict) -> _Worker:
-    proc = subprocess.Popen([sys.executable, "-m", "launchers.lifeline", *cfg.command],
-                            env={**os.environ, **env, "SINGA_LAUNCHER_PID": str(os.getpid())},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    worker = _Worker(wid, socket.gethostname(), proc)
-    for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer)):
-        t = threading.Thread(target=copy_tagged, args=(pipe, out, str(wid)), daemon=True)
-        t.start()
-        worker.copiers.append(t)
-    return worker
-
-
-def _signal_here(worker: _Worker, sig: int) -> None:
-    try:
-        os.killpg(worker.proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _stop_here(worker: _Worker, grace: float) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if worker.proc.poll() is not None:
-            return
-        try:
-            os.killpg(worker.proc.pid, sig)
-            worker.proc.wait(timeout=wait)
-        except (ProcessLookupError, PermissionError):
-            return
-        except subprocess.TimeoutExpired:
-            continue
