@@ -37,7 +37,7 @@ from .optimizer import DistributedOptimizer as _DistributedOptimizer
 from .primitives import CollectiveError
 from .runtime import (cross_rank, cross_size, is_initialized, local_rank, local_size, rank, shutdown,  # noqa: F401
                       size)
-from .runner import run as _run, run_elastic
+from .runner import local_slots, run as _run, run_elastic
 from .strategies.allreduce import AllReduce  # noqa: F401
 from .sync_batch_norm import SyncBatchNorm  # noqa: F401
 
@@ -198,8 +198,7 @@ def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_pr
     num_proc = np if np is not None else num_proc
     if num_proc is None and hosts is None:
         num_proc = 1
-    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return _run(func, np=num_proc, args=tuple(args), kwargs=kwargs, env=env, hosts=hosts, use_gloo=use_gloo,
+    return _run(func, np=num_proc, args=tuple(args), kwargs=kwargs, hosts=hosts, use_gloo=use_gloo,
                 use_mpi=use_mpi, output_dir=output_filename)
 
 
@@ -211,5 +210,4 @@ def _hostfile_hosts(hostfile: str) -> str:
 
 
 def _local_slots(hosts, hostfile) -> int | None:
-    from .runner import local_slots
     return local_slots(_hostfile_hosts(hostfile) if hostfile is not None else hosts)

@@ -94,11 +94,9 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
         raise ValueError(f"{np} processes requested but hosts={hosts!r} gives {slots} slots")
     if np < 1:
         raise ValueError(f"np must be at least 1, got {np}")
-    child_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")),
-                 "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-                 "SINGA_LAUNCHER_PID": str(os.getpid()),
-                 "WORLD_SIZE": str(np), "LOCAL_WORLD_SIZE": str(np), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1"}
-    child_env.update(env or {})
+    child_env = _child_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")),
+                            "WORLD_SIZE": str(np), "LOCAL_WORLD_SIZE": str(np), "GROUP_RANK": "0",
+                            "GROUP_WORLD_SIZE": "1", **(env or {})})
     if output_dir is not None:
         child_env[OUTPUT_VARIABLE] = os.path.abspath(output_dir)
     folder = tempfile.mkdtemp(prefix="singa-run-")
@@ -122,6 +120,13 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
     if failures or missing:
         raise RunError(_describe(failures, missing, timeout), failures, missing)
     return [values[r] for r in range(np)]
+
+
+def _child_env(more: dict) -> dict:
+    """The environment of a process this module starts: this one's, one intra-op thread, this process's import
+    path (the function may live in a module only it can find), and its pid for the lifeline; then `more`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+            "SINGA_LAUNCHER_PID": str(os.getpid()), **more}
 
 
 def _write_task(folder: str, fn, args, kwargs) -> None:
@@ -163,8 +168,7 @@ def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: in
                         ("--reset-limit", reset_limit), ("--elastic-timeout", elastic_timeout)):
         if value is not None:
             argv += [flag, str(value)]
-    child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-                 "SINGA_LAUNCHER_PID": str(os.getpid()), **(env or {})}
+    child_env = _child_env(env or {})
     with tempfile.TemporaryDirectory(prefix="singa-run-") as folder:
         _write_task(folder, fn, args, kwargs)
         sys.stdout.flush()
