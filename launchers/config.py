@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--local-ranks-filter", "--local_ranks_filter", default="",
                    help="show only these local ranks' output on the console, e.g. 0 or 0,2")
     r = p.add_argument_group("processes")
-    r.add_argument("--max-restarts", "--max_restarts", type=int, default=0, help="restart the whole job this many times after a failure")
+    r.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
+                   help="restart the whole job this many times after a failure (downpour, hybrid, hogwild: a lost "
+                        "worker group is replaced instead, each replacement counting as one)")
     r.add_argument("--log-dir", "--log_dir", help="write each process's output to files there instead of the console")
     r.add_argument("-t", "--tee", type=int, choices=[0, 1, 2, 3], default=0,
                    help="with --log-dir, also show stdout (1), stderr (2) or both (3) on the console (as torchrun)")

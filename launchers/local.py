@@ -4,6 +4,10 @@ Each process starts through `torch.distributed.elastic.multiprocessing.start_pro
 output redirected to files, its process group signalled on close). The launcher tails those files onto
 its own stdout/stderr with a `[rank]` prefix, stops every process when one fails (SIGTERM, SIGKILL after
 the grace period) and, with `--max-restarts`, starts the whole job again.
+
+An asynchronous job (Downpour, Hybrid, Hogwild with several worker groups) goes on without a worker group that
+fails; with restarts left (`--max-restarts`, each replacement counting as one) a new group takes its place: its
+workers run the script from its start and take the current values from the servers (or Hogwild's masters).
 """
 from __future__ import annotations
 
@@ -174,9 +178,12 @@ def describe_exit(code: int) -> str:
 class LocalJob:
     """One attempt: this node's processes, started and watched."""
 
-    def __init__(self, cfg: LaunchConfig, attempt: int):
+    def __init__(self, cfg: LaunchConfig, attempt: int, replacements: int = 0):
         self.cfg = cfg
         self.attempt = attempt
+        self.replacements_left = replacements  # lost worker groups this job may still replace (asynchronous jobs)
+        self.replaced = 0  # worker groups replaced so far
+        self.generations: dict[int, int] = {}  # worker group -> how many times it was replaced
         self.specs = cfg.node_plan(restart_count=attempt)
         self.contexts: list[tuple[object, list[ProcessSpec]]] = []
         self.pump = None if cfg.log_dir and not cfg.tee else OutputPump()
@@ -189,7 +196,8 @@ class LocalJob:
         self.watch = None
         # Downpour, Hybrid, Hogwild: a lost worker group is dropped and the others go on (see wait()).
         self.asynchronous = cfg.topology.nworker_groups > 1 and strategy_kind(cfg.topology.strategy).asynchronous
-        self.lost: set[int] = set()  # processes of the worker groups lost so far
+        self.lost: set[int] = set()  # processes of the worker groups lost (and not replaced) so far
+        self.retired: set[int] = set()  # id() of the handlers of processes lost with their group (not watched)
 
     def start(self) -> None:
         if self.cfg.nnodes > 1 or self.asynchronous:
@@ -205,27 +213,30 @@ class LocalJob:
         if self.pump is not None:
             self.pump.start()
         for role, specs in by_role.items():
-            names = [("rank" if s.role == "worker" else "server") + str(s.index) for s in specs]
-            # Each process starts through launchers.lifeline, so that it dies with this launcher even when the
-            # launcher is killed outright (SIGKILL runs none of the cleanup below).
-            ctx = start_processes(
-                name=role, entrypoint=sys.executable,
-                args={i: ("-m", "launchers.lifeline", *s.argv) for i, s in enumerate(specs)},
-                envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid()), "SINGA_FAILURE_DIR": self.folder,
-                          **({"TORCHELASTIC_USE_AGENT_STORE": "True", "SINGA_LAUNCHER_STORE": "1"}
-                             if self.watch is not None else {})}
-                      for i, s in enumerate(specs)},
-                logs_specs=_RankFiles(self.folder, names))
-            self.contexts.append((ctx, specs))
-            if self.pump is not None:
-                tee = self.cfg.tee if self.cfg.log_dir else 3
-                for i, s in enumerate(specs):
-                    if self.cfg.console_ranks is not None and s.local_rank not in self.cfg.console_ranks:
-                        continue  # --local-ranks-filter: its output goes to its files only
-                    if tee & 1:
-                        self.pump.add(s.label, ctx.stdouts[i], sys.stdout)
-                    if tee & 2:
-                        self.pump.add(s.label, ctx.stderrs[i], sys.stderr)
+            self._start(role, specs, [("rank" if s.role == "worker" else "server") + str(s.index) for s in specs])
+
+    def _start(self, role: str, specs: list[ProcessSpec], names: list[str], env: dict | None = None) -> None:
+        """Start `specs` (one context; output files named `names`), their output copied to the console."""
+        # Each process starts through launchers.lifeline, so that it dies with this launcher even when the
+        # launcher is killed outright (SIGKILL runs none of the cleanup below).
+        ctx = start_processes(
+            name=role, entrypoint=sys.executable,
+            args={i: ("-m", "launchers.lifeline", *s.argv) for i, s in enumerate(specs)},
+            envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid()), "SINGA_FAILURE_DIR": self.folder,
+                      **({"TORCHELASTIC_USE_AGENT_STORE": "True", "SINGA_LAUNCHER_STORE": "1"}
+                         if self.watch is not None else {}), **(env or {})}
+                  for i, s in enumerate(specs)},
+            logs_specs=_RankFiles(self.folder, names))
+        self.contexts.append((ctx, specs))
+        if self.pump is not None:
+            tee = self.cfg.tee if self.cfg.log_dir else 3
+            for i, s in enumerate(specs):
+                if self.cfg.console_ranks is not None and s.local_rank not in self.cfg.console_ranks:
+                    continue  # --local-ranks-filter: its output goes to its files only
+                if tee & 1:
+                    self.pump.add(s.label, ctx.stdouts[i], sys.stdout)
+                if tee & 2:
+                    self.pump.add(s.label, ctx.stderrs[i], sys.stderr)
 
     def _notes(self, failed: list) -> dict[int, dict]:
         """The notes the failed processes left (runtime.blame), by process rank."""
@@ -262,8 +273,10 @@ class LocalJob:
         return found
 
     def _codes(self) -> list[tuple[ProcessSpec, int | None]]:
+        """The exit status of every process watched (None: running); a lost group's processes are not."""
         return [(spec, ctx.subprocess_handlers[i].proc.poll())
-                for ctx, specs in self.contexts for i, spec in enumerate(specs)]
+                for ctx, specs in self.contexts for i, spec in enumerate(specs)
+                if id(ctx.subprocess_handlers[i]) not in self.retired]
 
     def wait(self) -> Outcome:
         servers_done_by = None
@@ -271,7 +284,7 @@ class LocalJob:
         while True:
             if self.watch is not None and self.watch.problem:
                 return Outcome(False, [], lost=self.watch.problem)
-            codes = [(spec, code) for spec, code in self._codes() if spec.proc_rank not in self.lost]
+            codes = self._codes()
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
             if failed and self.asynchronous and not self._blames_others(failed) and self._lose_groups(failed):
                 continue
@@ -330,23 +343,52 @@ class LocalJob:
         if not self.watch.joined(list(range(topo.nprocs))):
             return False
         handlers = {spec.proc_rank: ctx.subprocess_handlers[i]
-                    for ctx, specs in self.contexts for i, spec in enumerate(specs)}
+                    for ctx, specs in self.contexts for i, spec in enumerate(specs)
+                    if id(ctx.subprocess_handlers[i]) not in self.retired}
         for group in groups:
             ranks = topo.worker_ranks(group)
             for proc in ranks:
-                if proc in handlers and handlers[proc].proc.poll() is None:
-                    try:
-                        os.killpg(handlers[proc].proc.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                if proc in handlers:
+                    self.retired.add(id(handlers[proc]))
+                    if handlers[proc].proc.poll() is None:
+                        try:
+                            os.killpg(handlers[proc].proc.pid, signal.SIGKILL)
+                        except (ProcessLookupError, PermissionError):
+                            pass
             self.lost.update(ranks)
+            local = [spec for spec in self.specs if spec.proc_rank in ranks]
+            replacing = self.replacements_left > 0 and len(local) == len(ranks)
+            if replacing:
+                self.watch.mark_coming(ranks, self.generations.get(group, 0) + 1)
             self.watch.mark_lost(ranks)
             said = "; ".join(f"{spec.title} {describe_exit(code)}" for spec, code in failed
                              if topo.role_of(spec.proc_rank).group == group)
             servers = " and the servers" if topo.server_worker_separate else ""
+            if replacing:
+                self._replace(group, local, said)
+                continue
             say(f"worker group {group} (rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}) lost: {said}; "
                 f"the other {topo.nworker_groups - len(lost_groups)} worker group(s){servers} go on")
         return True
+
+    def _replace(self, group: int, specs: list[ProcessSpec], said: str) -> None:
+        """Start a worker group in the place of lost group `group` (all of whose processes ran on this node): the
+        same ranks, the script from its start; they join the running job as replacements (SINGA_REPLACEMENT)."""
+        self.replacements_left -= 1
+        self.replaced += 1
+        generation = self.generations[group] = self.generations.get(group, 0) + 1
+        ranks = [spec.proc_rank for spec in specs]
+        for proc in ranks:  # what the lost processes said of their end is not the replacements' to answer for
+            try:
+                os.unlink(os.path.join(self.folder, f"blame.{proc}"))
+            except OSError:
+                pass
+        say(f"worker group {group} (rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}) lost: {said}; "
+            f"replacing it ({self.attempt + self.replaced}/{self.cfg.max_restarts}): its new workers take the "
+            "current values from the others")
+        self._start(f"worker-group{group}-r{generation}", specs, [f"rank{s.index}.r{generation}" for s in specs],
+                    env={"SINGA_REPLACEMENT": str(generation)})
+        self.lost.difference_update(ranks)
 
     def stop(self, grace: float) -> None:
         """SIGTERM every process group still running, SIGKILL after `grace` seconds, then tidy up."""
@@ -392,8 +434,9 @@ def run_node(cfg: LaunchConfig) -> int:
     if cfg.exit_on_stdin_close:
         _watch_stdin()
     attempt = 0
+    replaced = 0  # lost worker groups replaced in earlier attempts (each counts as a restart)
     while True:
-        job = LocalJob(cfg, attempt)
+        job = LocalJob(cfg, attempt, replacements=cfg.max_restarts - attempt - replaced)
         try:
             job.start()
             outcome = job.wait()
@@ -416,17 +459,18 @@ def run_node(cfg: LaunchConfig) -> int:
         except SignalException as exc:  # a second signal while stopping: stop at once
             job.stop(0)
             outcome = Outcome(False, [], signal=int(exc.sigval))
+        replaced += job.replaced
         if outcome.ok:
             return 0
         if outcome.signal is not None:
             say(f"stopped by signal {signal.Signals(outcome.signal).name}")
             return outcome.exit_code
-        if attempt >= cfg.max_restarts:
+        if attempt + replaced >= cfg.max_restarts:
             restarts = f" after {attempt} restart(s)" if attempt else ""
             say(f"job failed{restarts}: {outcome.describe()}")
             return outcome.exit_code
         attempt += 1
-        say(f"{outcome.describe()}; restarting the job ({attempt}/{cfg.max_restarts})")
+        say(f"{outcome.describe()}; restarting the job ({attempt + replaced}/{cfg.max_restarts})")
         if cfg.nnodes == 1:
             cfg.master_port = free_port()  # the old rendezvous port may linger in TIME_WAIT
         else:

@@ -175,10 +175,22 @@ class NodeWatch:
             return
         prefix = f"{LOST_KEY_PREFIX}{self.attempt}/"
         try:
-            for proc in procs:
-                store.set(f"{prefix}{proc}", "1")
+            for proc in procs:  # how many times each was lost (a replacement may take its place each time)
+                store.add(f"{prefix}{proc}", 1)
             store.add(prefix + "changes", 1)
         except Exception:  # the store is gone: the job is ending anyway
+            pass
+
+    def mark_coming(self, procs: list[int], generation: int) -> None:
+        """Tell the servers, before the loss itself, that replacement `generation` of these lost processes is on its
+        way (singa_dist.runtime.replacements_coming()): they keep serving for it."""
+        store = self._store
+        if store is None:
+            return
+        try:
+            for proc in procs:
+                store.set(f"{LOST_KEY_PREFIX}{self.attempt}/coming/{proc}", str(generation))
+        except Exception:
             pass
 
     def finish(self, ok: bool) -> None:

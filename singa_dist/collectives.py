@@ -111,6 +111,8 @@ def _set_and_engine(process_set, what: str):
         raise ValueError(f"{what}: Rank {runtime.rank()} is not a member of the provided process set.")
     if not (runtime.is_initialized() and runtime.is_distributed()):
         return ps, False
+    if runtime.is_replacement():
+        raise runtime.replacement_error(f"{what.lower()}()")
     return ps, (ps.size() or 1) > 1
 
 

@@ -73,7 +73,9 @@ def broadcast_parameters(params, root_rank: int = 0) -> None:
     runtime.require_init("broadcast_parameters()")
     named = _named_tensors(params)
     check_root(root_rank)
-    if not is_active():
+    if not is_active() or runtime.is_replacement():
+        # A replacement worker group of an asynchronous job takes the current values (and the servers' optimizer
+        # state) from the servers, or Hogwild's masters, as its optimizer is set up; the others are far ahead.
         return
     check_consistency(named, "tensor")
     with torch.no_grad():
@@ -107,7 +109,9 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
         raise ValueError("broadcast_optimizer_state does not support torch.optim.LBFGS (its state holds closures' "
                          "history that is not per parameter)")
     check_root(root_rank)
-    if not is_active():
+    if not is_active() or runtime.is_replacement():
+        # A replacement worker group of an asynchronous job takes the current values (and the servers' optimizer
+        # state) from the servers, or Hogwild's masters, as its optimizer is set up; the others are far ahead.
         return
     state, load = _base_state_dict(optimizer)
     if not state["state"]:

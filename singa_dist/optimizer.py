@@ -27,7 +27,8 @@ class _DistributedOptimizer:
         named = _named_parameters(self, named_parameters)
         # Before any training: workers with different models would otherwise hang or mix data later. (Workers of
         # an elastic job start at different times: they check when they meet, in the state's sync.)
-        if not runtime.is_elastic():
+        # A replacement worker group of an asynchronous job is checked by the servers as it opens their tables.
+        if not runtime.is_elastic() and not (runtime.is_initialized() and runtime.is_replacement()):
             check_consistency(named, "parameter")
         self._singa_strategy = strategy
         self._singa_named = named

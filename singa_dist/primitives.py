@@ -45,7 +45,11 @@ def is_active(group=None) -> bool:
 
 
 def _group(group):
-    return runtime.workers_process_group() if group is None else group
+    if group is None:
+        group = runtime.workers_process_group()
+        if group is None and runtime.is_replacement():
+            raise runtime.replacement_error("a collective of all workers")
+    return group
 
 
 def members(group=None) -> list[int]:

@@ -27,6 +27,7 @@ import time
 import uuid
 import warnings
 import weakref
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,10 @@ class _Runtime:
     named_pgs: dict = field(default_factory=dict)  # name -> a group of all workers that a layer above asked for
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     elastic_round: int = -1  # in an elastic job, the round this process is in (see singa_dist.rendezvous)
+    # A worker of a group that replaces a lost one in an asynchronous job (singa-launch --max-restarts): the how-many-th
+    # replacement of its process (0: an original process). Its own group is its default process group.
+    replacement: int = 0
+    job_store: object = None  # a replacement's view of the job's store, as the others' default group has it
 
 
 _state = _Runtime()
@@ -220,6 +225,11 @@ def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve)
         topology = job_topology(proc_size, strategy, servers=servers, worker_groups=worker_groups,
                                 sync_freq=sync_freq)
         named = topology.strategy
+    replacement = int(os.environ.get("SINGA_REPLACEMENT") or 0) if launcher == "singa-launch" else 0
+    if replacement and not (topology.role_of(proc_rank).is_worker and topology.nworker_groups > 1
+                            and strategy_kind(topology.strategy).asynchronous):
+        raise RuntimeError("singa_dist.init(): only a worker group of an asynchronous job (downpour, hybrid, hogwild) "
+                           "can replace a lost one")
     if joining is not None and topology.nprocs != topology.nworkers:
         raise RuntimeError(f"singa_dist.init(): an elastic job trains with workers only (allreduce, adasum); the "
                            f"{topology.strategy} strategy needs parameter servers, which cannot come and go")
@@ -252,6 +262,8 @@ def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve)
         wait = datetime.timedelta(seconds=_state.timeout_s)
         if alone:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
+        elif replacement:
+            _join_replacement_group(backend, topology, proc_rank, wait, replacement)
         elif joining is not None:
             _forming_round = joining.number  # from here to the end of init(), a failure may be the round breaking
             dist.init_process_group(backend=backend, store=rendezvous.RoundStore(_elastic_store(), joining.number),
@@ -277,18 +289,26 @@ def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve)
     # Every process takes part in creating every group, as torch.distributed requires. A group's own timeout
     # defaults to torch's (30 minutes), not the job's: each is given the job's.
     wait = datetime.timedelta(seconds=_state.timeout_s)
-    if topology.nprocs == topology.nworkers:
+    if replacement:
+        # Only the group's own workers share a process group with it: the job's groups formed without it.
+        _state.workers_pg = None
+        _state.group_pgs[role.group] = dist.group.WORLD
+    elif topology.nprocs == topology.nworkers:
         _state.workers_pg = dist.group.WORLD
     else:
         _state.workers_pg = dist.new_group(topology.worker_ranks(), timeout=wait)
-    if topology.nworker_groups == 1:
+    if replacement:
+        pass
+    elif topology.nworker_groups == 1:
         _state.group_pgs[0] = _state.workers_pg
     else:
         for g in range(topology.nworker_groups):
             _state.group_pgs[g] = dist.new_group(topology.worker_ranks(g), timeout=wait)
-    for name in _worker_group_names:
+    for name in _worker_group_names if not replacement else ():
         _state.named_pgs[name] = dist.new_group(topology.worker_ranks(), timeout=wait)
     _state.initialized = True
+    if replacement:
+        _mark_back(proc_rank)
     _forming_round = -1
     _timeline_from_environment()
     if topology.nprocs != topology.nworkers:
@@ -795,7 +815,7 @@ def _timeline_key(path: str) -> str:
 
 def _store():
     try:
-        return dist.distributed_c10d._get_default_store() if _state.distributed and dist.is_initialized() else None
+        return job_store() if _state.distributed and dist.is_initialized() else None
     except Exception:
         return None
 
@@ -876,9 +896,24 @@ def _abandon_timeline() -> None:
     timeline.stop()  # what was recorded reaches this process's part before the process dies
 
 
+PROGRESS_S = 1.0  # how often a worker of an asynchronous job says how far it is (see _meet_live)
+_progress_said = 0.0
+
+
 def count_step() -> None:
-    """A DistributedOptimizer step began (what publish_where reports)."""
+    """A DistributedOptimizer step began (what publish_where reports). In an asynchronous job a worker also says
+    its step count in the store every PROGRESS_S: the others, done, wait for a group that is still training (a
+    replacement runs the script from its start) as long as it goes on, and give up on one that stalls."""
+    global _progress_said
     _state.steps += 1
+    if _state.replacement or (_state.topology.nworker_groups > 1 and tracks_lost()):
+        now = time.monotonic()
+        if now - _progress_said > PROGRESS_S:
+            _progress_said = now
+            try:
+                job_store().set(f"{job_key('progress')}{_state.proc_rank}", str(_state.steps))
+            except Exception:
+                pass
 
 
 def _where_key(proc: int) -> str:
@@ -889,7 +924,7 @@ def publish_where(what: str) -> None:
     """Say where this process is stuck (a collective it waits in, or shutdown()), with its step count, so that
     the others can say which rank is where when they fail too."""
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store = job_store()
         store.set(_where_key(_state.proc_rank), json.dumps({"where": what, "steps": _state.steps}))
     except Exception:
         pass
@@ -899,7 +934,7 @@ def where_is(proc: int, wait_s: float = 3.0) -> dict | None:
     """What process `proc` published with publish_where ({"where": ..., "steps": ...}), waiting a little for it
     (it may be noticing its own failure right now); None if it said nothing."""
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store = job_store()
         deadline = time.monotonic() + wait_s
         while True:
             if store.check([_where_key(proc)]):
@@ -915,31 +950,124 @@ def steps() -> int:
     return _state.steps
 
 
-_lost: tuple[int, frozenset] = (0, frozenset())  # (changes seen, the lost processes)
+# (changes seen, {process: times singa-launch lost it}, {process: times a replacement took its place},
+#  {process: the generation of the replacement singa-launch started for it})
+_lost: tuple[int, dict, dict, dict] = (0, {}, {}, {})
+
+
+def _lost_prefix() -> str:
+    return f"{LOST_KEY_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+
+def _root_store():
+    """The job's store itself, without the default group's prefix (singa-launch writes there)."""
+    store = job_store()
+    return getattr(store, "_underlying_non_prefix_store", store)
+
+
+def _lost_counts() -> tuple[dict, dict, dict]:
+    """How many times singa-launch lost each process of an asynchronous job (Downpour, Hybrid, Hogwild) with its
+    worker group, how many times a replacement took its place since (singa-launch --max-restarts), and the
+    generation of the replacement started for it (announced before the loss)."""
+    global _lost
+    if not _state.initialized or not _state.distributed or not dist.is_initialized():
+        return {}, {}, {}
+    try:
+        store = _root_store()
+        prefix = _lost_prefix()
+        changes = store.add(prefix + "changes", 0)
+        if changes != _lost[0]:
+            lost, back, coming = {}, {}, {}
+            for p in range(_state.proc_size):
+                if store.check([f"{prefix}{p}"]):
+                    lost[p] = int(store.add(f"{prefix}{p}", 0))
+                    if store.check([f"{prefix}back/{p}"]):
+                        back[p] = int(store.add(f"{prefix}back/{p}", 0))
+                    if store.check([f"{prefix}coming/{p}"]):
+                        coming[p] = int(store.get(f"{prefix}coming/{p}"))
+            _lost = (changes, lost, back, coming)
+    except Exception:  # the store is gone with the job
+        pass
+    return _lost[1], _lost[2], _lost[3]
 
 
 def lost_procs() -> frozenset:
-    """The processes of worker groups singa-launch found lost in an asynchronous job (Downpour, Hybrid, Hogwild):
-    the servers drop them and the others no longer wait for them. Empty elsewhere."""
-    global _lost
-    if not _state.initialized or not _state.distributed or not dist.is_initialized():
-        return frozenset()
+    """The processes of worker groups singa-launch found lost in an asynchronous job (Downpour, Hybrid, Hogwild),
+    with no replacement on its way or joined since: the others no longer wait for them. Empty elsewhere."""
+    lost, back, coming = _lost_counts()
+    return frozenset(p for p, n in lost.items() if n > back.get(p, 0) and coming.get(p, 0) < n)
+
+
+def times_lost() -> dict:
+    """{process: how many times singa-launch lost it} (a replacement of the n-th loss is generation n)."""
+    return dict(_lost_counts()[0])
+
+
+def replacements_coming() -> dict:
+    """{process: the generation of the replacement singa-launch started for it} (announced before the loss)."""
+    return dict(_lost_counts()[2])
+
+
+def replaced_procs() -> frozenset:
+    """The processes whose place a replacement took (they talk to the servers through ps.sockets, not torch RPC)."""
+    return frozenset(_lost_counts()[1])
+
+
+def is_replacement() -> bool:
+    """Whether this process replaces a lost worker of an asynchronous job (its group came after the job formed)."""
+    return _state.initialized and _state.replacement > 0
+
+
+def replacement_generation() -> int:
+    return _state.replacement
+
+
+def job_store():
+    """The key-value store every process of the job shares keys through (the default group's)."""
+    if _state.job_store is not None:
+        return _state.job_store
+    return dist.distributed_c10d._get_default_store()
+
+
+def _join_replacement_group(backend: str, topology, proc_rank: int, wait, generation: int) -> None:
+    """A worker of a group that replaces a lost one: the group's workers form a default process group of their own
+    through the job's store (hosted by singa-launch); the job's groups formed long ago, without them."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     try:
-        store = dist.distributed_c10d._get_default_store()
-        store = getattr(store, "_underlying_non_prefix_store", store)  # the launcher writes outside the groups' prefix
-        prefix = f"{LOST_KEY_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-        changes = store.add(prefix + "changes", 0)
-        if changes != _lost[0]:
-            _lost = (changes, frozenset(p for p in range(_state.proc_size) if store.check([f"{prefix}{p}"])))
-    except Exception:  # the store is gone with the job
-        pass
-    return _lost[1]
+        root = dist.TCPStore(host, port, is_master=False, timeout=wait, wait_for_workers=False, multi_tenant=True)
+    except Exception as exc:
+        raise RuntimeError(f"process {proc_rank}: the job's store at {host}:{port} (singa-launch's) did not answer: "
+                           f"{exc}") from exc
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    ranks = topology.worker_ranks(topology.role_of(proc_rank).group)
+    group = topology.role_of(proc_rank).group
+    dist.init_process_group(backend=backend, rank=ranks.index(proc_rank), world_size=len(ranks), timeout=wait,
+                            store=dist.PrefixStore(f"singa/replacement/{attempt}/{group}/{generation}/", root))
+    # The original processes' default group (the job's first, "0") keeps its keys under "0/".
+    _state.job_store = dist.PrefixStore("0/", root)
+    _state.replacement = generation
+
+
+def _mark_back(proc_rank: int) -> None:
+    """A replacement has joined: the others count this process as live again."""
+    store = _root_store()
+    prefix = _lost_prefix()
+    store.add(f"{prefix}back/{proc_rank}", 1)
+    store.add(prefix + "changes", 1)
+
+
+def replacement_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"{what}: rank {_state.rank} belongs to worker group {_state.role.group}, which replaced a lost group of this "
+        f"asynchronous job: the job's process groups formed without it, so it has no collectives across worker "
+        "groups (the groups exchange through the parameter servers, or Hogwild's masters); collectives inside "
+        "its own worker group work")
 
 
 def _meet(timeout: float) -> list[int]:
     """Wait until every process of the job has come here (through the job's key-value store); return the
     processes that did not come within `timeout` seconds."""
-    store = dist.distributed_c10d._get_default_store()
+    store = job_store()
     me, n = _state.proc_rank, _state.proc_size
     prefix = job_key("shutdown")
     asynchronous = strategy_kind(_state.job_strategy).asynchronous
@@ -975,17 +1103,21 @@ def tracks_lost() -> bool:
             and strategy_kind(_state.job_strategy).asynchronous)
 
 
-_live_meetings = {False: 0, True: 0}  # barrier_live calls (of the workers, of every process), the same everywhere
+# barrier_live calls so far, by (workers or every process, what): the same everywhere, and for a replacement too,
+# which meets the others only at the end
+_live_meetings: dict = {}
 
 
 def barrier_live(what: str, processes: bool = False, timeout: float | None = None) -> None:
     """A barrier of every worker (`processes`: every process, servers too) that singa-launch has not lost (an
     asynchronous job), through the job's store: a worker group lost before or while the others wait here is not
     waited for, as a collective would wait for it."""
-    _live_meetings[processes] += 1
+    key = (processes, what)
+    _live_meetings[key] = number = _live_meetings.get(key, 0) + 1
     n = _state.proc_size if processes else _state.size
-    store = dist.distributed_c10d._get_default_store()
-    prefix = f"{job_key('live')}{'p' if processes else 'w'}{_live_meetings[processes]}/"
+    store = job_store()
+    tag = zlib.crc32(what.encode())
+    prefix = f"{job_key('live')}{'p' if processes else 'w'}{tag}.{number}/"
     store.set(f"{prefix}at/{_state.proc_rank}", "1")
     store.add(prefix + "count", 1)
     timeout = _state.timeout_s if timeout is None else timeout
@@ -1000,12 +1132,25 @@ def barrier_live(what: str, processes: bool = False, timeout: float | None = Non
 
 
 def _meet_live(store, prefix: str, n: int, timeout: float) -> None:
-    """_meet in an asynchronous job: every process has come, or every one that singa-launch has not lost."""
+    """_meet in an asynchronous job: every process has come, or every one that singa-launch has not lost. A worker
+    still training (its step count in the store moves: a group that replaced a lost one, a slow group) is waited for
+    as long as it goes on; the timeout counts from its last step."""
     deadline = time.monotonic() + timeout
+    looked, progress = time.monotonic(), {}
     while not store.check([prefix + "all"]):
         if store.add(prefix + "count", 0) >= n - len(lost_procs()):
             return
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - looked > PROGRESS_S:
+            looked = now
+            for p in range(min(n, _state.topology.nworkers)):
+                key = f"{job_key('progress')}{p}"
+                if store.check([key]) and not store.check([f"{prefix}at/{p}"]):
+                    steps = store.get(key)
+                    if progress.setdefault(p, steps) != steps:
+                        progress[p] = steps
+                        deadline = now + timeout
+        if now > deadline:
             raise TimeoutError(f"the processes did not meet within {timeout:g} s")
         time.sleep(0.05)
 

@@ -267,7 +267,8 @@ def test_killed_server_resumes_from_its_checkpoint(jobs):
 
 
 def _table(values):
-    spec = {"slices": [type("S", (), {"id": i})() for i in range(len(values))], "values": values,
+    spec = {"slices": [type("S", (), {"id": i, "name": f"p{i}", "start": 0, "end": v.numel()})()
+                       for i, v in enumerate(values)], "values": values,
             "param_group": [0] * len(values), "optimizer_class": torch.optim.Adam, "defaults": {"lr": 0.1},
             "group_options": [{"lr": 0.1}], "replicas": 1, "staleness": None, "clients": 1}
     return server._Table(spec)

@@ -135,7 +135,9 @@ class ParameterClient:
                         "warmup_steps": warmup_steps, "dana": dana, "relative_clip": relative_clip}
                 if checkpoint is not None:  # (folder, every N updates): the servers checkpoint and resume there
                     spec["checkpoint_dir"], spec["checkpoint_every"] = checkpoint
-            futures.append(transport.call_async(proc, server.open_table, self.session, spec, group))
+            # A client that does not create the table says which slices it has there, to be checked.
+            layout = None if create else [(s.name, s.start, s.end) for s in self.by_server[i]]
+            futures.append(transport.call_async(proc, server.open_table, self.session, spec, group, layout))
         # What this worker last heard from the servers (or sent them): a parameter that differs from it at the
         # next push was set by the user (loaded, broadcast, edited) and the servers take its values.
         self.known = [p.detach().clone() for p in self.params]

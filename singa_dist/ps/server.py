@@ -93,6 +93,9 @@ class _Table:
     def __init__(self, spec: dict):
         self.lock = threading.Lock()
         self.slice_ids = [s.id for s in spec["slices"]]
+        self.layout = [(s.name, s.start, s.end) for s in spec["slices"]]  # what a client's slices must be
+        self.dropped_groups: set[int] = set()  # groups lost while they pushed here (each one took away a turn)
+        self.awaited: set[int] = set()  # lost groups whose replacement is on its way (the table stays open for it)
         self.params = [torch.nn.Parameter(v.detach().clone(), requires_grad=False) for v in spec["values"]]
         self.param_group = spec["param_group"]  # the user's param group of each slice
         self.replicas = spec["replicas"]
@@ -151,6 +154,34 @@ class _Table:
         return optimizer, order
 
     # ---- under self.lock ---------------------------------------------------------------------------
+    def readmit(self, group: int) -> None:
+        """A group that replaces a lost one is back: it pushes again, with optimizer state of its own."""
+        if group in self.left:
+            del self.left[group]
+            self.closed -= 1
+        if group in self.dropped_groups:
+            self.dropped_groups.discard(group)
+            self.groups += 1
+        self.awaited.discard(group)
+        for per_group in (self.group_states, self.group_steps, self.grad_norms):
+            per_group.pop(group, None)
+
+    def mismatch(self, layout: list) -> str | None:
+        """How a client's slices differ from this table's (a replacement group built another model), or None."""
+        if layout == self.layout:
+            return None
+        mine = {name: end - start for name, start, end in self.layout}
+        theirs = {name: end - start for name, start, end in layout}
+        for name, n in theirs.items():
+            if name not in mine:
+                return f"it has parameter {name!r}, which the table does not"
+            if mine[name] != n:
+                return f"its slice of parameter {name!r} has {n} elements, the table's {mine[name]}"
+        missing = [name for name in mine if name not in theirs]
+        if missing:
+            return f"it lacks parameter {missing[0]!r}"
+        return "its parameters are sliced differently"
+
     def register(self, group: int):
         self.base[group] = self.version
         self.computing.add(group)
@@ -434,7 +465,9 @@ class ParameterServer:
         self.waiting: dict[int, list] = {}
         self.nworkers = nworkers
         self.stopped_by: set[int] = set()
-        self.dropped: set[int] = set()  # workers lost with their group (asynchronous jobs)
+        self.dropped: dict[int, int] = {}  # worker -> times it was dropped, lost with its group (asynchronous jobs)
+        self.readmitted: dict[int, int] = {}  # worker group -> the generation of replacement taken back last
+        self.closed_sessions: set[int] = set()  # tables every client closed
         self.stopped = threading.Event()
 
     def table(self, session: int) -> _Table:
@@ -459,10 +492,17 @@ def _complete(done: list) -> None:
 
 # ---- RPC handlers (run on the server) ----------------------------------------------------------------
 @_async_execution
-def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Future:
+def open_table(session: int, spec: dict | None, group: int, layout: list | None = None) -> torch.futures.Future:
+    """`layout`: the (name, start, end) of the client's slices here, checked against the table's (a replacement
+    worker group, whose model no other worker compared with theirs)."""
     server = _me()
     future = torch.futures.Future()
     with server.lock:
+        if spec is None and session in server.closed_sessions:
+            future.set_result(RuntimeError(
+                f"{transport.describe(runtime.proc_rank())} closed table {session}: every worker group that used it "
+                f"had finished when worker group {group} came to open it"))
+            return future
         waiters = [(future, group)]
         if spec is not None:
             table = _Table(spec)
@@ -479,6 +519,12 @@ def open_table(session: int, spec: dict | None, group: int) -> torch.futures.Fut
             server.waiting.setdefault(session, []).append((future, group))
             return future
         table = server.tables[session]
+    wrong = table.mismatch(layout) if layout is not None else None
+    if wrong is not None:
+        future.set_result(ValueError(
+            f"worker group {group} does not train the model of table {session} on "
+            f"{transport.describe(runtime.proc_rank())}: {wrong} (every worker group must build the same model)"))
+        return future
     for f, g in waiters:
         with table.lock:
             answer = table.register(g)
@@ -580,13 +626,14 @@ def close_table(session: int, group: int, proc: int | None = None, steps: int | 
         table.left.setdefault(group, (proc, steps))
         orphans = table.gathering.pop(group, [])
         done = table.drain()  # updates that waited for the group that left
-        last = table.closed >= table.clients
+        last = table.closed >= table.clients and not table.awaited
     _complete(done)
     for push_entry in orphans:
         push_entry[1].set_result(table.left_error(group, len(orphans)))
     if last:
         with server.lock:
             server.tables.pop(session, None)
+            server.closed_sessions.add(session)
 
 
 def _goodbye(worker_proc: int) -> None:
@@ -597,27 +644,57 @@ def _goodbye(worker_proc: int) -> None:
             server.stopped.set()
 
 
-def _drop_lost(lost: frozenset) -> None:
-    """Drop the worker groups singa-launch lost (an asynchronous job): each table closes for the group, which
-    releases updates the staleness bound held back for it, and its workers count as gone."""
+def _drop_lost(times_lost: dict) -> None:
+    """Drop the worker groups singa-launch lost (an asynchronous job; {worker: times lost}, a group replaced since
+    counted too): each table closes for the group, which releases updates the staleness bound held back for it, and
+    its workers count as gone."""
     server = _me()
     topo = runtime.topology()
-    new = sorted(p for p in lost if p not in server.dropped and p < topo.nworkers)
+    with server.lock:
+        new = sorted(p for p, n in times_lost.items() if server.dropped.get(p, 0) < n and p < topo.nworkers)
+        for p in new:
+            server.dropped[p] = times_lost[p]
     if not new:
         return
-    server.dropped.update(new)
     groups = sorted({topo.role_of(p).group for p in new})
+    coming = runtime.replacements_coming()
+    # Groups a replacement is on its way for (singa-launch says so before the loss): their tables stay open for it.
+    awaited = {topo.role_of(p).group for p in new if coming.get(p, 0) >= times_lost[p]}
     print(f"{transport.describe(runtime.proc_rank())}: dropped worker group{'s' * (len(groups) > 1)} "
           f"{', '.join(map(str, groups))} (process{'es' * (len(new) > 1)} {', '.join(map(str, new))}), lost; the "
-          "other groups go on", file=sys.stderr, flush=True)
+          f"other groups go on{' (a replacement is on its way)' if awaited else ''}", file=sys.stderr, flush=True)
     for session, table in list(server.tables.items()):
         for group in groups:
             if group not in table.left:  # a group that closed the table before it was lost is gone already
                 with table.lock:  # it will not push again: not counted among the groups that take turns
-                    table.groups = max(1, table.groups - 1)
+                    if table.groups > 1:
+                        table.groups -= 1
+                        table.dropped_groups.add(group)
+                    if group in awaited:
+                        table.awaited.add(group)
                 close_table(session, group)
     for proc in new:
-        _goodbye(proc)
+        if topo.role_of(proc).group not in awaited:  # no replacement on its way: the worker is gone for good
+            _goodbye(proc)
+
+
+def _readmit(worker_proc: int, generation: int) -> None:
+    """The `generation`-th replacement of lost worker `worker_proc` has joined: the loss is taken in first (if this
+    server has not seen it yet), then the worker counts again, and its group is back in every table."""
+    server = _me()
+    group = runtime.topology().role_of(worker_proc).group
+    _drop_lost({worker_proc: generation})
+    with server.lock:
+        server.stopped_by.discard(worker_proc)
+        first = server.readmitted.get(group, 0) < generation
+        server.readmitted[group] = max(generation, server.readmitted.get(group, 0))
+        tables = list(server.tables.values())
+    if first:
+        for table in tables:
+            with table.lock:
+                table.readmit(group)
+        print(f"{transport.describe(runtime.proc_rank())}: worker group {group} is back (replacement {generation})",
+              file=sys.stderr, flush=True)
 
 
 def serve() -> None:
@@ -630,11 +707,15 @@ def serve() -> None:
         raise RuntimeError(f"process {runtime.proc_rank()} is a worker; only server processes run serve()")
     _server = ParameterServer(runtime.topology().nworkers)
     transport.on_goodbye(_goodbye)
+    transport.on_readmit(_readmit)
     transport.join()
     watch = strategy_kind(runtime.job_strategy()).asynchronous
+    if runtime.tracks_lost():
+        transport.listen()  # where a worker group that replaces a lost one calls
     while not _server.stopped.wait(LOST_POLL_S if watch else None):
-        _drop_lost(runtime.lost_procs())
+        _drop_lost(runtime.times_lost())
     time.sleep(0.2)  # let the answers to the last goodbyes leave before the agent goes
     transport.leave()
     transport.on_goodbye(None)
+    transport.on_readmit(None)
     _server = None

@@ -7,21 +7,35 @@ servers join in `serve()`. CUDA tensors never travel: callers stage them through
 
 A worker leaving the job says goodbye to every separate server (`release_servers`); a server learns of it
 through the callback it registered with `on_goodbye`, so this module needs nothing from the server's.
+
+A worker group that replaces a lost one (singa-launch --max-restarts under Downpour, Hybrid, Hogwild) comes after
+the RPC group formed and cannot join it: its calls, and the calls made to it, go through `ps.sockets` instead, to
+the door every server (and every replacement) of an asynchronous job listens at. Joining, it tells every separate
+server that its processes are back (`on_readmit`).
 """
 from __future__ import annotations
 
+import datetime
+import os
 import queue
 import threading
+import time
 import warnings
 
 import torch
 import torch.distributed.rpc as rpc
 
 from .. import metrics, runtime
+from . import sockets
 
 _lock = threading.Lock()
 _joined = False
 _released = False  # this worker said goodbye to the separate servers already
+_side = False  # this process replaces a lost one: every call goes through ps.sockets
+_door: sockets.Listener | None = None  # where this process takes calls through ps.sockets
+_doors: dict[int, sockets.Connection] = {}  # this process's connections to the others' doors
+_replaced: tuple[float, frozenset] = (0.0, frozenset())  # (when read, processes a replacement took the place of)
+REPLACED_POLL_S = 0.5
 
 
 def proc_name(proc: int) -> str:
@@ -42,9 +56,14 @@ def joined() -> bool:
 
 def join() -> None:
     """Join the job's RPC group (once per process); every process of the job must join."""
-    global _joined
+    global _joined, _side
     with _lock:
         if _joined:
+            return
+        if runtime.is_replacement():
+            _side = _joined = True
+            listen()
+            _readmit_everywhere()
             return
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=runtime.timeout_s(),
                                                   num_worker_threads=16, _transports=["uv"], _channels=["basic"])
@@ -58,11 +77,19 @@ def join() -> None:
 
 def leave() -> None:
     """Leave the RPC group once every process of the job has come to leave it too (bounded by the timeout)."""
-    global _joined
+    global _joined, _side
     with _lock:
         if not _joined:
             return
         _joined = False
+        if _side:  # a replacement: it meets the others as they leave, then closes its connections
+            _side = False
+            try:
+                runtime.barrier_live("leaving the RPC group", processes=True, timeout=min(runtime.timeout_s(), 60.0))
+            except RuntimeError:
+                pass
+            _close_doors()
+            return
         try:
             # Graceful: every process of the job meets here first, so no peer sees its connections drop
             # mid-message. A peer that died makes it fail after the timeout; the local side still closes. A worker
@@ -77,24 +104,30 @@ def leave() -> None:
                     graceful = False
                 # Everyone came: torch's graceful goodbye closes every connection cleanly (no peer sees a pipe
                 # drop); with a lost group it would wait for that group's processes in vain.
-                graceful = graceful and not runtime.lost_procs()
+                # A replaced process never joined the RPC group: its original is waited for in vain too.
+                graceful = graceful and not runtime.lost_procs() and not runtime.replaced_procs()
             rpc.shutdown(graceful=graceful, timeout=min(runtime.timeout_s(), 60.0))
         except Exception:
             pass
+        _close_doors()
 
 
 def abandon() -> None:
     """The process dies of an uncaught exception: stop the RPC agent at once. Left running, its threads would
     serve a peer's call (the others' leaving meets through process 0) while the interpreter is taken apart,
     which aborts the process."""
-    global _joined
+    global _joined, _side
     if not _joined:
         return
     _joined = False
-    try:
-        rpc.shutdown(graceful=False)
-    except Exception:
-        pass
+    if _side:
+        _side = False
+    else:
+        try:
+            rpc.shutdown(graceful=False)
+        except Exception:
+            pass
+    _close_doors()
 
 
 runtime.on_shutdown(abandon, phase="abandon", persistent=True)
@@ -105,9 +138,60 @@ def call_async(proc: int, fn, *args, timeout: float | None = None) -> torch.futu
     if timeout is None:
         timeout = runtime.timeout_s()
     try:
+        if _side or proc in _replaced_now():
+            return _door_call(proc, fn, args, timeout)
         return rpc.rpc_async(proc_name(proc), fn, args=args, timeout=timeout)
     except Exception as exc:
         raise PeerError(proc, fn.__name__, exc, timeout) from None
+
+
+# ---- ps.sockets: the doors of an asynchronous job ---------------------------------------------------------------
+def _door_key(proc: int) -> str:
+    return f"{runtime.job_key('door')}{proc}"
+
+
+def listen() -> None:
+    """Take calls through ps.sockets too (servers of an asynchronous job, and replacements), at an address the
+    job's store gives."""
+    global _door
+    if _door is not None:
+        return
+    _door = sockets.Listener()
+    host = sockets.local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    runtime.job_store().set(_door_key(runtime.proc_rank()),
+                            f"{runtime.replacement_generation()} {host} {_door.port}")
+
+
+def _replaced_now() -> frozenset:
+    """The processes replacements took the place of (read from the store at most every REPLACED_POLL_S)."""
+    global _replaced
+    if not runtime.tracks_lost():
+        return frozenset()
+    now = time.monotonic()
+    if now - _replaced[0] > REPLACED_POLL_S:
+        _replaced = (now, runtime.replaced_procs())
+    return _replaced[1]
+
+
+def _door_call(proc: int, fn, args: tuple, timeout: float) -> torch.futures.Future:
+    conn = _doors.get(proc)
+    if conn is None or conn.broken is not None:
+        store = runtime.job_store()
+        key = _door_key(proc)
+        store.wait([key], datetime.timedelta(seconds=timeout))
+        _, host, port = store.get(key).decode().split()
+        conn = _doors[proc] = sockets.Connection((host, int(port)), describe(proc), connect_timeout=min(timeout, 30.0))
+    return conn.call(fn, args, timeout)
+
+
+def _close_doors() -> None:
+    global _door
+    for conn in _doors.values():
+        conn.close()
+    _doors.clear()
+    if _door is not None:
+        _door.close()
+        _door = None
 
 
 def wait(proc: int, future: torch.futures.Future, what: str):
@@ -174,7 +258,7 @@ class PeerError(RuntimeError):
             runtime.blame([proc], detail[detail.index("the ranks ran"):], neutral=True)
         elif "timeout" in lowered or "timed out" in lowered:  # torch's RPC says so when the time ran out
             how = f"did not answer within {runtime.timeout_s() if timeout is None else timeout:g}s"
-        elif "On WorkerInfo" in str(cause):  # the handler raised on the server
+        elif "On WorkerInfo" in str(cause) or isinstance(cause, sockets.RemoteError):  # the handler raised there
             how = "raised"
         else:
             how = "failed or died (its connection closed, or it raised)"
@@ -195,6 +279,32 @@ def goodbye(worker_proc: int) -> None:
     if _goodbye_callback is None:
         raise RuntimeError(f"process {runtime.proc_rank()} is not serving parameters")
     _goodbye_callback(worker_proc)
+
+
+_readmit_callback = None
+
+
+def on_readmit(callback) -> None:
+    """On a server: `callback(worker_proc, generation)` runs when a replacement of a lost worker joins."""
+    global _readmit_callback
+    _readmit_callback = callback
+
+
+def readmit(worker_proc: int, generation: int) -> None:
+    """Handler (runs on a server): the `generation`-th replacement of worker `worker_proc` has joined the job."""
+    if _readmit_callback is None:
+        raise RuntimeError(f"process {runtime.proc_rank()} is not serving parameters")
+    _readmit_callback(worker_proc, generation)
+
+
+def _readmit_everywhere() -> None:
+    """A replacement joining: every separate server takes its group back (before the group opens a table)."""
+    topo = runtime.topology()
+    if not topo.server_worker_separate:
+        return
+    me, generation = runtime.proc_rank(), runtime.replacement_generation()
+    calls = [(proc, call_async(proc, readmit, me, generation)) for proc in topo.server_ranks()]
+    wait_all(calls, "readmit")
 
 
 def release_servers() -> None:

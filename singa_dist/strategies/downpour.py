@@ -96,7 +96,7 @@ class Downpour(ParameterServerStrategy):
         if runtime.proc_rank() == self.leader:
             self.client = ps_client.ParameterClient(
                 optimizer, self.named, group=self.group, replicas=1, staleness=self.staleness,
-                clients=topo.nworker_groups, create=runtime.rank() == 0,
+                clients=topo.nworker_groups, create=runtime.rank() == 0 and not runtime.is_replacement(),
                 compression=self.compression, staleness_lr=self.staleness_lr,
                 momentum_correction=self.momentum_correction, checkpoint=self.checkpoint,
                 warmup_steps=self.warmup_steps, dana=self.dana, relative_clip=self.relative_clip)

@@ -16,6 +16,9 @@ computed there (the replicas exchange and end with those values). `relative_clip
 than that many times the running mean of the replica's gradient norms is scaled down to it before the step
 (ps.server.relative_clip_factor, as Downpour's servers do): the digits CNN's low seeds were catapults whose large
 gradients then fed the replica's momentum. None: no clip.
+
+Under singa-launch a lost group's slices go to the live groups' masters for good; a group that replaces it (singa-launch
+--max-restarts) masters none: it takes the current values of every slice from its master, then exchanges as the others.
 """
 from __future__ import annotations
 
@@ -55,6 +58,24 @@ def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torc
             value = ps_client.read_slice(me.params[s.param], me.params[s.param], s.start, s.end) + me.pending[sid]
             fresh.append(value if me.value_dtype is None else value.to(me.value_dtype))
     return fresh
+
+
+def master_values(session: int, slice_ids: list[int]) -> list[torch.Tensor]:
+    """On a slice's master: the slices' current values, the deltas received for them included (what a group that
+    replaces a lost one starts from)."""
+    me = _live.get(session)
+    if me is None:
+        raise RuntimeError(f"process {runtime.proc_rank()} has no hogwild table {session} (closed already?)")
+    with me.lock:
+        if any(sid not in me.pending for sid in slice_ids):
+            me._drop_lost()
+        out = []
+        for sid in slice_ids:
+            if sid not in me.pending:
+                raise RuntimeError(f"process {runtime.proc_rank()} does not master hogwild slice {sid}")
+            s = me.slices[sid]
+            out.append(ps_client.read_slice(me.params[s.param], me.params[s.param], s.start, s.end) + me.pending[sid])
+    return out
 
 
 class Hogwild(ParameterServerStrategy):
@@ -99,34 +120,58 @@ class Hogwild(ParameterServerStrategy):
         self.lost_groups: set[int] = set()  # groups singa-launch lost: their slices have other masters
         _live[self.session] = self
         transport.join()
-        # Every group starts from worker 0's values, as the servers' initial values.
-        broadcast_flat_([p.data for p in self.params], 0, "the initial values of every hogwild group")
+        if runtime.tracks_lost():
+            transport.listen()  # a group that replaces a lost one calls the masters there
+        if runtime.is_replacement():
+            with self.lock:
+                self._drop_lost()  # (its own group among the lost: it masters nothing)
+            self._take_masters_values()
+        else:
+            # Every group starts from worker 0's values, as the servers' initial values.
+            broadcast_flat_([p.data for p in self.params], 0, "the initial values of every hogwild group")
         self.last_sync = {s.id: self._read(s) for group in self.remote.values() for s in group}
         self.known = [p.detach().clone() for p in self.params]  # this replica after its own last change
         self.syncs = 0
         runtime.on_shutdown(self.close)
 
     def _drop_lost(self) -> None:
-        """Drop the groups singa-launch lost from the exchange: the slices they mastered go to the live groups in
-        turn (every process computes the same), each taking its own replica's values as the master's. Under
-        self.lock."""
+        """Drop the groups singa-launch lost from the exchange: the slices they mastered go to the groups never lost
+        in turn (every process computes the same from the job's store, whenever it looks), each taking its own
+        replica's values as the master's. A group that replaced a lost one masters none. Under self.lock."""
         topo = runtime.topology()
-        lost = {topo.role_of(p).group for p in runtime.lost_procs() if p < topo.nworkers}
+        lost = {topo.role_of(p).group for p in runtime.times_lost() if p < topo.nworkers}
         if lost <= self.lost_groups:
             return
         self.lost_groups |= lost
-        live = [g for g in range(topo.nworker_groups) if g not in self.lost_groups]
-        self.groups = len(live)  # the asynchrony the remedies correct for is the live groups'
+        gone = {topo.role_of(p).group for p in runtime.lost_procs() if p < topo.nworkers}
+        masters = [g for g in range(topo.nworker_groups) if g not in self.lost_groups]
+        if not masters:  # every group was lost once: the ones now running master (replacements among them)
+            masters = [g for g in range(topo.nworker_groups) if g not in gone]
+        self.groups = topo.nworker_groups - len(gone)  # the asynchrony the remedies correct for is the live groups'
         self.remote = {}
         for s in self.slices:
-            master = s.master_group if s.master_group in live else live[s.id % len(live)]
+            master = s.master_group if s.master_group in masters else masters[s.id % len(masters)]
             if master == self.group:
                 if s.id not in self.pending:
                     self.pending[s.id] = torch.zeros(s.numel, dtype=self.params[s.param].dtype)
                     self.last_sync.pop(s.id, None)
             else:
+                self.pending.pop(s.id, None)
                 self.remote.setdefault(master, []).append(s)
         self.mine = [s for s in self.slices if s.id in self.pending]
+
+    def _take_masters_values(self) -> None:
+        """A replacement group's start: every slice's current value from its master."""
+        calls = []
+        for master, slices in sorted(self.remote.items()):
+            proc = runtime.topology().worker_ranks(master)[0]
+            calls.append((proc, slices, transport.call_async(proc, master_values, self.session, [s.id for s in slices])))
+        with torch.no_grad():
+            for proc, slices, fut in calls:
+                values = transport.wait(proc, fut, "the masters' values for a replacement group")
+                self._received_total += wire.payload_bytes(values)
+                for s, value in zip(slices, values):
+                    ps_client.write_slice(self.params[s.param], s.start, s.end, value.to(self.params[s.param].dtype))
 
     def _read(self, s) -> torch.Tensor:
         return ps_client.read_slice(self.params[s.param], self.params[s.param], s.start, s.end)
@@ -227,7 +272,7 @@ class Hogwild(ParameterServerStrategy):
         if not runtime.tracks_lost():
             return False
         deadline = time.monotonic() + LOST_WAIT_S
-        while proc not in runtime.lost_procs():
+        while proc not in runtime.times_lost():
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)

@@ -1,0 +1,196 @@
+"""A lost worker group of an asynchronous job is replaced (singa-launch --max-restarts under Downpour, Hybrid, Hogwild).
+
+The replacement's workers run the script from its start with the lost ranks, take the current values from the servers
+(Hogwild: from the slices' masters, which the lost group no longer is), train with the others and leave with them.
+Each replacement counts as one restart; with none left, a lost group is dropped as before. Its model is checked
+against the servers' tables, and collectives across worker groups (which it is not in) fail with a clear error.
+"""
+import re
+import textwrap
+
+import pytest
+
+from tests.test_async_survival import DOWNPOUR, HOGWILD, Job, _accuracies, _stop
+
+# The survival tests' training (every group over all the digits in its own order), and a replacement says where it
+# started: how far its values are from its own initial ones, and the servers' versions then.
+TRAIN = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    import singa_dist as sd
+    from examples.datasets import digits
+
+    torch.set_num_threads(1)
+    sd.init()
+    x, y, x_test, y_test = digits()
+    replacement = int(os.environ.get("SINGA_REPLACEMENT", "0"))
+    hidden = 48 if replacement and os.environ.get("OTHER_MODEL") else 64
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+    start = [p.detach().clone() for p in model.parameters()]
+    epochs, batch = int(os.environ["EPOCHS"]), 32
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.3), model.named_parameters())
+    sd.broadcast_parameters(model.state_dict(), root_rank=0)  # a replacement's values are the servers'
+    if replacement:
+        moved = max((p.detach() - q).abs().max().item() for p, q in zip(model.parameters(), start))
+        print(f"rank {sd.rank()} replacement {replacement} moved {moved:.4f} "
+              f"versions {getattr(opt.strategy, 'versions', None)}", flush=True)
+        try:
+            sd.allreduce(torch.ones(1), name="across groups")
+        except RuntimeError as exc:
+            print(f"rank {sd.rank()} cross-group: {exc}", flush=True)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs * 3 // 4], gamma=0.1)
+    kill_rank, kill_step = int(os.environ.get("KILL_RANK", "-1")), int(os.environ.get("KILL_STEP", "-1"))
+    kills = int(os.environ.get("KILLS", "1"))  # how many generations of the rank kill themselves
+    gen = torch.Generator().manual_seed(100 + sd.rank())
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = order[i:i + batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+            if sd.rank() == kill_rank and step == kill_step and replacement < kills:
+                os.kill(os.getpid(), 9)
+        sched.step()
+    rank = sd.rank()
+    if hasattr(opt.strategy, "pull"):
+        opt.strategy.pull()  # Downpour: the servers' values now (the last group to pull has every update in them)
+    pulled = time.time()
+    sd.shutdown()  # Hogwild: the last exchange gives every replica the masters' values
+    with torch.no_grad():
+        acc = (model(x_test).argmax(1) == y_test).float().mean().item() * 100
+    print(f"rank {rank} steps {step} accuracy {acc:.2f} pulled at {pulled:.6f}", flush=True)
+""")
+
+HYBRID = ["-np", "4", "--strategy", "hybrid", "--worker-groups", "2", "--servers", "1"]
+EPOCHS, KILL_STEP = 8, 176  # as the survival tests: 44 steps an epoch, the group killed half-way
+
+
+def _killed(epochs: int, step: int, rank: int = 1, **more) -> dict:
+    return {"EPOCHS": str(epochs), "KILL_RANK": str(rank), "KILL_STEP": str(step), **more}
+
+
+def _start(root, jobs: dict) -> dict:
+    return {name: Job(root / name.replace(" ", "_"), args, TRAIN, env) for name, (args, env) in jobs.items()}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """The quick jobs, side by side: group 1 killed after 30 of its 88 steps, one restart allowed."""
+    root = tmp_path_factory.mktemp("async_replacement")
+    started = _start(root, {
+        "downpour replaced": (DOWNPOUR + ["--max-restarts", "1"], _killed(2, 30)),
+        "hogwild replaced": (HOGWILD + ["--max-restarts", "1"], _killed(2, 30))})
+    yield started
+    _stop(started)
+
+
+def _replaced(result, group_ranks: str, everyone: set, epochs: int) -> tuple[str, str]:
+    """The job ended well, said it replaced the group, and every rank (the replacements too) ran all its steps."""
+    code, out, err = result
+    assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    assert f"worker group 1 ({group_ranks}) lost: " in err and "replacing it (1/1): its new workers take the " \
+        "current values from the others" in err, err
+    steps = {int(r): int(n) for r, n in re.findall(r"rank (\d+) steps (\d+) accuracy", out)}
+    assert steps == {r: 44 * epochs for r in everyone}, out
+    return out, err
+
+
+def _started_from_current_values(out: str, ranks: set) -> list:
+    """What each replacement said of its start: its values are not its own initial ones but the job's."""
+    started = {int(r): (float(moved), versions) for r, moved, versions in
+               re.findall(r"rank (\d+) replacement 1 moved ([\d.]+) versions (.*)", out)}
+    assert set(started) == ranks, out
+    for moved, _ in started.values():
+        assert moved > 0.05, out  # the initial values differ from the job's by far more after 30 updates
+    for rank in ranks:  # no collective across worker groups for a group outside the job's process groups
+        assert re.search(rf"rank {rank} cross-group: allreduce\(\): rank {rank} belongs to worker group 1, which "
+                         r"replaced a lost group of this asynchronous job", out), out
+    return [versions for _, versions in started.values()]
+
+
+@pytest.mark.timeout(300)
+def test_downpour_replaces_a_killed_group(jobs):
+    out, err = _replaced(jobs["downpour replaced"].result(), "rank 1", {0, 1}, 2)
+    (versions,) = _started_from_current_values(out, {1})
+    assert int(versions.strip("[]")) >= 30, out  # the servers had taken both groups' updates by then
+    assert "parameter server 0.0 (process 2): dropped worker group 1 (process 1), lost; the other groups go on (a " \
+           "replacement is on its way)" in err
+    assert "parameter server 0.0 (process 2): worker group 1 is back (replacement 1)" in err
+
+
+@pytest.mark.timeout(300)
+def test_hogwild_replaces_a_killed_group(jobs):
+    out, _ = _replaced(jobs["hogwild replaced"].result(), "rank 1", {0, 1, 2}, 2)
+    _started_from_current_values(out, {1})
+    got = _accuracies(out)
+    assert got[0] == got[1] == got[2], out  # the replacement ends with the masters' values too
+
+
+@pytest.fixture(scope="module")
+def slow_jobs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("async_replacement_slow")
+    started = _start(root, {
+        "hybrid replaced": (HYBRID + ["--max-restarts", "1"], _killed(2, 30, rank=3)),
+        "budget spent": (DOWNPOUR + ["--max-restarts", "1"], _killed(2, 30, KILLS="2")),
+        "other model": (DOWNPOUR + ["--max-restarts", "1"], _killed(2, 30, OTHER_MODEL="1")),
+        "downpour": (DOWNPOUR, {"EPOCHS": str(EPOCHS)}),
+        "downpour replaced": (DOWNPOUR + ["--max-restarts", "1"], _killed(EPOCHS, KILL_STEP)),
+        "hogwild": (HOGWILD, {"EPOCHS": str(EPOCHS)}),
+        "hogwild replaced": (HOGWILD + ["--max-restarts", "1"], _killed(EPOCHS, KILL_STEP))})
+    yield started
+    _stop(started)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_hybrid_replaces_a_killed_group_of_two_workers(slow_jobs):
+    out, err = _replaced(slow_jobs["hybrid replaced"].result(), "ranks 2, 3", {0, 1, 2, 3}, 2)
+    _started_from_current_values(out, {2, 3})
+    got = _accuracies(out)
+    assert got[2] == got[3], out  # the replacement group's two workers hold the same values (their own group)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_with_no_restart_left_a_lost_replacement_is_dropped(slow_jobs):
+    code, out, err = slow_jobs["budget spent"].result()
+    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    assert "replacing it (1/1)" in err
+    assert "worker group 1 (rank 1) lost: rank 1 was killed by signal SIGKILL (9); the other 1 worker group(s) and " \
+           "the servers go on" in err, err
+    steps = {int(r): int(n) for r, n in re.findall(r"rank (\d+) steps (\d+) accuracy", out)}
+    assert steps == {0: 88}, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_replacement_with_another_model_is_refused(slow_jobs):
+    code, out, err = slow_jobs["other model"].result()
+    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"  # refused, and dropped: the other group finishes
+    assert "worker group 1 does not train the model of table 0 on parameter server 0.0 (process 2): its slice of " \
+           "parameter '0.weight' has 3072 elements, the table's 4096" in err, err
+    steps = {int(r): int(n) for r, n in re.findall(r"rank (\d+) steps (\d+) accuracy", out)}
+    assert steps == {0: 88}, out
+
+
+def _final_accuracy(out: str) -> float:
+    """The accuracy of the job's final values: those of the last group to pull them (Downpour's servers have every
+    update by then; Hogwild's replicas all end with the masters' values)."""
+    pulls = re.findall(r"rank \d+ steps \d+ accuracy ([\d.]+) pulled at ([\d.]+)", out)
+    return float(max(pulls, key=lambda p: float(p[1]))[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+@pytest.mark.parametrize("framework", ["downpour", "hogwild"])
+def test_a_replaced_group_costs_under_a_point(slow_jobs, framework):
+    code, out, err = slow_jobs[framework].result()
+    assert code == 0, err
+    reference = _final_accuracy(out)
+    everyone = set(_accuracies(out))
+    out, _ = _replaced(slow_jobs[f"{framework} replaced"].result(), "rank 1", everyone, EPOCHS)
+    assert abs(_final_accuracy(out) - reference) <= 1.0, (out, reference)
