@@ -182,6 +182,7 @@ class LaunchConfig:
         if self.network_interface:
             env["GLOO_SOCKET_IFNAME"] = self.network_interface
             env["NCCL_SOCKET_IFNAME"] = self.network_interface
+            env["TP_SOCKET_IFNAME"] = self.network_interface  # torch RPC's TensorPipe (the parameter servers)
         if self.timeline:
             env["SINGA_TIMELINE"] = self.timeline
         if self.metrics is not None:
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--master-addr", "--master_addr", help="address of node 0 (default 127.0.0.1, or the first host)")
     m.add_argument("--master-port", "--master_port", type=int, help=f"a free port on node 0 (default {DEFAULT_MASTER_PORT} "
                                                    "with several nodes, a free one on one node)")
-    m.add_argument("--network-interface", help="interface Gloo and NCCL use (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)")
+    m.add_argument("--network-interface", help="interface Gloo, NCCL and the parameter servers' RPC use (GLOO_SOCKET_IFNAME, "
+                   "NCCL_SOCKET_IFNAME, TP_SOCKET_IFNAME)")
     m.add_argument("--ssh-command", default="ssh", help="the ssh program and its options (default: ssh)")
     m.add_argument("--ssh-port", type=int)
     m.add_argument("--ssh-identity")

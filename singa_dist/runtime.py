@@ -281,8 +281,18 @@ def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve)
         os.environ.update({"RANK": str(proc_rank), "WORLD_SIZE": str(proc_size), "LOCAL_RANK": str(local_rank),
                            "LOCAL_WORLD_SIZE": str(local_size)})
     elif _state.distributed and not alone:
-        local_rank, local_size, _state.cross_rank, _state.cross_size = _node_layout(
-            launcher, proc_rank, proc_size, local_rank, local_size, topology.nworkers)
+        layout_key = f"{job_key('layout')}{proc_rank}"
+        if replacement:  # the lost process's place: it said where it was when the job formed
+            store = job_store()
+            store.wait([layout_key], datetime.timedelta(seconds=_state.timeout_s))
+            local_rank, local_size, _state.cross_rank, _state.cross_size = json.loads(store.get(layout_key))
+        else:
+            local_rank, local_size, _state.cross_rank, _state.cross_size = _node_layout(
+                launcher, proc_rank, proc_size, local_rank, local_size, topology.nworkers)
+            if topology.nworker_groups > 1 and strategy_kind(topology.strategy).asynchronous and role.is_worker:
+                # (for a replacement, which cannot take part in the all-gather that found it)
+                job_store().set(layout_key, json.dumps([local_rank, local_size, _state.cross_rank,
+                                                        _state.cross_size]))
     _state.local_rank = 0 if local_rank is None else local_rank
     _state.local_size = 1 if local_size is None else local_size
 

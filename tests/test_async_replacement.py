@@ -6,11 +6,14 @@ Each replacement counts as one restart; with none left, a lost group is dropped 
 against the servers' tables, and collectives across worker groups (which it is not in) fail with a clear error.
 """
 import re
+import sys
 import textwrap
 
 import pytest
 
-from tests.test_async_survival import DOWNPOUR, HOGWILD, Job, _accuracies, _stop
+from tests.dist_harness import run_command
+from tests.test_async_survival import DOWNPOUR, ENV, HOGWILD, LAUNCH, Job, _accuracies, _stop
+from tests.test_launch_multinode import ADDR, _ssh_stand_in, namespaces  # noqa: F401 (a fixture)
 
 # The survival tests' training (every group over all the digits in its own order), and a replacement says where it
 # started: how far its values are from its own initial ones, and the servers' versions then.
@@ -95,7 +98,7 @@ def _replaced(result, group_ranks: str, everyone: set, epochs: int) -> tuple[str
     assert f"worker group 1 ({group_ranks}) lost: " in err and "replacing it (1/1): its new workers take the " \
         "current values from the others" in err, err
     steps = {int(r): int(n) for r, n in re.findall(r"rank (\d+) steps (\d+) accuracy", out)}
-    assert steps == {r: 44 * epochs for r in everyone}, out
+    assert steps == {r: 44 * epochs for r in everyone}, out + err
     return out, err
 
 
@@ -194,3 +197,20 @@ def test_a_replaced_group_costs_under_a_point(slow_jobs, framework):
     everyone = set(_accuracies(out))
     out, _ = _replaced(slow_jobs[f"{framework} replaced"].result(), "rank 1", everyone, EPOCHS)
     assert abs(_final_accuracy(out) - reference) <= 1.0, (out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_replacement_reaches_a_server_on_another_host(namespaces, tmp_path):
+    """Two hosts in network namespaces: both worker groups on host a, the server on host b (through singa-launch's
+    ssh stand-in). The replacement of group 1 reaches the server's door across the hosts."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    ssh = _ssh_stand_in(tmp_path, namespaces)
+    hosts = f"{ADDR['a']}:2,{ADDR['b']}:1"
+    res = run_command(["ip", "netns", "exec", namespaces["a"], *LAUNCH, "--hosts", hosts, "--ssh-command", str(ssh),
+                       "--network-interface", "sg0", *DOWNPOUR, "--max-restarts", "1", sys.executable,
+                       str(script)], timeout=240, env={**ENV, **_killed(2, 30)})
+    out, err = _replaced((res.returncode, res.stdout, res.stderr), "rank 1", {0, 1}, 2)
+    _started_from_current_values(out, {1})
+    assert "[s0] parameter server 0.0 (process 2): worker group 1 is back (replacement 1)" in err, err

@@ -65,6 +65,9 @@ def join() -> None:
             listen()
             _readmit_everywhere()
             return
+        if "TP_SOCKET_IFNAME" not in os.environ and os.environ.get("GLOO_SOCKET_IFNAME"):
+            # TensorPipe otherwise takes the address the host name resolves to, which may not be the job's network.
+            os.environ["TP_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"].split(",")[0]
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=runtime.timeout_s(),
                                                   num_worker_threads=16, _transports=["uv"], _channels=["basic"])
         with warnings.catch_warnings():
