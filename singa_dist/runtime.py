@@ -734,8 +734,20 @@ def shutdown() -> None:
 def _leave(meeting_s: float | None, strict: bool = True) -> None:
     """shutdown(): meet the others for up to `meeting_s` seconds (None: the job's timeout; 0: do not wait for
     them); raise the first error if `strict`, else print it."""
-    global _state
+    global _leave_deadline
     errors = []
+    if meeting_s != 0.0 and _state.distributed:
+        # One timeout for every meeting of the way out (leaving the RPC group, the final meeting): a process that
+        # never comes is waited for once, not once per meeting.
+        _leave_deadline = time.monotonic() + (_state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s))
+    try:
+        _leave_now(meeting_s, strict, errors)
+    finally:
+        _leave_deadline = None
+
+
+def _leave_now(meeting_s: float | None, strict: bool, errors: list) -> None:
+    global _state
     if meeting_s != 0.0 and _state.distributed:
         _run_hooks("drain", errors)  # communication still in flight holds tensors on the groups' threads
     _run_hooks("close", errors)
@@ -744,7 +756,8 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
     groups = []
     if _state.distributed and dist.is_initialized():
         if meeting_s != 0.0:
-            bound = _state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s)
+            waited = _state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s)
+            bound = max(_leave_deadline - time.monotonic(), 0.001) if _leave_deadline is not None else waited
             publish_where("singa_dist.shutdown()")
             missing = _meet(bound)
             if _state.proc_rank == 0:  # every process that came has written its part
@@ -771,7 +784,7 @@ def _leave(meeting_s: float | None, strict: bool = True) -> None:
                                    "did not reach singa_dist.shutdown()")
                 errors.append(RuntimeError(
                     f"process {_state.proc_rank}: process{'es' if len(missing) > 1 else ''} {names} did not reach "
-                    f"singa_dist.shutdown() within {bound:g} s{seen or ' (stopped, hung, or still working)'}; "
+                    f"singa_dist.shutdown() within {waited:g} s{seen or ' (stopped, hung, or still working)'}; "
                     "the process groups were destroyed without them"))
         # (A process outside a group holds a marker, not a group.)
         groups = [weakref.ref(pg) for pg in {dist.group.WORLD, _state.workers_pg, *_state.group_pgs.values(),
@@ -1145,7 +1158,10 @@ def _meet_live(store, prefix: str, n: int, timeout: float) -> None:
     """_meet in an asynchronous job: every process has come, or every one that singa-launch has not lost. A worker
     still training (its step count in the store moves: a group that replaced a lost one, a slow group) is waited for
     as long as it goes on; the timeout counts from its last step."""
+    global _leave_deadline
     deadline = time.monotonic() + timeout
+    if _leave_deadline is not None:  # shutdown()'s meetings share one deadline
+        deadline = min(deadline, _leave_deadline)
     looked, progress = time.monotonic(), {}
     while not store.check([prefix + "all"]):
         if store.add(prefix + "count", 0) >= n - len(lost_procs()):
@@ -1160,12 +1176,15 @@ def _meet_live(store, prefix: str, n: int, timeout: float) -> None:
                     if progress.setdefault(p, steps) != steps:
                         progress[p] = steps
                         deadline = now + timeout
+                        if _leave_deadline is not None:
+                            _leave_deadline = max(_leave_deadline, deadline)
         if now > deadline:
             raise TimeoutError(f"the processes did not meet within {timeout:g} s")
         time.sleep(0.05)
 
 
 _exit_registered = False
+_leave_deadline: float | None = None  # while shutdown() runs: when its meetings stop waiting (see _leave)
 
 
 _dying: BaseException | None = None  # the uncaught exception the script is dying of
