@@ -42,6 +42,10 @@ TRAIN = textwrap.dedent("""
             sd.allreduce(torch.ones(1), name="across groups")
         except RuntimeError as exc:
             print(f"rank {sd.rank()} cross-group: {exc}", flush=True)
+        # A script that resumes from its checkpoint: the servers keep their state, the group reads it.
+        versions = getattr(opt.strategy, "versions", None)
+        opt.load_state_dict(opt.state_dict())
+        assert versions is None or opt.strategy.versions >= versions, (versions, opt.strategy.versions)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs * 3 // 4], gamma=0.1)
     kill_rank, kill_step = int(os.environ.get("KILL_RANK", "-1")), int(os.environ.get("KILL_STEP", "-1"))
     kills = int(os.environ.get("KILLS", "1"))  # how many generations of the rank kill themselves

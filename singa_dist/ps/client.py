@@ -312,7 +312,13 @@ class ParameterClient:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        """Worker 0 restores the servers; then every client reads the restored values."""
+        """Worker 0 restores the servers; then every client reads the restored values. A worker group that replaced
+        a lost one restores nothing: the servers' state is newer than any checkpoint it could load, and it reads that.
+        """
+        if runtime.is_replacement():
+            self.packer.load_residual_state(state.get("residual"), self.slices)
+            self.pull()
+            return
         if runtime.rank() == 0:
             futures = []
             for i, proc in enumerate(self.servers):

@@ -183,7 +183,7 @@ class Downpour(ParameterServerStrategy):
         self.steps = state.get("steps", 0)
         if self.client is not None:
             self.client.load_state_dict(state)
-        else:
+        elif not runtime.is_replacement():
             primitives.barrier("restoring the parameter servers from a checkpoint")  # matches the client's
         self._broadcast_in_group()
 
