@@ -24,7 +24,7 @@ LAYERS = [
     ("negotiation", ["shared_headers", "coordinator"]),
     ("collectives", ["collectives"]),
     ("model-level functions", ["functions", "partition", "sync_batch_norm"]),
-    ("parameter server", ["ps", "ps.slicing", "ps.wire", "ps.transport", "ps.server", "ps.client", "ps.__main__"]),
+    ("parameter server", ["ps", "ps.slicing", "ps.wire", "ps.sockets", "ps.transport", "ps.server", "ps.client", "ps.__main__"]),
     ("strategies", ["strategies", "strategies.base", "strategies.buckets", "strategies.allreduce",
                     "strategies.adasum", "strategies.partial_update", "strategies.sandblaster", "strategies.downpour",
                     "strategies.hybrid", "strategies.hogwild"]),

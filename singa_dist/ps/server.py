@@ -665,13 +665,16 @@ def _drop_lost(times_lost: dict) -> None:
           f"other groups go on{' (a replacement is on its way)' if awaited else ''}", file=sys.stderr, flush=True)
     for session, table in list(server.tables.items()):
         for group in groups:
+            with table.lock:
+                if group in awaited:
+                    table.awaited.add(group)
+                else:  # (a replacement that was lost in turn, with none to follow it)
+                    table.awaited.discard(group)
             if group not in table.left:  # a group that closed the table before it was lost is gone already
                 with table.lock:  # it will not push again: not counted among the groups that take turns
                     if table.groups > 1:
                         table.groups -= 1
                         table.dropped_groups.add(group)
-                    if group in awaited:
-                        table.awaited.add(group)
                 close_table(session, group)
     for proc in new:
         if topo.role_of(proc).group not in awaited:  # no replacement on its way: the worker is gone for good
