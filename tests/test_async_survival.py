@@ -23,9 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 # Every group goes over all the digits in its own order, so that a lost group takes away updates, not data; the
-# step-down settles the final values. KILL_STEP: rank KILL_RANK SIGKILLs itself after that many steps.
+# step-down settles the final values. KILL_STEP: rank KILL_RANK SIGKILLs itself after that many steps (KILLS: its
+# first that many generations do, when a replacement takes its place: tests/test_async_replacement.py). A
+# replacement says where it started: how far its values are from its own initial ones, and the servers' versions.
 TRAIN = textwrap.dedent("""
-    import os, sys
+    import os, sys, time
     import torch
     import singa_dist as sd
     from examples.datasets import digits
@@ -33,12 +35,29 @@ TRAIN = textwrap.dedent("""
     torch.set_num_threads(1)
     sd.init()
     x, y, x_test, y_test = digits()
+    replacement = int(os.environ.get("SINGA_REPLACEMENT", "0"))
+    hidden = 48 if replacement and os.environ.get("OTHER_MODEL") else 64
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+    start = [p.detach().clone() for p in model.parameters()]
     epochs, batch = int(os.environ["EPOCHS"]), 32
     opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.3), model.named_parameters())
+    sd.broadcast_parameters(model.state_dict(), root_rank=0)  # a replacement's values are the servers'
+    if replacement:
+        moved = max((p.detach() - q).abs().max().item() for p, q in zip(model.parameters(), start))
+        print(f"rank {sd.rank()} replacement {replacement} moved {moved:.4f} "
+              f"versions {getattr(opt.strategy, 'versions', None)}", flush=True)
+        try:
+            sd.allreduce(torch.ones(1), name="across groups")
+        except RuntimeError as exc:
+            print(f"rank {sd.rank()} cross-group: {exc}", flush=True)
+        # A script that resumes from its checkpoint: the servers keep their state, the group reads it.
+        versions = getattr(opt.strategy, "versions", None)
+        opt.load_state_dict(opt.state_dict())
+        assert versions is None or opt.strategy.versions >= versions, (versions, opt.strategy.versions)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs * 3 // 4], gamma=0.1)
     kill_rank, kill_step = int(os.environ.get("KILL_RANK", "-1")), int(os.environ.get("KILL_STEP", "-1"))
+    kills = int(os.environ.get("KILLS", "1"))  # how many generations of the rank kill themselves
     gen = torch.Generator().manual_seed(100 + sd.rank())
     step = 0
     for epoch in range(epochs):
@@ -49,16 +68,17 @@ TRAIN = textwrap.dedent("""
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
             step += 1
-            if sd.rank() == kill_rank and step == kill_step:
+            if sd.rank() == kill_rank and step == kill_step and replacement < kills:
                 os.kill(os.getpid(), 9)
         sched.step()
     rank = sd.rank()
     if hasattr(opt.strategy, "pull"):
-        opt.strategy.pull()  # Downpour: the servers' values now
+        opt.strategy.pull()  # Downpour: the servers' values now (the last group to pull has every update in them)
+    pulled = time.time()
     sd.shutdown()  # Hogwild: the last exchange gives every replica the masters' values
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).float().mean().item() * 100
-    print(f"rank {rank} steps {step} accuracy {acc:.2f}", flush=True)
+    print(f"rank {rank} steps {step} accuracy {acc:.2f} pulled at {pulled:.6f}", flush=True)
 """)
 
 
