@@ -184,6 +184,7 @@ class LocalJob:
         self.replacements_left = replacements  # lost worker groups this job may still replace (asynchronous jobs)
         self.replaced = 0  # worker groups replaced so far
         self.generations: dict[int, int] = {}  # worker group -> how many times it was replaced
+        self.ever_lost: set[int] = set()  # worker groups lost at least once (replaced or not)
         self.specs = cfg.node_plan(restart_count=attempt)
         self.contexts: list[tuple[object, list[ProcessSpec]]] = []
         self.pump = None if cfg.log_dir and not cfg.tee else OutputPump()
@@ -339,6 +340,12 @@ class LocalJob:
         lost_groups = {topo.role_of(p).group for p in self.lost} | set(groups)
         if len(lost_groups) >= topo.nworker_groups:
             return False
+        if topo.strategy == "hogwild" and len(self.ever_lost | set(groups)) >= topo.nworker_groups:
+            # Hogwild's slices are mastered by groups never lost: with none left, their values are gone.
+            say("every hogwild worker group has now been lost at least once: no group holds the masters' values, "
+                "so the job stops")
+            return False
+        self.ever_lost.update(groups)
         # A group lost before every process joined the job would keep the others waiting at their rendezvous.
         if not self.watch.joined(list(range(topo.nprocs))):
             return False

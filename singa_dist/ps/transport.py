@@ -165,15 +165,20 @@ def listen() -> None:
                             f"{runtime.replacement_generation()} {host} {_door.port}")
 
 
-def _replaced_now() -> frozenset:
-    """The processes replacements took the place of (read from the store at most every REPLACED_POLL_S)."""
+def _replaced_now(fresh: bool = False) -> frozenset:
+    """The processes replacements took the place of (read from the store at most every REPLACED_POLL_S, or now)."""
     global _replaced
     if not runtime.tracks_lost():
         return frozenset()
     now = time.monotonic()
-    if now - _replaced[0] > REPLACED_POLL_S:
+    if fresh or now - _replaced[0] > REPLACED_POLL_S:
         _replaced = (now, runtime.replaced_procs())
     return _replaced[1]
+
+
+def refresh_replaced() -> None:
+    """Read now which processes replacements took the place of (a call to one of them failed over torch RPC)."""
+    _replaced_now(fresh=True)
 
 
 def _door_call(proc: int, fn, args: tuple, timeout: float) -> torch.futures.Future:

@@ -145,8 +145,11 @@ class Hogwild(ParameterServerStrategy):
         self.lost_groups |= lost
         gone = {topo.role_of(p).group for p in runtime.lost_procs() if p < topo.nworkers}
         masters = [g for g in range(topo.nworker_groups) if g not in self.lost_groups]
-        if not masters:  # every group was lost once: the ones now running master (replacements among them)
-            masters = [g for g in range(topo.nworker_groups) if g not in gone]
+        if not masters:
+            raise RuntimeError(
+                f"process {runtime.proc_rank()}: every worker group of this hogwild job has been lost at least once "
+                f"(groups {', '.join(map(str, sorted(self.lost_groups)))}): the masters' values of the slices are gone "
+                "with them, so the exchange cannot go on; restart the job from a checkpoint")
         self.groups = topo.nworker_groups - len(gone)  # the asynchrony the remedies correct for is the live groups'
         self.remote = {}
         for s in self.slices:
@@ -265,6 +268,7 @@ class Hogwild(ParameterServerStrategy):
                 raise
             with self.lock:
                 self._drop_lost()
+            transport.refresh_replaced()  # a master that is a replacement now is reached at its door
             self._exchange()
 
     def _lost_peer(self, proc: int) -> bool:
