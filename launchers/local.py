@@ -178,10 +178,12 @@ def describe_exit(code: int) -> str:
 class LocalJob:
     """One attempt: this node's processes, started and watched."""
 
-    def __init__(self, cfg: LaunchConfig, attempt: int, replacements: int = 0):
+    def __init__(self, cfg: LaunchConfig, attempt: int, restarts_used: int = 0):
         self.cfg = cfg
         self.attempt = attempt
-        self.replacements_left = replacements  # lost worker groups this job may still replace (asynchronous jobs)
+        self.restarts_used = restarts_used  # restarts of the job and replacements of groups before this attempt
+        # lost worker groups this job may still replace (asynchronous jobs)
+        self.replacements_left = cfg.max_restarts - restarts_used
         self.replaced = 0  # worker groups replaced so far
         self.generations: dict[int, int] = {}  # worker group -> how many times it was replaced
         self.ever_lost: set[int] = set()  # worker groups lost at least once (replaced or not)
@@ -391,7 +393,7 @@ class LocalJob:
             except OSError:
                 pass
         say(f"worker group {group} (rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}) lost: {said}; "
-            f"replacing it ({self.attempt + self.replaced}/{self.cfg.max_restarts}): its new workers take the "
+            f"replacing it ({self.restarts_used + self.replaced}/{self.cfg.max_restarts}): its new workers take the "
             "current values from the others")
         self._start(f"worker-group{group}-r{generation}", specs, [f"rank{s.index}.r{generation}" for s in specs],
                     env={"SINGA_REPLACEMENT": str(generation)})
@@ -443,7 +445,7 @@ def run_node(cfg: LaunchConfig) -> int:
     attempt = 0
     replaced = 0  # lost worker groups replaced in earlier attempts (each counts as a restart)
     while True:
-        job = LocalJob(cfg, attempt, replacements=cfg.max_restarts - attempt - replaced)
+        job = LocalJob(cfg, attempt, restarts_used=attempt + replaced)
         try:
             job.start()
             outcome = job.wait()
@@ -473,7 +475,7 @@ def run_node(cfg: LaunchConfig) -> int:
             say(f"stopped by signal {signal.Signals(outcome.signal).name}")
             return outcome.exit_code
         if attempt + replaced >= cfg.max_restarts:
-            restarts = f" after {attempt} restart(s)" if attempt else ""
+            restarts = f" after {attempt + replaced} restart(s)" if attempt + replaced else ""
             say(f"job failed{restarts}: {outcome.describe()}")
             return outcome.exit_code
         attempt += 1
