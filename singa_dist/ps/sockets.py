@@ -9,7 +9,9 @@ A call is one frame each way. A frame is a pickle (protocol 5) whose tensors tra
   [u32 count of buffers] [u64 length of the pickle] [u64 length of each buffer] [pickle] [buffers ...]
 A request is ("call", id, fn, args); the answer ("ok", id, value) or ("err", id, text). A handler that returns a
 torch Future (an asynchronous handler) is answered when the future completes. Each process publishes its address
-in the job's store; a caller connects once per peer and keeps the connection.
+in the job's store; a caller connects once per peer and keeps the connection. As with torch's RPC, a call names a
+function to run and carries pickles: the job's network must be trusted (a listener binds only the address the
+job's hosts reach it by, loopback for a job on one host).
 """
 from __future__ import annotations
 

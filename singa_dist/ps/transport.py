@@ -159,8 +159,9 @@ def listen() -> None:
     global _door
     if _door is not None:
         return
-    _door = sockets.Listener()
+    # Bound to the address the job's other hosts reach this one by (only loopback when the job is on one host).
     host = sockets.local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    _door = sockets.Listener(host)
     runtime.job_store().set(_door_key(runtime.proc_rank()),
                             f"{runtime.replacement_generation()} {host} {_door.port}")
 
