@@ -303,19 +303,18 @@ def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve)
         # Only the group's own workers share a process group with it: the job's groups formed without it.
         _state.workers_pg = None
         _state.group_pgs[role.group] = dist.group.WORLD
-    elif topology.nprocs == topology.nworkers:
-        _state.workers_pg = dist.group.WORLD
     else:
-        _state.workers_pg = dist.new_group(topology.worker_ranks(), timeout=wait)
-    if replacement:
-        pass
-    elif topology.nworker_groups == 1:
-        _state.group_pgs[0] = _state.workers_pg
-    else:
-        for g in range(topology.nworker_groups):
-            _state.group_pgs[g] = dist.new_group(topology.worker_ranks(g), timeout=wait)
-    for name in _worker_group_names if not replacement else ():
-        _state.named_pgs[name] = dist.new_group(topology.worker_ranks(), timeout=wait)
+        if topology.nprocs == topology.nworkers:
+            _state.workers_pg = dist.group.WORLD
+        else:
+            _state.workers_pg = dist.new_group(topology.worker_ranks(), timeout=wait)
+        if topology.nworker_groups == 1:
+            _state.group_pgs[0] = _state.workers_pg
+        else:
+            for g in range(topology.nworker_groups):
+                _state.group_pgs[g] = dist.new_group(topology.worker_ranks(g), timeout=wait)
+        for name in _worker_group_names:
+            _state.named_pgs[name] = dist.new_group(topology.worker_ranks(), timeout=wait)
     _state.initialized = True
     if replacement:
         _mark_back(proc_rank)
