@@ -87,6 +87,8 @@ def slow_jobs(tmp_path_factory):
         "hybrid replaced": (HYBRID + ["--max-restarts", "1"], _killed(2, 30, rank=3)),
         "budget spent": (DOWNPOUR + ["--max-restarts", "1"], _killed(2, 30, KILLS="2")),
         "other model": (DOWNPOUR + ["--max-restarts", "1"], _killed(2, 30, OTHER_MODEL="1")),
+        "hogwild all lost": (["-np", "2", "--strategy", "hogwild", "--sync-freq", "4", "--max-restarts", "1"],
+                             _killed(3, 30, ALSO_KILL="0:80")),
         "downpour": (DOWNPOUR, {"EPOCHS": str(EPOCHS)}),
         "downpour replaced": (DOWNPOUR + ["--max-restarts", "1"], _killed(EPOCHS, KILL_STEP)),
         "hogwild": (HOGWILD, {"EPOCHS": str(EPOCHS)}),
@@ -132,6 +134,19 @@ def _final_accuracy(out: str) -> float:
     update by then; Hogwild's replicas all end with the masters' values)."""
     pulls = re.findall(r"rank \d+ steps \d+ accuracy ([\d.]+) pulled at ([\d.]+)", out)
     return float(max(pulls, key=lambda p: float(p[1]))[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_hogwild_stops_once_every_group_was_lost(slow_jobs):
+    """Two Hogwild groups: group 1 is replaced, then group 0 dies too. The slices' masters were the groups never lost,
+    and none is left: the job stops, saying why, rather than go on with masters whose replicas may not hold them."""
+    code, out, err = slow_jobs["hogwild all lost"].result()
+    assert code == 137, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    assert "worker group 1 (rank 1) lost: rank 1 was killed by signal SIGKILL (9); replacing it (1/1)" in err, err
+    assert "singa-launch: every hogwild worker group has now been lost at least once: no group holds the masters' " \
+           "values, so the job stops" in err, err
+    assert "job failed after 1 restart(s): rank 0 was killed by signal SIGKILL (9)" in err, err
 
 
 @pytest.mark.slow

@@ -58,6 +58,8 @@ TRAIN = textwrap.dedent("""
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs * 3 // 4], gamma=0.1)
     kill_rank, kill_step = int(os.environ.get("KILL_RANK", "-1")), int(os.environ.get("KILL_STEP", "-1"))
     kills = int(os.environ.get("KILLS", "1"))  # how many generations of the rank kill themselves
+    also = os.environ.get("ALSO_KILL")  # "rank:step": a second rank's first generation kills itself too
+    also_rank, also_step = map(int, also.split(":")) if also else (-1, -1)
     gen = torch.Generator().manual_seed(100 + sd.rank())
     step = 0
     for epoch in range(epochs):
@@ -68,7 +70,8 @@ TRAIN = textwrap.dedent("""
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
             step += 1
-            if sd.rank() == kill_rank and step == kill_step and replacement < kills:
+            if (sd.rank() == kill_rank and step == kill_step and replacement < kills) or \
+                    (sd.rank() == also_rank and step == also_step and not replacement):
                 os.kill(os.getpid(), 9)
         sched.step()
     rank = sd.rank()
