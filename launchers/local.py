@@ -182,9 +182,7 @@ class LocalJob:
         self.cfg = cfg
         self.attempt = attempt
         self.restarts_used = restarts_used  # restarts of the job and replacements of groups before this attempt
-        # lost worker groups this job may still replace (asynchronous jobs)
-        self.replacements_left = cfg.max_restarts - restarts_used
-        self.replaced = 0  # worker groups replaced so far
+        self.replaced = 0  # worker groups replaced so far in this attempt
         self.generations: dict[int, int] = {}  # worker group -> how many times it was replaced
         self.ever_lost: set[int] = set()  # worker groups lost at least once (replaced or not)
         self.specs = cfg.node_plan(restart_count=attempt)
@@ -366,7 +364,7 @@ class LocalJob:
                             pass
             self.lost.update(ranks)
             local = [spec for spec in self.specs if spec.proc_rank in ranks]
-            replacing = self.replacements_left > 0 and len(local) == len(ranks)
+            replacing = self.restarts_used + self.replaced < self.cfg.max_restarts and len(local) == len(ranks)
             if replacing:
                 self.watch.mark_coming(ranks, self.generations.get(group, 0) + 1)
             self.watch.mark_lost(ranks)
@@ -383,7 +381,6 @@ class LocalJob:
     def _replace(self, group: int, specs: list[ProcessSpec], said: str) -> None:
         """Start a worker group in the place of lost group `group` (all of whose processes ran on this node): the
         same ranks, the script from its start; they join the running job as replacements (SINGA_REPLACEMENT)."""
-        self.replacements_left -= 1
         self.replaced += 1
         generation = self.generations[group] = self.generations.get(group, 0) + 1
         ranks = [spec.proc_rank for spec in specs]

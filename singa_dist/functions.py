@@ -64,6 +64,13 @@ def _named_tensors(params) -> list[tuple[str, torch.Tensor]]:
     return [(n, t) for n, t in items if isinstance(t, torch.Tensor)]
 
 
+def _reaches_others() -> bool:
+    """Whether a broadcast from the root has other workers to reach. A replacement worker group of an asynchronous
+    job takes the current values (and the servers' optimizer state) from the servers, or Hogwild's masters, as its
+    optimizer is set up; the others are far ahead."""
+    return is_active() and not runtime.is_replacement()
+
+
 def broadcast_parameters(params, root_rank: int = 0) -> None:
     """Overwrite every worker's tensors with the root's, in place.
 
@@ -73,9 +80,7 @@ def broadcast_parameters(params, root_rank: int = 0) -> None:
     runtime.require_init("broadcast_parameters()")
     named = _named_tensors(params)
     check_root(root_rank)
-    if not is_active() or runtime.is_replacement():
-        # A replacement worker group of an asynchronous job takes the current values (and the servers' optimizer
-        # state) from the servers, or Hogwild's masters, as its optimizer is set up; the others are far ahead.
+    if not _reaches_others():
         return
     check_consistency(named, "tensor")
     with torch.no_grad():
@@ -109,9 +114,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
         raise ValueError("broadcast_optimizer_state does not support torch.optim.LBFGS (its state holds closures' "
                          "history that is not per parameter)")
     check_root(root_rank)
-    if not is_active() or runtime.is_replacement():
-        # A replacement worker group of an asynchronous job takes the current values (and the servers' optimizer
-        # state) from the servers, or Hogwild's masters, as its optimizer is set up; the others are far ahead.
+    if not _reaches_others():
         return
     state, load = _base_state_dict(optimizer)
     if not state["state"]:

@@ -28,7 +28,7 @@ class _DistributedOptimizer:
         # Before any training: workers with different models would otherwise hang or mix data later. (Workers of
         # an elastic job start at different times: they check when they meet, in the state's sync.)
         # A replacement worker group of an asynchronous job is checked by the servers as it opens their tables.
-        if not runtime.is_elastic() and not (runtime.is_initialized() and runtime.is_replacement()):
+        if not runtime.is_elastic() and not runtime.is_replacement():
             check_consistency(named, "parameter")
         self._singa_strategy = strategy
         self._singa_named = named

@@ -928,7 +928,7 @@ def count_step() -> None:
     replacement runs the script from its start) as long as it goes on, and give up on one that stalls."""
     global _progress_said
     _state.steps += 1
-    if _state.replacement or (_state.topology.nworker_groups > 1 and tracks_lost()):
+    if tracks_lost():  # (a replacement's job is one too)
         now = time.monotonic()
         if now - _progress_said > PROGRESS_S:
             _progress_said = now
@@ -1061,8 +1061,8 @@ def _join_replacement_group(backend: str, topology, proc_rank: int, wait, genera
         raise RuntimeError(f"process {proc_rank}: the job's store at {host}:{port} (singa-launch's) did not answer: "
                            f"{exc}") from exc
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    ranks = topology.worker_ranks(topology.role_of(proc_rank).group)
     group = topology.role_of(proc_rank).group
+    ranks = topology.worker_ranks(group)
     dist.init_process_group(backend=backend, rank=ranks.index(proc_rank), world_size=len(ranks), timeout=wait,
                             store=dist.PrefixStore(f"singa/replacement/{attempt}/{group}/{generation}/", root))
     # The original processes' default group (the job's first, "0") keeps its keys under "0/".

@@ -3,7 +3,7 @@
 torch's RPC group is fixed when the job starts: a process that takes the place of a lost one later (a replacement
 worker group of an asynchronous job) cannot join it, since joining means connecting to every member and the lost
 ones refuse. The parameter servers (and every process that hands out values) therefore also listen here, and a
-replacement's calls, and the calls made to it, travel this way; everything else keeps torch's RPC.
+replacement's calls travel this way; everything else keeps torch's RPC.
 
 A call is one frame each way. A frame is a pickle (protocol 5) whose tensors travel out of band as raw bytes:
   [u32 count of buffers] [u64 length of the pickle] [u64 length of each buffer] [pickle] [buffers ...]

@@ -9,9 +9,10 @@ A worker leaving the job says goodbye to every separate server (`release_servers
 through the callback it registered with `on_goodbye`, so this module needs nothing from the server's.
 
 A worker group that replaces a lost one (singa-launch --max-restarts under Downpour, Hybrid, Hogwild) comes after
-the RPC group formed and cannot join it: its calls, and the calls made to it, go through `ps.sockets` instead, to
-the door every server (and every replacement) of an asynchronous job listens at. Joining, it tells every separate
-server that its processes are back (`on_readmit`).
+the RPC group formed and cannot join it: its calls go through `ps.sockets` instead, to the door every server (and
+every Hogwild worker) of an asynchronous job listens at. Nothing calls a replacement: workers call servers, and
+Hogwild's masters are groups never lost. Joining, it tells every separate server that its processes are back
+(`on_readmit`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import datetime
 import os
 import queue
 import threading
-import time
 import warnings
 
 import torch
@@ -34,8 +34,6 @@ _released = False  # this worker said goodbye to the separate servers already
 _side = False  # this process replaces a lost one: every call goes through ps.sockets
 _door: sockets.Listener | None = None  # where this process takes calls through ps.sockets
 _doors: dict[int, sockets.Connection] = {}  # this process's connections to the others' doors
-_replaced: tuple[float, frozenset] = (0.0, frozenset())  # (when read, processes a replacement took the place of)
-REPLACED_POLL_S = 0.5
 
 
 def proc_name(proc: int) -> str:
@@ -62,7 +60,6 @@ def join() -> None:
             return
         if runtime.is_replacement():
             _side = _joined = True
-            listen()
             _readmit_everywhere()
             return
         if "TP_SOCKET_IFNAME" not in os.environ and os.environ.get("GLOO_SOCKET_IFNAME"):
@@ -141,7 +138,7 @@ def call_async(proc: int, fn, *args, timeout: float | None = None) -> torch.futu
     if timeout is None:
         timeout = runtime.timeout_s()
     try:
-        if _side or proc in _replaced_now():
+        if _side:
             return _door_call(proc, fn, args, timeout)
         return rpc.rpc_async(proc_name(proc), fn, args=args, timeout=timeout)
     except Exception as exc:
@@ -154,7 +151,7 @@ def _door_key(proc: int) -> str:
 
 
 def listen() -> None:
-    """Take calls through ps.sockets too (servers of an asynchronous job, and replacements), at an address the
+    """Take calls through ps.sockets too (servers and Hogwild workers of an asynchronous job), at an address the
     job's store gives."""
     global _door
     if _door is not None:
@@ -162,24 +159,7 @@ def listen() -> None:
     # Bound to the address the job's other hosts reach this one by (only loopback when the job is on one host).
     host = sockets.local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     _door = sockets.Listener(host)
-    runtime.job_store().set(_door_key(runtime.proc_rank()),
-                            f"{runtime.replacement_generation()} {host} {_door.port}")
-
-
-def _replaced_now(fresh: bool = False) -> frozenset:
-    """The processes replacements took the place of (read from the store at most every REPLACED_POLL_S, or now)."""
-    global _replaced
-    if not runtime.tracks_lost():
-        return frozenset()
-    now = time.monotonic()
-    if fresh or now - _replaced[0] > REPLACED_POLL_S:
-        _replaced = (now, runtime.replaced_procs())
-    return _replaced[1]
-
-
-def refresh_replaced() -> None:
-    """Read now which processes replacements took the place of (a call to one of them failed over torch RPC)."""
-    _replaced_now(fresh=True)
+    runtime.job_store().set(_door_key(runtime.proc_rank()), f"{host} {_door.port}")
 
 
 def _door_call(proc: int, fn, args: tuple, timeout: float) -> torch.futures.Future:
@@ -188,7 +168,7 @@ def _door_call(proc: int, fn, args: tuple, timeout: float) -> torch.futures.Futu
         store = runtime.job_store()
         key = _door_key(proc)
         store.wait([key], datetime.timedelta(seconds=timeout))
-        _, host, port = store.get(key).decode().split()
+        host, port = store.get(key).decode().split()
         conn = _doors[proc] = sockets.Connection((host, int(port)), describe(proc), connect_timeout=min(timeout, 30.0))
     return conn.call(fn, args, timeout)
 

@@ -39,19 +39,21 @@ _live: dict[int, "Hogwild"] = {}  # session -> strategy, for the masters' RPC ha
 LOST_WAIT_S = 10.0  # how long a failed exchange waits for singa-launch to mark the master's group lost
 
 
-def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torch.Tensor]:
-    """On a slice's master: add another group's deltas; answer with the fresh values (runs on the master)."""
+def _table(session: int) -> "Hogwild":
+    """The strategy whose slices a master's handler serves (runs on the master)."""
     me = _live.get(session)
     if me is None:
         raise RuntimeError(f"process {runtime.proc_rank()} has no hogwild table {session} (closed already?)")
+    return me
+
+
+def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torch.Tensor]:
+    """On a slice's master: add another group's deltas; answer with the fresh values (runs on the master)."""
+    me = _table(session)
     deltas = wire.unpack(me.packer.compressor, packet, [me.slices[sid].numel for sid in slice_ids])
     fresh = []
     with me.lock:
-        if any(sid not in me.pending for sid in slice_ids):
-            me._drop_lost()  # the sender learnt first that a group was lost and this process masters its slices now
-            if any(sid not in me.pending for sid in slice_ids):
-                raise RuntimeError(f"process {runtime.proc_rank()} does not master hogwild slices "
-                                   f"{[sid for sid in slice_ids if sid not in me.pending]}")
+        me._check_masters(slice_ids)
         for sid, delta in zip(slice_ids, deltas):
             me.pending[sid] += delta.to(me.pending[sid].dtype)
             s = me.slices[sid]
@@ -63,16 +65,11 @@ def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torc
 def master_values(session: int, slice_ids: list[int]) -> list[torch.Tensor]:
     """On a slice's master: the slices' current values, the deltas received for them included (what a group that
     replaces a lost one starts from)."""
-    me = _live.get(session)
-    if me is None:
-        raise RuntimeError(f"process {runtime.proc_rank()} has no hogwild table {session} (closed already?)")
+    me = _table(session)
     with me.lock:
-        if any(sid not in me.pending for sid in slice_ids):
-            me._drop_lost()
+        me._check_masters(slice_ids)
         out = []
         for sid in slice_ids:
-            if sid not in me.pending:
-                raise RuntimeError(f"process {runtime.proc_rank()} does not master hogwild slice {sid}")
             s = me.slices[sid]
             out.append(ps_client.read_slice(me.params[s.param], me.params[s.param], s.start, s.end) + me.pending[sid])
     return out
@@ -176,6 +173,15 @@ class Hogwild(ParameterServerStrategy):
                 for s, value in zip(slices, values):
                     ps_client.write_slice(self.params[s.param], s.start, s.end, value.to(self.params[s.param].dtype))
 
+    def _check_masters(self, slice_ids: list[int]) -> None:
+        """Raise unless this process masters these slices (under self.lock). A caller may learn first that a group
+        was lost and that this process masters its slices now."""
+        if any(sid not in self.pending for sid in slice_ids):
+            self._drop_lost()
+            if any(sid not in self.pending for sid in slice_ids):
+                raise RuntimeError(f"process {runtime.proc_rank()} does not master hogwild slices "
+                                   f"{[sid for sid in slice_ids if sid not in self.pending]}")
+
     def _read(self, s) -> torch.Tensor:
         return ps_client.read_slice(self.params[s.param], self.params[s.param], s.start, s.end)
 
@@ -268,7 +274,6 @@ class Hogwild(ParameterServerStrategy):
                 raise
             with self.lock:
                 self._drop_lost()
-            transport.refresh_replaced()  # a master that is a replacement now is reached at its door
             self._exchange()
 
     def _lost_peer(self, proc: int) -> bool:
