@@ -82,6 +82,51 @@ def autotune_requested() -> bool:
     raise ValueError(f"{AUTOTUNE_VARIABLE} must be 1 or 0, got {value!r}")
 
 
+# horovodrun's variables that singa_dist reads (horovodrun and singa-launch set them from their flags).
+FUSION_THRESHOLD_VARIABLE = "HOROVOD_FUSION_THRESHOLD"  # bytes (--fusion-threshold-mb); 0: no fusion
+
+
+def env_flag(name: str) -> bool:
+    """A Horovod on/off variable: on when it is a number above 0 (Horovod reads them with strtol), or true/yes/on."""
+    value = os.environ.get(name, "").strip().lower()
+    try:
+        return float(value) > 0
+    except ValueError:
+        return value in ("true", "yes", "on")
+
+
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"{name} must be a number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def fusion_threshold_mb() -> float | None:
+    """AllReduce's bucket size in MB from HOROVOD_FUSION_THRESHOLD (bytes); 0 disables fusion (a bucket per
+    tensor, as in Horovod); None where the variable is not set."""
+    text = os.environ.get(FUSION_THRESHOLD_VARIABLE, "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"{FUSION_THRESHOLD_VARIABLE} must be a number of bytes, 0 or more, got {text!r}")
+    return int(text) / 2**20
+
+
+def stall_shutdown_s() -> float | None:
+    """Horovod's stall shutdown, HOROVOD_STALL_SHUTDOWN_TIME_SECONDS: how long a collective may wait for a rank
+    before the job ends, or None. As in Horovod it applies only above 0, with the stall check on
+    (HOROVOD_STALL_CHECK_DISABLE) and when not below the warning time (HOROVOD_STALL_CHECK_TIME_SECONDS, 60)."""
+    shutdown = _env_seconds("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 0.0)
+    if not shutdown or env_flag("HOROVOD_STALL_CHECK_DISABLE"):
+        return None
+    return shutdown if shutdown >= _env_seconds("HOROVOD_STALL_CHECK_TIME_SECONDS", 60.0) else None
+
+
 def detect_launcher() -> Launch | None:
     """The launcher's numbering of this process, from the environment; None for a lone process."""
     env = os.environ

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from . import rendezvous, timeline
-from .environment import (LOST_KEY_PREFIX, detect_launcher, init_key, job_topology, layout_from_slurm, node_key,
-                          ranks_within, rendezvous_address)
+from .environment import (LOST_KEY_PREFIX, detect_launcher, env_flag, init_key, job_topology, layout_from_slurm,
+                          node_key, ranks_within, rendezvous_address, stall_shutdown_s)
 from .topology import ClusterTopology, ProcessRole, strategy_kind
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -149,7 +149,8 @@ def init(timeout: float | None = None, backend: str | None = None, *, strategy: 
     that torch.distributed's own APIs work as under torchrun with one process).
 
     timeout: seconds a collective may wait for a missing rank before the job stops with an error
-             (default: SINGA_TIMEOUT from the environment, else 300).
+             (default: SINGA_TIMEOUT from the environment, else Horovod's stall shutdown time,
+             HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, where it applies, else 300).
     backend: torch.distributed backend; default Gloo for CPU tensors and, where CUDA is available, NCCL
              for CUDA tensors.
     strategy, servers, worker_groups, sync_freq: the training framework and its topology, for launchers that
@@ -199,7 +200,7 @@ def _round_broke(exc: Exception) -> bool:
 def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve) -> None:
     global _inits, _forming_round
     if timeout is None:
-        timeout = float(os.environ.get("SINGA_TIMEOUT", DEFAULT_TIMEOUT_S))
+        timeout = float(os.environ.get("SINGA_TIMEOUT") or stall_shutdown_s() or DEFAULT_TIMEOUT_S)
     if not timeout > 0:
         raise ValueError(f"the timeout must be a positive number of seconds, got {timeout!r}")
     _state.timeout_s = float(timeout)
@@ -819,7 +820,7 @@ def _timeline_from_environment() -> None:
         value = os.environ.get(variable)
         if value and value.upper() != "DYNAMIC":  # Horovod's DYNAMIC: recording starts from the script
             try:
-                start_timeline(value)
+                start_timeline(value, mark_cycles=env_flag("HOROVOD_TIMELINE_MARK_CYCLES"))
             except OSError as exc:
                 raise RuntimeError(f"{variable}={value}: {exc}") from None
             return

@@ -44,7 +44,7 @@ from .. import coordinator, primitives, runtime, timeline
 from ..collectives import Average, Sum, allreduce, sparse_allreduce_async
 from ..compression import SparseCompressor, load_residual_state, residual_state
 from ..compression import resolve as resolve_compression
-from ..environment import autotune_requested
+from ..environment import autotune_requested, fusion_threshold_mb
 from ..shards import is_feature_split
 from .base import Strategy, check_op
 from .buckets import AUTOTUNE_SIZES_MB, DEFAULT_BUCKET_MB, Bucket, BucketTuner, layout, plan_buckets, plan_groups
@@ -144,10 +144,13 @@ class _SparseExchange:
 class AllReduce(Strategy):
     """Synchronous data parallelism by all-reduce of fused gradient buckets.
 
-    bucket_mb: size of a fused bucket in MB (Horovod's fusion threshold, DDP's bucket_cap_mb). Default:
-                 25 for CUDA tensors (DDP's choice for NCCL), 4 for CPU tensors, where smaller buckets
-                 overlap Gloo's all-reduce better with backward (benchmarks/dist_overhead.py); "auto" when
-                 SINGA_AUTOTUNE=1 (singa-launch --autotune). "auto": the size is tuned during the first steps
+    bucket_mb: size of a fused bucket in MB (Horovod's fusion threshold, DDP's bucket_cap_mb); 0: no fusion, a
+                 bucket per tensor. Default, when neither it, num_buckets nor groups is given: Horovod's
+                 HOROVOD_FUSION_THRESHOLD (bytes; horovodrun's and singa-launch's --fusion-threshold-mb) where it
+                 is set, else "auto" when SINGA_AUTOTUNE=1 (singa-launch --autotune; a threshold given holds the
+                 size, as Horovod's autotune holds what was set), else 25 for CUDA tensors (DDP's choice for NCCL)
+                 and 4 for CPU tensors, where smaller buckets overlap Gloo's all-reduce better with backward
+                 (benchmarks/dist_overhead.py). "auto": the size is tuned during the first steps
                  (autotune_sizes_mb, each for autotune_warmup + autotune_steps steps), then fixed. After
                  set-up, `bucket_mb` is the size in use and `autotune_log` the sizes tried with their times.
     first_bucket_mb: the first bucket (the last layers, whose gradients come first) is smaller, so that
@@ -190,10 +193,13 @@ class AllReduce(Strategy):
             raise ValueError(f"bucket_mb must be a size in MB, None or 'auto', got {bucket_mb!r}")
         if bucket_mb == "auto" and (num_buckets is not None or groups is not None):
             raise ValueError("bucket_mb='auto' tunes the bucket size: it does not combine with num_buckets or groups")
-        self.autotune = bucket_mb == "auto" or (bucket_mb is None and num_buckets is None and groups is None
-                                                and autotune_requested())
+        unset = bucket_mb is None and num_buckets is None and groups is None
+        threshold = fusion_threshold_mb() if unset else None
+        self.autotune = bucket_mb == "auto" or (unset and threshold is None and autotune_requested())
         if bucket_mb == "auto":
             bucket_mb = None
+        if threshold is not None:
+            bucket_mb = threshold
         sizes = tuple(float(x) for x in autotune_sizes_mb)
         if not sizes or any(not x > 0 for x in sizes):
             raise ValueError(f"autotune_sizes_mb must be sizes above 0, got {autotune_sizes_mb!r}")
@@ -204,8 +210,9 @@ class AllReduce(Strategy):
         self.autotune_warmup, self.autotune_steps = int(autotune_warmup), int(autotune_steps)
         self.autotune_log: list[dict] = []  # the sizes tried: bucket_mb, buckets, step_ms (see _tune_step)
         self.tuner: BucketTuner | None = None
-        if (bucket_mb is not None and bucket_mb <= 0) or first_bucket_mb <= 0:
-            raise ValueError(f"bucket_mb and first_bucket_mb must be positive, got {bucket_mb}, {first_bucket_mb}")
+        if (bucket_mb is not None and not bucket_mb >= 0) or not first_bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be 0 or more and first_bucket_mb positive, got {bucket_mb}, "
+                             f"{first_bucket_mb}")
         if num_buckets is not None and num_buckets < 1:
             raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
         if groups is not None and not (isinstance(groups, list) or (isinstance(groups, int) and groups > 0)):
