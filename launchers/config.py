@@ -24,9 +24,12 @@ from singa_dist.metrics import parse_interval
 from singa_dist.timeline import check_writable
 from singa_dist.topology import STRATEGIES, ClusterTopology, TopologyError
 
+from . import horovodrun
+from .horovodrun import HorovodKnobs
+
 DEFAULT_MASTER_PORT = 29500
 # Environment a remote node or mpirun passes on besides the launcher's own variables.
-FORWARDED_PREFIXES = ("SINGA_", "NCCL_", "GLOO_", "TORCH_", "OMP_", "MKL_", "CUDA_", "PYTHON")
+FORWARDED_PREFIXES = ("SINGA_", "HOROVOD_", "NCCL_", "GLOO_", "TORCH_", "OMP_", "MKL_", "CUDA_", "PYTHON")
 FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "TRITON_INTERPRET")
 
 
@@ -132,6 +135,14 @@ class LaunchConfig:
     rank_from_rendezvous: bool = False  # c10d, several nodes, no --node-rank: node_rank comes from node 0 at start
     rendezvous_timeout: float = 600.0  # how long a node waits for node 0 to give it its rank
     console_ranks: frozenset | None = None  # --local-ranks-filter: the local ranks shown on the console
+    # horovodrun's flags (launchers/horovodrun.py): the HOROVOD_* knobs, and how the launcher itself behaves
+    horovod: HorovodKnobs = field(default_factory=HorovodKnobs)
+    output_filename: str | None = None  # --output-filename: log_dir in horovodrun's layout (with --mpi: mpirun's)
+    timestamp_output: bool = False  # --prefix-output-with-timestamp
+    verbose: bool = False
+    start_timeout: int | None = None  # seconds the ssh checks of remote hosts may take
+    binding_args: list[str] = field(default_factory=list)  # --mpi: Open MPI's binding options
+    notes: list[str] = field(default_factory=list)  # what --verbose says of flags without effect here
 
     @property
     def nnodes(self) -> int:
@@ -179,10 +190,12 @@ class LaunchConfig:
         threads = self.threads_per_process()
         if threads is not None:
             env["OMP_NUM_THREADS"] = threads
-        if self.network_interface:
+        if self.network_interface:  # one or several, comma-separated (Gloo and NCCL take a list)
+            first = self.network_interface.split(",")[0]
             env["GLOO_SOCKET_IFNAME"] = self.network_interface
             env["NCCL_SOCKET_IFNAME"] = self.network_interface
-            env["TP_SOCKET_IFNAME"] = self.network_interface  # torch RPC's TensorPipe (the parameter servers)
+            env["TP_SOCKET_IFNAME"] = first  # torch RPC's TensorPipe (the parameter servers) takes one
+            env["HOROVOD_GLOO_IFACE"] = first  # (as horovodrun sets it)
         if self.timeline:
             env["SINGA_TIMELINE"] = self.timeline
         if self.metrics is not None:
@@ -195,6 +208,9 @@ class LaunchConfig:
             env[SERVER_CHECKPOINT_DIR_VARIABLE] = self.server_checkpoint_dir
         if self.server_checkpoint_every is not None:
             env[SERVER_CHECKPOINT_EVERY_VARIABLE] = str(self.server_checkpoint_every)
+        env.update(self.horovod.env())
+        if self.elastic is not None:
+            env["HOROVOD_ELASTIC"] = "1"
         env.update(self.extra_env)
         return env
 
@@ -232,7 +248,8 @@ class LaunchConfig:
                             "HOROVOD_LOCAL_RANK": str(local), "HOROVOD_LOCAL_SIZE": str(here),
                             "HOROVOD_CROSS_RANK": str(sum(1 for n in workers_per_node[:node] if n > local)),
                             "HOROVOD_CROSS_SIZE": str(sum(1 for n in workers_per_node if n > local)),
-                            "HOROVOD_HOSTNAME": self.hosts[node].name if self.hosts else "localhost",
+                            "HOROVOD_HOSTNAME": (self.hosts[node].name if self.hosts else socket.gethostname()
+                                                 if self.nnodes > 1 else "localhost"),
                             "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo"})
                 argv = list(self.command)
             else:
@@ -256,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a singa (or any torch.distributed) job: local processes, several hosts over ssh or "
                     "per node, or through mpirun.",
         usage="singa-launch [options] [-np N] COMMAND [ARGS...]")
-    p.add_argument("--version", action="version", version=f"singa-launch {_version()}")
+    p.add_argument("-v", "--version", action="version", version=f"singa-launch {_version()}")
     p.add_argument("-np", "--num-proc", dest="np", type=int, help="number of worker processes in the whole job")
     p.add_argument("-m", "--module", action="store_true",
                    help="run COMMAND as a Python module, as `python -m COMMAND` (as torchrun -m)")
@@ -281,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--topology-json", help=argparse.SUPPRESS)  # a whole topology, as the ssh path hands it on
     m = p.add_argument_group("several nodes")
     m.add_argument("-H", "--hosts", help="h1:2,h2:2 -- hosts and their slots, started over ssh (horovodrun's -H)")
-    m.add_argument("--hostfile", help="a file with one 'host slots' (or host:slots) a line")
+    m.add_argument("-hostfile", "--hostfile", help="a file with one 'host slots' (or host:slots) a line")
     m.add_argument("--nnodes", type=_nnodes, help="nodes in the job; run singa-launch on each with its --node-rank. "
                    "MIN:MAX (torchrun's elastic form): an elastic job of MIN to MAX nodes of --nproc-per-node "
                    "workers each, found by --host-discovery-script, started from this launcher")
@@ -292,11 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--master-addr", "--master_addr", help="address of node 0 (default 127.0.0.1, or the first host)")
     m.add_argument("--master-port", "--master_port", type=int, help=f"a free port on node 0 (default {DEFAULT_MASTER_PORT} "
                                                    "with several nodes, a free one on one node)")
-    m.add_argument("--network-interface", help="interface Gloo, NCCL and the parameter servers' RPC use (GLOO_SOCKET_IFNAME, "
-                   "NCCL_SOCKET_IFNAME, TP_SOCKET_IFNAME)")
+    m.add_argument("--network-interface", "--network-interfaces", action="append", metavar="IF[,IF...]",
+                   help="interfaces Gloo, NCCL and the parameter servers' RPC use (GLOO_SOCKET_IFNAME, "
+                   "NCCL_SOCKET_IFNAME, TP_SOCKET_IFNAME: the first); may be repeated")
     m.add_argument("--ssh-command", default="ssh", help="the ssh program and its options (default: ssh)")
-    m.add_argument("--ssh-port", type=int)
-    m.add_argument("--ssh-identity")
+    m.add_argument("-p", "--ssh-port", type=int, help="ssh port on every host (horovodrun's -p)")
+    m.add_argument("-i", "--ssh-identity", "--ssh-identity-file", help="ssh's identity (private key) file")
     m.add_argument("--exit-on-stdin-close", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--mpi", action="store_true", help="start the job with mpirun (Open MPI or MPICH)")
     m.add_argument("--gloo", action="store_true",
@@ -343,21 +361,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics", metavar="SECONDS",
                    help="every SECONDS, rank 0 prints steps/s, samples/s, communication wait, bytes per step and "
                         "staleness (and writes them to DIR/metrics.csv with --log-dir DIR)")
-    r.add_argument("--autotune", action="store_true",
+    r.add_argument("--autotune", action="store_const", const=True, default=None,
                    help="AllReduce tries a few bucket sizes (Sandblaster, Downpour and Hybrid a few numbers of "
                         "messages per server) during the first steps and keeps the fastest (unless the script gives "
                         "bucket_mb or messages_per_server)")
     e = p.add_argument_group("elastic jobs (workers may fail or be added while the job runs; see docs/elastic.md)")
-    e.add_argument("--min-np", type=int, help="fewest workers the job goes on with (makes the job elastic)")
-    e.add_argument("--max-np", type=int, help="most workers the job grows to")
+    e.add_argument("--min-np", "--min-num-proc", type=int,
+                   help="fewest workers the job goes on with (makes the job elastic)")
+    e.add_argument("--max-np", "--max-num-proc", type=int, help="most workers the job grows to")
     e.add_argument("--host-discovery-script", help="prints the hosts that may run workers now, host:slots a line")
     e.add_argument("--discovery-interval", type=float, default=1.0, help="seconds between runs of the script")
-    e.add_argument("--slots", type=int, default=1, help="slots of a discovered host printed without a count")
+    e.add_argument("--slots", "--slots-per-host", type=int, default=1,
+                   help="slots of a discovered host printed without a count")
     e.add_argument("--host-failures", type=int, default=3,
                    help="leave a host out of the job after this many failed workers on it (default 3)")
     e.add_argument("--elastic-timeout", type=float, default=600.0,
                    help="seconds the job may wait below --min-np for hosts (default 600)")
     e.add_argument("--reset-limit", type=int, help="most changes of workers the job goes through")
+    horovodrun.add_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
 
@@ -554,6 +575,10 @@ def _rdzv_conf(text: str) -> dict[str, str]:
 
 def parse_args(argv: list[str]) -> LaunchConfig:
     args = build_parser().parse_args(argv)
+    try:
+        horovodrun.resolve(args)  # horovodrun's spellings and --config-file, in singa-launch's terms
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     args.nproc_per_node = _resolve_nproc(args.nproc_per_node)
     if isinstance(args.nnodes, tuple) and args.nnodes[0] == args.nnodes[1] and not args.host_discovery_script:
         args.nnodes = args.nnodes[0]  # torchrun's N:N (its default is 1:1): a job of N nodes
@@ -640,10 +665,10 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         raise UsageError(f"--master-port must be a port number between 1 and 65535, got {args.master_port}")
     if args.ssh_port is not None and not 1 <= args.ssh_port <= 65535:
         raise UsageError(f"--ssh-port must be a port number between 1 and 65535, got {args.ssh_port}")
-    if args.network_interface is not None:
-        names = {name for _, name in socket.if_nameindex()}
-        if args.network_interface not in names:
-            raise UsageError(f"--network-interface {args.network_interface!r} is not an interface of this host "
+    names = {name for _, name in socket.if_nameindex()}
+    for interface in args.network_interface.split(",") if args.network_interface else []:
+        if interface not in names:
+            raise UsageError(f"--network-interface {interface!r} is not an interface of this host "
                              f"(it has {', '.join(sorted(names))})")
     if args.log_dir is not None and os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
         raise UsageError(f"--log-dir {args.log_dir} is a file, not a directory")
@@ -688,12 +713,20 @@ def parse_args(argv: list[str]) -> LaunchConfig:
     command = (resolve_module(args.command) if args.module
                else resolve_command(args.command, python=not args.no_python))
     # What every job takes from the flags alike, elastic or not (one list, so that no flag is dropped in one kind).
+    try:
+        knobs = horovodrun.knobs_from_args(args, timeline if args.timeline_filename is not None else None)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     common = dict(
         command=command, omp_num_threads=args.omp_num_threads, network_interface=args.network_interface,
         grace_period=args.grace_period, extra_env=_extra_env(args.env), ssh_command=shlex.split(args.ssh_command),
         ssh_port=args.ssh_port, ssh_identity=args.ssh_identity, dry_run=args.dry_run, timeline=timeline,
-        metrics=interval, autotune=args.autotune, server_checkpoint_dir=checkpoint_dir,
-        server_checkpoint_every=args.server_checkpoint_every, run_id=args.rdzv_id, console_ranks=console_ranks)
+        metrics=interval, autotune=bool(args.autotune), server_checkpoint_dir=checkpoint_dir,
+        server_checkpoint_every=args.server_checkpoint_every, run_id=args.rdzv_id, console_ranks=console_ranks,
+        horovod=knobs, output_filename=args.output_filename and os.path.abspath(args.output_filename),
+        timestamp_output=args.prefix_output_with_timestamp, verbose=args.verbose, start_timeout=args.start_timeout,
+        binding_args=shlex.split(args.binding_args or ""),
+        notes=horovodrun.notes(args, knobs, remote_hosts=bool(hosts) or bool(args.host_discovery_script)))
 
     if args.min_np is not None or args.max_np is not None or args.host_discovery_script or agents:
         if args.mpi or args.hosts or args.hostfile or args.nnodes:

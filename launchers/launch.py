@@ -11,11 +11,17 @@ See docs/launcher.md for every flag and the environment each process gets.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shlex
 import sys
 
 from .config import UsageError, parse_args
+
+# horovodrun's --log-level names as Python's levels (TRACE: everything)
+LOG_LEVELS = {"TRACE": 1, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+              "ERROR": logging.ERROR, "FATAL": logging.CRITICAL}
 
 
 def _print_local_plan(cfg) -> None:
@@ -26,9 +32,28 @@ def _print_local_plan(cfg) -> None:
               + " " + shlex.join(spec.argv))
 
 
+def _verbose(cfg) -> None:
+    """--verbose (horovodrun's): what the flags given do not do here, then what runs where, on stderr."""
+    for note in cfg.notes:
+        print(f"singa-launch: {note}", file=sys.stderr)
+    if cfg.mpi or cfg.dry_run or cfg.elastic is not None:
+        return  # (mpirun's command is printed by run_mpi; a dry run prints the plan anyway)
+    with contextlib.redirect_stdout(sys.stderr):
+        if cfg.hosts:
+            from .ssh import print_plan
+            print_plan(cfg)
+        else:
+            _print_local_plan(cfg)
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        if cfg.horovod.log_level:  # as horovodrun, the launcher's own log takes the level too
+            logging.basicConfig(level=LOG_LEVELS[cfg.horovod.log_level])
+        if cfg.verbose:
+            _verbose(cfg)
         if cfg.mpi:
             from .mpi import run_mpi
             return _merge_timeline(cfg, run_mpi(cfg))

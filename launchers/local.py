@@ -40,18 +40,25 @@ logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logg
 
 
 class _RankFiles(LogsSpecs):
-    """Output files named by rank (rank0.out, rank0.err, server0.out, ...) in one folder."""
+    """Output files named by rank (rank0.out, rank0.err, server0.out, ...) in one folder, or with `folders` in one
+    folder per process, as horovodrun's --output-filename lays them out (rank.0/stdout, rank.0/stderr, ...)."""
 
-    def __init__(self, folder: str, names: list[str]):
+    def __init__(self, folder: str, names: list[str], folders: bool = False):
         super().__init__(log_dir=folder)
-        self._folder, self._names = folder, names
+        self._folder, self._names, self._folders = folder, names, folders
 
     @property
     def root_log_dir(self) -> str:
         return self._folder
 
     def reify(self, envs) -> LogsDest:
-        path = lambda i, ext: os.path.join(self._folder, f"{self._names[i]}.{ext}")  # noqa: E731
+        if self._folders:
+            for name in self._names:
+                os.makedirs(os.path.join(self._folder, name), exist_ok=True)
+            files = {"out": "stdout", "err": "stderr", "error.json": "error.json"}
+            path = lambda i, ext: os.path.join(self._folder, self._names[i], files[ext])  # noqa: E731
+        else:
+            path = lambda i, ext: os.path.join(self._folder, f"{self._names[i]}.{ext}")  # noqa: E731
         n = range(len(self._names))
         return LogsDest(stdouts={i: path(i, "out") for i in n}, stderrs={i: path(i, "err") for i in n},
                         tee_stdouts={}, tee_stderrs={}, error_files={i: path(i, "error.json") for i in n})
@@ -72,7 +79,8 @@ class OutputPump:
     """Copies the processes' output files to the console, each line prefixed with its rank (lines split
     as LineSplitter says: a carriage return ends one too and is passed on, so progress bars redraw in place)."""
 
-    def __init__(self):
+    def __init__(self, timestamp: bool = False):
+        self.timestamp = timestamp  # horovodrun's --prefix-output-with-timestamp: the time before the rank
         self._sources: list[_Source] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="singa-launch-output", daemon=True)
@@ -114,12 +122,12 @@ class OutputPump:
         if data:
             self._emit(src, src.lines.feed(data))
 
-    @staticmethod
-    def _emit(src: _Source, lines: list[str]) -> None:
+    def _emit(self, src: _Source, lines: list[str]) -> None:
         if not lines:
             return
+        stamp = time.asctime() if self.timestamp else ""  # (horovodrun's form: "Mon Jan  6 10:00:00 2025[0]")
         try:
-            src.stream.write("".join(f"[{src.label}] {line}" for line in lines))
+            src.stream.write("".join(f"{stamp}[{src.label}] {line}" for line in lines))
             src.stream.flush()
         except (BrokenPipeError, ValueError):
             pass
@@ -187,7 +195,7 @@ class LocalJob:
         self.ever_lost: set[int] = set()  # worker groups lost at least once (replaced or not)
         self.specs = cfg.node_plan(restart_count=attempt)
         self.contexts: list[tuple[object, list[ProcessSpec]]] = []
-        self.pump = None if cfg.log_dir and not cfg.tee else OutputPump()
+        self.pump = None if cfg.log_dir and not cfg.tee else OutputPump(timestamp=cfg.timestamp_output)
         if cfg.log_dir:
             self.folder = cfg.log_dir if attempt == 0 else os.path.join(cfg.log_dir, f"restart{attempt}")
             self._temp = None
@@ -214,7 +222,19 @@ class LocalJob:
         if self.pump is not None:
             self.pump.start()
         for role, specs in by_role.items():
-            self._start(role, specs, [("rank" if s.role == "worker" else "server") + str(s.index) for s in specs])
+            self._start(role, specs, self._file_names(specs))
+
+    def _file_names(self, specs: list[ProcessSpec], generation: int = 0) -> list[str]:
+        """The name of each process's output files: rank0 (rank0.out, rank0.err), server0, ...; with horovodrun's
+        --output-filename its folder, rank.<rank> zero-padded as horovodrun pads it (rank.00 ... rank.11 of 12);
+        a replacement's (generation g) end in .r<g>."""
+        topo, names = self.cfg.topology, []
+        for s in specs:
+            kind, count = ("rank", topo.nworkers) if s.role == "worker" else ("server", topo.nprocs - topo.nworkers)
+            index = str(s.index).zfill(len(str(max(count - 1, 0))))
+            name = f"{kind}.{index}" if self.cfg.output_filename else f"{kind}{s.index}"
+            names.append(name + (f".r{generation}" if generation else ""))
+        return names
 
     def _start(self, role: str, specs: list[ProcessSpec], names: list[str], env: dict | None = None) -> None:
         """Start `specs` (one context; output files named `names`), their output copied to the console."""
@@ -227,7 +247,7 @@ class LocalJob:
                       **({"TORCHELASTIC_USE_AGENT_STORE": "True", "SINGA_LAUNCHER_STORE": "1"}
                          if self.watch is not None else {}), **(env or {})}
                   for i, s in enumerate(specs)},
-            logs_specs=_RankFiles(self.folder, names))
+            logs_specs=_RankFiles(self.folder, names, folders=bool(self.cfg.output_filename)))
         self.contexts.append((ctx, specs))
         if self.pump is not None:
             tee = self.cfg.tee if self.cfg.log_dir else 3
@@ -392,7 +412,7 @@ class LocalJob:
         say(f"worker group {group} (rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}) lost: {said}; "
             f"replacing it ({self.restarts_used + self.replaced}/{self.cfg.max_restarts}): its new workers take the "
             "current values from the others")
-        self._start(f"worker-group{group}-r{generation}", specs, [f"rank{s.index}.r{generation}" for s in specs],
+        self._start(f"worker-group{group}-r{generation}", specs, self._file_names(specs, generation),
                     env={"SINGA_REPLACEMENT": str(generation)})
         self.lost.difference_update(ranks)
 

@@ -63,9 +63,17 @@ def mpi_env(cfg: LaunchConfig) -> dict[str, str]:
     return env
 
 
-def tagged(command: list[str], nworkers: int) -> list[str]:
-    """`command` run through the wrapper that prefixes every output line with the rank ([0], [s0], ...)."""
-    return [sys.executable, "-m", "launchers.tag_output", "--workers", str(nworkers), "--", *command]
+def tagged(command: list[str], nworkers: int, timestamp: bool = False) -> list[str]:
+    """`command` run through the wrapper that prefixes every output line with the rank ([0], [s0], ...), and the
+    time before it with `timestamp` (--prefix-output-with-timestamp)."""
+    return [sys.executable, "-m", "launchers.tag_output", "--workers", str(nworkers),
+            *(["--timestamp"] if timestamp else []), "--", *command]
+
+
+def ssh_options(cfg: LaunchConfig) -> str:
+    """-p/--ssh-port and -i/--ssh-identity-file for mpirun's own ssh to the hosts (as horovodrun passes them)."""
+    return shlex.join([*(["-p", str(cfg.ssh_port)] if cfg.ssh_port else []),
+                       *(["-i", cfg.ssh_identity] if cfg.ssh_identity else [])])
 
 
 def mpirun_command(cfg: LaunchConfig, flavor: str, mpirun: str, env_names: list[str],
@@ -75,29 +83,42 @@ def mpirun_command(cfg: LaunchConfig, flavor: str, mpirun: str, env_names: list[
     if as_root is None:
         as_root = os.geteuid() == 0
     hosts = ",".join(f"{h.name}:{h.slots}" for h in cfg.hosts)
+    ssh, out = ssh_options(cfg), cfg.output_filename
+    workers = tagged(cfg.command, topo.nworkers, cfg.timestamp_output)
+    servers = tagged(cfg.server_command(), topo.nworkers, cfg.timestamp_output)
     if flavor == OPENMPI:
         cmd = [mpirun]
         if as_root:
             cmd.append("--allow-run-as-root")
         if not cfg.hosts and topo.nprocs > _cores():
             cmd.append("--oversubscribe")  # one node: Open MPI's slots are its cores
-        cmd += ["--bind-to", "none"]  # each rank's intra-op threads must not share one core
+        # each rank's intra-op threads must not share one core, unless horovodrun's --binding-args say otherwise
+        cmd += cfg.binding_args or ["--bind-to", "none"]
+        if ssh:
+            cmd += ["-mca", "plm_rsh_args", ssh]
+        if out:  # horovodrun's --output-filename under Open MPI is mpirun's own
+            cmd += ["--output-filename", out]
         if hosts:  # a --hostfile too, read by singa-launch: its forms need not match this MPI's hostfile syntax
             cmd += ["-H", hosts]
         for name in env_names:
             cmd += ["-x", name]
         cmd += cfg.mpi_args
-        cmd += ["-np", str(topo.nworkers), *tagged(cfg.command, topo.nworkers)]
+        cmd += ["-np", str(topo.nworkers), *workers]
         if nservers:
-            cmd += [":", "-np", str(nservers), *tagged(cfg.server_command(), topo.nworkers)]
+            cmd += [":", "-np", str(nservers), *servers]
         return cmd
     cmd = [mpirun, "-genvlist", ",".join(env_names)]
     if hosts:
         cmd += ["-hosts", hosts]
+    if ssh:
+        cmd += ["-bootstrap", "ssh", "-bootstrap-exec-args", ssh]
+    if out:  # a file per rank and stream (Hydra makes no folders; singa-launch makes this one)
+        cmd += ["-outfile-pattern", os.path.join(out, "rank.%r.stdout"),
+                "-errfile-pattern", os.path.join(out, "rank.%r.stderr")]
     cmd += cfg.mpi_args
-    cmd += ["-n", str(topo.nworkers), *tagged(cfg.command, topo.nworkers)]
+    cmd += ["-n", str(topo.nworkers), *workers]
     if nservers:
-        cmd += [":", "-n", str(nservers), *tagged(cfg.server_command(), topo.nworkers)]
+        cmd += [":", "-n", str(nservers), *servers]
     return cmd
 
 
@@ -111,6 +132,10 @@ def run_mpi(cfg: LaunchConfig) -> int:
         print("  " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))
         print("  " + shlex.join(command))
         return 0
+    if cfg.verbose:
+        print("singa-launch: " + shlex.join(command), file=sys.stderr)
+    if cfg.output_filename:
+        os.makedirs(cfg.output_filename, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     # mpirun takes over this process: it owns the ranks, forwards signals and stops the job on a failure.

@@ -16,6 +16,9 @@ import sys
 import threading
 import time
 
+from singa_dist.environment import (AUTOTUNE_VARIABLE, SERVER_CHECKPOINT_DIR_VARIABLE,
+                                    SERVER_CHECKPOINT_EVERY_VARIABLE)
+
 from .config import LaunchConfig, UsageError, forwarded_env
 from .lifeline import die_with_parent
 from .local import POLL_S, describe_exit, say
@@ -53,8 +56,12 @@ def node_command(cfg: LaunchConfig, node: int) -> str:
             "--master-addr", cfg.master_addr, "--master-port", str(cfg.master_port),
             "--topology-json", cfg.topology.to_json(), "--max-restarts", str(cfg.max_restarts),
             "--grace-period", str(cfg.grace_period), "--exit-on-stdin-close"]
-    if cfg.log_dir:
+    if cfg.output_filename:  # horovodrun's layout of the files
+        args += ["--output-filename", cfg.output_filename, "--tee", str(cfg.tee)]
+    elif cfg.log_dir:
         args += ["--log-dir", cfg.log_dir, "--tee", str(cfg.tee)]
+    if cfg.timestamp_output:
+        args.append("--prefix-output-with-timestamp")
     if cfg.omp_num_threads:
         args += ["--omp-num-threads", str(cfg.omp_num_threads)]
     if cfg.network_interface:
@@ -63,7 +70,12 @@ def node_command(cfg: LaunchConfig, node: int) -> str:
         args += ["--timeline", cfg.timeline]
     if cfg.metrics is not None:
         args += ["--metrics", f"{cfg.metrics:g}"]
-    for name, value in cfg.extra_env.items():
+    # The variables of flags the node's launcher is not given (--autotune, the servers' checkpoints, horovodrun's
+    # knobs, --rdzv-id), then -x's.
+    job = cfg.common_env()
+    passed = {name: job[name] for name in (AUTOTUNE_VARIABLE, SERVER_CHECKPOINT_DIR_VARIABLE,
+                                            SERVER_CHECKPOINT_EVERY_VARIABLE, "TORCHELASTIC_RUN_ID") if name in job}
+    for name, value in {**passed, **cfg.horovod.env(), **cfg.extra_env}.items():
         args += ["-x", f"{name}={value}"]
     args += ["--", *cfg.command]
     env_words = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())]
@@ -81,7 +93,8 @@ def check_reachable(cfg: LaunchConfig) -> None:
     remote = [h.name for h in cfg.hosts if not is_local(h.name)]
     probes = {h: subprocess.Popen(ssh_argv(cfg, h, "true"), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True) for h in remote}
-    deadline = time.monotonic() + REACH_TIMEOUT_S
+    limit = cfg.start_timeout or REACH_TIMEOUT_S  # horovodrun's --start-timeout bounds its checks too
+    deadline = time.monotonic() + limit
     bad = []
     for host, proc in probes.items():
         try:
@@ -92,7 +105,7 @@ def check_reachable(cfg: LaunchConfig) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            bad.append(f"{host} (no answer within {REACH_TIMEOUT_S:.0f}s)")
+            bad.append(f"{host} (no answer within {limit:.0f}s)")
     if bad:
         raise UsageError(f"unreachable host(s): {', '.join(bad)}")
 

@@ -1,10 +1,11 @@
 """Rank prefixes on output lines: the line splitting the launcher's output pump uses, and the wrapper that
 `singa-launch --mpi` runs every rank in.
 
-    python -m launchers.tag_output --workers N -- COMMAND ...
+    python -m launchers.tag_output --workers N [--timestamp] -- COMMAND ...
 
 runs COMMAND and copies its stdout and stderr to its own, each line prefixed as the local launcher prefixes
-it: `[3] ` for worker 3, `[s0] ` for the first server (the processes after the N workers). The rank comes
+it: `[3] ` for worker 3, `[s0] ` for the first server (the processes after the N workers); with --timestamp
+the time comes first, as horovodrun's --prefix-output-with-timestamp writes it. The rank comes
 from the MPI's environment (Open MPI's OMPI_COMM_WORLD_RANK, MPICH/Hydra's PMI_RANK), so the same command
 line serves every rank whatever the MPI; mpirun's own tagging options differ between MPIs and between
 Open MPI versions. Signals the wrapper gets are passed on to COMMAND, the wrapper dies with its parent and
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from launchers.lifeline import die_with_parent
 
@@ -72,15 +74,17 @@ def rank_label(nworkers: int, environ=os.environ) -> str:
     return "?"
 
 
-def copy_tagged(pipe, out, label: str) -> None:
-    """Copy `pipe` to the binary stream `out` until it closes, each line prefixed with `[label] `."""
+def copy_tagged(pipe, out, label: str, timestamp: bool = False) -> None:
+    """Copy `pipe` to the binary stream `out` until it closes, each line prefixed with `[label] ` (and the time
+    before it with `timestamp`)."""
     splitter = LineSplitter()
     prefix = f"[{label}] "
 
     def write(lines):
         if lines:
+            stamp = time.asctime() if timestamp else ""
             try:
-                out.write("".join(f"{prefix}{line}" for line in lines).encode("utf-8", "replace"))
+                out.write("".join(f"{stamp}{prefix}{line}" for line in lines).encode("utf-8", "replace"))
                 out.flush()
             except (BrokenPipeError, ValueError):
                 pass
@@ -97,8 +101,11 @@ def copy_tagged(pipe, out, label: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    timestamp = argv[2:3] == ["--timestamp"]
+    if timestamp:
+        argv = argv[:2] + argv[3:]
     if len(argv) < 4 or argv[0] != "--workers" or not argv[1].isdigit() or argv[2] != "--":
-        print("usage: python -m launchers.tag_output --workers N -- COMMAND ...", file=sys.stderr)
+        print("usage: python -m launchers.tag_output --workers N [--timestamp] -- COMMAND ...", file=sys.stderr)
         return 2
     label, command = rank_label(int(argv[1])), argv[3:]
     # The wrapper dies with whatever mpirun runs it under (mpirun itself may be killed outright), and the command
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 127
     for name in _FORWARDED:
         signal.signal(getattr(signal, name), lambda signum, _frame: proc.send_signal(signum))
-    copiers = [threading.Thread(target=copy_tagged, args=(pipe, out, label), daemon=True)
+    copiers = [threading.Thread(target=copy_tagged, args=(pipe, out, label, timestamp), daemon=True)
                for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer))]
     for t in copiers:
         t.start()
