@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--start-timeout", type=int, metavar="SECONDS",
                    help="seconds the checks before the start may take: every remote host's ssh answer "
                         "(default HOROVOD_START_TIMEOUT, else 15)")
+    g.add_argument("-cb", "--check-build", action=_CheckBuild, nargs=0,
+                   help="print which frameworks, controllers and tensor operations this installation has, and exit")
     g.add_argument("--disable-cache", action="store_true", help="accepted: singa-launch caches no checks")
     g.add_argument("-prefix-timestamp", "--prefix-output-with-timestamp", dest="prefix_output_with_timestamp",
                    action="store_true", help="put the time in front of every output line on the console")
@@ -98,6 +100,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=argparse.SUPPRESS)
     stamp.add_argument("--no-log-hide-timestamp", dest="log_with_timestamp", action="store_const", const=True,
                        help=argparse.SUPPRESS)
+
+
+class _CheckBuild(argparse.Action):
+    """horovodrun's -cb: its table, for what runs the collectives here (torch.distributed; mpirun starts jobs
+    only), then exit as --version does."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import shutil
+
+        import torch
+        import torch.distributed as dist
+        beside = os.path.join(os.path.dirname(sys.executable), "mpirun")  # (where the mpi extra installs it)
+        mpi = shutil.which("mpirun") is not None or os.path.exists(beside)
+        sections = {"Frameworks": [("TensorFlow", False), ("PyTorch", True), ("MXNet", False)],
+                    "Controllers": [("MPI", mpi), ("Gloo", dist.is_gloo_available())],
+                    "Tensor Operations": [("NCCL", dist.is_nccl_available()), ("DDL", False), ("CCL", False),
+                                          ("MPI", False), ("Gloo", dist.is_gloo_available())]}
+        print(f"singa-launch (horovodrun's --check-build), torch {torch.__version__}:")
+        for title, items in sections.items():
+            print(f"\n    Available {title}:")
+            for name, ok in items:
+                print(f"        [{'X' if ok else ' '}] {name}")
+        parser.exit(0)
 
 
 # --config-file: its sections and keys (config_parser.set_args_from_config), each the flag's destination.

@@ -112,6 +112,13 @@ def test_flags_without_effect_are_accepted_and_said_with_verbose(script, capsys)
     assert "no effect" not in capsys.readouterr().err  # said with --verbose only
 
 
+def test_check_build_prints_horovodruns_table_and_exits(capsys):
+    with pytest.raises(SystemExit) as stop:
+        launch_main(["-cb"])  # no -np or program needed, as with horovodrun
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "[X] PyTorch" in out and "[X] Gloo" in out and "[ ] TensorFlow" in out, out
+
+
 @pytest.mark.parametrize("args, reason", [
     (["--jsrun"], "LSF's jsrun is not available here"),
     (["--fusion-threshold-mb", "-1"], "--fusion-threshold-mb must be 0 or more, got -1"),
