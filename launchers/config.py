@@ -81,12 +81,28 @@ class ElasticSpec:
     discovery_script: str | None = None
     discovery_interval: float = 1.0
     slots: int = 1  # slots of a discovered host printed without a count
-    host_failures: int = 3  # failures after which a host is left out
+    # Failed workers after which a host is left out (blacklisted): None is 1 where the job names its hosts
+    # (--host-discovery-script, --hosts: horovodrun's rule) and 3 on this host alone or with --nnodes.
+    host_failures: int | None = None
     elastic_timeout: float = 600.0  # how long the job may stay below min_np
     reset_limit: int | None = None
     agents: bool = False  # nodes each run singa-launch (--rdzv-backend c10d): the one at the endpoint drives the job
+    fixed_hosts: dict | None = None  # --hosts with --min-np/--max-np: host -> slots, never changing
+    # --blacklist-cooldown-range MIN MAX: a left-out host may come back after a cooldown that grows with each time
+    # it is left out (horovodrun's); None: left out for good
+    cooldown_range: tuple[int, int] | None = None
 
     def __post_init__(self):
+        if self.host_failures is None:
+            self.host_failures = 1 if self.discovery_script or self.fixed_hosts else 3
+        if self.fixed_hosts is not None and len(self.fixed_hosts) < 2:
+            raise UsageError("an elastic job over --hosts needs at least 2 hosts (a host whose worker fails is left "
+                             "out, as horovodrun does); on one host, give -np and --min-np/--max-np without --hosts")
+        if self.cooldown_range is not None:
+            low, high = self.cooldown_range
+            if not 1 <= low <= high <= 3600:
+                raise UsageError(f"--blacklist-cooldown-range wants MIN MAX seconds with 1 <= MIN <= MAX <= 3600, "
+                                 f"got {low} {high}")
         if self.min_np < 1:
             raise UsageError(f"--min-np must be at least 1, got {self.min_np}")
         if self.max_np < self.min_np:
@@ -373,10 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--discovery-interval", type=float, default=1.0, help="seconds between runs of the script")
     e.add_argument("--slots", "--slots-per-host", type=int, default=1,
                    help="slots of a discovered host printed without a count")
-    e.add_argument("--host-failures", type=int, default=3,
-                   help="leave a host out of the job after this many failed workers on it (default 3)")
-    e.add_argument("--elastic-timeout", type=float, default=600.0,
-                   help="seconds the job may wait below --min-np for hosts (default 600)")
+    e.add_argument("--host-failures", type=int,
+                   help="leave a host out of the job after this many failed workers on it (default 1 with "
+                        "--host-discovery-script or --hosts, as horovodrun; 3 on this host alone)")
+    e.add_argument("--blacklist-cooldown-range", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   help="a host left out may come back after MIN*2^n (+ up to MIN) seconds, at most MAX, n the "
+                        "times it was left out (horovodrun's); without it a host left out stays out")
+    e.add_argument("--elastic-timeout", type=float,
+                   help="seconds the job may wait below --min-np for hosts (default HOROVOD_ELASTIC_TIMEOUT, "
+                        "else 600)")
     e.add_argument("--reset-limit", type=int, help="most changes of workers the job goes through")
     horovodrun.add_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
@@ -729,10 +750,13 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         notes=horovodrun.notes(args, knobs, remote_hosts=bool(hosts) or bool(args.host_discovery_script)))
 
     if args.min_np is not None or args.max_np is not None or args.host_discovery_script or agents:
-        if args.mpi or args.hosts or args.hostfile or args.nnodes:
+        if args.mpi or args.nnodes:
             raise UsageError("an elastic job (--min-np/--max-np/--host-discovery-script) is started by this "
-                             "launcher alone: give its hosts through --host-discovery-script, not --mpi, --hosts "
+                             "launcher alone: give its hosts through --host-discovery-script or --hosts, not --mpi "
                              "or --nnodes")
+        if hosts and args.host_discovery_script:
+            raise UsageError("an elastic job finds its hosts through --host-discovery-script or has the fixed "
+                             "--hosts/--hostfile: give one of them")
         if args.strategy not in ("allreduce", "adasum"):
             raise UsageError(f"an elastic job trains with workers only (allreduce, adasum); --strategy "
                              f"{args.strategy} needs parameter servers, which cannot come and go")
@@ -741,18 +765,35 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         if args.log_dir is not None or args.tee:
             raise UsageError("an elastic job's workers come and go and print to this console, tagged by worker; "
                              "--log-dir and --tee are for jobs of fixed processes")
-        min_np = args.min_np if args.min_np is not None else 1
-        # (with agents the job starts once min_np slots have come, with as many as have come by then)
-        initial = args.np if args.np is not None else None if args.host_discovery_script and not agents else min_np
+        # -np: the workers the job needs to start (it starts with every slot the hosts offer, up to --max-np);
+        # --min-np defaults to it, as horovodrun has them. (With agents: once min_np slots have come.)
+        min_np = args.min_np if args.min_np is not None else args.np if args.np is not None and not agents else 1
+        initial = args.np if args.np is not None else min_np
+        fixed = None
+        if hosts:
+            fixed = {}
+            for h in hosts:
+                fixed[h.name] = fixed.get(h.name, 0) + h.slots
         if args.max_np is not None:
             max_np = args.max_np
-        else:  # as many as discovery offers, or as started
-            max_np = 1 << 16 if args.host_discovery_script else max(initial, min_np)
-        spec = ElasticSpec(initial_np=initial if initial is not None else max_np, min_np=min_np,
-                           max_np=max_np, discovery_script=args.host_discovery_script,
+        elif args.host_discovery_script:  # as many as discovery offers
+            max_np = 1 << 16
+        else:  # as many as the hosts hold, or as started on this one
+            max_np = max(sum(fixed.values()) if fixed else initial, min_np)
+        timeout = args.elastic_timeout
+        if timeout is None:
+            try:
+                timeout = float(os.environ.get("HOROVOD_ELASTIC_TIMEOUT") or 600.0)  # (horovodrun reads it too)
+            except ValueError:
+                raise UsageError(f"HOROVOD_ELASTIC_TIMEOUT wants seconds, got "
+                                 f"{os.environ['HOROVOD_ELASTIC_TIMEOUT']!r}") from None
+        spec = ElasticSpec(initial_np=initial, min_np=min_np, max_np=max_np,
+                           discovery_script=args.host_discovery_script,
                            discovery_interval=args.discovery_interval, slots=args.slots,
-                           host_failures=args.host_failures, elastic_timeout=args.elastic_timeout,
-                           reset_limit=args.reset_limit, agents=agents)
+                           host_failures=args.host_failures, elastic_timeout=timeout,
+                           reset_limit=args.reset_limit, agents=agents, fixed_hosts=fixed,
+                           cooldown_range=tuple(args.blacklist_cooldown_range) if args.blacklist_cooldown_range
+                           else None)
         topology = ClusterTopology.for_strategy(args.strategy, spec.initial_np)
         return LaunchConfig(topology=topology, node_procs=[spec.initial_np],
                             master_addr=args.master_addr or "127.0.0.1", master_port=args.master_port or free_port(),

@@ -1,21 +1,25 @@
 """singa-launch's elastic mode: a job whose workers may fail, or be added, while it runs (Horovod elastic).
 
     singa-launch -np 3 --min-np 2 --max-np 4 python train.py
-    singa-launch --min-np 2 --max-np 8 --host-discovery-script ./hosts.sh python train.py
+    singa-launch -np 2 --min-np 2 --max-np 8 --host-discovery-script ./hosts.sh python train.py
+    singa-launch -np 4 -H h1:2,h2:2 --min-np 2 python train.py      # fault tolerance on fixed hosts
 
 The launcher hosts the job's store and runs the rendezvous (singa_dist.rendezvous): it numbers the workers of
-each round and publishes them; the workers' `singa_dist.elastic.run` does the rest.
+each round and publishes them; the workers' `singa_dist.elastic.run` does the rest. As horovodrun:
 
+- The job starts once the hosts offer -np slots (waiting up to --elastic-timeout), with every slot they offer by
+  then, up to --max-np. --min-np defaults to -np.
 - A worker that fails (exits with an error or is killed) is dropped: its round is marked broken, so the others
   stop waiting for it at once, and the next round holds the others. Its host counts a failure; a host that
-  failed --host-failures times is left out of the job (its workers stopped, none started there again).
-- With --host-discovery-script, the script runs every --discovery-interval seconds and prints the hosts
-  that may run workers now, one `host:slots` (or `host`, with --slots slots) a line. Free slots on hosts
-  not left out get new workers (up to --max-np); they join the next round, which the others enter at their
-  next `state.commit()`. Without a script the hosts are this one with -np slots: the job shrinks on
-  failures and never grows.
-- Fewer than --min-np workers: the launcher waits --elastic-timeout seconds for discovery to offer more,
-  then stops the job with an error.
+  failed --host-failures times (1 with discovery or --hosts) is left out (blacklisted): its other workers are
+  stopped; with --blacklist-cooldown-range MIN MAX it may come back after a cooldown that doubles each time.
+- The hosts: the discovery script's output (run through a shell every --discovery-interval seconds, one
+  `host:slots` or `host` a line), the fixed --hosts, or this host with -np slots. Free slots on hosts not left
+  out get new workers (up to --max-np); a host gone from the script's output has its workers released: they
+  are in no new round, leave at the next `state.commit()` with everyone's consent, and are stopped. Rounds
+  published for such changes say so (added/removed), which the workers read as Horovod's host notifications.
+- Fewer than --min-np workers: no round is published; the launcher waits --elastic-timeout seconds for slots,
+  then stops the job with an error. Each round after the first is a reset; past --reset-limit the job stops.
 - The job ends well when every worker that took part in a round has finished well; workers still waiting
   to join then are stopped.
 
@@ -28,6 +32,7 @@ import dataclasses
 import datetime
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -56,6 +61,10 @@ class _Worker:
     proc: subprocess.Popen
     copiers: list = field(default_factory=list)
     code: int | None = None  # exit status once it ended
+    slot: int = 0  # its place among its host's workers (horovodrun names a process host[slot])
+    # Released: its host left the discovery script's output (or was left out after a failure of another worker
+    # there). It is in no new round and leaves the job at its next commit; how it ends is no failure of the job.
+    released: bool = False
 
 
 def _start(wid: int, host: str, argv: list[str], env: dict) -> _Worker:
@@ -112,6 +121,57 @@ def parse_discovered(text: str, default_slots: int) -> dict[str, int]:
     return slots
 
 
+def run_discovery(script: str, default_slots: int, timeout: float) -> dict[str, int]:
+    """Run the host discovery script through a shell, as horovodrun runs it (a script without #!, or a command
+    line, works too), and read its hosts: slots per host. Raises RuntimeError saying why when it fails."""
+    try:
+        out = subprocess.run(script, shell=True, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(str(exc)) from None
+    if out.returncode != 0:
+        raise RuntimeError(f"exited with status {out.returncode}"
+                           + (f": {out.stderr.strip().splitlines()[-1]}" if out.stderr.strip() else ""))
+    try:
+        return parse_discovered(out.stdout, default_slots)
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
+# Why singa-launch publishes a round for a change of hosts (Horovod's HostUpdateResult; singa_dist.elastic reads it)
+REMOVED, ADDED = 1, 2
+# horovodrun's words when the job ends for processes that failed, and past --reset-limit (scripts match them)
+FAILED_MESSAGE = ("Horovod detected that one or more processes exited with non-zero status, thus causing the job to "
+                  "be terminated. The first process to do so was: Process name: {name} Exit code: {code}")
+RESET_LIMIT_EXCEEDED_MESSAGE = "Horovod was shutdown because number of resets during elastic job exceeded limit: {}"
+
+
+@dataclass
+class HostState:
+    """What the driver knows of one host: its failed workers, and whether it is left out (blacklisted) and till
+    when. horovodrun's cooldown: the n-th time a host is left out, MIN * 2^n + U(0, MIN) seconds, within
+    [MIN, MAX]; it comes back when discovery lists it after that (without a cooldown range it never does)."""
+    failures: int = 0
+    blacklisted: bool = False
+    times_left_out: int = 0
+    cooldown_end: float = 0.0  # time.monotonic() when it may come back; 0: no cooldown running
+
+    def blacklist(self, cooldown_range: tuple[int, int] | None, now: float) -> None:
+        self.blacklisted = True
+        if cooldown_range is None or self.cooldown_end > now:
+            return
+        low, high = cooldown_range
+        self.times_left_out += 1
+        delay = low * (1 << self.times_left_out) + random.uniform(0, 1) * low
+        self.cooldown_end = now + max(low, min(high, delay))
+
+    def resurrected(self, now: float) -> bool:
+        """Left out, and its cooldown is over: it may take workers again."""
+        return self.blacklisted and 0 < self.cooldown_end <= now
+
+    def whitelist(self) -> None:
+        self.blacklisted, self.failures, self.cooldown_end = False, 0, 0.0
+
+
 class ElasticDriver:
     """Starts, watches and numbers the workers of one elastic job."""
 
@@ -124,10 +184,13 @@ class ElasticDriver:
         self.members: list[int] = []
         self.rounds: dict[int, tuple] = {}  # members of every round published
         self.joined: set[int] = set()  # workers seen in a round
-        self.failures: dict[str, int] = {}
-        self.left_out: set[str] = set()
+        self.hosts: dict[str, HostState] = {}
         self.first_failure: str | None = None
+        self.first_failed: _Worker | None = None
         self.short_since: float | None = None  # when the job fell below --min-np
+        self.changed = False  # the workers changed since the last round published
+        self.update = 0  # and the hosts did so (HostUpdateResult bits, announced with the next round)
+        self.resets = 0  # rounds published after the first (horovodrun's reset count)
         self.store = dist.TCPStore(cfg.master_addr, cfg.master_port, is_master=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=30))
         self._next_discovery = 0.0
@@ -136,65 +199,88 @@ class ElasticDriver:
         self.agents = AgentBoard(self.store) if self.spec.agents else None
 
     # ---------------------------------------------------------------------------------------------- hosts
-    def discover(self) -> dict[str, int]:
+    def _host(self, name: str) -> HostState:
+        return self.hosts.setdefault(name, HostState())
+
+    def discover(self, first: bool = False) -> dict[str, int]:
         if self.spec.agents:  # this node, and every node whose launcher has joined and still beats
             return {self.label: self.spec.slots, **{a.label: self.spec.slots for a in self.agents.live()}}
+        if self.spec.fixed_hosts is not None:
+            return dict(self.spec.fixed_hosts)
         if not self.spec.discovery_script:
             return {"localhost": self.spec.initial_np}
         try:
-            out = subprocess.run(shlex.split(self.spec.discovery_script), capture_output=True, text=True,
+            return run_discovery(self.spec.discovery_script, self.spec.slots,
                                  timeout=max(self.spec.discovery_interval * 10, 10))
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except RuntimeError as exc:
+            if first:  # a script that fails at once is a mistake: the job does not start (as horovodrun)
+                raise UsageError(f"the host discovery script {self.spec.discovery_script!r} failed: {exc}") from None
             say(f"the host discovery script failed ({exc}); keeping the hosts it gave before")
-            return self._slots
-        if out.returncode != 0:
-            say(f"the host discovery script exited with status {out.returncode}; keeping the hosts it gave before"
-                + (f": {out.stderr.strip().splitlines()[-1]}" if out.stderr.strip() else ""))
-            return self._slots
-        try:
-            return parse_discovered(out.stdout, self.spec.slots)
-        except ValueError as exc:
-            say(f"{exc}; keeping the hosts it gave before")
             return self._slots
 
     def _running(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.code is None]
 
+    def _training(self) -> list[_Worker]:
+        """The running workers that are, or will be, in the job's rounds (not those released)."""
+        return [w for w in self._running() if not w.released]
+
     def _free_slots(self) -> list[str]:
         """One host name per worker that may start now, within --max-np."""
         busy: dict[str, int] = {}
-        for w in self._running():
+        for w in self._training():
             busy[w.host] = busy.get(w.host, 0) + 1
-        room = self.spec.max_np - len(self._running())
+        room = self.spec.max_np - len(self._training())
         free = []
         for host, slots in self._slots.items():
-            if host in self.left_out:
+            if self._host(host).blacklisted:
                 continue
             if not self.spec.agents and not _is_local(host) and self.cfg.master_addr in ("127.0.0.1", "localhost",
                                                                                             "::1"):
                 say(f"host {host} is not this one, and the workers there cannot reach the job's store at "
                     f"{self.cfg.master_addr}: give --master-addr (this host's address); leaving {host} out")
-                self.left_out.add(host)
+                self._host(host).blacklist(None, time.monotonic())
                 continue
             free += [host] * max(0, slots - busy.get(host, 0))
         return free[:max(0, room)]
+
+    def _update_hosts(self, discovered: dict[str, int]) -> None:
+        """Take what discovery printed: hosts whose cooldown is over and that it lists come back; the workers of a
+        host it no longer lists (or beyond the slots it now gives) are released."""
+        now = time.monotonic()
+        for host, state in self.hosts.items():
+            if host in discovered and state.resurrected(now):
+                state.whitelist()
+                say(f"host {host}'s cooldown is over: it may take workers again")
+        self._slots = discovered
+        if not self.spec.discovery_script:
+            return  # (fixed hosts and agents' nodes are not removed: a node whose launcher is gone failed)
+        for host in {w.host for w in self._training()}:
+            on_host = sorted((w for w in self._training() if w.host == host), key=lambda w: w.slot)
+            extra = on_host[discovered.get(host, 0):]
+            if extra:
+                for worker in extra:
+                    worker.released = True
+                self.changed, self.update = True, self.update | REMOVED
+                gone = "is gone from" if host not in discovered else f"has {discovered[host]} slot(s) in"
+                say(f"host {host} {gone} the host discovery script's output: worker(s) "
+                    f"{', '.join(str(w.id) for w in extra)} leave the job at the next commit")
 
     # -------------------------------------------------------------------------------------------- workers
     def spawn(self, host: str) -> _Worker:
         wid = self.next_id
         self.next_id += 1
+        taken = {w.slot for w in self._training() if w.host == host}
+        slot = next(i for i in range(len(taken) + 1) if i not in taken)
         env = {**self.cfg.common_env(), rendezvous.ELASTIC_VARIABLE: "1", rendezvous.WORKER_ID_VARIABLE: str(wid),
+               rendezvous.ELASTIC_TIMEOUT_VARIABLE: f"{self.spec.elastic_timeout:g}",
                "SINGA_LAUNCHER_PID": str(os.getpid()), "HOROVOD_ELASTIC": "1", "HOROVOD_HOSTNAME": host}
         env.pop("SINGA_TOPOLOGY", None)  # each round's size is its own
         env.pop("SINGA_PROC_WORLD_SIZE", None)
-        if self.spec.reset_limit is not None:
-            env["SINGA_ELASTIC_RESET_LIMIT"] = str(self.spec.reset_limit)
         argv = [sys.executable, "-m", "launchers.lifeline", *self.cfg.command]
         if self.spec.agents and host != self.label:  # its node's launcher starts it and reports its end
             worker = _Worker(wid, host, self.agents.start(host, wid, env))
-            self.workers[wid] = worker
-            return worker
-        if self.spec.agents or _is_local(host):
+        elif self.spec.agents or _is_local(host):
             worker = _start(wid, host, argv, {**os.environ, **env})
         else:
             remote = ["cd", shlex.quote(os.getcwd()), "&&", "env",
@@ -207,6 +293,7 @@ class ElasticDriver:
                 ssh += ["-i", self.cfg.ssh_identity]
             worker = _start(wid, host, [sys.executable, "-m", "launchers.lifeline", *ssh, host, " ".join(remote)],
                             {**os.environ, "SINGA_LAUNCHER_PID": str(os.getpid())})
+        worker.slot = slot
         self.workers[wid] = worker
         return worker
 
@@ -217,10 +304,10 @@ class ElasticDriver:
             _stop(worker, grace)
 
     # ---------------------------------------------------------------------------------------------- rounds
-    def publish(self, members: list[int]) -> None:
+    def publish(self, members: list[int], update: int = 0) -> None:
         self.round += 1
         self.members = list(members)
-        found = rendezvous.Round(self.round, tuple(members), tuple(self.workers[m].host for m in members))
+        found = rendezvous.Round(self.round, tuple(members), tuple(self.workers[m].host for m in members), update)
         self.rounds[self.round] = found.members
         self.store.set(rendezvous.round_key(self.round), found.to_json())
         self.store.set(rendezvous.LATEST, str(self.round))
@@ -232,21 +319,39 @@ class ElasticDriver:
             self.joined.add(worker.id)  # once in a round, always: the store is not asked again
         return worker.id in self.joined
 
+    def _formed(self, number: int) -> bool:
+        """Whether every member of round `number` has come to it."""
+        return self.store.check([rendezvous.joined_key(number, m) for m in self.rounds[number]])
+
+    def _abort_rounds_of(self, worker: _Worker, why: str) -> None:
+        for number, members in self.rounds.items():  # the round it trains in, and a newer one still forming
+            if worker.id in members:
+                rendezvous.abort(self.store, number, why)
+
     # ---------------------------------------------------------------------------------------------- the job
     def run(self) -> int:
-        self._slots = self.discover()
-        if self.spec.agents:  # the job starts once --nnodes MIN nodes have come, with all that have by then
-            deadline = time.monotonic() + self.spec.elastic_timeout
-            while len(self._free_slots()) < self.spec.min_np and time.monotonic() < deadline:
-                time.sleep(POLL_S)
-                self._slots = self.discover()
-            if len(self._free_slots()) >= self.spec.min_np:
-                self.spec = dataclasses.replace(self.spec, initial_np=len(self._free_slots()))
-        self._next_discovery = time.monotonic() + self.spec.discovery_interval
-        first = self._free_slots()[:self.spec.initial_np]
-        if len(first) < self.spec.min_np:
-            say(f"the hosts offer {len(first)} worker slot(s), fewer than --min-np {self.spec.min_np}")
+        try:
+            self._slots = self.discover(first=True)
+        except UsageError as exc:
+            say(str(exc))
             return 1
+        deadline = time.monotonic() + self.spec.elastic_timeout
+        need = self.spec.min_np if self.spec.agents else self.spec.initial_np
+        # The job starts once the hosts offer the workers it needs (-np; --nnodes MIN nodes), with every slot they
+        # offer by then, up to --max-np (as horovodrun starts).
+        while len(self._free_slots()) < need and time.monotonic() < deadline and (
+                self.spec.agents or self.spec.discovery_script):
+            time.sleep(max(POLL_S, self.spec.discovery_interval if self.spec.discovery_script else 0))
+            self._update_hosts(self.discover())
+        first = self._free_slots()
+        if len(first) < need:
+            say(f"the hosts offer {len(first)} worker slot(s), fewer than the {need} the job needs to start"
+                + (f" (waited {self.spec.elastic_timeout:g} s)" if self.spec.discovery_script or self.spec.agents
+                   else ""))
+            return 1
+        if self.spec.agents:
+            self.spec = dataclasses.replace(self.spec, initial_np=len(first))
+        self._next_discovery = time.monotonic() + self.spec.discovery_interval
         self.publish([self.spawn(host).id for host in first])
         say(f"elastic job: {len(first)} workers (min {self.spec.min_np}, max {self.spec.max_np})")
         code = 1
@@ -264,75 +369,118 @@ class ElasticDriver:
 
     def _watch(self) -> int:
         while True:
-            changed = False
             for worker in self._running():
                 code = worker.proc.poll()
                 if code is None:
                     continue
                 worker.code = code
-                if code != 0:
-                    changed |= self._failed(worker)
-            running = self._running()
-            finished = [w for w in self.workers.values() if w.code == 0]
-            if finished and not any(self._joined(w) for w in running):
+                if worker.released:
+                    if code != 0:  # (its host may be gone with it: members still waiting for it must not wait)
+                        self._abort_rounds_of(worker, f"worker {worker.id} on {worker.host} left the job")
+                elif code != 0:
+                    self._failed(worker)
+            training = self._training()
+            finished = [w for w in self.workers.values() if w.code == 0 and not w.released]
+            if finished and not any(self._joined(w) for w in training):
                 # Every worker that trained has finished well: the ones still waiting to join have nothing to do.
-                for worker in running:
+                for worker in self._running():
                     self.stop(worker, 0)
-                if any(w.code not in (0, None) for w in self.workers.values()):
+                if self.first_failure:
                     say(f"job finished with {len(finished)} worker(s), after losing some ({self.first_failure})")
                 return 0
-            if not running:
-                say(f"job failed: every worker stopped ({self.first_failure or 'no worker finished'})")
+            if not training:
+                say(f"job failed: every worker stopped ({self.first_failure or 'no worker finished'})"
+                    + (". " + FAILED_MESSAGE.format(name=f"{self.first_failed.host}[{self.first_failed.slot}]",
+                                                    code=self.first_failed.code) if self.first_failed else ""))
                 return 1
-            if time.monotonic() >= self._next_discovery and (self.spec.discovery_script or self.spec.agents) \
-                    and not finished:
-                # (once a worker has finished well the job is ending: its slot is not filled again)
-                self._slots = self.discover()
-                self._next_discovery = time.monotonic() + self.spec.discovery_interval
-                changed |= self._grow()
-            if changed:
-                alive = [m for m in self.members if self.workers[m].code is None]
-                self.publish(alive + [w.id for w in self._running() if w.id not in self.members])
-            if len(running) < self.spec.min_np:
-                self.short_since = self.short_since or time.monotonic()
-                if time.monotonic() - self.short_since > self.spec.elastic_timeout:
-                    say(f"job failed: {len(running)} worker(s) left, fewer than --min-np {self.spec.min_np}, for "
-                        f"{self.spec.elastic_timeout:g} s ({self.first_failure})")
-                    return 1
-            else:
-                self.short_since = None
+            if self.spec.discovery_script or self.spec.agents or self.spec.fixed_hosts is not None:
+                if time.monotonic() >= self._next_discovery and not finished:
+                    # (once a worker has finished well the job is ending: its slot is not filled again)
+                    self._update_hosts(self.discover())
+                    self._next_discovery = time.monotonic() + self.spec.discovery_interval
+                    self._grow()
+            code = self._next_round()
+            if code is not None:
+                return code
+            self._stop_released()
             time.sleep(POLL_S)
 
-    def _failed(self, worker: _Worker) -> bool:
-        """A worker ended with an error: break its round, count its host's failure. True: the members changed."""
+    def _next_round(self) -> int | None:
+        """Publish a round for the changes not yet published, when the job has --min-np workers for it; wait for
+        them up to --elastic-timeout otherwise. Returns the job's exit status when it must end."""
+        training = self._training()
+        if len(training) < self.spec.min_np:
+            if self.short_since is None:
+                self.short_since = time.monotonic()
+                say(f"{len(training)} worker(s) left, fewer than --min-np {self.spec.min_np}: waiting up to "
+                    f"{self.spec.elastic_timeout:g} s for hosts to offer more")
+                for worker in self._running():  # released workers cannot wait for a round that never comes
+                    if worker.released:
+                        self._abort_rounds_of(worker, f"worker {worker.id} on {worker.host} left the job")
+                        self.stop(worker, self.cfg.grace_period)
+            elif time.monotonic() - self.short_since > self.spec.elastic_timeout:
+                say(f"job failed: {len(training)} worker(s) left, fewer than --min-np {self.spec.min_np}, for "
+                    f"{self.spec.elastic_timeout:g} s ({self.first_failure or 'hosts left the job'})")
+                return 1
+            return None
+        self.short_since = None
+        if not self.changed:
+            return None
+        if self.spec.reset_limit is not None and self.resets >= self.spec.reset_limit:
+            say(f"job failed: the workers changed {self.resets} time(s) and would again, past --reset-limit "
+                f"{self.spec.reset_limit}. " + RESET_LIMIT_EXCEEDED_MESSAGE.format(self.spec.reset_limit))
+            return 1
+        alive = [m for m in self.members if m in {w.id for w in training}]
+        self.publish(alive + [w.id for w in training if w.id not in alive], self.update)
+        self.resets += 1
+        self.changed, self.update = False, 0
+        return None
+
+    def _stop_released(self) -> None:
+        """Released workers are stopped once the round without them has formed (they left at the same commit as
+        the others)."""
+        released = [w for w in self._running() if w.released]
+        if released and self.round in self.rounds and self._formed(self.round):
+            for worker in released:
+                if worker.id not in self.rounds[self.round]:
+                    self.stop(worker, self.cfg.grace_period)
+                    worker.code = worker.proc.poll()
+
+    def _failed(self, worker: _Worker) -> None:
+        """A worker ended with an error: break its round, count its host's failure, leave the host out after
+        --host-failures of them (its other workers are stopped)."""
         what = f"worker {worker.id} on {worker.host} {describe_exit(worker.code)}"
         if isinstance(worker.proc, AgentWorker) and worker.proc.lost:
             what = (f"worker {worker.id} on {worker.host} was lost with its node's launcher (no heartbeat for "
                     f"{AGENT_STALE_S:g} s)")
-        self.first_failure = self.first_failure or what
-        for number, members in self.rounds.items():  # the round it trains in, and a newer one still forming
-            if worker.id in members:
-                rendezvous.abort(self.store, number, what)
-        self.failures[worker.host] = self.failures.get(worker.host, 0) + 1
+        if self.first_failure is None:
+            self.first_failure, self.first_failed = what, worker
+        self._abort_rounds_of(worker, what)
+        host = self._host(worker.host)
+        host.failures += 1
         note = ""
-        if self.failures[worker.host] >= self.spec.host_failures and worker.host not in self.left_out:
-            self.left_out.add(worker.host)
-            note = f"; host {worker.host} failed {self.failures[worker.host]} time(s): leaving it out of the job"
-            for other in self._running():
+        if host.failures >= self.spec.host_failures and not host.blacklisted:
+            host.blacklist(self.spec.cooldown_range, time.monotonic())
+            note = f"; host {worker.host} failed {host.failures} time(s): leaving it out of the job"
+            if self.spec.cooldown_range is not None:
+                note += f" for {host.cooldown_end - time.monotonic():.1f} s"
+            for other in self._training():
                 if other.host == worker.host:
+                    other.released = True
+                    self._abort_rounds_of(other, what)
                     self.stop(other, self.cfg.grace_period)
-                    other.code = other.proc.returncode
+                    other.code = other.proc.poll()
         say(f"{what}; going on without it{note}")
-        return worker.id in self.members
+        self.changed = True  # a round without it (no change of hosts to announce: the collectives report it)
 
-    def _grow(self) -> bool:
+    def _grow(self) -> None:
         free = self._free_slots()
         if not free:
-            return False
+            return
         for host in free:
             self.spawn(host)
+        self.changed, self.update = True, self.update | ADDED
         say(f"{len(free)} new worker(s) on {', '.join(sorted(set(free)))}: they join at the next commit")
-        return True
 
 
 def run_elastic(cfg: LaunchConfig) -> int:

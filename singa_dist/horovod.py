@@ -192,7 +192,8 @@ def run(func, args=(), kwargs=None, num_proc=None, min_num_proc=None, max_num_pr
             num_proc = num_proc if num_proc is not None or np is not None else _local_slots(hosts, hostfile)
         return run_elastic(func, np=np if np is not None else num_proc, min_np=min_np, max_np=max_np,
                            args=tuple(args), kwargs=kwargs, host_discovery_script=host_discovery_script,
-                           slots=slots, reset_limit=reset_limit, elastic_timeout=start_timeout)
+                           slots=slots, reset_limit=reset_limit, elastic_timeout=start_timeout,
+                           cooldown_range=cooldown_range)
     if hostfile is not None:
         hosts = _hostfile_hosts(hostfile)
     num_proc = np if np is not None else num_proc

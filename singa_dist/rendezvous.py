@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 ELASTIC_VARIABLE = "SINGA_ELASTIC"  # "1" in every worker of an elastic job
 WORKER_ID_VARIABLE = "SINGA_WORKER_ID"  # a worker's name for the whole job (its rank changes from round to round)
+# How long singa-launch waits for enough workers (--elastic-timeout): a worker waits for its next round as long.
+ELASTIC_TIMEOUT_VARIABLE = "SINGA_ELASTIC_TIMEOUT"
 PREFIX = "singa/elastic/"
 LATEST = PREFIX + "latest"
 # How often a waiting worker looks at the store for a newer round, or for the end of its own.
@@ -57,14 +59,17 @@ class Round:
     number: int
     members: tuple  # worker ids, in rank order
     hosts: tuple  # each member's host, in the same order
+    # Why singa-launch published it, when for a change of hosts (Horovod's HostUpdateResult: 1 hosts removed,
+    # 2 added, 3 both); 0 for the first round and after a failure (the collectives report those themselves).
+    update: int = 0
 
     def to_json(self) -> str:
-        return json.dumps({"members": list(self.members), "hosts": list(self.hosts)})
+        return json.dumps({"members": list(self.members), "hosts": list(self.hosts), "update": self.update})
 
     @classmethod
     def from_json(cls, number: int, text: str | bytes) -> "Round":
         data = json.loads(text)
-        return cls(number, tuple(data["members"]), tuple(data["hosts"]))
+        return cls(number, tuple(data["members"]), tuple(data["hosts"]), int(data.get("update", 0)))
 
     def layout(self, worker: int) -> tuple[int, int, int, int, int, int]:
         """(rank, size, local_rank, local_size, cross_rank, cross_size) of `worker` in this round, as Horovod
@@ -85,6 +90,15 @@ def worker_id() -> int:
     except (KeyError, ValueError):
         raise RuntimeError(f"an elastic worker needs {WORKER_ID_VARIABLE} (singa-launch --min-np/--max-np sets it)") \
             from None
+
+
+def join_timeout(timeout_s: float) -> float:
+    """How long a worker waits for a round that lists it: the job's timeout, or longer while singa-launch may wait
+    for workers to come (below --min-np it publishes no round for up to --elastic-timeout seconds)."""
+    try:
+        return max(timeout_s, float(os.environ.get(ELASTIC_TIMEOUT_VARIABLE, 0)) + 30.0)
+    except ValueError:
+        return timeout_s
 
 
 def connect(timeout_s: float) -> dist.TCPStore:
@@ -111,8 +125,9 @@ def next_round(store, worker: int, after: int, timeout_s: float) -> Round:
             found = Round.from_json(newest, store.get(round_key(newest)))
             if worker in found.members:
                 return found
-            raise RuntimeError(f"elastic worker {worker} is not in round {newest} of the job: singa-launch left it "
-                               "out (its host failed too often, or the job has more workers than --max-np)")
+            raise RuntimeError(f"elastic worker {worker} has been removed from the elastic job (it is not in round "
+                               f"{newest}): its host left the host discovery script's output, or was left out after "
+                               "failures")
         if time.monotonic() > deadline:
             raise RuntimeError(f"elastic worker {worker}: no new round of the job after round {after} within "
                                f"{timeout_s:g} s (singa-launch published none: is it still running?)")

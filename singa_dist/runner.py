@@ -153,7 +153,8 @@ def _by_name(fn):
 
 def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: int | None = None, args: tuple = (),
                 kwargs: dict | None = None, host_discovery_script: str | None = None, slots: int | None = None,
-                reset_limit: int | None = None, elastic_timeout: float | None = None, env: dict | None = None) -> list:
+                reset_limit: int | None = None, elastic_timeout: float | None = None, env: dict | None = None,
+                cooldown_range: tuple[int, int] | None = None) -> list:
     """Run `fn(*args, **kwargs)` as an elastic job (horovod.run with min_np/max_np/host_discovery_script): the
     workers are started, watched and replaced as `singa-launch --min-np/--max-np` does (launchers/elastic.py), `fn`
     typically wraps its loop in `singa_dist.elastic.run`. Returns the results of the workers of the job's last
@@ -168,6 +169,8 @@ def run_elastic(fn, np: int | None = None, min_np: int | None = None, max_np: in
                         ("--reset-limit", reset_limit), ("--elastic-timeout", elastic_timeout)):
         if value is not None:
             argv += [flag, str(value)]
+    if cooldown_range is not None:
+        argv += ["--blacklist-cooldown-range", *map(str, cooldown_range)]
     child_env = _child_env(env or {})
     with tempfile.TemporaryDirectory(prefix="singa-run-") as folder:
         _write_task(folder, fn, args, kwargs)

@@ -209,7 +209,7 @@ def _init(timeout, backend, strategy, servers, worker_groups, sync_freq, _serve)
     joining = None
     if rendezvous.enabled():
         # An elastic job: the rank and size are this worker's place in the newest round that lists it.
-        joining = _join_round(_last_round, _state.timeout_s)
+        joining = _join_round(_last_round, rendezvous.join_timeout(_state.timeout_s))
         _remember_round(joining.number)
         rank_, size_, local_rank_, local_size_, _, _ = joining.layout(rendezvous.worker_id())
         found = ("singa-launch", rank_, size_, local_rank_, local_size_)
