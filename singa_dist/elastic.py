@@ -30,20 +30,30 @@ broadcast state. Steps between the last commit and a failure are done again; com
 from __future__ import annotations
 
 import copy
+import enum
 import functools
 import math
-import os
+import queue
 import random
+import threading
 
 import torch
 
-from . import runtime
-from .collectives import allgather_object, broadcast_object
+from . import rendezvous, runtime
+from .collectives import broadcast_object
 from .functions import broadcast_optimizer_state, broadcast_parameters
 from .primitives import CollectiveError
 
 # Horovod's name for what a failed collective raises (HorovodInternalError is CollectiveError).
 HorovodInternalError = CollectiveError
+
+
+class HostUpdateResult(enum.IntFlag):
+    """What singa-launch changed in a round it published for a change of hosts (Horovod's HostUpdateResult)."""
+    no_update = 0
+    removed = 1
+    added = 2
+    mixed = removed | added
 
 
 class HostsUpdatedInterrupt(RuntimeError):
@@ -55,12 +65,59 @@ class HostsUpdatedInterrupt(RuntimeError):
         self.skip_sync = skip_sync
 
 
-def _reset_limit() -> int | None:
-    for name in ("SINGA_ELASTIC_RESET_LIMIT", "HOROVOD_ELASTIC_RESET_LIMIT"):
-        text = os.environ.get(name)
-        if text:
-            return int(text)
-    return None
+# --------------------------------------------------------------------------------------------------------------
+# Notifications: what singa-launch announces in the job's store reaches every registered state
+
+class _HostUpdates:
+    """Horovod's WorkerNotificationManager: a thread of this worker watches the job's store for rounds that
+    singa-launch published for a change of hosts (not for a failure, which a collective reports itself) and hands
+    each to the registered states' `on_hosts_updated(round, update)`; the round number is the timestamp."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._listeners: list = []
+        self._thread: threading.Thread | None = None
+        self._delivered = -1  # the newest round handed to the listeners
+
+    def register_listener(self, state: "State") -> None:
+        with self.lock:
+            self._listeners.append(state)
+            if self._thread is None and runtime.is_elastic():
+                self._thread = threading.Thread(target=self._watch, name="singa-elastic-host-updates", daemon=True)
+                self._thread.start()
+
+    def remove_listener(self, state: "State") -> None:
+        with self.lock:
+            if state in self._listeners:
+                self._listeners.remove(state)
+
+    def forget(self) -> None:
+        """After a reset (the caller holds `lock`): rounds newer than the one joined are announced again."""
+        self._delivered = -1
+
+    def _watch(self) -> None:
+        try:
+            store = rendezvous.connect(60.0)  # a connection of its own: the training thread uses the other
+        except RuntimeError:
+            return
+        while True:
+            try:
+                newest = rendezvous.latest(store)
+                with self.lock:
+                    current = runtime.elastic_round()
+                    if current >= 0:  # (-1 while this worker moves to its next round: nothing is stale yet)
+                        for number in range(max(self._delivered, current) + 1, newest + 1):
+                            update = rendezvous.Round.from_json(number, store.get(rendezvous.round_key(number))).update
+                            if update:
+                                for state in self._listeners:
+                                    state.on_hosts_updated(number, HostUpdateResult(update))
+                        self._delivered = max(self._delivered, newest)
+            except Exception:  # the launcher's store is gone: the job is over, and this process with it
+                return
+            threading.Event().wait(rendezvous.POLL_S * 2)
+
+
+notification_manager = _HostUpdates()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -68,9 +125,18 @@ def _reset_limit() -> int | None:
 
 class State:
     """What an elastic job keeps across a change of workers: `save()` (at commit), `restore()` (after a failure),
-    `sync()` (from rank 0 to everyone after a change). Subclasses say how for their values."""
+    `sync()` (from rank 0 to everyone after a change), `reset()` (after a change, before the sync). Subclasses say
+    how for their values.
 
-    def __init__(self):
+    Arguments:
+        bcast_object: broadcasts a picklable value from rank 0 (default: singa_dist's broadcast_object).
+        get_rank: this worker's rank (default: singa_dist.rank), as Horovod's State takes them."""
+
+    def __init__(self, bcast_object=None, get_rank=None):
+        self._bcast_object = bcast_object or _broadcast_from_rank_0
+        self._rank = get_rank or runtime.rank
+        self._host_messages: queue.Queue = queue.Queue()
+        self._last_updated_timestamp = 0
         self._reset_callbacks: list = []
 
     def register_reset_callbacks(self, callbacks) -> None:
@@ -79,23 +145,37 @@ class State:
         self._reset_callbacks.extend(callbacks)
 
     def on_reset(self) -> None:
+        with notification_manager.lock:  # announcements of rounds before the one joined are stale now
+            self._host_messages = queue.Queue()
+            notification_manager.forget()
+        self.reset()
         for callback in self._reset_callbacks:
             callback()
 
+    def on_hosts_updated(self, timestamp: int, update_res: HostUpdateResult) -> None:
+        self._host_messages.put((timestamp, update_res))
+
     def commit(self) -> None:
-        """Save the state (a later failure rolls back to here), then check for added workers."""
+        """Save the state (a later failure rolls back to here), then check for a change of hosts."""
         self.save()
         self.check_host_updates()
 
     def check_host_updates(self) -> None:
-        """Raise HostsUpdatedInterrupt on every worker at once when singa-launch changed the job's workers since
-        this round began (rank 0 looks; everyone follows its answer, so that no worker moves alone)."""
+        """Raise HostsUpdatedInterrupt on every worker at once when singa-launch announced a change of hosts
+        since the last check (rank 0's announcements count for everyone, so that no worker moves alone)."""
+        last = prev = self._last_updated_timestamp
+        update = HostUpdateResult.no_update
+        while not self._host_messages.empty():
+            timestamp, res = self._host_messages.get()
+            if timestamp > last:
+                last = timestamp
+                update |= res
         if not runtime.is_elastic():
+            self._last_updated_timestamp = last
             return
-        newest = runtime.newest_round() if runtime.rank() == 0 else None
-        newest = broadcast_object(newest, root_rank=0, name="elastic.check_host_updates")
-        if newest is not None and newest > runtime.elastic_round():
-            raise HostsUpdatedInterrupt(skip_sync=False)
+        prev, self._last_updated_timestamp, update = self._bcast_object((prev, last, int(update)))
+        if self._last_updated_timestamp > prev:
+            raise HostsUpdatedInterrupt(update == HostUpdateResult.removed)
 
     def save(self) -> None:
         raise NotImplementedError
@@ -106,16 +186,21 @@ class State:
     def sync(self) -> None:
         raise NotImplementedError
 
+    def reset(self) -> None:
+        """Called after a change of workers, before the sync: rebuild what depends on size() and rank()."""
+
+
+def _broadcast_from_rank_0(obj):
+    return broadcast_object(obj, root_rank=0, name="elastic.State.sync")
+
 
 class ObjectState(State):
     """Picklable values kept as attributes (`state.epoch`, `state.batch`, ...), synced from rank 0."""
 
     def __init__(self, bcast_object=None, get_rank=None, **kwargs):
-        self._bcast_object = bcast_object or (lambda obj: broadcast_object(obj, root_rank=0,
-                                                                           name="elastic.ObjectState.sync"))
         self._saved_state = kwargs
         self._set_attrs()
-        super().__init__()
+        super().__init__(bcast_object=bcast_object, get_rank=get_rank)
 
     def save(self) -> None:
         self._saved_state = {name: copy.deepcopy(getattr(self, name)) for name in self._saved_state}
@@ -133,139 +218,238 @@ class ObjectState(State):
             setattr(self, name, copy.deepcopy(value))
 
 
-class TorchState(ObjectState):
-    """A model, an optimizer, ElasticSamplers and any other values (Horovod's TorchState).
+class StateHandler:
+    """How TorchState keeps one value of a kind (Horovod's StateHandler): save, restore, sync."""
 
-    save(): copies of the model's and optimizer's state_dicts (in memory) and of each sampler's progress;
-    restore(): loads them back; sync(): rank 0's model, optimizer state and values on every worker, and the
-    samples processed by any worker counted as processed everywhere."""
-
-    def __init__(self, model=None, optimizer=None, **kwargs):
-        self.model, self.optimizer = model, optimizer
-        self._samplers = {name: value for name, value in kwargs.items() if isinstance(value, ElasticSampler)}
-        for name, sampler in self._samplers.items():
-            setattr(self, name, sampler)
-        values = {name: value for name, value in kwargs.items() if name not in self._samplers}
-        self._saved_model = self._saved_optimizer = None
-        self._saved_samplers: dict = {}
-        super().__init__(**values)
-        self._save_torch()
-
-    def _save_torch(self) -> None:
-        if self.model is not None:
-            self._saved_model = copy.deepcopy(self.model.state_dict())
-        if self.optimizer is not None:
-            self._saved_optimizer = copy.deepcopy(self.optimizer.state_dict())
-        self._saved_samplers = {name: copy.deepcopy(s.state_dict()) for name, s in self._samplers.items()}
+    def __init__(self, value):
+        self.value = value
 
     def save(self) -> None:
-        self._save_torch()
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """After a change of workers (before the sync)."""
+
+    def set_value(self, value) -> None:
+        self.value = value
+        self.save()
+
+
+class ModelStateHandler(StateHandler):
+    """An nn.Module: its state_dict copied in memory; rank 0's parameters and buffers at sync."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.save()
+
+    def save(self) -> None:
+        self._saved = copy.deepcopy(self.value.state_dict())
+
+    def restore(self) -> None:
+        self.value.load_state_dict(self._saved)
+
+    def sync(self) -> None:
+        broadcast_parameters(self.value.state_dict(), root_rank=0)
+
+
+class OptimizerStateHandler(StateHandler):
+    """A torch optimizer (or singa_dist's DistributedOptimizer): its state_dict; rank 0's state at sync."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self.save()
+
+    def save(self) -> None:
+        self._saved = copy.deepcopy(self.value.state_dict())
+
+    def restore(self) -> None:
+        self.value.load_state_dict(self._saved)
+
+    def sync(self) -> None:
+        broadcast_optimizer_state(self.value, root_rank=0)
+
+
+class SamplerStateHandler(StateHandler):
+    """An ElasticSampler: its epoch and processed_num; rank 0's at sync; shared out anew at a reset."""
+
+    def __init__(self, sampler):
+        super().__init__(sampler)
+        self.save()
+
+    def save(self) -> None:
+        self._saved = copy.deepcopy(self.value.state_dict())
+
+    def restore(self) -> None:
+        self.value.load_state_dict(self._saved)
+
+    def sync(self) -> None:
+        self.value.load_state_dict(_broadcast_from_rank_0(self.value.state_dict()))
+
+    def reset(self) -> None:
+        self.value.reset()  # (a reset without sync, workers having only left, shares out the rest all the same)
+
+
+class TorchState(ObjectState):
+    """Models, optimizers, ElasticSamplers and any other values (Horovod's TorchState).
+
+    Every keyword argument becomes an attribute. nn.Modules, optimizers and ElasticSamplers are kept by their
+    handlers (see `get_handler_registry`): save() copies their state_dicts in memory, restore() loads them back,
+    sync() gives every worker rank 0's. Other values are kept as ObjectState keeps them. Assigning a new model
+    (`state.model = other`) makes it the one kept, saved at once."""
+
+    def __init__(self, model=None, optimizer=None, **kwargs):
+        kwargs.update(model=model, optimizer=optimizer)
+        handlers, values = {}, {}
+        for name, value in kwargs.items():
+            handler = _handler_for(value)
+            if handler is not None:
+                handlers[name] = handler
+            else:
+                values[name] = value
+        self._handlers = handlers
+        for name, handler in handlers.items():
+            setattr(self, name, handler.value)
+        super().__init__(**values)
+
+    def save(self) -> None:
+        for handler in self._handlers.values():
+            handler.save()
         super().save()
 
     def restore(self) -> None:
-        if self.model is not None:
-            self.model.load_state_dict(self._saved_model)
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(self._saved_optimizer)
-        for name, sampler in self._samplers.items():
-            sampler.load_state_dict(copy.deepcopy(self._saved_samplers[name]))
+        for handler in self._handlers.values():
+            handler.restore()
         super().restore()
 
-    def on_reset(self) -> None:
-        """The samplers share the epoch's remaining samples out among the new workers first, so that the reset
-        callbacks see them as the new size() has them."""
-        for sampler in self._samplers.values():
-            sampler.reset()
-        super().on_reset()
+    def reset(self) -> None:
+        for handler in self._handlers.values():
+            handler.reset()
 
     def sync(self) -> None:
-        if self.model is not None:
-            broadcast_parameters(self.model.state_dict(), root_rank=0)
-        if self.optimizer is not None:
-            broadcast_optimizer_state(self.optimizer, root_rank=0)
-        for sampler in self._samplers.values():
-            sampler.sync()
+        for handler in self._handlers.values():
+            handler.sync()
         super().sync()
-        self._save_torch()  # what every worker holds now is the point to roll back to
+        for handler in self._handlers.values():
+            handler.save()  # what every worker holds now is the point to roll back to
+
+    def __setattr__(self, name, value):
+        if "_handlers" in self.__dict__ and name in self._handlers and hasattr(self, name):
+            self._handlers[name].set_value(value)
+        super().__setattr__(name, value)
+
+
+_handler_registry: list = []  # (type, handler class), first match wins: set after ElasticSampler is defined
+
+
+def get_handler_registry() -> list:
+    """The (type, StateHandler subclass) pairs TorchState uses, first match first (Horovod's)."""
+    return _handler_registry
+
+
+def set_handler_registry(registry: list) -> None:
+    """Replace the (type, StateHandler subclass) pairs TorchState uses, e.g. to keep another kind of value."""
+    global _handler_registry
+    _handler_registry = registry
+
+
+def _handler_for(value) -> StateHandler | None:
+    for kind, handler in _handler_registry:
+        if isinstance(value, kind):
+            return handler(value)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Data
 
 class ElasticSampler(torch.utils.data.Sampler):
-    """Horovod's ElasticSampler: this worker's share of the samples not yet processed in this epoch, shared out
-    again among the workers whenever they change, so that an epoch sees each sample once whatever happens.
+    """Horovod's ElasticSampler (0.24 and later): partitions the dataset among the workers, as DistributedSampler
+    does, and again among the workers left or come after a change, leaving out the samples already processed in
+    the epoch.
 
-    Record progress with `record_batch(batch_idx, batch_size)` (or `record_indices`) after each batch, and
-    call `set_epoch(epoch)` at the start of every epoch (it forgets the processed samples)."""
+    Progress is a count, `processed_num`: the samples of the epoch (in its shuffled order) that the job has
+    processed, all workers together. Kept in a TorchState, it rolls back with the state and is rank 0's after a
+    sync.
+
+    Use it so: keep it in the TorchState; call `record_batch(batch_idx, batch_size)` after each batch (every
+    worker, each for its own batch); call `set_epoch(epoch)` at the end of an epoch (not at the start: an epoch
+    interrupted and resumed must not process its samples again).
+
+    Arguments:
+        dataset: the dataset (of constant size).
+        shuffle: shuffle the indices (the same order on every worker), anew each epoch (default True).
+        seed: the shuffle's seed, the same on every worker (default 0)."""
 
     def __init__(self, dataset, shuffle: bool = True, seed: int = 0):
         self.dataset, self.shuffle, self.seed = dataset, shuffle, seed
         self.epoch = 0
-        self.processed_indices: set = set()
-        self.num_replicas = self.rank = self.num_samples = self.total_size = 0
+        self.processed_indices: set = set()  # (Horovod keeps the name; progress is processed_num)
+        self.num_replicas = self.rank = 0
         self.remaining_indices: list = []
         self.indices: list = []
+        self.num_samples = self.total_size = 0
+        self.processed_num = 0
         self.reset()
 
     def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch`: a new shuffle, nothing processed yet."""
         self.epoch = epoch
-        self.processed_indices = set()
+        self.processed_num = 0
         self.reset()
 
     def record_batch(self, batch_idx: int, batch_size: int) -> None:
-        """The batch_idx-th batch of this worker's share (of batch_size samples) has been processed."""
-        self.record_indices(self.get_indices(batch_idx, batch_size))
+        """A batch of `batch_size` samples has been processed on every worker: processed_num grows by
+        batch_size * (workers). `batch_idx` is not needed for the count (Horovod takes it too)."""
+        self.processed_num += batch_size * self.num_replicas
 
     def record_indices(self, indices) -> None:
-        self.processed_indices.update(int(i) for i in indices)
+        """Horovod 0.23's call, for scripts written against it: this worker has processed `indices` (each
+        worker as many), counted as record_batch counts."""
+        self.processed_num += len(indices) * self.num_replicas
 
     def get_indices(self, batch_idx: int, batch_size: int) -> list:
+        """Horovod 0.23's call: this worker's indices of batch `batch_idx` in its current pass."""
         start = batch_idx * batch_size
         return self.indices[start:min(start + batch_size, len(self.indices))]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "processed_indices": set(self.processed_indices)}
+        return {"epoch": self.epoch, "processed_num": self.processed_num}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
-        self.processed_indices = set(state["processed_indices"])
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epoch = state_dict["epoch"]
+        self.processed_num = state_dict["processed_num"]
         self.reset()
 
-    def sync(self) -> None:
-        """Every worker's processed samples count as processed on all of them, and rank 0's epoch is everyone's."""
-        processed = set()
-        for part in allgather_object(self.processed_indices, name="elastic.ElasticSampler.sync"):
-            processed |= part
-        state = broadcast_object({"epoch": self.epoch, "processed_indices": processed}, root_rank=0,
-                                 name="elastic.ElasticSampler.sync")
-        self.load_state_dict(state)
-
     def reset(self) -> None:
-        """Share out the remaining samples among the current workers."""
+        """Share out the epoch's samples not yet processed among the current workers."""
         initialized = runtime.is_initialized()
         self.num_replicas = runtime.size() if initialized else 1
         self.rank = runtime.rank() if initialized else 0
-        self.remaining_indices = [i for i in range(len(self.dataset)) if i not in self.processed_indices]
+        indices = list(range(len(self.dataset)))
+        if self.shuffle:  # the same order on every worker
+            random.Random(self.seed + self.epoch).shuffle(indices)
+        self.remaining_indices = indices[self.processed_num:]
         self.num_samples = int(math.ceil(len(self.remaining_indices) / self.num_replicas))
         self.total_size = self.num_samples * self.num_replicas
-        self.indices = self._mine()
-
-    def _mine(self) -> list:
-        indices = list(self.remaining_indices)
-        if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(indices)
-        if indices:
-            while len(indices) < self.total_size:  # equal shares: the first samples again
-                indices += indices[:self.total_size - len(indices)]
-        return indices[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self):
-        self.indices = self._mine()
+        indices = list(self.remaining_indices)
+        indices += indices[:self.total_size - len(indices)]  # equal shares: the first samples again
+        self.indices = indices[self.rank:self.total_size:self.num_replicas]
         return iter(self.indices)
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+_handler_registry[:] = [(torch.nn.Module, ModelStateHandler), (torch.optim.Optimizer, OptimizerStateHandler),
+                        (ElasticSampler, SamplerStateHandler)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -279,26 +463,25 @@ def run(func):
 
     @functools.wraps(func)
     def wrapper(state: State, *args, **kwargs):
-        resets = 0
-        limit = _reset_limit()
+        notification_manager.register_listener(state)
         skip_sync = False
-        while True:
-            try:
-                if not skip_sync:
-                    state.sync()
-                return func(state, *args, **kwargs)
-            except CollectiveError:
-                if not runtime.is_elastic():
-                    raise
-                state.restore()
-                skip_sync = False
-            except HostsUpdatedInterrupt as interrupt:
-                skip_sync = interrupt.skip_sync
-            resets += 1
-            if limit is not None and resets > limit:
-                raise RuntimeError(f"the elastic job changed its workers more than {limit} times "
-                                   "(SINGA_ELASTIC_RESET_LIMIT / HOROVOD_ELASTIC_RESET_LIMIT)")
-            runtime.reset()
-            state.on_reset()
+        try:
+            while True:
+                try:
+                    if not skip_sync:
+                        state.sync()
+                    return func(state, *args, **kwargs)
+                except CollectiveError:
+                    if not runtime.is_elastic():
+                        raise
+                    state.restore()
+                    skip_sync = False
+                except HostsUpdatedInterrupt as interrupt:
+                    skip_sync = interrupt.skip_sync
+                # (singa-launch --reset-limit bounds the changes: it ends the job past the limit, as horovodrun)
+                runtime.reset()
+                state.on_reset()
+        finally:
+            notification_manager.remove_listener(state)
 
     return wrapper

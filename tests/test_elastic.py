@@ -214,6 +214,7 @@ def test_sampler_shares_out_what_is_left():
     assert list(sampler) == data and len(sampler) == 10
     sampler.record_batch(0, 4)  # samples 0..3 done
     saved = sampler.state_dict()
+    assert saved == {"epoch": 0, "processed_num": 4}  # Horovod 0.24+'s state: a count, not indices
     sampler.record_batch(1, 4)
     sampler.load_state_dict(saved)  # a rollback forgets the second batch
     assert list(sampler) == [4, 5, 6, 7, 8, 9]
@@ -222,12 +223,72 @@ def test_sampler_shares_out_what_is_left():
     sampler.num_samples, sampler.total_size = 3, 6
     assert list(sampler) == [5, 7, 9]
     sampler.set_epoch(1)
-    assert sorted(sampler) == data and sampler.epoch == 1
+    assert sorted(sampler) == data and sampler.epoch == 1 and sampler.processed_num == 0
     shuffled = sd.elastic.ElasticSampler(data, shuffle=True, seed=3)
     shuffled.set_epoch(2)
     again = sd.elastic.ElasticSampler(data, shuffle=True, seed=3)
     again.set_epoch(2)
     assert list(shuffled) == list(again) and sorted(shuffled) == data
+
+
+def test_sampler_progress_rolls_back_and_goes_on_with_the_state():
+    # Horovod 0.28's ElasticSampler in a TorchState: processed_num counts the job's samples (batch_size times the
+    # workers per record_batch); restore() rolls it back to the commit, and record_batch counts again after it
+    # (it recorded nothing after a restore before); the rest of the epoch is what is left after the count.
+    sampler = sd.elastic.ElasticSampler(list(range(12)), shuffle=True, seed=1)
+    state = sd.elastic.TorchState(sampler=sampler)
+    order = list(sampler)
+    sampler.record_batch(0, 2)
+    sampler.record_batch(1, 2)
+    state.commit()
+    sampler.record_batch(2, 2)
+    assert sampler.processed_num == 6
+    state.restore()
+    assert sampler.processed_num == 4 and list(sampler) == order[4:]
+    sampler.record_batch(0, 2)
+    assert sampler.processed_num == 6 and len(sampler) == 8  # (the pass's length changes at a reset, not here)
+    sampler.reset()
+    assert list(sampler) == order[6:] and len(sampler) == 6
+    assert sampler.get_indices(1, 2) == order[8:10]  # Horovod 0.23's calls, counted the same way
+    sampler.record_indices(sampler.get_indices(1, 2))
+    assert sampler.processed_num == 8
+    sampler.set_epoch(1)
+    assert sampler.processed_num == 0 and len(sampler) == 12 and sorted(sampler) == list(range(12))
+
+
+def test_torch_state_keeps_every_model_optimizer_and_sampler():
+    # Horovod's TorchState takes any number of models, optimizers and samplers as keyword arguments; assigning a
+    # new model makes it the one kept.
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(first.parameters(), lr=0.1, momentum=0.9)
+    state = sd.elastic.TorchState(model=first, optimizer=opt, critic=second, epoch=3)
+    assert set(state._handlers) == {"model", "optimizer", "critic"} and state.epoch == 3
+    before = [p.detach().clone() for p in second.parameters()]
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(1.0)
+    state.restore()
+    assert all(torch.equal(p, b) for p, b in zip(second.parameters(), before))
+    replacement = torch.nn.Linear(2, 2)
+    state.model = replacement  # saved at once: a restore keeps it
+    with torch.no_grad():
+        replacement.weight.zero_()
+    state.restore()
+    assert state.model is replacement and not torch.equal(replacement.weight, torch.zeros(2, 2))
+
+
+def test_host_update_notifications_reach_the_state():
+    # What singa-launch announces (a round published for hosts added or removed) arrives as Horovod's
+    # (timestamp, HostUpdateResult) messages; check_host_updates takes them (outside a job it raises nothing).
+    state = sd.elastic.ObjectState(epoch=0)
+    assert state._host_messages.empty() and state._last_updated_timestamp == 0
+    state.on_hosts_updated(4, sd.elastic.HostUpdateResult.removed)
+    state.on_hosts_updated(5, sd.elastic.HostUpdateResult.added)
+    assert not state._host_messages.empty()
+    state.check_host_updates()
+    assert state._host_messages.empty() and state._last_updated_timestamp == 5
+    assert Round.from_json(2, Round(2, (0,), ("a",), update=1).to_json()).update == 1
+    assert sd.elastic.HostsUpdatedInterrupt(True).skip_sync
 
 
 def test_state_commit_restore_and_run_outside_an_elastic_job():
