@@ -205,8 +205,6 @@ def _check_reducible(tensors, op: ReduceOp, what: str) -> None:
 class _Allreduce(Request):
     """Reduce tensors (one, or a group fused into one message per dtype)."""
 
-    joinable = True
-
     def __init__(self, name, tensors, op: ReduceOp, prescale: float, postscale: float, size: int, kind="allreduce"):
         super().__init__(name)
         self.kind = kind
@@ -245,7 +243,7 @@ class _Allreduce(Request):
             for buf in self.fused.buffers:
                 _scale(buf, post)
             return self.fused.results()
-        return Handle([], finish, self.name)
+        return Handle([handle], finish, self.name)
 
     @classmethod
     def shadow(cls, engine, desc, rows):
@@ -265,7 +263,7 @@ def _reduce_buffers(engine, buffers, op: ReduceOp, name: str) -> Handle:
         return _adasum_buffers(engine, buffers, name)
     handles = [primitives.all_reduce(b, f"allreduce of {name}{engine.describe_set()}", op=torch_op(op),
                                      group=engine.data_pg, async_op=True) for b in buffers]
-    return Handle([], lambda: [h.wait() for h in handles], name)
+    return Handle(handles, lambda: [h.wait() for h in handles], name)
 
 
 def _adasum_buffers(engine, buffers, name: str) -> Handle:
@@ -280,7 +278,7 @@ def _adasum_buffers(engine, buffers, name: str) -> Handle:
         for h, g, b in zip(handles, gathered, buffers):
             h.wait()
             b.copy_(adasum_tree(list(g.view(n, -1).double().unbind(0))).to(b.dtype))
-    return Handle([], finish, name)
+    return Handle(handles, finish, name)
 
 
 def adasum_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -376,7 +374,8 @@ def allreduce_async_(tensor: torch.Tensor, average=None, name: str | None = None
 
 
 class _Then:
-    """A handle whose result is `then(result of the inner handle)`."""
+    """A handle whose result is `then(result of the inner handle)`; calling it waits too (Horovod's
+    sparse_allreduce_async hands back a function to call)."""
 
     def __init__(self, inner, then):
         self._inner, self._then = inner, then
@@ -390,6 +389,8 @@ class _Then:
             self._result = self._then(self._inner.wait())
             self._done = True
         return self._result
+
+    __call__ = wait
 
 
 def _single(handle):
@@ -557,10 +558,7 @@ def grouped_reducescatter_async(tensors, name: str | None = None, op=Average, pr
 
 @register("allgather", "grouped_allgather")
 class _Allgather(Request):
-    """Concatenate every rank's tensors along dim 0 (whose size may differ); a group travels as one message.
-    A joined rank takes part with no rows."""
-
-    joinable = True
+    """Concatenate every rank's tensors along dim 0 (whose size may differ); a group travels as one message."""
 
     def __init__(self, name, tensors, kind="allgather"):
         super().__init__(name)
@@ -606,14 +604,7 @@ class _Allgather(Request):
                     pieces.append(blocks[r, start:start + size])
                 out.append(_from_bytes(torch.cat(pieces), t.dtype, (-1, *t.shape[1:])) if pieces else t)
             return out, dims
-        return Handle([], finish, self.name)
-
-    @classmethod
-    def shadow(cls, engine, desc, rows):
-        device = _shadow_device(desc["device"])
-        handle, _, _ = _gather_rows(engine, rows, desc, [0] * len(desc["dtype"]),
-                                    torch.empty(0, dtype=torch.uint8, device=device), device)
-        return handle
+        return Handle([handle], finish, self.name)
 
 
 def _gather_rows(engine, rows, desc, mine: list[int], payload: torch.Tensor, device):
@@ -692,10 +683,7 @@ def grouped_allgather_async(tensors, name: str | None = None, process_set=global
 
 @register("broadcast")
 class _Broadcast(Request):
-    """The root's tensor to every rank; a joined rank receives it and keeps nothing (its root must not have
-    joined)."""
-
-    joinable = True
+    """The root's tensor to every rank."""
 
     def __init__(self, name, tensor, root: int, root_index: int):
         super().__init__(name)
@@ -718,24 +706,10 @@ class _Broadcast(Request):
         return coordinator.describe_differences(descs, ["kind", "dtype", "shape", "root", "device"])
 
     def exchange(self, engine, rows):
-        _root_active(engine, rows, self.root)
         return primitives.broadcast(_as_bytes(self.tensor), self.root_index,
                                     f"broadcast of {self.name} from rank {self.root}{engine.describe_set()}",
                                     group=engine.data_pg, async_op=True, finish=lambda: self.tensor)
 
-    @classmethod
-    def shadow(cls, engine, desc, rows):
-        _root_active(engine, rows, desc["root"])
-        scratch = torch.empty(desc["shape"], dtype=getattr(torch, desc["dtype"]), device=_shadow_device(desc["device"]))
-        return primitives.broadcast(_as_bytes(scratch), engine.members.index(desc["root"]),
-                                    f"broadcast of {desc['name']} from rank {desc['root']}", group=engine.data_pg,
-                                    async_op=True)
-
-
-def _root_active(engine, rows, root: int) -> None:
-    if int(rows[engine.members.index(root), coordinator.FLAGS]) & coordinator.JOINED:
-        raise CollectiveMismatchError(f"rank {runtime.rank()}: the root of a broadcast, rank {root}, has joined "
-                                      "(it has no more data to send)")
 
 
 def check_root(root_rank: int, process_set=global_process_set) -> int:
@@ -906,7 +880,7 @@ def alltoall_async(tensor: torch.Tensor, splits=None, name: str | None = None, p
 
 @register("barrier")
 class _Barrier(Request):
-    joinable = True  # the negotiation itself is the barrier
+    """The negotiation itself is the barrier: nothing moves afterwards."""
 
 
 def barrier(process_set=global_process_set) -> None:
@@ -918,7 +892,8 @@ def barrier(process_set=global_process_set) -> None:
 
 def join(device=-1) -> int:
     """This worker has run out of data: until every worker has joined, it takes part in the others'
-    allreduces (and DistributedOptimizer steps) with zeros. Returns the rank that joined last."""
+    allreduces, DistributedOptimizer steps and barriers with zeros (their allgathers, broadcasts, alltoalls and
+    reducescatters raise, as in Horovod). Returns the rank that joined last."""
     ps, active = _set_and_engine(global_process_set, "Join")
     if not active:
         return runtime.rank() if runtime.is_initialized() else 0
@@ -927,8 +902,6 @@ def join(device=-1) -> int:
 
 @register("broadcast_object")
 class _BroadcastObject(Request):
-    joinable = True
-
     def __init__(self, name, payload: bytes | None, root: int, root_index: int):
         super().__init__(name)
         self.payload, self.root, self.root_index = payload, root, root_index
@@ -953,14 +926,6 @@ class _BroadcastObject(Request):
         return primitives.broadcast(buf, self.root_index, f"broadcast_object of {self.name} from rank {self.root}",
                                     group=engine.data_pg, async_op=True,
                                     finish=lambda: pickle.loads(buf.numpy().tobytes()))
-
-    @classmethod
-    def shadow(cls, engine, desc, rows):
-        _root_active(engine, rows, desc["root"])
-        index = engine.members.index(desc["root"])
-        scratch = torch.empty(int(rows[index, coordinator.DIM0]), dtype=torch.uint8)
-        return primitives.broadcast(scratch, index, f"broadcast_object of {desc['name']}", group=engine.data_pg,
-                                    async_op=True)
 
 
 def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_set=global_process_set):

@@ -1,36 +1,42 @@
 """Negotiation: before any data moves, the ranks of a process set agree on what each collective is.
 
-Horovod's coordinator checks every collective's name, kind, dtype, shape, op and root across the ranks
-before running it; a mismatch becomes an error on every rank instead of a crash or a wrong answer. Here:
+Horovod's coordinator matches collectives across the ranks by name and checks their kind, dtype, shape, op and
+root before running them; a mismatch becomes an error on every rank instead of a crash or a wrong answer. Here:
 
-- Every collective of a process set (`Request`) gets the next sequence number k on each rank and a fixed-size
-  header: its kind, a hash of everything that must agree (name, kind, dtype, shape, op, root, scale factors,
-  ...) and the per-rank facts the exchange needs (the first dimension for allgather, the byte count of a
-  pickled object). The headers of submission k are all-gathered on the set's *negotiation* group, at once
-  and asynchronously: submitting never blocks. When every worker runs on one host they go through shared
-  memory instead (singa_dist.shared_headers), for a few microseconds rather than a collective.
-- Fast path: every rank sent the same kind and hash. The exchange runs on the set's *data* group, in
-  sequence order on every rank, so the data of one collective never meets that of another.
-- Slow path: the hashes differ, or a rank has joined. Every rank sees the same headers, so every rank takes
-  the slow path for k: the ranks all-gather their full descriptions (on the data group, at position k) and
-  either raise the same `CollectiveMismatchError` (naming the collective, the ranks and the fields that
-  differ) or, with joined ranks, run the collective with the joined ranks taking part with zeros.
-- The header exchange is the response cache: a signature's hash is computed once per name and signature,
-  and ranks that agree pay one small all-gather that overlaps their work; descriptions travel only when
-  something differs.
+- Every collective of a process set (`Request`) gets a fixed-size header: a hash of its name (unnamed ones also
+  carry their place among this process's unnamed collectives of that kind, and match by it), its kind, a hash of
+  everything that must agree (name, kind, dtype, shape, op, root, scale factors, ...) and the per-rank facts the
+  exchange needs (the first dimension for allgather, the byte count of a pickled object). Submitting never
+  blocks.
+- The ranks exchange headers in rounds: in each round every member sends one block (the headers it submitted
+  since its last block, and whether it has joined, waits, or has waited with no news for a while), through
+  shared memory when every worker runs on this host, else by an all-gather on the set's *negotiation* group
+  (singa_dist.shared_headers). A rank takes part in a round when it has something to send or waits for a
+  result; every member reads every block, so every member keeps the same table of pending collectives.
+- A collective is ready once every member sent its header (or has joined). The collectives that became ready
+  in a round run in the same order on every member (by where they first appeared), on the set's *data* group:
+  - fast path: every header has the same kind and hash;
+  - slow path: the hashes differ, or ranks have joined. Every member all-gathers its full description and
+    either raises the same `CollectiveMismatchError` (naming the collective, the ranks and the fields that
+    differ) or, with joined ranks, runs the collective with them taking part with zeros (allreduce, gradient
+    steps, barriers; other kinds raise, as in Horovod).
+- Every member waits and no round brings news: a rank submitted what the others never will (different names,
+  or an order that cannot complete). Every member then says what it waits for, and every pending collective
+  fails with the same error. Long before that, after HOROVOD_STALL_CHECK_TIME_SECONDS, a waiting rank warns
+  which ranks have not submitted what it waits for (Horovod's stall check).
 
-Data exchanges are issued when a rank processes its queue: on every submission (without waiting) and when
-it waits for a result. `join()` keeps a rank that has run out of data taking part in the others'
-collectives (as zeros) until every rank has joined. Gradient rounds of `DistributedOptimizer` announce
-themselves here too (kind "gradients"), so that a joined rank takes part in them and a rank doing something
-else is named at once.
+Gradient rounds of `DistributedOptimizer` announce themselves here too (kind "gradients"), so that a joined
+rank takes part in them and a rank doing something else is named at once.
 """
 from __future__ import annotations
 
 import collections
 import datetime
 import hashlib
+import logging
+import os
 import threading
+import time
 import weakref
 
 import torch
@@ -39,15 +45,25 @@ import torch.distributed as dist
 from . import primitives, runtime, shared_headers, timeline
 from .primitives import CollectiveError, Handle
 
-HEADER = 8  # int64 fields of a header, in this order:
-K, KIND, HASH, DIM0, NUMEL, DTYPE, FLAGS, EXTRA = range(HEADER)
-JOINED = 1  # header flag: the rank has joined (it has no more data)
+HEADER = 9  # int64 fields of a collective's header, in this order:
+MATCH, PLACE, KIND, HASH, DIM0, NUMEL, DTYPE, FLAGS, EXTRA = range(HEADER)
+# A round's block: these fields, then the headers of at most MAX_REQUESTS collectives.
+ROUND_FIELDS = 3
+ROUND, FLAGS_AT, COUNT = range(ROUND_FIELDS)
+MAX_REQUESTS = 16
+BLOCK = ROUND_FIELDS + MAX_REQUESTS * HEADER
+# Flags (of a header passed to an exchange, and of a block): the rank has joined (it has no more data); and, of a
+# block, the rank waits for a collective, and has waited for a while with no news.
+JOINED, WAITING, STUCK = 1, 2, 4
+JOINABLE = ("allreduce", "grouped_allreduce", "barrier", "gradients")  # what runs while ranks have joined (Horovod)
 
 KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join", "gradients",
          "grouped_allreduce", "grouped_allgather", "grouped_reducescatter", "broadcast_object",
          "allgather_object")
 DTYPES = (None, torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
           torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128)
+
+log = logging.getLogger(__name__)
 
 runtime.request_worker_group("negotiation")
 runtime.request_worker_group("collectives")
@@ -220,14 +236,15 @@ class Request:
     data travels."""
 
     kind = "?"
-    joinable = False  # may run while some ranks have joined (they take part with zeros)
 
     def __init__(self, name: str):
         self.name = name
-        # Unnamed collectives are numbered per process ("allreduce.noname.7"): ranks that issued different
-        # numbers of them (uneven steps before join) still match them by position, so the number is not compared.
+        # Named collectives match by name, as in Horovod. Unnamed ones are numbered per process
+        # ("allreduce.noname.7"); they match by their place among the unnamed ones of their kind, so that ranks
+        # that issued different numbers of other collectives still agree.
         head, sep, _ = name.partition(".noname.")
         self.match_name = head + ".noname" if sep else name
+        self.ordered = bool(sep)  # matched by its place among this process's collectives of the same match_name
 
     @property
     def label(self) -> str:
@@ -262,8 +279,8 @@ class Request:
     @classmethod
     def shadow(cls, engine: "_Engine", desc: dict, rows: torch.Tensor) -> Handle:
         """On a joined rank: take part in a collective that an active rank described as `desc` (rows: every
-        member's header), contributing nothing (zeros, no rows) and keeping nothing. Only kinds with
-        `joinable = True` are asked."""
+        member's header), contributing nothing (zeros) and keeping nothing. Only the kinds in JOINABLE are
+        asked."""
         return primitives.done(None)
 
 
@@ -318,16 +335,45 @@ def describe_differences(descs: dict[int, dict], fields=None) -> str | None:
 # The engine of one process set
 
 class _Entry:
-    __slots__ = ("k", "request", "header", "handle", "error", "done", "result", "t0", "t1")
+    """One collective this rank submitted: negotiated, then started, then waited for."""
 
-    def __init__(self, k, request, header, t0=0):
-        self.k, self.request, self.header = k, request, header
+    __slots__ = ("key", "request", "row", "handle", "error", "done", "result", "t0", "t1", "submitted")
+
+    def __init__(self, key, request, row, t0=0):
+        self.key, self.request, self.row = key, request, row
         self.handle: Handle | None = None
         self.error: BaseException | None = None
         self.done = False
         self.result = None
         self.t0 = t0  # timeline: when it was submitted (0: not recording)...
         self.t1 = 0  # ...and when its negotiation was settled on this rank
+        self.submitted = time.monotonic()
+
+    @property
+    def started(self) -> bool:
+        return self.handle is not None or self.error is not None
+
+
+class _Pending:
+    """A collective some member submitted and not every member has yet: each member's header (or None), and
+    where it first appeared (round, member, position), which orders the collectives that become ready together."""
+
+    __slots__ = ("rows", "order")
+
+    def __init__(self, n: int, order: tuple):
+        self.rows: list = [None] * n
+        self.order = order
+
+
+# What became of a pending collective once every member has it (or has joined), in the order every member runs them.
+FAST, SLOW, REFUSED, STALLED, JOINED_ALL = "fast", "slow", "refused", "stalled", "joined_all"
+
+
+class _Decision:
+    __slots__ = ("what", "key", "pending", "message")
+
+    def __init__(self, what, key=None, pending=None, message=None):
+        self.what, self.key, self.pending, self.message = what, key, pending, message
 
 
 def _lane(request: Request) -> str:
@@ -345,8 +391,16 @@ def _negotiated(entry: _Entry) -> None:
         timeline.record(f"negotiate {request.name}", entry.t0, entry.t1, lane=_lane(request), cat="negotiate")
 
 
+def _seconds(variable: str, default: float) -> float:
+    try:
+        return float(os.environ.get(variable, default))
+    except ValueError:
+        return default
+
+
 class _Engine:
-    """Sequence numbers, headers and the queue of one process set on this rank."""
+    """The negotiation of one process set on this rank: rounds of blocks, the table of pending collectives
+    (the same on every member), and the decisions, run in the same order on every member."""
 
     def __init__(self, process_set: ProcessSet, header_pg, data_pg, strategy_pg):
         self.process_set = process_set
@@ -354,163 +408,362 @@ class _Engine:
         self.members = runtime.topology().worker_ranks() if process_set.process_set_id == 0 else process_set.ranks
         self.index = self.members.index(runtime.rank())
         self.n = len(self.members)
-        self.k = 0
-        self.queue: collections.deque[_Entry] = collections.deque()  # negotiating, in sequence order
-        self.names: dict[str, _Entry] = {}  # names in flight (duplicates are refused)
         self.lock = threading.RLock()
-        self.joined_at: int | None = None  # the sequence number at which this rank joined
+        self.names: dict[str, _Entry] = {}  # names in flight (duplicates are refused)
+        self.ordinals: dict[int, int] = {}  # match-name hash -> the last place used by an ordered collective
+        self.outbox: collections.deque[_Entry] = collections.deque()  # submitted, not yet in a block
+        self.mine: dict[tuple, _Entry] = {}  # (match hash, place) -> this rank's entry, not yet started
+        self.table: dict[tuple, _Pending] = {}  # what every member knows is pending
+        self.ready: collections.deque[_Decision] = collections.deque()
+        self.round = 0  # rounds completed
+        self.in_flight = False  # this rank's block of round self.round + 1 is posted
+        self.joined = False  # this rank has joined (join() is running)
+        self.join_rounds = [0] * self.n  # the round in which each member was first seen joined
+        self.join_entry: _Entry | None = None
         self.shadows: list = []  # what a joined rank took part in, still in flight
+        self.waiting_for: _Entry | None = None
+        self.quiet_since: float | None = None  # waiting, and no round has brought anything new since then
+        self.warned_at: float | None = None
+        self.pause = 0.0
+        self.broken: BaseException | None = None
         self.progressing = False
-        # On one host the headers go through shared memory instead of header_pg (see singa_dist.shared_headers).
-        self.shared = None
-        if header_pg is not None and shared_headers.wanted(self.n):
-            self.shared = shared_headers.SharedHeaders(
-                self.members, self.index, HEADER, f"{runtime.job_key('negotiation')}{header_pg.group_name}/",
-                group=header_pg)
+        self.stall_grace = _seconds("SINGA_STALL_GRACE_SECONDS", 0.5)
+        self.stall_warning = (0.0 if os.environ.get("HOROVOD_STALL_CHECK_DISABLE", "0") not in ("", "0") else
+                              _seconds("HOROVOD_STALL_CHECK_TIME_SECONDS", 60.0))
+        self.cycle_s = _seconds("HOROVOD_CYCLE_TIME", 1.0) / 1000.0
+        self.channel = None
+        if header_pg is not None:
+            if shared_headers.wanted(self.n):
+                self.channel = shared_headers.SharedRounds(
+                    self.members, self.index, BLOCK, f"{runtime.job_key('negotiation')}{header_pg.group_name}/",
+                    group=header_pg)
+            else:
+                self.channel = shared_headers.GatheredRounds(self.n, BLOCK, header_pg)
+
+    @property
+    def shared(self):
+        """The shared-memory channel, when this set negotiates through one."""
+        return self.channel if self.channel is not None and self.channel.shared else None
 
     def close(self) -> None:
-        if self.shared is not None:
-            self.shared.close()
+        if self.channel is not None:
+            self.channel.close()
         for pg in (self.header_pg, self.data_pg, self.strategy_pg):
             if pg is not None and pg is not runtime.workers_process_group():
                 try:
                     dist.destroy_process_group(pg)
-                except Exception:
-                    pass
+                except Exception as exc:  # the group may be gone with a broken job; nothing waits on it
+                    log.debug("destroying a process group of %s: %s", self.process_set, exc)
 
     def describe_set(self) -> str:
         return "" if self.process_set.process_set_id == 0 else f" in process set {self.process_set.process_set_id}"
 
     # ---- submitting ------------------------------------------------------------------------------------
-    def submit(self, request: Request, flags: int = 0) -> _Entry:
+    def submit(self, request: Request) -> _Entry:
         with self.lock:
             if request.name in self.names:
                 raise ValueError(
                     "Requested to allreduce, allgather, or broadcast a tensor with the same name as another tensor "
                     "that is currently being processed.  If you want to request another tensor, use a different "
                     f"tensor name. (rank {runtime.rank()}: '{request.name}')")
+            if self.broken is not None:
+                raise CollectiveError(f"rank {runtime.rank()}: the negotiation{self.describe_set()} failed before "
+                                      f"{request.label} ({self.broken}); no collective can run on it any more")
             t0 = timeline.now() if timeline.on else 0
-            self.k += 1
+            match = signature_hash(("match", request.match_name))
+            place = 0
+            if request.ordered:
+                place = self.ordinals[match] = self.ordinals.get(match, 0) + 1
             dim0, numel, dtype, extra = request.header()
-            mine = [self.k, KINDS.index(request.kind), signature_hash(request.signature()), dim0, numel, dtype, flags,
-                    extra]
-            what = f"{request.label}{self.describe_set()}"
-            if self.shared is not None:
-                header = self.shared.post(mine, what)
-            else:
-                rows = torch.empty(self.n * HEADER, dtype=torch.int64)
-                header = primitives.all_gather_into(rows, torch.tensor(mine, dtype=torch.int64), what,
-                                                    group=self.header_pg, async_op=True,
-                                                    finish=lambda: rows.view(self.n, HEADER))
-            entry = _Entry(self.k, request, header, t0)
-            if t0:
-                header.timeline_what = f"negotiation of {what}"
+            row = [match, place, KINDS.index(request.kind), signature_hash(request.signature()), dim0, numel, dtype,
+                   0, extra]
+            entry = _Entry((match, place), request, row, t0)
             self.names[request.name] = entry
-            self.queue.append(entry)
-        self.progress(block_until=None)
+            self.mine[entry.key] = entry
+            self.outbox.append(entry)
+        self.progress(None)
         return entry
 
-    # ---- processing the queue --------------------------------------------------------------------------
-    def progress(self, block_until: _Entry | None) -> None:
-        """Settle negotiated entries in sequence order and start their exchanges; with `block_until`, wait for
-        negotiations up to and including that entry."""
+    # ---- rounds ----------------------------------------------------------------------------------------
+    def progress(self, until: _Entry | None) -> None:
+        """Run what is decided and move the rounds on without waiting; with `until`, wait until that entry (of
+        this engine) is started."""
         with self.lock:
             if self.progressing:
                 return  # re-entered from inside an exchange (tracking new work polls old handles)
             self.progressing = True
+            self.waiting_for = until
             try:
-                self._progress(block_until)
+                self._progress(until)
             finally:
                 self.progressing = False
+                self.waiting_for = None
 
-    def _progress(self, block_until: _Entry | None) -> None:
-        while self.queue:
-            entry = self.queue[0]
-            blocking = block_until is not None and block_until.k >= entry.k
-            if not blocking and not entry.header.is_completed():
+    def _progress(self, until: _Entry | None) -> None:
+        blocking = until is not None
+        while True:
+            if not self._run_ready(blocking):
                 return
-            try:
-                rows = entry.header.wait()
-            except Exception as exc:  # a member is missing: the entry fails (the error names it)
-                self._fail(entry, exc)
-                self.queue.popleft()
+            if blocking and until.started:
+                return
+            if self.in_flight:
+                if not blocking and not self.channel.completed():
+                    return
+                self._absorb(self._wait_round(until))
                 continue
-            if entry.t0 and not entry.t1:
-                _negotiated(entry)
-            if not self._settle(entry, rows, blocking):
-                return  # the slow path needs everyone: it runs when this rank waits
-            self.queue.popleft()
+            if not (self.outbox or blocking):
+                return
+            if self.broken is not None:
+                raise self.broken
+            self._post(blocking)
 
-    def _settle(self, entry: _Entry, rows: torch.Tensor, blocking: bool) -> bool:
-        """Decide what entry k is (the same decision on every member) and start it; False to postpone."""
-        table = rows.tolist()  # (Python: a few tensor operations would cost more than the rest of a step's checks)
-        joined = [row[FLAGS] & JOINED for row in table]
+    def _post(self, waiting: bool) -> None:
+        """Contribute this rank's block of the next round: the collectives submitted since the last one (at most
+        MAX_REQUESTS), and whether it has joined, waits, or has waited in vain for a while."""
+        flags = JOINED if self.joined else 0
+        if waiting and not self.outbox:
+            now = time.monotonic()
+            if self.quiet_since is None:
+                self.quiet_since, self.pause = now, 0.0
+            else:
+                # Rounds that bring nothing new are paced (Horovod's cycle time, at most), and after a grace
+                # period say so: when every member says so, nobody can move on.
+                self.pause = min(max(self.pause * 2, 0.00002), self.cycle_s)
+                time.sleep(self.pause)
+                now = time.monotonic()
+            flags |= WAITING | (STUCK if now - self.quiet_since >= self.stall_grace else 0)
+            self._warn_stall()
+        block = [self.round + 1, flags, 0]
+        while self.outbox and block[COUNT] < MAX_REQUESTS:
+            block += self.outbox.popleft().row
+            block[COUNT] += 1
+        self.channel.post(block, f"the negotiation of {self._waiting_label()}{self.describe_set()}")
+        self.in_flight = True
+
+    def _waiting_label(self) -> str:
+        """What this rank waits for, as errors name it."""
+        until = self.waiting_for
+        if until is None:
+            return "collectives"
+        return until.request.label if until.request is not None else "join()"
+
+    def _wait_round(self, until: _Entry | None) -> list[list[int]]:
+        try:
+            blocks = self.channel.wait(self._waiting_label() + self.describe_set(),
+                                       tick=self._warn_stall if self.stall_warning else None)
+        except BaseException as exc:
+            self.in_flight = False
+            self._break(exc)
+            raise
+        self.in_flight = False
+        return blocks
+
+    def _break(self, error: BaseException) -> None:
+        """A round failed (a member is gone or too late): the members no longer agree on what is pending, so
+        every collective not yet started fails, now and later, with this error."""
+        self.broken = error
+        for entry in list(self.mine.values()):
+            if entry is not self.waiting_for:
+                self._fail(entry, error)
+        self.mine.clear()
+        self.outbox.clear()
+
+    def _absorb(self, blocks: list[list[int]]) -> None:
+        """Take in every member's block of the round just completed and decide what became ready."""
+        self.round += 1
+        news = False
+        flags = [b[FLAGS_AT] for b in blocks]
+        for i, block in enumerate(blocks):
+            if block[ROUND] != self.round:
+                self._break(CollectiveError(f"rank {runtime.rank()}: the negotiation{self.describe_set()} lost "
+                                            f"step: member {self.members[i]} sent round {block[ROUND]}, this rank "
+                                            f"expected {self.round}"))
+                raise self.broken
+            if flags[i] & JOINED and not self.join_rounds[i]:
+                self.join_rounds[i] = self.round
+            for p in range(block[COUNT]):
+                row = block[ROUND_FIELDS + p * HEADER:ROUND_FIELDS + (p + 1) * HEADER]
+                key = (row[MATCH], row[PLACE])
+                pending = self.table.get(key)
+                if pending is None:
+                    pending = self.table[key] = _Pending(self.n, (self.round, i, p))
+                pending.rows[i] = row
+                news = True
+        joined = [bool(f & JOINED) for f in flags]
+        complete = sorted(((k, p) for k, p in self.table.items() if all(r is not None for r in p.rows)),
+                          key=lambda kp: kp[1].order)
         if all(joined):
-            self._finish_join(entry, rows)
-            return True
-        kind, signature = table[0][KIND], table[0][HASH]
-        if not any(joined) and all(row[KIND] == kind and row[HASH] == signature for row in table):
-            if getattr(entry.request, "stages", 1) > 1 and not blocking:
-                return False  # an exchange in several dependent steps runs when this rank waits
+            decided = complete + sorted(((k, p) for k, p in self.table.items() if any(r is None for r in p.rows)),
+                                        key=lambda kp: kp[1].order)
+        else:
+            decided = sorted(((k, p) for k, p in self.table.items()
+                              if all(r is not None or j for r, j in zip(p.rows, joined))), key=lambda kp: kp[1].order)
+        for key, pending in decided:
+            del self.table[key]
+            self.ready.append(self._decide(key, pending, joined))
+        if all(joined):
+            self.ready.append(_Decision(JOINED_ALL))
+        elif self.table and all(f & STUCK for f in flags):
+            stuck = sorted(self.table.items(), key=lambda kp: kp[1].order)
+            self.table.clear()
+            self.ready.append(_Decision(STALLED, pending=stuck))
+        if news or decided:
+            self.quiet_since = None
+            self.warned_at = None
+
+    def _decide(self, key, pending: _Pending, joined: list[bool]) -> _Decision:
+        """The same decision on every member, from what every member sent."""
+        rows = pending.rows
+        present = [r for r in rows if r is not None]
+        missing = [self.members[i] for i, r in enumerate(rows) if r is None]
+        kind = KINDS[present[0][KIND]]
+        if missing and kind not in JOINABLE:
+            return _Decision(REFUSED, key, pending, (
+                f"{kind.capitalize()} is not supported with Join at this time (rank{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(map(str, missing))} {'have' if len(missing) > 1 else 'has'} joined; join() lets the "
+                f"others go on with allreduce, gradient steps and barriers only)"))
+        if not missing and all(r[KIND] == present[0][KIND] and r[HASH] == present[0][HASH] for r in present):
+            return _Decision(FAST, key, pending)
+        return _Decision(SLOW, key, pending)
+
+    # ---- running the decisions -------------------------------------------------------------------------
+    def _run_ready(self, blocking: bool) -> bool:
+        """Start what is decided, in order; False when something needs this rank to wait and it may not."""
+        while self.ready:
+            decision = self.ready[0]
+            entry = self.mine.get(decision.key) if decision.key is not None else None
+            needs_wait = decision.what in (SLOW, STALLED) or (
+                decision.what == FAST and entry is not None and getattr(entry.request, "stages", 1) > 1)
+            if needs_wait and not blocking:
+                return False
+            self.ready.popleft()
+            if entry is not None:
+                del self.mine[decision.key]
+                if entry.t0 and not entry.t1:
+                    _negotiated(entry)
             try:
-                entry.handle = entry.request.exchange(self, rows)
+                getattr(self, "_run_" + decision.what)(decision, entry)
             except Exception as exc:
+                if entry is None:
+                    raise
                 self._fail(entry, exc)
-            return True
-        if not blocking:
-            return False
-        self._slow_path(entry, rows)
         return True
 
-    def _slow_path(self, entry: _Entry, rows: torch.Tensor) -> None:
-        joined = [self.members[i] for i in range(self.n) if rows[i, FLAGS] & JOINED]
-        mine = {"joined": True} if entry.request.kind == "join" else entry.request.describe()
+    def _rows(self, pending: _Pending) -> torch.Tensor:
+        """Every member's header as an n x HEADER tensor; a member that has joined gets a row flagged JOINED."""
+        rows = torch.zeros(self.n, HEADER, dtype=torch.int64)
+        for i, r in enumerate(pending.rows):
+            if r is None:
+                rows[i, FLAGS] = JOINED
+            else:
+                rows[i] = torch.tensor(r, dtype=torch.int64)
+        return rows
+
+    def _run_fast(self, decision: _Decision, entry: _Entry | None) -> None:
+        if entry is not None:
+            entry.handle = entry.request.exchange(self, self._rows(decision.pending))
+
+    def _run_refused(self, decision: _Decision, entry: _Entry | None) -> None:
+        if entry is not None:
+            self._fail(entry, CollectiveMismatchError(f"rank {runtime.rank()}: {entry.request.label}: "
+                                                      f"{decision.message}"))
+
+    def _run_slow(self, decision: _Decision, entry: _Entry | None) -> None:
+        """The headers differ, or some members joined: every member sends its full description."""
+        pending = decision.pending
+        mine = {"joined": True} if entry is None else entry.request.describe()
+        label = entry.request.label if entry is not None else "a collective"
         everyone = primitives.all_gather_object(
-            mine, f"the descriptions of {entry.request.name}{self.describe_set()} (they differ across ranks)",
-            group=self.data_pg)
+            mine, f"the descriptions of {label}{self.describe_set()} (they differ across ranks)", group=self.data_pg)
         descs = {self.members[i]: d for i, d in enumerate(everyone) if not d.get("joined")}
         active = next(iter(descs.values()))
         problem = describe_differences({r: {"kind": d["kind"], "name": d["name"]} for r, d in descs.items()})
         if problem:
-            problem = (f"the ranks issued different collectives at the same point{self.describe_set()} "
-                       f"({problem}); every rank must issue the same collectives in the same order")
+            problem = (f"the ranks issued different collectives under one name{self.describe_set()} ({problem}); "
+                       "every rank must issue the same collectives")
         else:
             problem = _kinds[active["kind"]].mismatch(descs)
-            if problem is None and joined and not _kinds[active["kind"]].joinable:
-                problem = (f"{active['kind']} is not supported while rank{'s' if len(joined) > 1 else ''} "
-                           f"{', '.join(map(str, joined))} {'have' if len(joined) > 1 else 'has'} joined "
-                           f"(join() lets the others go on with allreduce only)")
-        if entry.request.kind == "join":
+        if entry is None:
             if problem is None:
                 # Take part with zeros, without waiting: a gradient round's data comes only once the others finish
                 # their backward pass, which may need this rank in collectives negotiated after this one.
-                self.shadows.append(_kinds[active["kind"]].shadow(self, active, rows))
-            entry.handle = primitives.done(None)
+                self.shadows.append(_kinds[active["kind"]].shadow(self, active, self._rows(pending)))
+            match, place = decision.key
+            if place:
+                self.ordinals[match] = max(self.ordinals.get(match, 0), place)
             return
         if problem is not None:
-            self._fail(entry, CollectiveMismatchError(f"rank {runtime.rank()}: {entry.request.name}: {problem}"))
-            return
-        try:
-            entry.handle = entry.request.exchange(self, rows)
-        except Exception as exc:
-            self._fail(entry, exc)
+            raise CollectiveMismatchError(f"rank {runtime.rank()}: {entry.request.name}: {problem}")
+        entry.handle = entry.request.exchange(self, self._rows(pending))
+
+    def _run_stalled(self, decision: _Decision, entry: _Entry | None) -> None:
+        """Every member waits for a collective that some member never submitted: nobody can move on. Every
+        member says what it waits for, and every pending collective fails with the same explanation."""
+        keys = {key for key, _ in decision.pending}
+        waits = self._waiting_label()
+        pending_here = [e.request.label for k, e in self.mine.items() if k in keys]
+        everyone = primitives.all_gather_object(
+            {"waits": waits, "pending": pending_here},
+            f"what every rank waits for{self.describe_set()} (nobody can move on)", group=self.data_pg)
+        said = "; ".join(f"rank {self.members[i]} waits for {d['waits']}" + (
+            f" (submitted, not matched: {', '.join(d['pending'])})" if d["pending"] and d["pending"] != [d["waits"]]
+            else "") for i, d in enumerate(everyone))
+        error = CollectiveMismatchError(
+            f"rank {runtime.rank()}: the ranks issued different collectives{self.describe_set()}: {said}. Every rank "
+            "must submit the same collectives: named ones are matched by name, unnamed ones by their order")
+        for key in keys:
+            stuck = self.mine.pop(key, None)
+            if stuck is not None:
+                self._fail(stuck, error)
+
+    def _run_joined_all(self, decision: _Decision, entry: _Entry | None) -> None:
+        """Every member has joined: join() returns the rank that joined last (the highest rank among those that
+        joined in the same round, as Horovod's coordinator reports it)."""
+        last = max(range(self.n), key=lambda i: (self.join_rounds[i], i))
+        self.join_rounds = [0] * self.n
+        self.joined = False
+        if self.join_entry is not None:
+            self.join_entry.handle = primitives.done(self.members[last])
 
     def _fail(self, entry: _Entry, error: BaseException) -> None:
         entry.error = error
         entry.handle = None
 
-    def _finish_join(self, entry: _Entry, rows: torch.Tensor) -> None:
-        """Every member has joined: the result is the rank that joined last (the latest sequence number at
-        joining; the highest rank among equals, as Horovod's coordinator reports it)."""
-        at = rows[:, EXTRA].tolist()
-        last = max(range(self.n), key=lambda i: (at[i], i))
-        entry.handle = primitives.done(self.members[last])
+    def _warn_stall(self) -> None:
+        """Horovod's stall check: once a collective of this rank has waited HOROVOD_STALL_CHECK_TIME_SECONDS for
+        the others, say which ranks have not submitted it (once per period; the job goes on until its timeout)."""
+        if not self.stall_warning or not self.mine:
+            return
+        now = time.monotonic()
+        oldest = min(e.submitted for e in self.mine.values())
+        if now - oldest < self.stall_warning or (self.warned_at is not None and
+                                                 now - self.warned_at < self.stall_warning):
+            return
+        self.warned_at = now
+        unheard = self.channel.missing() if self.in_flight else None
+        lines = []
+        for key, entry in self.mine.items():
+            if now - entry.submitted < self.stall_warning:
+                continue
+            pending = self.table.get(key)
+            if pending is not None:
+                missing = [self.members[i] for i, r in enumerate(pending.rows) if r is None]
+            else:
+                missing = [self.members[i] for i in unheard] if unheard is not None else None
+            who = (f"missing rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}" if missing
+                   else "not yet heard from the other ranks")
+            lines.append(f"{entry.request.name}: {who}")
+        log.warning("rank %d: one or more collectives%s were submitted by a subset of the ranks and have waited for "
+                    "the others for more than %g s (the job stops after its timeout, %g s). This may mean that the "
+                    "ranks submit different collectives, or that only some ranks submit them. %s",
+                    runtime.rank(), self.describe_set(), self.stall_warning, runtime.timeout_s(), "; ".join(lines))
 
     # ---- results ---------------------------------------------------------------------------------------
     def wait(self, entry: _Entry):
         if not entry.done:
             try:
-                self.progress(block_until=entry)
+                if not entry.started:
+                    self.progress(until=entry)
                 if entry.error is not None:
                     raise entry.error
                 entry.result = entry.handle.wait()
@@ -522,6 +775,7 @@ class _Engine:
                 with self.lock:
                     if self.names.get(entry.request.name) is entry:
                         del self.names[entry.request.name]
+                    self.mine.pop(entry.key, None)
         if entry.error is not None:
             raise entry.error
         return entry.result
@@ -529,7 +783,7 @@ class _Engine:
     def completed(self, entry: _Entry) -> bool:
         if entry.done:
             return True
-        self.progress(block_until=None)
+        self.progress(until=None)
         return entry.error is not None or (entry.handle is not None and entry.handle.is_completed())
 
 
@@ -559,6 +813,8 @@ class Coordinated:
                 timeline.span(entry.request.name, entry.t1, lane=_lane(entry.request), cat=entry.request.kind)
         return self._result
 
+    __call__ = wait  # Horovod's sparse_allreduce_async hands back a function to call
+
 
 def submit(request: Request, process_set=None, finish=None) -> Coordinated:
     """Negotiate `request` among the members of `process_set` (all workers by default) and start it."""
@@ -569,30 +825,22 @@ def submit(request: Request, process_set=None, finish=None) -> Coordinated:
 # --------------------------------------------------------------------------------------------------------------
 # join, and the gradient rounds of DistributedOptimizer
 
-@register("join")
-class _JoinRequest(Request):
-    def __init__(self, joined_at: int):
-        super().__init__("join.noname")
-        self.joined_at = joined_at
-
-    def header(self):
-        return 0, 0, 0, self.joined_at
-
-
 def join() -> int:
-    """This rank has no more data: it takes part in the other ranks' allreduces (and gradient steps) with zeros
-    until every rank has joined, then returns the rank that joined last (Horovod's join)."""
+    """This rank has no more data: it takes part in the other ranks' allreduces, gradient steps and barriers with
+    zeros until every rank has joined, then returns the rank that joined last (Horovod's join)."""
     engine = engine_of(global_process_set)
+    entry = _Entry(None, None, None)
     with engine.lock:
-        engine.joined_at = engine.k + 1
+        if engine.joined:
+            raise RuntimeError(f"rank {runtime.rank()}: join() is running already (in another thread)")
+        engine.joined, engine.join_entry = True, entry
     try:
-        while True:
-            entry = engine.submit(_JoinRequest(engine.joined_at), flags=JOINED)
-            result = engine.wait(entry)
-            if entry.header.wait()[:, FLAGS].bitwise_and(JOINED).all():
-                return result
+        while not entry.started:
+            engine.progress(until=entry)
+        return entry.handle.wait()
     finally:
-        engine.joined_at = None
+        with engine.lock:
+            engine.joined, engine.join_entry = False, None
         shadows, engine.shadows = engine.shadows, []
         for handle in shadows:
             handle.wait()
@@ -610,13 +858,13 @@ def register_round_owner(plan: int, owner) -> None:
 @register("gradients")
 class GradientRound(Request):
     """A DistributedOptimizer's gradient round: announced so that the ranks check that they all are in one (of the
-    same plan), and so that a joined rank takes part (its owner's `shadow_round()` contributes zeros)."""
-
-    joinable = True
+    same plan), and so that a joined rank takes part (its owner's `shadow_round()` contributes zeros). Rounds match
+    by their order: ranks that ran different numbers of steps before joining still agree."""
 
     def __init__(self, plan: int, round_number: int, label: str):
         super().__init__(f"gradients.{plan}.{round_number}")
         self.plan, self._label = plan, label
+        self.match_name, self.ordered = "gradients", True  # a different plan is a mismatch, said as such
 
     @property
     def label(self) -> str:

@@ -104,16 +104,9 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
         names = ", ".join(str(r) for r in missing)
         # A missing rank that is in shutdown() ran fewer steps than this one: say so, and where each is.
         elsewhere = {r: runtime.where_is(r, wait_s=1.0) for r in missing}
-        done = {r: w for r, w in elsewhere.items() if w and w["where"] == "singa_dist.shutdown()"}
+        done = {r: w["steps"] for r, w in elsewhere.items() if w and w["where"] == "singa_dist.shutdown()"}
         if done:
-            where = "; ".join(f"rank {r} is in singa_dist.shutdown() after {w['steps']} optimizer step(s)"
-                              for r, w in done.items())
-            runtime.blame(list(done), f"the ranks ran different numbers of steps ({where}; rank {me}: "
-                                      f"{runtime.steps()} step(s), waiting in {what})", neutral=True)
-            return CollectiveError(
-                f"rank {me}: the ranks ran different numbers of steps: {where}, while this rank, after "
-                f"{runtime.steps()} step(s), waits in {what}. Give every rank the same number of steps (or let the "
-                f"ranks that run out of data call join()). Cause: {error}")
+            return ended_early(done, what, error)
         runtime.blame(missing, f"rank{'s' if len(missing) > 1 else ''} {names} did not reach {what}")
         if set(missing) <= set(ended):
             return CollectiveError(
@@ -130,6 +123,21 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
     return CollectiveError(
         f"rank {me}: {what} failed although every rank is alive; the ranks were waiting in different "
         f"collectives ({doing}), so they do not run the same sequence of communication. Cause: {error}")
+
+
+def ended_early(done: dict[int, int], what: str, error: BaseException | None = None) -> CollectiveError:
+    """The error of a rank waiting in `what` for ranks that are in shutdown() already (done: rank -> its
+    optimizer steps): the ranks ran different numbers of steps. The launcher is told (a neutral note)."""
+    me = runtime.proc_rank()
+    where = "; ".join(f"rank {r} is in singa_dist.shutdown() after {steps} optimizer step(s)"
+                      for r, steps in sorted(done.items()))
+    runtime.blame(list(done), f"the ranks ran different numbers of steps ({where}; rank {me}: "
+                              f"{runtime.steps()} step(s), waiting in {what})", neutral=True)
+    cause = f" Cause: {error}" if error is not None else ""
+    return CollectiveError(
+        f"rank {me}: the ranks ran different numbers of steps: {where}, while this rank, after "
+        f"{runtime.steps()} step(s), waits in {what}. Give every rank the same number of steps (or let the "
+        f"ranks that run out of data call join()).{cause}")
 
 
 @contextlib.contextmanager
@@ -202,6 +210,10 @@ class Handle:
 
     def is_completed(self) -> bool:
         return self._done or all(w.is_completed() for w in self._works)
+
+    def rename(self, what: str) -> None:
+        """Errors and the timeline name the operation `what` from now on (what a waiter is waiting for)."""
+        self._what = what
 
     def works(self) -> list:
         """The torch.distributed works in flight (the timeline asks them whether the communication has ended)."""

@@ -77,6 +77,7 @@ class _Runtime:
 _state = _Runtime()
 _init_args: dict = {}  # what init() was called with (reset() calls it again so)
 _inits = 0  # init() calls that joined a job, the same count on every process of it
+_tcp_stores: dict = {}  # (host, port, hosting) -> the job's store, kept across init() calls of this process
 _worker_group_names: list[str] = []  # see request_worker_group
 
 
@@ -384,8 +385,13 @@ def _join_process_group(backend: str, rank: int, size: int, wait: datetime.timed
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     seconds = wait.total_seconds()
     try:
-        store = dist.TCPStore(host, port, size, is_master=rank == 0 and not hosted, timeout=wait,
-                              wait_for_workers=False, multi_tenant=True)
+        # Kept for a later init() of this process: a new store at the same port would race with the old one
+        # (a rank's client could connect to the server that is about to close).
+        store = _tcp_stores.get((host, port, rank == 0 and not hosted))
+        if store is None:
+            store = _tcp_stores[(host, port, rank == 0 and not hosted)] = dist.TCPStore(
+                host, port, size, is_master=rank == 0 and not hosted, timeout=wait, wait_for_workers=False,
+                multi_tenant=True)
     except Exception as exc:
         if hosted:
             raise RuntimeError(
@@ -400,6 +406,10 @@ def _join_process_group(backend: str, rank: int, size: int, wait: datetime.timed
             f"{seconds:g} s: process 0 never reached singa_dist.init() (stopped, hung before it, or elsewhere), "
             f"or MASTER_ADDR/MASTER_PORT are wrong. Cause: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    if _inits:
+        # init() again after shutdown(): the store outlives the job's groups, and torch names the new default
+        # group's keys as it named the old one's: a rank would read a peer's address of the last init.
+        store = dist.PrefixStore(f"singa/reinit/{attempt}/{_inits}/", store)
     store.set(init_key(attempt, _inits, rank), "1")
     try:
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size, timeout=wait)

@@ -1,23 +1,29 @@
-"""Negotiation headers through shared memory, for a process set whose members all run on this host.
+"""The negotiation's rounds: every member's block of one round, through shared memory or an all-gather.
 
-Every collective's fixed-size header is all-gathered before its data moves (singa_dist.coordinator). Across
-hosts that is a small all-gather on the set's negotiation group. On one host it is cheaper through memory:
-each member writes its headers into a ring of slots in a file of its own (under /dev/shm) and reads the
-others' files. A header then costs a few microseconds instead of a collective, whose enqueue and threads
-took about 0.3 ms of every training step from the computation on a 2-core host (benchmarks/dist_overhead.py).
-`SINGA_SHM_NEGOTIATION=0` keeps the all-gather.
+singa_dist.coordinator matches collectives by name in rounds: in each round every member of a process set
+contributes one fixed-size block (the collectives it submitted since its last block, and flags), and every
+member reads every block. Two channels carry the rounds:
 
-A member's file: META int64 fields (magic, pid, the highest submission it has read every member's header of,
-whether it has opened every member's file), then SLOTS slots of (header, checksum). Submission k goes into slot
-k % SLOTS; a reader takes a slot only when its sequence number is k and its checksum matches (a half-written slot
-never passes), and a writer reuses a slot only once every member has read it. Members find each other's files
-through the job's store; a file's name is removed as soon as every member has it open, so that nothing is left
-behind even by a killed process.
+- `GatheredRounds`: an all-gather of the blocks on the set's negotiation group (members on several hosts, or
+  `SINGA_SHM_NEGOTIATION=0`).
+- `SharedRounds`: every member on this host writes its blocks into a ring of slots in a file of its own under
+  /dev/shm and reads the others' files: a round costs microseconds instead of a collective whose threads
+  compete with the backward pass.
+
+A member's file: META int64 fields (magic, pid, the last round it has read from every member, whether it has
+opened every member's file, and how it left: 0 while it takes part, else its optimizer steps + 1), then SLOTS
+slots of (block, checksum). Round r goes into slot r % SLOTS; a reader takes a slot only when it holds round r
+and its checksum matches (a half-written slot never passes), and a writer reuses a slot only once every member
+has read it. Members find each other's files through the job's store, under keys that are new for every
+process set's channel. A file's name is removed once every member has it open, or, if some member never
+opened it, when its process exits: a member that leaves (shutdown) keeps its last rounds readable for the
+others, and says in its file that it left, so that a member still waiting for it is told at once.
 """
 from __future__ import annotations
 
 import array
 import atexit
+import logging
 import mmap
 import os
 import secrets
@@ -26,17 +32,19 @@ import time
 import weakref
 
 import torch
-import torch.distributed as dist
 
 from . import primitives, runtime
 
-SLOTS = 1024  # submissions a member may run ahead of the slowest reader
-META = 4
-MAGIC, PID, READ, ATTACHED = range(META)
-MAGIC_VALUE = 0x534E47484452  # "SNGHDR"
+SLOTS = 8  # a member is never more than two rounds ahead of another's reading (a round needs every block)
+META = 6
+MAGIC, PID, READ, ATTACHED, LEFT, POSTED = range(META)
+MAGIC_VALUE = 0x534E47524E44  # "SNGRND"
 FILE_PREFIX = "singa-negotiation-"
+TICK_S = 0.05  # how often a waiting member checks on the others
+log = logging.getLogger(__name__)
 
-_open: "weakref.WeakSet[SharedHeaders]" = weakref.WeakSet()
+_open: "weakref.WeakSet[SharedRounds]" = weakref.WeakSet()
+_lingering: set[str] = set()  # files closed before every member had opened them: removed at exit
 
 
 def wanted(members: int) -> bool:
@@ -68,7 +76,7 @@ def alive(pid: int) -> bool:
 
 
 def _sweep(folder: str) -> None:
-    """Remove the files of processes that died without closing theirs (killed)."""
+    """Remove the files of processes that died without removing theirs (killed)."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -80,10 +88,16 @@ def _sweep(folder: str) -> None:
             except ValueError:
                 continue
             if not alive(pid):
-                try:
-                    os.unlink(os.path.join(folder, name))
-                except OSError:
-                    pass
+                _unlink(os.path.join(folder, name))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.debug("could not remove the negotiation file %s: %s", path, exc)
 
 
 class MembersEnded(RuntimeError):
@@ -94,42 +108,89 @@ class MembersEnded(RuntimeError):
         self.ended_ranks = ranks
 
 
-class _Header:
-    """The work of one submission's header exchange (what primitives.Handle waits on)."""
+class GatheredRounds:
+    """Rounds as all-gathers of the blocks on the set's negotiation group."""
 
-    def __init__(self, owner: "SharedHeaders", k: int, what: str):
-        self.owner, self.k, self.what = owner, k, what
-        self.rows: torch.Tensor | None = None
+    shared = False
+
+    def __init__(self, n: int, block_len: int, group):
+        self.n, self.block_len, self.group = n, block_len, group
+        self.handle = None
+
+    def post(self, block: list[int], what: str) -> None:
+        """Contribute this member's block of the next round (padded to the block length)."""
+        mine = torch.zeros(self.block_len, dtype=torch.int64)
+        mine[:len(block)] = torch.tensor(block, dtype=torch.int64)
+        rows = torch.empty(self.n * self.block_len, dtype=torch.int64)
+        self.handle = primitives.all_gather_into(rows, mine, what, group=self.group, async_op=True,
+                                                 finish=lambda: rows.view(self.n, self.block_len).tolist())
+        primitives.untrack(self.handle)  # the engine waits for it; shutdown need not
+
+    def completed(self) -> bool:
+        return self.handle.is_completed()
+
+    def missing(self) -> None:
+        """Which members' blocks of the round in flight have not come (an all-gather does not say)."""
+        return None
+
+    def wait(self, what: str, tick=None) -> list[list[int]]:
+        """Every member's block of the round in flight, in set order; `tick()` is called every TICK_S meanwhile."""
+        handle, self.handle = self.handle, None
+        handle.rename(what)
+        if tick is not None:
+            pause, ticked = 0.00002, time.monotonic()
+            while not handle.is_completed():
+                if time.monotonic() - ticked > TICK_S:
+                    tick()
+                    ticked = time.monotonic()
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+        return handle.wait()
+
+    def close(self) -> None:
+        self.handle = None
+
+
+class _RoundWork:
+    """Round r of a SharedRounds channel as a torch.distributed work (what runtime.wait_work waits on)."""
+
+    def __init__(self, owner: "SharedRounds", r: int):
+        self.owner, self.r = owner, r
+        self.rows: list | None = None
+        self.what = "negotiation"
+        self.tick = None
 
     def is_completed(self) -> bool:
         if self.rows is None:
-            rows = self.owner.read(self.k)
-            if rows is not None:
-                self.rows = torch.tensor(rows, dtype=torch.int64)
+            self.rows = self.owner.read(self.r)
         return self.rows is not None
 
     def wait(self) -> None:
         pause = 0.00002
-        check_at = time.monotonic() + 0.05
+        check_at = time.monotonic() + TICK_S
         deadline = time.monotonic() + runtime.timeout_s()
         while not self.is_completed():
             now = time.monotonic()
             if now > check_at:
-                check_at = now + 0.05
-                self.owner.check_members(self.k, self.what, deadline)
+                check_at = now + TICK_S
+                self.owner.check_members(self.r, self.what, deadline)
+                if self.tick is not None:
+                    self.tick()
             time.sleep(pause)
             pause = min(pause * 2, 0.001)
 
 
-class SharedHeaders:
-    """The header exchange of one process set on this rank (see the module's docstring)."""
+class SharedRounds:
+    """Rounds through the members' files in shared memory (see the module's docstring)."""
 
-    def __init__(self, members: list[int], index: int, header_len: int, key: str, group=None):
+    shared = True
+
+    def __init__(self, members: list[int], index: int, block_len: int, key: str, group=None):
         self.members, self.index, self.n = members, index, len(members)
-        self.header_len = header_len
-        self.slot = header_len + 1
+        self.block_len = block_len
+        self.slot = block_len + 1
         self.key, self.group = key, group
-        self.store = dist.distributed_c10d._get_default_store()
+        self.store = runtime.job_store()
         folder = _folder()
         _sweep(folder)
         self.path = os.path.join(folder, f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
@@ -152,10 +213,10 @@ class SharedHeaders:
         self.files[index] = self.mine
         self.pids = [0] * self.n
         self.pids[index] = os.getpid()
-        self.read_upto = 0
-        self.read_ahead: set[int] = set()  # submissions read out of order (their slots stay taken until then)
-        self.early: dict[int, list] = {}  # headers read while waiting for a slot, before their handles asked
-        self.closed = False
+        self.work: _RoundWork | None = None
+        self.handle = None
+        self.unlinked = False  # the file's name is gone (every member has the file open)
+        self.closed = False  # this member has left
         self.store.set(self._key(index), self.path)
         _open.add(self)
 
@@ -172,7 +233,8 @@ class SharedHeaders:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                raise RuntimeError(f"rank {self.members[j]}'s negotiation file {path} is gone (the process ended)")
+                raise MembersEnded(f"rank {self.members[j]}'s negotiation file {path} is gone: its process ended",
+                                   [self.members[j]]) from None
             try:
                 mapped = mmap.mmap(fd, self.size, prot=mmap.PROT_READ)
             finally:
@@ -186,117 +248,121 @@ class SharedHeaders:
                 self.mine[ATTACHED] = 1
         return view
 
-    def _base(self, k: int) -> int:
-        """Where submission k's slot starts in a member's file (int64 fields)."""
-        return META + (k % SLOTS) * self.slot
-
-    def _unlink_when_everyone_has_it(self) -> None:
-        if self.mine[ATTACHED] and all(f[ATTACHED] for f in self.files):
-            self.close()
+    def _base(self, r: int) -> int:
+        """Where round r's slot starts in a member's file (int64 fields)."""
+        return META + (r % SLOTS) * self.slot
 
     # ---- writing -------------------------------------------------------------------------------------
-    def post(self, fields: list[int], what: str) -> primitives.Handle:
-        """Publish this rank's header of submission fields[0] (k); the handle's result is every member's header
-        (an n x header_len tensor in set order)."""
-        k = fields[0]
-        if k > SLOTS:
-            self._wait_for_readers(k - SLOTS, what)
-        base = self._base(k)
+    def post(self, block: list[int], what: str) -> None:
+        """Contribute this member's block of round block[0]."""
+        r = block[0]
+        if r > SLOTS:
+            self._wait_for_readers(r - SLOTS, what)
+        base = self._base(r)
         mine = self.mine
-        # The fields, then k, then the checksum: a reader that sees k and a matching checksum sees the fields.
-        mine[base + 1:base + self.header_len] = memoryview(array.array("q", fields[1:]))
-        mine[base] = k
-        mine[base + self.header_len] = hash(tuple(fields))
-        work = _Header(self, k, what)
-        handle = primitives.Handle([work], lambda: work.rows, what, self.group)
-        primitives.untrack(handle)  # no thread holds a tensor of it: shutdown need not wait for it
-        return handle
+        padded = block + [0] * (self.block_len - len(block))
+        # The fields, then r, then the checksum: a reader that sees r and a matching checksum sees the fields.
+        mine[base + 1:base + self.block_len] = memoryview(array.array("q", padded[1:]))
+        mine[base] = r
+        mine[base + self.block_len] = hash(tuple(padded))
+        mine[POSTED] = r
+        self.work = _RoundWork(self, r)
+        self.handle = primitives.Handle([self.work], lambda: self.work.rows, what, self.group)
+        primitives.untrack(self.handle)  # the engine waits for it; shutdown need not
 
-    def _wait_for_readers(self, k: int, what: str) -> None:
-        """Slot k is reused next: wait until every member has read submission k. Meanwhile this rank reads what
-        the others have written (into self.early), as they may be waiting for it in the same way."""
+    def _wait_for_readers(self, r: int, what: str) -> None:
+        """Slot r is reused next: wait until every member has read round r."""
         deadline = time.monotonic() + runtime.timeout_s()
         pause = 0.0001
         while True:
-            for ahead in range(self.read_upto + 1, k + SLOTS):
-                if ahead not in self.early and ahead not in self.read_ahead:
-                    rows = self._read_slots(ahead)
-                    if rows is None:
-                        break
-                    self.early[ahead] = rows
-                    self._mark_read(ahead)
-            behind = [j for j in range(self.n) if (f := self._file(j)) is None or f[READ] < k]
+            behind = [j for j in range(self.n) if (f := self._file(j)) is None or f[READ] < r]
             if not behind:
                 return
-            self.check_members(k, what, deadline, behind)
+            self.check_members(r, what, deadline, behind)
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
 
     # ---- reading -------------------------------------------------------------------------------------
-    def read(self, k: int) -> list | None:
-        """Every member's header of submission k, or None while one is missing."""
-        rows = self.early.pop(k, None)
-        if rows is None:
-            rows = self._read_slots(k)
-            if rows is not None:
-                self._mark_read(k)
-                if not self.closed:
-                    self._unlink_when_everyone_has_it()
-        return rows
+    def completed(self) -> bool:
+        return self.work.is_completed()
 
-    def _read_slots(self, k: int) -> list | None:
+    def missing(self) -> list[int]:
+        """The members (indices) whose blocks of the round in flight have not come."""
+        r = self.work.r
+        return [j for j in range(self.n) if (f := self._file(j)) is None or f[POSTED] < r]
+
+    def wait(self, what: str, tick=None) -> list[list[int]]:
+        """Every member's block of the round in flight, in set order; `tick()` is called every TICK_S meanwhile."""
+        handle, work = self.handle, self.work
+        self.handle = None
+        work.what, work.tick = what, tick
+        handle.rename(what)
+        return handle.wait()
+
+    def read(self, r: int) -> list | None:
+        """Every member's block of round r, or None while one is missing."""
         rows = []
-        base = self._base(k)
+        base = self._base(r)
         end = base + self.slot
         for j in range(self.n):
             view = self._file(j)
-            if view is None:
+            if view is None or view[base] != r:
                 return None
             slot = view[base:end].tolist()
-            header = slot[:-1]
-            if slot[0] != k or hash(tuple(header)) != slot[-1]:
+            block = slot[:-1]
+            if hash(tuple(block)) != slot[-1]:
                 return None
-            rows.append(header)
+            rows.append(block)
+        self.mine[READ] = r
+        if not self.unlinked and self.mine[ATTACHED] and all(f[ATTACHED] for f in self.files):
+            self._unlink_name()
         return rows
 
-    def _mark_read(self, k: int) -> None:
-        if k == self.read_upto + 1:
-            self.read_upto = k
-            while self.read_upto + 1 in self.read_ahead:
-                self.read_ahead.discard(self.read_upto + 1)
-                self.read_upto += 1
-            self.mine[READ] = self.read_upto
-        elif k > self.read_upto:
-            self.read_ahead.add(k)
-
-    def check_members(self, k: int, what: str, deadline: float, missing=None) -> None:
-        """While waiting for submission k: raise if a member has died, the job lost it, or the timeout passed."""
+    def check_members(self, r: int, what: str, deadline: float, missing=None) -> None:
+        """While waiting for round r: raise if a member has died or left, the job lost it, or the timeout passed."""
         if missing is None:
-            missing = [j for j in range(self.n) if self._file(j) is None or self.files[j][self._base(k)] != k]
+            missing = self.missing()
         dead = [self.members[j] for j in missing if self.pids[j] and not alive(self.pids[j])]
         lost = runtime.lost_procs() if runtime.tracks_lost() else ()
         dead += [self.members[j] for j in missing if self.members[j] in lost and self.members[j] not in dead]
         if dead:
             names = ", ".join(map(str, dead))
             raise MembersEnded(f"rank{'s' if len(dead) > 1 else ''} {names} ended without reaching {what}", dead)
+        left = {self.members[j]: self.files[j][LEFT] - 1 for j in missing
+                if self.files[j] is not None and self.files[j][LEFT]}
+        if left:
+            raise primitives.ended_early(left, what)
         if time.monotonic() > deadline:
             names = ", ".join(str(self.members[j]) for j in missing)
             raise RuntimeError(f"rank{'s' if len(missing) > 1 else ''} {names} did not reach {what} within "
                                f"{runtime.timeout_s():g} s")
 
+    # ---- leaving -------------------------------------------------------------------------------------
+    def _unlink_name(self) -> None:
+        self.unlinked = True
+        _lingering.discard(self.path)
+        _unlink(self.path)
+
     def close(self) -> None:
-        """Remove this member's file name (the members that have it open keep reading it)."""
+        """This member leaves: its file says so (a member still waiting for its blocks is told at once); the name
+        goes now if every member has the file open, else when this process exits (its last rounds stay readable)."""
         if self.closed:
             return
         self.closed = True
         _open.discard(self)
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self.mine[LEFT] = runtime.steps() + 1 if runtime.is_initialized() else 1
+        if self.unlinked:
+            return
+        if all(f is not None and f[ATTACHED] for f in self.files):
+            self._unlink_name()
+        else:
+            _lingering.add(self.path)
 
 
 @atexit.register
 def _close_all() -> None:
-    for headers in list(_open):
-        headers.close()
+    for rounds in list(_open):
+        rounds.close()
+    for path in list(_lingering):
+        _unlink(path)
+    _lingering.clear()

@@ -275,7 +275,7 @@ def test_single_process_is_plain_torch(single_process):
 def test_bad_arguments(single_process):
     model = make_model()
     with pytest.raises(ValueError, match="bucket_mb"):
-        sd.AllReduce(bucket_mb=0)
+        sd.AllReduce(bucket_mb=-1)
     with pytest.raises(ValueError, match="Average or sd.Sum"):
         sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), strategy=sd.AllReduce(), op=sd.Max)
     with pytest.raises(ValueError, match="partial update"):

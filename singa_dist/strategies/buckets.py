@@ -79,10 +79,12 @@ class Bucket:
 
     def scatter_grads(self, skip=()) -> None:
         """Make every parameter's `.grad` (but those whose ids are in `skip`) its slice of the reduced buffer (no
-        copy, as DDP's gradient_as_bucket_view): the buffer is only refilled by the next step's communication."""
+        copy, as DDP's gradient_as_bucket_view): the buffer is only refilled by the next step's communication. A
+        gradient that was sparse (it travelled densely: sparse_as_dense) becomes sparse again, as Horovod does, so
+        that optimizers for sparse gradients (SparseAdam) take it."""
         for view, (_, p) in zip(self.views, self.params):
             if p.grad is not view and not (skip and id(p) in skip):
-                p.grad = view
+                p.grad = view.to_sparse() if p.grad is not None and p.grad.is_sparse else view
 
     @torch.no_grad()
     def gather_values(self) -> torch.Tensor:
