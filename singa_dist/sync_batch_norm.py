@@ -1,8 +1,9 @@
 """SyncBatchNorm: batch normalization whose statistics are those of the whole batch, over every worker.
 
-In training, each worker's batch statistics (count, mean and the sum of squared deviations per channel) are
-all-gathered and combined (Chan's parallel formula, in float64), so that the output, the running statistics
-and the input gradient equal those of one process normalizing the concatenation of every worker's batch. The
+In training, each worker's batch statistics (count, and the sums of the values and of their squares per channel,
+in float64) are all-reduced, so that the output, the running statistics and the input gradient equal those of
+one process normalizing the concatenation of every worker's batch; a worker that has joined (join()) takes part
+with zeros. The
 backward pass all-reduces the two per-channel sums the input gradient needs. As in Horovod and torch, the
 weight and bias gradients are this worker's own (DistributedOptimizer averages them like any gradient).
 In eval mode with running statistics, and in a single process, it is plain batch normalization. Works on CPU
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime
-from .collectives import allgather, allreduce_async_, global_process_set
+from .collectives import allreduce_async_, global_process_set
 from .coordinator import resolve_set
 from .collectives import Sum
 
@@ -27,16 +28,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dims = [0] + list(range(2, x.dim()))
         xd = x.double()
         count = x.numel() // channels
-        mean = xd.mean(dims) if count else xd.new_zeros(channels)
-        m2 = ((xd - mean.view(1, -1, *[1] * (x.dim() - 2))) ** 2).sum(dims)
-        mine = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=x.device), mean, m2])
-        everyone = allgather(mine.unsqueeze(0), name="sync_batch_norm.stats", process_set=process_set)
-        counts, means, m2s = everyone[:, 0], everyone[:, 1:1 + channels], everyone[:, 1 + channels:]
-        total = counts.sum()
+        mine = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=x.device), xd.sum(dims),
+                          (xd * xd).sum(dims)])
+        # Sums, not each worker's mean and spread: a rank that has joined takes part in an allreduce with zeros,
+        # which count for nothing here (an allgather is refused while ranks have joined, as in Horovod).
+        sums = allreduce_async_(mine, name="sync_batch_norm.stats", op=Sum, process_set=process_set).wait()
+        total, sum_x, sum_xx = sums[0], sums[1:1 + channels], sums[1 + channels:]
         if total <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        global_mean = (counts.unsqueeze(1) * means).sum(0) / total
-        global_m2 = (m2s + counts.unsqueeze(1) * (means - global_mean) ** 2).sum(0)
+        global_mean = sum_x / total
+        global_m2 = (sum_xx - total * global_mean * global_mean).clamp_min(0.0)
         var = global_m2 / total
         if running_mean is not None:
             with torch.no_grad():
