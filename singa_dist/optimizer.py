@@ -147,7 +147,17 @@ def _named_parameters(optimizer: torch.optim.Optimizer, named_parameters) -> lis
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if named_parameters is None:
         return [(f"param.{i}", p) for i, p in enumerate(params)]
+    if isinstance(named_parameters, torch.nn.Module):
+        raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually produced by "
+                         "model.named_parameters(); got the model itself")
     named = list(named_parameters)
+    # As Horovod checks: a bare parameter would otherwise be unpacked along its first dimension.
+    odd = next((item for item in named if not (isinstance(item, tuple) and len(item) == 2
+                                               and isinstance(item[0], str))), None)
+    if odd is not None:
+        what = "a parameter" if isinstance(odd, torch.Tensor) else f"a {type(odd).__name__}"
+        raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually produced by "
+                         f"model.named_parameters(); got {what} among them (model.parameters() gives no names)")
     names = [n for n, _ in named]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
