@@ -12,6 +12,7 @@ import os
 import socket
 import shlex
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -475,7 +476,26 @@ def resolve_command(command: list[str], python: bool = True) -> list[str]:
     if os.path.basename(path).startswith("python") and len(command) > 1 and command[1].endswith(".py") \
             and not os.path.isfile(command[1]):
         raise UsageError(f"the script {command[1]} does not exist")
+    if program in ("python", "python3") and python and not _imports_torch(path):
+        # As torchrun runs sys.executable: otherwise every rank fails with "No module named 'torch'".
+        print(f"singa-launch: {program} on PATH ({path}) cannot import torch; running {sys.executable} (this "
+              "launcher's Python) instead", file=sys.stderr)
+        return [sys.executable, *command[1:]]
     return list(command)
+
+
+def _imports_torch(python: str) -> bool:
+    """Whether the interpreter `python` finds torch (a lookup, not an import: a few tens of milliseconds)."""
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
+        return True
+    try:
+        found = subprocess.run([python, "-c", "import importlib.util, sys; "
+                                "sys.exit(importlib.util.find_spec('torch') is None)"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return True  # could not tell: run what was asked for
+    return found.returncode == 0
 
 
 def _check_interpreter(path: str) -> None:

@@ -1,9 +1,14 @@
 """What a newcomer hits first: each mistake gets a clear error, or just works."""
+import os
+import sys
+
 import pytest
 import torch
 
 import singa_dist as sd
 import singa_dist.horovod as hvd
+from launchers.launch import main as launch_main
+from tests.dist_harness import run_command
 
 
 # 1. named_parameters=model.parameters() (no names) says what is expected, as Horovod does.
@@ -17,3 +22,48 @@ def test_named_parameters_without_names(single_process, make, given):
         make(opt, named_parameters=named)
     assert type(opt) is torch.optim.SGD  # left as it was
     make(opt, named_parameters=model.named_parameters()).remove_hooks()
+
+
+LAUNCH = [sys.executable, "-m", "launchers.launch"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+# 2. `singa-launch python train.py` where `python` on PATH is not this environment's: the launcher's own Python runs.
+def _path_with_python(tmp_path, body: str) -> str:
+    """PATH with a `python` and a `python3` (shell scripts running `body`) in front."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "python3"):
+        (bin_dir / name).write_text("#!/bin/sh\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_python_on_path_without_torch_runs_the_launchers_python(tmp_path):
+    # A `python` that cannot import torch whatever the system has.
+    path = _path_with_python(tmp_path, "echo \"ModuleNotFoundError: No module named 'torch'\" >&2; exit 1")
+    script = tmp_path / "train.py"
+    script.write_text("import os, sys, torch\nprint('rank', os.environ['RANK'], 'runs', sys.executable)\n")
+    res = run_command(LAUNCH + ["-np", "2", "python", str(script)], timeout=60, env={**ENV, "PATH": path})
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stderr.splitlines() if "cannot import torch" in line]
+    assert notes == [f"singa-launch: python on PATH ({tmp_path / 'bin' / 'python'}) cannot import torch; "
+                     f"running {sys.executable} (this launcher's Python) instead"], res.stderr
+    assert "ModuleNotFoundError" not in res.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} runs {sys.executable}" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("has_torch", [False, True])
+def test_bare_python3_is_checked_once(tmp_path, monkeypatch, capsys, has_torch):
+    body = f'exec "{sys.executable}" "$@"' if has_torch else "exit 1"
+    monkeypatch.setenv("PATH", _path_with_python(tmp_path, body))
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    assert launch_main(["--dry-run", "-np", "2", "python3", str(script)]) == 0
+    out, err = capsys.readouterr()
+    if has_torch:
+        assert "cannot import torch" not in err and out.count(f" python3 {script}") == 2, out
+    else:
+        assert err.count("cannot import torch") == 1 and out.count(f" {sys.executable} {script}") == 2, (out, err)
