@@ -28,7 +28,7 @@ import singa_dist as sd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from datasets import augment, channel_stats, fit_images, image_data  # noqa: E402
-from training import EpochLog, evaluate, load_torchvision_weights, train_loader  # noqa: E402
+from training import EpochLog, evaluate, load_torchvision_weights, step_schedule, train_loader  # noqa: E402
 
 
 class AlexNet(torch.nn.Module):
@@ -60,6 +60,11 @@ def build_model(num_classes: int = 10, image_size: int = 64, channels: int = 3) 
     if image_size < 63:
         raise ValueError(f"alexnet: images of {image_size}x{image_size} are too small (at least 63x63)")
     return AlexNet(num_classes, channels=channels)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
+    """The learning rate divided by 10 after 1/2 and 3/4 of the epochs."""
+    return step_schedule(optimizer, epochs, (1 / 2, 3 / 4))
 
 
 def main(argv=None) -> float:
@@ -101,8 +106,7 @@ def main(argv=None) -> float:
         torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay),
         named_parameters=model.named_parameters(), strategy=args.strategy)
     sd.broadcast_parameters(model.state_dict(), root_rank=0)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[args.epochs // 2, args.epochs * 3 // 4], gamma=0.1)
+    scheduler = lr_schedule(optimizer, args.epochs)
     loss_fn = nl.SoftmaxCrossEntropy()
 
     per_rank = max(args.batch_size // size, 1)

@@ -31,7 +31,7 @@ import singa_dist as sd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from datasets import augment, fit_images, image_data, mean_image  # noqa: E402
-from training import EpochLog, evaluate, train_loader  # noqa: E402
+from training import EpochLog, evaluate, step_schedule, train_loader  # noqa: E402
 
 
 def build_model(num_classes: int = 10, channels: int = 3, image_size: int = 32) -> torch.nn.Sequential:
@@ -71,6 +71,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list
     return [dict(params=groups["weights"], weight_decay=weight_decay, lr=lr),
             dict(params=groups["ip1"], weight_decay=weight_decay * 250, lr=lr),
             dict(params=groups["biases"], weight_decay=0.0, lr=lr * 2)]
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
+    """SINGA's steps (70,000 steps, the rate divided by 10 at 60,000 and 65,000) as fractions of the epochs."""
+    return step_schedule(optimizer, epochs, (60 / 70, 65 / 70))
 
 
 def main(argv=None) -> float:
@@ -113,8 +118,7 @@ def main(argv=None) -> float:
         named_parameters=model.named_parameters(), strategy="allreduce" if args.hybrid else args.strategy)
     if not args.hybrid:
         sd.broadcast_parameters(model.state_dict(), root_rank=0)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[round(args.epochs * 60 / 70), round(args.epochs * 65 / 70)], gamma=0.1)
+    scheduler = lr_schedule(optimizer, args.epochs)
     loss_fn = nl.SoftmaxCrossEntropy()
 
     per_rank = max(args.batch_size // size, 1)

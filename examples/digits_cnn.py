@@ -22,6 +22,7 @@ import singa_dist as sd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from datasets import digits  # noqa: E402
+from training import step_schedule  # noqa: E402
 
 
 def build_model(width: int = 32) -> torch.nn.Module:
@@ -35,6 +36,11 @@ def build_model(width: int = 32) -> torch.nn.Module:
         torch.nn.Flatten(),
         nl.Linear(width * 4, 10),
     )
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
+    """SINGA's recipe lowers the rate tenfold twice; here after 60% and 85% of the epochs."""
+    return step_schedule(optimizer, epochs, (0.6, 0.85))
 
 
 def main(argv=None) -> float:
@@ -57,9 +63,7 @@ def main(argv=None) -> float:
         torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=4e-3 / 10),
         named_parameters=model.named_parameters(), strategy=args.strategy)
     sd.broadcast_parameters(model.state_dict(), root_rank=0)
-    # SINGA's recipe lowers the rate tenfold twice; here at 60% and 85% of training.
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[int(args.epochs * 0.6), int(args.epochs * 0.85)], gamma=0.1)
+    scheduler = lr_schedule(optimizer, args.epochs)
 
     rank, size = sd.rank(), sd.size()
     per_rank = max(args.batch_size // size, 1)

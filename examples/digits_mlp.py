@@ -40,6 +40,11 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(y)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
+    """The learning rate follows a cosine from its base value at the first epoch towards 0 after the last."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+
+
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -65,7 +70,7 @@ def main(argv=None) -> float:
     optimizer = sd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),  # singa
                                         strategy=args.strategy)
     sd.broadcast_parameters(model.state_dict(), root_rank=0)  # singa
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    scheduler = lr_schedule(optimizer, args.epochs)
 
     # Every worker shuffles identically and takes its own slice of each global batch.
     rank, size = sd.rank(), sd.size()  # singa

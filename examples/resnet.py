@@ -28,7 +28,7 @@ import singa_dist as sd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from datasets import augment, channel_stats, fit_images, image_data  # noqa: E402
-from training import EpochLog, evaluate, load_torchvision_weights, train_loader  # noqa: E402
+from training import EpochLog, evaluate, load_torchvision_weights, step_schedule, train_loader  # noqa: E402
 
 
 def conv3x3(inplanes: int, planes: int, stride: int = 1) -> nl.Conv2d:
@@ -138,6 +138,11 @@ def build_model(arch: str = "resnet20", num_classes: int = 10, channels: int = 3
     return ResNet(block, layers, num_classes, cifar, channels)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
+    """The learning rate divided by 10 after 1/2 and 3/4 of the epochs."""
+    return step_schedule(optimizer, epochs, (1 / 2, 3 / 4))
+
+
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="CIFAR-10/100 or MNIST binary files, or train/ and val/ image folders")
@@ -178,8 +183,7 @@ def main(argv=None) -> float:
         torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay),
         named_parameters=model.named_parameters(), strategy=args.strategy)
     sd.broadcast_parameters(model.state_dict(), root_rank=0)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[args.epochs // 2, args.epochs * 3 // 4], gamma=0.1)
+    scheduler = lr_schedule(optimizer, args.epochs)
     loss_fn = nl.SoftmaxCrossEntropy()
 
     per_rank = max(args.batch_size // size, 1)

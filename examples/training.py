@@ -24,6 +24,18 @@ def train_loader(train_set: Dataset, per_rank: int, seed: int, workers: int = 0)
                       persistent_workers=workers > 0)
 
 
+def step_schedule(optimizer: torch.optim.Optimizer, epochs: int, fractions, gamma: float = 0.1):
+    """The learning rate multiplied by `gamma` after each of `fractions` of the epochs (a MultiStepLR stepped once
+    an epoch). A milestone that a short run puts at epoch 0, at or past the end, or onto an earlier one is dropped:
+    the first epoch always runs at the base rate (`--epochs 1` or `2` would otherwise start decayed)."""
+    milestones = []
+    for fraction in fractions:
+        epoch = int(epochs * fraction)
+        if 1 <= epoch < epochs and (not milestones or epoch > milestones[-1]):
+            milestones.append(epoch)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+
+
 def evaluate(model: torch.nn.Module, test_set: Dataset, per_rank: int, prepare, workers: int = 0) -> float:
     """Accuracy on the whole test set: each worker classifies its share, the counts are summed over the
     workers. `prepare(uint8 batch)` turns images into the model's input."""

@@ -1,4 +1,6 @@
 """What a newcomer hits first: each mistake gets a clear error, or just works."""
+import importlib
+import inspect
 import os
 import sys
 
@@ -67,3 +69,50 @@ def test_bare_python3_is_checked_once(tmp_path, monkeypatch, capsys, has_torch):
         assert "cannot import torch" not in err and out.count(f" python3 {script}") == 2, out
     else:
         assert err.count("cannot import torch") == 1 and out.count(f" {sys.executable} {script}") == 2, (out, err)
+
+
+# 3. The zoo's learning-rate schedules make sense at every epoch count: a quick `--epochs 1` run is not decayed.
+EXAMPLES = os.path.join(ROOT, "examples")
+SCRIPTS = sorted(f[:-3] for f in os.listdir(EXAMPLES) if f.endswith(".py") and f not in ("datasets.py", "training.py"))
+
+
+def test_every_schedule_is_built_by_its_scripts_lr_schedule():
+    """So that the test below sees every schedule the zoo runs."""
+    with_schedule = []
+    for name in SCRIPTS:
+        module = importlib.import_module(f"examples.{name}")
+        main = inspect.getsource(module.main)
+        assert "lr_scheduler" not in main, f"examples/{name}.py builds a schedule outside lr_schedule()"
+        if hasattr(module, "lr_schedule"):
+            assert "lr_schedule(optimizer, args.epochs)" in main, name
+            with_schedule.append(name)
+    assert {"alexnet", "cifar10_convnet", "digits_cnn", "digits_hybrid", "digits_mlp", "resnet",
+            "vgg"} <= set(with_schedule)
+
+
+@pytest.mark.parametrize("name", [n for n in SCRIPTS if hasattr(importlib.import_module(f"examples.{n}"),
+                                                                 "lr_schedule")])
+@pytest.mark.parametrize("epochs", [1, 2, 3, 10])
+def test_schedule_starts_at_the_base_rate(name, epochs):
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    scheduler = importlib.import_module(f"examples.{name}").lr_schedule(opt, epochs)
+    milestones = sorted(scheduler.milestones.elements()) if hasattr(scheduler, "milestones") else []
+    assert milestones == sorted(set(milestones)) and all(1 <= m < epochs for m in milestones), milestones
+    rates = []
+    for _ in range(epochs):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert rates[0] == 0.1, rates
+    assert all(0 < b <= a for a, b in zip(rates, rates[1:])), rates
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 10, 90])
+def test_step_schedule_drops_milestones_a_short_run_cannot_have(epochs):
+    from examples.training import step_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    milestones = sorted(step_schedule(opt, epochs, (0.0, 0.01, 0.5, 0.5, 0.75, 1.0)).milestones.elements())
+    assert milestones == sorted({int(epochs * f) for f in (0.5, 0.75) if 1 <= int(epochs * f) < epochs})
+    assert opt.param_groups[0]["lr"] == 1.0
