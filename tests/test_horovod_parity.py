@@ -618,7 +618,12 @@ def optimizer_errors():
     out["two passes"] = _attempt(lambda: model(torch.ones(1, 3)).sum().backward())
     opt.step()  # the first pass's round completes
     model(torch.ones(1, 3)).sum().backward()
+    # The reduction finished with backward() (as DDP's): zeroing the gradients races with nothing, and the
+    # step then applies no gradient.
+    before = [p.detach().clone() for p in model.parameters()]
     out["zero_grad"] = _attempt(opt.zero_grad)
+    opt.step()
+    out["zero_grad moved"] = any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
     model(torch.ones(1, 3)).sum().backward()
     opt.synchronize()
     with warnings.catch_warnings(record=True) as caught:
@@ -643,8 +648,7 @@ def test_optimizer_errors_as_horovod(world2):
     for out in world2.run(optimizer_errors, timeout=60):
         kind, message, _ = out["two passes"]
         assert kind == "AssertionError" and "more than backward_passes_per_step times" in message
-        kind, message, _ = out["zero_grad"]
-        assert kind == "AssertionError" and "zero_grad() was called after loss.backward()" in message
+        assert out["zero_grad"][0] is None and out["zero_grad moved"] is False
         assert any("skip_synchronize() context after optimizer.synchronize()" in w for w in out["warning"])
         assert not any("skip_synchronize" in w for w in out["no warning"])
         assert out["fraction of passes"][0] == "ValueError"

@@ -67,8 +67,8 @@ def _mpirun():
     return None
 
 
-def _command(launcher: str, strategy: str, script: str) -> tuple[list[str], dict]:
-    nprocs, settings, flags = STRATEGIES[strategy]
+def _command(launcher: str, strategy: str, script: str, table=STRATEGIES) -> tuple[list[str], dict]:
+    nprocs, settings, flags = table[strategy]
     env = {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "SINGA_TIMEOUT": "60", "SINGA_STRATEGY": strategy, **settings}
     if launcher == "python":
         return [sys.executable, script], env
@@ -127,3 +127,56 @@ def test_one_script_every_launcher(strategy, tmp_path_factory):
         assert not _same(alone, together[0])  # two groups that trained apart are not one process
     else:
         assert _same(alone, together[0]), f"{strategy}: not one process on the whole batch"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What runs between backward() and step() sees the reduced gradients: gradient clipping
+
+CLIP_SCRIPT = textwrap.dedent("""
+    import torch, torch.nn as nn
+    import singa_dist as sd
+
+    sd.init()
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8)
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                  named_parameters=model.named_parameters())
+    sd.broadcast_parameters(model.state_dict(), root_rank=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)) * 100  # the same batch on every rank
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    opt.step()
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
+    if sd.rank() == 0:
+        print("CLIPPED", sd.strategy_name(), sd.size(), f"{norm.item():.6g}", f"{moved:.9g}", flush=True)
+    sd.shutdown()
+""")
+CLIP_STRATEGIES = {**STRATEGIES, "hybrid": (3, {"SINGA_SERVERS": "1", "SINGA_WORKER_GROUPS": "1"},
+                                            ["--servers", "1", "--worker-groups", "1"])}
+CLIP_RUNS = [("python", "allreduce")] + [(launcher, "allreduce") for launcher in LAUNCHERS[1:]] + \
+    [("singa-launch", strategy) for strategy in CLIP_STRATEGIES if strategy != "allreduce"]
+
+
+@pytest.mark.timeout(600)
+def test_clipping_between_backward_and_step_counts_under_every_strategy_and_launcher(tmp_path):
+    """Every rank has the same batch, so the reduced gradients are one process's: a clip to 1e-3 between backward()
+    and step() moves the weights by 1e-3 (lr 1) everywhere. Under AllReduce the reduced gradients used to arrive in
+    step() and overwrite the clipped ones (the weights moved by the unclipped norm)."""
+    script = tmp_path / "clip.py"
+    script.write_text(CLIP_SCRIPT)
+
+    def run(launcher, strategy):
+        command, env = _command(launcher, strategy, str(script), CLIP_STRATEGIES)
+        res = run_command(command, timeout=180, env=env, cwd=ROOT)
+        assert res.returncode == 0, f"{launcher} / {strategy}:\n{res.stdout}\n{res.stderr}"
+        lines = [line.split("CLIPPED", 1)[1].split() for line in res.stdout.splitlines() if "CLIPPED" in line]
+        assert len(lines) == 1, f"{launcher} / {strategy}:\n{res.stdout}"
+        return lines[0]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = dict(zip(CLIP_RUNS, pool.map(lambda ls: run(*ls), CLIP_RUNS)))
+    for (launcher, strategy), (name, size, norm, moved) in results.items():
+        assert name == strategy and float(norm) > 1.0, (launcher, strategy, name, norm)  # the clip binds
+        assert abs(float(moved) - 1e-3) < 1e-6, (launcher, strategy, moved)

@@ -10,12 +10,14 @@ How a step goes:
 - Each gradient hook marks its parameter ready; a bucket is sent (asynchronous all-reduce on the workers'
   group) as soon as it and every earlier bucket are ready, so buckets go out in the same order on every rank
   and communication overlaps the rest of the backward pass.
-- `synchronize()` sends whatever is left, with zeros for parameters that got no gradient on this rank (a
-  parameter unused on some ranks therefore counts as zero there, and nothing deadlocks), waits, and writes
-  the reduced gradients back to `.grad`. `step()` calls it unless that already happened since the last
-  backward pass or the user is inside `optimizer.skip_synchronize()`.
+- When the backward pass ends (an autograd engine callback, as DDP's reducer), `synchronize()` sends whatever is
+  left, with zeros for parameters that got no gradient on this rank (a parameter unused on some ranks therefore
+  counts as zero there, and nothing deadlocks), waits, and writes the reduced gradients back to `.grad`: what
+  runs between `backward()` and `step()` (clipping, GradScaler.unscale_, logging) sees them. An explicit
+  `synchronize()` then costs nothing; `step()` calls it only when no backward pass finished the round.
 - With `backward_passes_per_step=k` a parameter is ready after its k-th gradient of the step: gradients are
-  summed locally over the k passes (as `.grad` accumulation does) and communicated once.
+  summed locally over the k passes (as `.grad` accumulation does) and communicated once, at the end of the k-th
+  pass. A pass more before `step()` raises Horovod's AssertionError.
 - Feature-split parameters of a partitioned model (singa_dist.partition) are not replicated: they are not
   communicated, and under Average their gradient (that of every worker's loss) is divided by the number of ranks.
 
@@ -263,6 +265,8 @@ class AllReduce(Strategy):
         self.round_open = False  # some gradient arrived since the last synchronize()
         self.round = None  # this round's announcement to the other ranks (see coordinator.GradientRound)
         self.rounds = 0
+        self.finish_task = -1  # the backward pass (autograd graph task) at whose end this round finishes
+        self.awaiting_step = False  # a backward pass finished the round; step() has not come yet
         self.replicas_checked = runtime.is_elastic()  # (an elastic job's state.sync() makes them one)
 
     def _bind(self) -> None:
@@ -285,6 +289,8 @@ class AllReduce(Strategy):
         self.synced = False
         self.round_open = False
         self.round = None
+        self.finish_task = -1
+        self.awaiting_step = False
         if self.active:
             coordinator.register_round_owner(self.plan_hash, self)
 
@@ -326,16 +332,21 @@ class AllReduce(Strategy):
         if not self.active:
             return
         key = id(param)
+        if self.awaiting_step:
+            self._too_many_passes(name, self.passes + 1)
         if not self.round_open:
             self._open_round()
+        task = torch._C._current_graph_task_id()
+        if task != self.finish_task and task >= 0:
+            # As DDP's reducer: the round finishes when this backward pass does, so that what runs between
+            # backward() and step() (clipping, GradScaler.unscale_, logging) sees the reduced gradients.
+            self.finish_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
         if key in self.feature_split:
             return
         count = self.counts[key] + 1
         if count > self.passes:
-            raise AssertionError(
-                "Gradients were computed more than backward_passes_per_step times before call to step(). Increase "
-                f"backward_passes_per_step to accumulate gradients locally. (rank {runtime.rank()}: parameter "
-                f"'{name}' got its gradient in {count} backward passes, backward_passes_per_step={self.passes})")
+            self._too_many_passes(name, count)
         self.counts[key] = count
         if count < self.passes:
             return
@@ -346,6 +357,20 @@ class AllReduce(Strategy):
         bucket.pending -= 1
         if bucket.pending == 0 and bucket.index == self.next_launch:
             self._launch_ready()
+
+    def _too_many_passes(self, name: str, count: int) -> None:
+        raise AssertionError(
+            "Gradients were computed more than backward_passes_per_step times before call to step(). Increase "
+            f"backward_passes_per_step to accumulate gradients locally. (rank {runtime.rank()}: parameter "
+            f"'{name}' got its gradient in {count} backward passes, backward_passes_per_step={self.passes})")
+
+    def _backward_done(self) -> None:
+        """The end of a backward pass that produced gradients: after the step's last pass (backward_passes_per_step),
+        the round is finished now and `.grad` holds the reduced gradients."""
+        self.finish_task = -1
+        if self.round_open and not self.synced and max(self.counts.values(), default=self.passes) >= self.passes:
+            self.synchronize()
+            self.awaiting_step = True
 
     def _sparse_ready(self, name, param) -> None:
         """A sparse gradient is gathered as indices and values (Horovod's sparse allreduce)."""
@@ -518,6 +543,7 @@ class AllReduce(Strategy):
     def step(self, closure, local_step):
         if closure is not None:
             def synchronized_closure():
+                self.awaiting_step = False  # (an optimizer such as LBFGS evaluates the closure several times)
                 with torch.enable_grad():
                     loss = closure()
                 self.synchronize()
@@ -527,6 +553,7 @@ class AllReduce(Strategy):
             if not getattr(self.optimizer, "_singa_skip_sync", False):
                 self.synchronize()
             result = local_step(None)
+        self.awaiting_step = False
         if self.tuner is not None:
             self._tune_step()
         return result
