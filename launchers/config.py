@@ -476,12 +476,20 @@ def resolve_command(command: list[str], python: bool = True) -> list[str]:
     if os.path.basename(path).startswith("python") and len(command) > 1 and command[1].endswith(".py") \
             and not os.path.isfile(command[1]):
         raise UsageError(f"the script {command[1]} does not exist")
-    if program in ("python", "python3") and python and not _imports_torch(path):
-        # As torchrun runs sys.executable: otherwise every rank fails with "No module named 'torch'".
-        print(f"singa-launch: {program} on PATH ({path}) cannot import torch; running {sys.executable} (this "
-              "launcher's Python) instead", file=sys.stderr)
-        return [sys.executable, *command[1:]]
     return list(command)
+
+
+def python_with_torch(command: list[str]) -> tuple[list[str], str | None]:
+    """A bare `python` or `python3` on PATH that cannot import torch (a shell outside the virtualenv) is replaced by
+    this launcher's Python, as torchrun runs sys.executable: otherwise every rank fails with "No module named
+    'torch'". Returns the command and, when it was replaced, the line that says so."""
+    program = command[0] if command else ""
+    path = shutil.which(program) if program in ("python", "python3") else None
+    if path is None or _imports_torch(path):
+        return command, None
+    return ([sys.executable, *command[1:]],
+            f"{program} on PATH ({path}) cannot import torch; running {sys.executable} (this launcher's Python) "
+            "instead")
 
 
 def _imports_torch(python: str) -> bool:

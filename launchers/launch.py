@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 
-from .config import UsageError, parse_args
+from .config import UsageError, parse_args, python_with_torch
 
 # horovodrun's --log-level names as Python's levels (TRACE: everything)
 LOG_LEVELS = {"TRACE": 1, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
@@ -50,6 +50,9 @@ def _verbose(cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg.command, replaced = python_with_torch(cfg.command)
+        if replaced:
+            print(f"singa-launch: {replaced}", file=sys.stderr)
         if cfg.horovod.log_level:  # as horovodrun, the launcher's own log takes the level too
             logging.basicConfig(level=LOG_LEVELS[cfg.horovod.log_level])
         if cfg.verbose:
