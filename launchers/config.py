@@ -822,7 +822,11 @@ def parse_args(argv: list[str]) -> LaunchConfig:
                            reset_limit=args.reset_limit, agents=agents, fixed_hosts=fixed,
                            cooldown_range=tuple(args.blacklist_cooldown_range) if args.blacklist_cooldown_range
                            else None)
-        topology = ClusterTopology.for_strategy(args.strategy, spec.initial_np)
+        try:
+            topology = ClusterTopology.for_strategy(args.strategy, spec.initial_np, servers=args.servers,
+                                                    server_groups=args.server_groups)
+        except TopologyError as exc:
+            raise UsageError(f"bad topology: {exc}") from None
         return LaunchConfig(topology=topology, node_procs=[spec.initial_np],
                             master_addr=args.master_addr or "127.0.0.1", master_port=args.master_port or free_port(),
                             elastic=spec, **common)

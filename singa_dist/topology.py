@@ -219,6 +219,13 @@ class ClusterTopology:
             server_groups = server_groups or (groups if kind.server_groups == "one per worker group" else 1)
             servers = 1 if servers is None else servers
         else:  # every worker reduces a share: one server beside each worker
+            given = [f"{flag} {value}" for flag, value in (("--servers", servers), ("--server-groups", server_groups))
+                     if value is not None and value > (0 if flag == "--servers" else 1)]
+            if given:
+                raise TopologyError(
+                    f"{kind.name} has no parameter servers (every worker reduces a share of the gradients): drop "
+                    f"{' and '.join(given)}, or choose a strategy with servers "
+                    f"({', '.join(PARAMETER_SERVER_STRATEGIES)})")
             server_groups, servers = 1, per_group
         topology = cls(groups, per_group, server_groups, servers, separate, sync_freq, kind.name)
         unfit = kind.unfit(topology)

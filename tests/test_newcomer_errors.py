@@ -116,3 +116,22 @@ def test_step_schedule_drops_milestones_a_short_run_cannot_have(epochs):
     milestones = sorted(step_schedule(opt, epochs, (0.0, 0.01, 0.5, 0.5, 0.75, 1.0)).milestones.elements())
     assert milestones == sorted({int(epochs * f) for f in (0.5, 0.75) if 1 <= int(epochs * f) < epochs})
     assert opt.param_groups[0]["lr"] == 1.0
+
+
+# 4. --servers with a strategy that has no servers is refused in one line, as other bad topologies are.
+@pytest.mark.parametrize("flags", [["--servers", "2"], ["--strategy", "adasum", "--server-groups", "2"],
+                                   ["--min-np", "1", "--servers", "1"]], ids=["allreduce", "adasum", "elastic"])
+def test_servers_without_a_server_strategy_are_refused(tmp_path, capsys, flags):
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    assert launch_main(["--dry-run", "-np", "2", *flags, str(script)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith("singa-launch: error: bad topology: ") and "has no parameter servers" in err, err
+    assert f"drop {flags[-2]} {flags[-1]}" in err, err
+
+
+def test_servers_zero_with_allreduce_is_no_servers(tmp_path):
+    from singa_dist.topology import ClusterTopology
+
+    assert ClusterTopology.for_strategy("allreduce", 2, servers=0).nprocs == 2
