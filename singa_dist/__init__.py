@@ -22,9 +22,9 @@ from .collectives import (Adasum, Average, Max, Min, Product, ReduceOp, Sum, all
                           alltoall_async, barrier, broadcast, broadcast_, broadcast_async, broadcast_async_,
                           broadcast_object, grouped_allgather, grouped_allgather_async, grouped_allreduce,
                           grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_,
-                          grouped_reducescatter, grouped_reducescatter_async, join, poll, reducescatter,
+                          grouped_reducescatter, grouped_reducescatter_async, poll, reducescatter,
                           reducescatter_async, sparse_allreduce_async, synchronize)
-from .functions import broadcast_optimizer_state, broadcast_parameters
+from .functions import Join, broadcast_optimizer_state, broadcast_parameters, join
 from .compression import Compression
 from .optimizer import DistributedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint

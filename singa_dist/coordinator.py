@@ -56,6 +56,7 @@ BLOCK = ROUND_FIELDS + MAX_REQUESTS * HEADER
 # block, the rank waits for a collective, and has waited for a while with no news.
 JOINED, WAITING, STUCK = 1, 2, 4
 JOINABLE = ("allreduce", "grouped_allreduce", "barrier", "gradients")  # what runs while ranks have joined (Horovod)
+LEFT_CHECK_S = 0.5  # how often a rank waiting for an all-gather round asks whether the others are in shutdown()
 
 KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join", "gradients",
          "grouped_allreduce", "grouped_allgather", "grouped_reducescatter", "broadcast_object",
@@ -431,6 +432,7 @@ class _Engine:
         self.stall_warning = (0.0 if os.environ.get("HOROVOD_STALL_CHECK_DISABLE", "0") not in ("", "0") else
                               _seconds("HOROVOD_STALL_CHECK_TIME_SECONDS", 60.0))
         self.cycle_s = _seconds("HOROVOD_CYCLE_TIME", 1.0) / 1000.0
+        self.left_checked = 0.0
         self.channel = None
         if header_pg is not None:
             if shared_headers.wanted(self.n):
@@ -549,8 +551,7 @@ class _Engine:
 
     def _wait_round(self, until: _Entry | None) -> list[list[int]]:
         try:
-            blocks = self.channel.wait(self._waiting_label() + self.describe_set(),
-                                       tick=self._warn_stall if self.stall_warning else None)
+            blocks = self.channel.wait(self._waiting_label() + self.describe_set(), tick=self._tick)
         except BaseException as exc:
             self.in_flight = False
             self._break(exc)
@@ -729,6 +730,28 @@ class _Engine:
         entry.error = error
         entry.handle = None
 
+    def _tick(self) -> None:
+        """Called every few tens of milliseconds while this rank waits for a round."""
+        self._warn_stall()
+        if not self.channel.shared:
+            self._check_left()
+
+    def _check_left(self) -> None:
+        """Across hosts (an all-gather round): a member in shutdown() will never send its block. Its files say so
+        through shared memory; here the job's store does (what shutdown() publishes), read every LEFT_CHECK_S."""
+        now = time.monotonic()
+        if now - self.left_checked < LEFT_CHECK_S:
+            return
+        self.left_checked = now
+        done = {}
+        for member in self.members:
+            if member != runtime.rank():
+                where = runtime.where_is(member, wait_s=0.0)
+                if where and where["where"] == "singa_dist.shutdown()":
+                    done[member] = where["steps"]
+        if done:
+            raise primitives.ended_early(done, self._waiting_label() + self.describe_set())
+
     def _warn_stall(self) -> None:
         """Horovod's stall check: once a collective of this rank has waited HOROVOD_STALL_CHECK_TIME_SECONDS for
         the others, say which ranks have not submitted it (once per period; the job goes on until its timeout)."""
@@ -875,6 +898,10 @@ class GradientRound(Request):
 
     def describe(self):
         return {"kind": self.kind, "name": "gradients", "plan": self.plan, "label": self._label}
+
+    def exchange(self, engine, rows):
+        """The round's result: how many members take part with gradients of their own (the others have joined)."""
+        return primitives.done(int((rows[:, FLAGS] & JOINED == 0).sum()))
 
     @classmethod
     def mismatch(cls, descs):

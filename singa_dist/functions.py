@@ -4,7 +4,9 @@
 - `broadcast_parameters` / `broadcast_optimizer_state`: every worker starts from the root's state;
 - `allreduce_gradients_`: one fused all-reduce of every parameter's `.grad` inside a group (the
   parameter-server strategies' synchronous step inside a worker group);
-- `broadcast_flat_`: one fused broadcast of many tensors inside a group.
+- `broadcast_flat_`: one fused broadcast of many tensors inside a group;
+- `join`: uneven data: `with sd.join(model, optimizer):` lets the ranks that run out of batches take part in the
+  others' steps with zeros, then every rank takes the model of the rank that finished last.
 Feature-split parameters (`singa_dist.shards`) differ by worker by design: they are compared by the shape
 of the whole tensor they were cut from and are never broadcast.
 """
@@ -15,6 +17,7 @@ import functools
 import torch
 
 from . import primitives, runtime, timeline
+from . import collectives
 from .collectives import _broadcast_start, allgather_object, broadcast_object, check_root
 from .primitives import is_active
 from .shards import is_feature_split, shard_of
@@ -231,3 +234,67 @@ def broadcast_flat_(tensors: list[torch.Tensor], root: int, what: str, group=Non
     for t, v in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
         t.copy_(v)
     return flat.numel() * flat.element_size()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Uneven data
+
+class Join:
+    """The context `sd.join(model, optimizer)` returns: see `join`."""
+
+    def __init__(self, joinables, divide_by_initial_world_size: bool):
+        self.models = [j for j in joinables if isinstance(j, torch.nn.Module)]
+        self.optimizers = [j for j in joinables if isinstance(j, torch.optim.Optimizer)]
+        other = [j for j in joinables if not isinstance(j, (torch.nn.Module, torch.optim.Optimizer))]
+        if other:
+            raise TypeError(f"sd.join() takes models and optimizers, got {type(other[0]).__name__}")
+        self.divide_by_initial_world_size = divide_by_initial_world_size
+        self.last: int | None = None
+
+    def _strategies(self) -> list:
+        return [s for s in (getattr(opt, "strategy", None) for opt in self.optimizers)
+                if s is not None and hasattr(s, "average_over_active")]
+
+    def __enter__(self) -> "Join":
+        for strategy in self._strategies():
+            strategy.average_over_active = not self.divide_by_initial_world_size
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self.last = collectives.join()
+                for model in self.models:
+                    broadcast_parameters(model.state_dict(), root_rank=self.last)
+                for opt in self.optimizers:
+                    broadcast_optimizer_state(opt, root_rank=self.last)
+        finally:
+            for strategy in self._strategies():
+                strategy.average_over_active = False
+        return False
+
+
+def join(*joinables, divide_by_initial_world_size: bool = False, device: int = -1):
+    """Uneven data, as DDP's `Join` context and Horovod's `join()`.
+
+    `with sd.join(model, optimizer): <training loop>`: a rank whose loop ends first waits at the end of the block,
+    taking part in the other ranks' gradient steps, allreduces and barriers with zeros, until every rank has left
+    the block; then every rank takes the model and optimizer state of the rank that finished last. A step that
+    some ranks sat out averages over the ranks that took part (divide_by_initial_world_size=True: over all), so
+    the result equals one process training on the same batches. `.last` holds the rank that finished last.
+    Called without models or optimizers (Horovod's `join(device)`), it is the join itself: it returns the rank
+    that joined last.
+
+    Arguments:
+        joinables: the models and DistributedOptimizers of the loop.
+        divide_by_initial_world_size: average a step over every rank, the joined ones' zeros included.
+        device: Horovod's argument (the GPU of this rank), accepted and not needed.
+    Returns:
+        the context (with models or optimizers), else the rank that joined last.
+    Raises:
+        CollectiveError when a rank that has joined is asked for something it cannot take part in (an allgather
+        or broadcast of the others: as in Horovod).
+    """
+    if not joinables or (len(joinables) == 1 and isinstance(joinables[0], int) and not isinstance(joinables[0], bool)):
+        return collectives.join(*joinables)
+    return Join(joinables, divide_by_initial_world_size)

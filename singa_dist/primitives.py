@@ -129,15 +129,17 @@ def ended_early(done: dict[int, int], what: str, error: BaseException | None = N
     """The error of a rank waiting in `what` for ranks that are in shutdown() already (done: rank -> its
     optimizer steps): the ranks ran different numbers of steps. The launcher is told (a neutral note)."""
     me = runtime.proc_rank()
-    where = "; ".join(f"rank {r} is in singa_dist.shutdown() after {steps} optimizer step(s)"
-                      for r, steps in sorted(done.items()))
-    runtime.blame(list(done), f"the ranks ran different numbers of steps ({where}; rank {me}: "
-                              f"{runtime.steps()} step(s), waiting in {what})", neutral=True)
+    plural = lambda n: f"{n} step{'s' if n != 1 else ''}"  # noqa: E731
+    finished = ", ".join(f"rank {r} finished after {plural(steps)}" for r, steps in sorted(done.items()))
+    here = f"rank {me} is at step {runtime.steps() + 1}"
+    runtime.blame(list(done), f"the ranks ran different numbers of steps ({finished}; {here}, waiting in {what})",
+                  neutral=True)
     cause = f" Cause: {error}" if error is not None else ""
     return CollectiveError(
-        f"rank {me}: the ranks ran different numbers of steps: {where}, while this rank, after "
-        f"{runtime.steps()} step(s), waits in {what}. Give every rank the same number of steps (or let the "
-        f"ranks that run out of data call join()).{cause}")
+        f"rank {me}: the ranks ran different numbers of steps: {finished}, {here} (waiting in {what}; the ranks "
+        f"that finished are in singa_dist.shutdown()). Give every rank the same number of batches, or let the "
+        f"ranks that run out of data take part with zeros: `with sd.join(model, optimizer):` around the training "
+        f"loop (hvd.join() in Horovod scripts).{cause}")
 
 
 @contextlib.contextmanager

@@ -267,6 +267,7 @@ class AllReduce(Strategy):
         self.rounds = 0
         self.finish_task = -1  # the backward pass (autograd graph task) at whose end this round finishes
         self.awaiting_step = False  # a backward pass finished the round; step() has not come yet
+        self.average_over_active = False  # inside sd.join(): Average over the ranks that have not joined
         self.replicas_checked = runtime.is_elastic()  # (an elastic job's state.sync() makes them one)
 
     def _bind(self) -> None:
@@ -429,11 +430,11 @@ class AllReduce(Strategy):
         # The announcement first: with a joined rank, this is where it learns of the round and takes part.
         round_, self.round = self.round, None
         try:
-            round_.wait()
+            active = round_.wait()
         except BaseException:
             self._abandon_round()  # another rank is elsewhere: its buckets would never come
             raise
-        self._complete_round(write_back)
+        self._complete_round(write_back, active)
 
     def _abandon_round(self) -> None:
         for bucket in self.buckets:
@@ -449,7 +450,7 @@ class AllReduce(Strategy):
         self.synced = True
         self.round_open = False
 
-    def _complete_round(self, write_back: bool) -> None:
+    def _complete_round(self, write_back: bool, active: int | None = None) -> None:
         while self.next_launch < len(self.buckets):
             self._launch(self.buckets[self.next_launch])
             self.next_launch += 1
@@ -464,8 +465,11 @@ class AllReduce(Strategy):
             bucket.exchange = None
             if write_back:
                 t0 = timeline.now() if timeline.on else 0
-                if self.postscale_factor != 1.0:
-                    bucket.buffer.mul_(self.postscale_factor)
+                scale = self.postscale_factor
+                if self.average_over_active and self.op is Average and active and active < self.size:
+                    scale *= self.size / active  # the joined ranks' zeros do not count (sd.join)
+                if scale != 1.0:
+                    bucket.buffer.mul_(scale)
                 bucket.scatter_grads(skip=self.sparse)
                 if t0:
                     timeline.span("scatter", t0, tensor=bucket.description)
