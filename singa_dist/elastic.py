@@ -35,7 +35,6 @@ import functools
 import math
 import queue
 import random
-import threading
 
 import torch
 
@@ -66,58 +65,47 @@ class HostsUpdatedInterrupt(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Notifications: what singa-launch announces in the job's store reaches every registered state
+# Notifications: what singa-launch announces in the job's store, read as Horovod's host messages
 
-class _HostUpdates:
-    """Horovod's WorkerNotificationManager: a thread of this worker watches the job's store for rounds that
-    singa-launch published for a change of hosts (not for a failure, which a collective reports itself) and hands
-    each to the registered states' `on_hosts_updated(round, update)`; the round number is the timestamp."""
+_store = None  # this worker's connection to the job's store for reading announcements
+
+
+class _HostMessages(queue.Queue):
+    """Horovod's queue of host messages, `(timestamp, HostUpdateResult)`, filled from the job's store whenever it is
+    looked at: one message for each round singa-launch published for a change of hosts (not for a failure, which a
+    collective reports itself) after the round this worker is in; the round number is the timestamp. (Read when
+    asked, by the thread that asks, instead of by a thread of its own as Horovod's notification service does.)"""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self._listeners: list = []
-        self._thread: threading.Thread | None = None
-        self._delivered = -1  # the newest round handed to the listeners
+        super().__init__()
+        self._read = -1  # the newest round looked at
 
-    def register_listener(self, state: "State") -> None:
-        with self.lock:
-            self._listeners.append(state)
-            if self._thread is None and runtime.is_elastic():
-                self._thread = threading.Thread(target=self._watch, name="singa-elastic-host-updates", daemon=True)
-                self._thread.start()
-
-    def remove_listener(self, state: "State") -> None:
-        with self.lock:
-            if state in self._listeners:
-                self._listeners.remove(state)
-
-    def forget(self) -> None:
-        """After a reset (the caller holds `lock`): rounds newer than the one joined are announced again."""
-        self._delivered = -1
-
-    def _watch(self) -> None:
-        try:
-            store = rendezvous.connect(60.0)  # a connection of its own: the training thread uses the other
-        except RuntimeError:
+    def _take_announcements(self) -> None:
+        global _store
+        if not runtime.is_elastic():
             return
-        while True:
-            try:
-                newest = rendezvous.latest(store)
-                with self.lock:
-                    current = runtime.elastic_round()
-                    if current >= 0:  # (-1 while this worker moves to its next round: nothing is stale yet)
-                        for number in range(max(self._delivered, current) + 1, newest + 1):
-                            update = rendezvous.Round.from_json(number, store.get(rendezvous.round_key(number))).update
-                            if update:
-                                for state in self._listeners:
-                                    state.on_hosts_updated(number, HostUpdateResult(update))
-                        self._delivered = max(self._delivered, newest)
-            except Exception:  # the launcher's store is gone: the job is over, and this process with it
-                return
-            threading.Event().wait(rendezvous.POLL_S * 2)
+        current, newest = runtime.elastic_round(), runtime.newest_round()
+        if newest <= max(self._read, current):
+            return
+        if _store is None:
+            _store = rendezvous.connect(60.0)
+        for number in range(max(self._read, current) + 1, newest + 1):
+            update = rendezvous.Round.from_json(number, _store.get(rendezvous.round_key(number))).update
+            if update:
+                self.put((number, HostUpdateResult(update)))
+        self._read = newest
 
+    def empty(self) -> bool:
+        self._take_announcements()
+        return super().empty()
 
-notification_manager = _HostUpdates()
+    def qsize(self) -> int:
+        self._take_announcements()
+        return super().qsize()
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        self._take_announcements()
+        return super().get(block, timeout)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -135,7 +123,7 @@ class State:
     def __init__(self, bcast_object=None, get_rank=None):
         self._bcast_object = bcast_object or _broadcast_from_rank_0
         self._rank = get_rank or runtime.rank
-        self._host_messages: queue.Queue = queue.Queue()
+        self._host_messages: queue.Queue = _HostMessages()
         self._last_updated_timestamp = 0
         self._reset_callbacks: list = []
 
@@ -145,9 +133,7 @@ class State:
         self._reset_callbacks.extend(callbacks)
 
     def on_reset(self) -> None:
-        with notification_manager.lock:  # announcements of rounds before the one joined are stale now
-            self._host_messages = queue.Queue()
-            notification_manager.forget()
+        self._host_messages = _HostMessages()  # (announcements of the rounds before the one joined are stale)
         self.reset()
         for callback in self._reset_callbacks:
             callback()
@@ -463,25 +449,21 @@ def run(func):
 
     @functools.wraps(func)
     def wrapper(state: State, *args, **kwargs):
-        notification_manager.register_listener(state)
         skip_sync = False
-        try:
-            while True:
-                try:
-                    if not skip_sync:
-                        state.sync()
-                    return func(state, *args, **kwargs)
-                except CollectiveError:
-                    if not runtime.is_elastic():
-                        raise
-                    state.restore()
-                    skip_sync = False
-                except HostsUpdatedInterrupt as interrupt:
-                    skip_sync = interrupt.skip_sync
-                # (singa-launch --reset-limit bounds the changes: it ends the job past the limit, as horovodrun)
-                runtime.reset()
-                state.on_reset()
-        finally:
-            notification_manager.remove_listener(state)
+        while True:
+            try:
+                if not skip_sync:
+                    state.sync()
+                return func(state, *args, **kwargs)
+            except CollectiveError:
+                if not runtime.is_elastic():
+                    raise
+                state.restore()
+                skip_sync = False
+            except HostsUpdatedInterrupt as interrupt:
+                skip_sync = interrupt.skip_sync
+            # (singa-launch --reset-limit bounds the changes: it ends the job past the limit, as horovodrun)
+            runtime.reset()
+            state.on_reset()
 
     return wrapper
