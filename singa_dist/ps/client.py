@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from .. import primitives, runtime, timeline
+from .. import runtime, timeline
 from ..compression import Compressor
 from ..compression import resolve as resolve_compression
 from ..functions import user_optimizer_class
@@ -85,29 +85,112 @@ class StalenessLog:
         return self._kept[index - first]
 
 
-class ParameterClient:
-    """One strategy's view of the servers of its server group."""
+class ServerTable:
+    """Where one strategy's table lives (the servers of a worker group's server group, the slices each holds) and what
+    any worker can do there alone, by point-to-point calls to those servers: read the table's state for a checkpoint,
+    and restore it from one. No call here waits for another worker, so `opt.state_dict()` works on rank 0 alone."""
 
-    def __init__(self, optimizer, named, *, group: int, replicas: int, staleness: int | None, clients: int,
-                 create: bool, compression=None, staleness_lr: bool = False, momentum_correction: bool = False,
-                 checkpoint: tuple | None = None, warmup_steps: int = 0, dana: bool = False,
-                 relative_clip: float | None = None):
+    def __init__(self, named, *, group: int, session: int, value_dtype: torch.dtype | None = None):
         topo = runtime.topology()
-        self.packer = Packer(resolve_compression(compression))
-        self.bytes_sent_last_step = 0  # gradient payload pushed to the servers in the last push
-        self.bytes_sent_total = 0
-        self.bytes_received_total = 0  # values received from the servers
-        self.optimizer = optimizer
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.group = group
-        self.replicas = replicas
+        self.session = session
+        self.value_dtype = value_dtype  # the dtype the servers send values in (see value_dtype())
         self.servers = topo.server_ranks(topo.server_group_of(group))
         self.slices = slice_params([(n, p.numel()) for n, p in named], topo.nservers_per_group,
                                    topo.nserver_groups)
         self.by_server = [[s for s in self.slices if s.server == i] for i in range(len(self.servers))]
+        self.loads = 0  # checkpoints this worker loaded: the n-th waits for worker 0's n-th restore
+
+    def state_dict(self) -> dict:
+        """The servers' values, optimizer state and versions, per parameter name (independent of the slicing)."""
+        futures = [transport.call_async(proc, server.fetch_state, self.session) for proc in self.servers]
+        entries = {}
+        for proc, fut in zip(self.servers, futures):
+            entries.update(transport.wait(proc, fut, "fetch_state"))
+        params, state, versions = {}, {}, {}
+        for index, name in enumerate(self.names):
+            parts = [s for s in self.slices if s.param == index]
+            params[name] = torch.cat([entries[s.id]["value"] for s in parts]).view(self.params[index].shape)
+            versions[name] = min(entries[s.id]["version"] for s in parts)
+            merged = {}
+            for key, first in entries[parts[0].id]["state"].items():
+                if torch.is_tensor(first) and first.dim() == 1 and first.numel() == parts[0].numel:
+                    merged[key] = torch.cat([entries[s.id]["state"][key] for s in parts])
+                else:
+                    merged[key] = first
+            state[name] = merged
+        return {"params": params, "state": state, "versions": versions}
+
+    def load_state_dict(self, state: dict) -> list[int]:
+        """Worker 0 restores the servers from `state`; every other worker waits on the servers (not on worker 0)
+        until they have taken that restore, so that no update of its own is lost to it. Then each sets its
+        parameters to the values of the checkpoint it loaded, as the servers send values: when every rank loads rank
+        0's file, every worker of every group starts from the values restored, without asking the others. Returns
+        the version of each server's table right after the restore."""
+        missing = [name for name in self.names if name not in state["params"]]
+        if missing:
+            raise KeyError(f"the checkpoint has no parameter {missing[0]!r} (it has "
+                           f"{', '.join(sorted(state['params']))})")
+        self.loads += 1
+        if runtime.rank() == 0:
+            versions = self._restore(state)
+        else:
+            versions = self._await_restore()
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params):
+                value = state["params"][name].reshape(p.shape).to(p.dtype)
+                p.data.copy_(value if self.value_dtype is None else value.to(self.value_dtype))
+        return versions
+
+    def _restore(self, state: dict) -> list[int]:
+        futures = []
+        for i, proc in enumerate(self.servers):
+            entries = {}
+            for s in self.by_server[i]:
+                name = self.names[s.param]
+                full = state["params"][name].reshape(-1)
+                numel = full.numel()
+                entries[s.id] = {
+                    "value": full[s.start:s.end].clone(), "version": state["versions"][name],
+                    "state": {k: (v[s.start:s.end].clone() if torch.is_tensor(v) and v.dim() == 1
+                                  and v.numel() == numel else v)
+                              for k, v in state["state"][name].items()}}
+            futures.append(transport.call_async(proc, server.load_state, self.session, entries))
+        return transport.wait_all(list(zip(self.servers, futures)), "load_state")
+
+    def _await_restore(self) -> list[int]:
+        calls = [(proc, transport.call_async(proc, server.restored, self.session, self.loads))
+                 for proc in self.servers]
+        try:
+            return transport.wait_all(calls, "restored")
+        except transport.PeerError as exc:
+            if "did not answer within" not in str(exc):
+                raise
+            raise transport.PeerError(exc.proc, "restored", exc, message=(
+                f"rank {runtime.rank()}: opt.load_state_dict() waited {runtime.timeout_s():g} s for rank 0 to restore "
+                f"the parameter servers from the checkpoint ({transport.describe(exc.proc)} has not seen it): call "
+                "opt.load_state_dict() on rank 0 too (rank 0 sends the checkpoint to the servers; the other workers "
+                "wait for that, so that no update is lost to it), or on rank 0 alone followed by "
+                "sd.broadcast_parameters(model.state_dict(), root_rank=0)")) from None
+
+
+class ParameterClient(ServerTable):
+    """One strategy's view of the servers of its server group: the worker that pushes to them (and pulls)."""
+
+    def __init__(self, optimizer, named, *, group: int, session: int, replicas: int, staleness: int | None,
+                 clients: int, create: bool, compression=None, staleness_lr: bool = False,
+                 momentum_correction: bool = False, checkpoint: tuple | None = None, warmup_steps: int = 0,
+                 dana: bool = False, relative_clip: float | None = None):
+        self.packer = Packer(resolve_compression(compression))
+        super().__init__(named, group=group, session=session, value_dtype=value_dtype(self.packer.compressor))
+        self.bytes_sent_last_step = 0  # gradient payload pushed to the servers in the last push
+        self.bytes_sent_total = 0
+        self.bytes_received_total = 0  # values received from the servers
+        self.optimizer = optimizer
+        self.replicas = replicas
         self.set_messages(1)
-        self.session = next_session()
         self.versions = [0] * len(self.servers)
         self.staleness_seen = StalenessLog()  # versions behind of each applied update (for tests and logs)
         self.closed = False
@@ -130,7 +213,7 @@ class ParameterClient:
                         "group_options": self.options(),
                         "replicas": replicas, "staleness": staleness, "clients": clients,
                         "compression": self.packer.compressor,
-                        "value_dtype": value_dtype(self.packer.compressor),
+                        "value_dtype": self.value_dtype,
                         "staleness_lr": staleness_lr, "momentum_correction": momentum_correction,
                         "warmup_steps": warmup_steps, "dana": dana, "relative_clip": relative_clip}
                 if checkpoint is not None:  # (folder, every N updates): the servers checkpoint and resume there
@@ -288,59 +371,26 @@ class ParameterClient:
             timeline.span("pull", t0, tensor=self.describe(True))
 
     def state_dict(self) -> dict:
-        """The servers' values, optimizer state and versions, per parameter name (independent of the slicing)."""
-        futures = [transport.call_async(proc, server.fetch_state, self.session) for proc in self.servers]
-        entries = {}
-        for proc, fut in zip(self.servers, futures):
-            entries.update(transport.wait(proc, fut, "fetch_state"))
-        params, state, versions = {}, {}, {}
-        for index, name in enumerate(self.names):
-            parts = [s for s in self.slices if s.param == index]
-            params[name] = torch.cat([entries[s.id]["value"] for s in parts]).view(self.params[index].shape)
-            versions[name] = min(entries[s.id]["version"] for s in parts)
-            merged = {}
-            for key, first in entries[parts[0].id]["state"].items():
-                if torch.is_tensor(first) and first.dim() == 1 and first.numel() == parts[0].numel:
-                    merged[key] = torch.cat([entries[s.id]["state"][key] for s in parts])
-                else:
-                    merged[key] = first
-            state[name] = merged
-        out = {"params": params, "state": state, "versions": versions}
+        """The servers' state (ServerTable.state_dict), with this sender's compression residual if it keeps one."""
+        out = super().state_dict()
         residual = self.packer.residual_state(self.slices, self.params)
         if residual is not None:
             out["residual"] = residual
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        """Worker 0 restores the servers; then every client reads the restored values. A worker group that replaced
-        a lost one restores nothing: the servers' state is newer than any checkpoint it could load, and it reads that.
-        """
+        """Restore the servers (worker 0) or wait for that (the others), and take the restored values. A worker group
+        that replaced a lost one restores nothing: the servers' state is newer than any checkpoint it could load,
+        and it reads that."""
         if runtime.is_replacement():
             self.packer.load_residual_state(state.get("residual"), self.slices)
             self.pull()
             return
-        if runtime.rank() == 0:
-            futures = []
-            for i, proc in enumerate(self.servers):
-                entries = {}
-                for s in self.by_server[i]:
-                    name = self.names[s.param]
-                    if name not in state["params"]:
-                        raise KeyError(f"the checkpoint has no parameter {name!r} (it has "
-                                       f"{', '.join(sorted(state['params']))})")
-                    full = state["params"][name].reshape(-1)
-                    numel = full.numel()
-                    entries[s.id] = {
-                        "value": full[s.start:s.end].clone(), "version": state["versions"][name],
-                        "state": {k: (v[s.start:s.end].clone() if torch.is_tensor(v) and v.dim() == 1
-                                      and v.numel() == numel else v)
-                                  for k, v in state["state"][name].items()}}
-                futures.append(transport.call_async(proc, server.load_state, self.session, entries))
-            for proc, fut in zip(self.servers, futures):
-                transport.wait(proc, fut, "load_state")
+        versions = super().load_state_dict(state)
         self.packer.load_residual_state(state.get("residual"), self.slices)
-        primitives.barrier("restoring the parameter servers from a checkpoint")
-        self.pull()
+        self.versions = list(versions)
+        for known, p in zip(self.known, self.params):
+            known.copy_(p.detach())
 
     def close(self) -> None:
         if self.closed:

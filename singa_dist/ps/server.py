@@ -15,7 +15,9 @@ and the slices' versions. The RPC handlers below run on the server; workers call
   Groups are otherwise independent (Downpour); with a staleness bound N, an update that would leave
   another computing group more than N versions behind is held back until that group has pushed, and a
   group more than N versions behind is made to pull.
-- `pull`, `fetch_state`, `load_state`: reads, checkpoints and restores.
+- `pull`, `fetch_state`, `load_state`: reads, checkpoints and restores (`load_state` comes from worker 0 alone);
+  `restored`: answers a worker once the table has taken as many restores as it asks for (the workers other than
+  worker 0 wait there, not for each other, when every one loads a checkpoint).
 - `close_table`: a client leaves a table. The server exits once every worker of the job has said goodbye
   (`transport.release_servers`, from `singa_dist.shutdown()` on the workers).
 """
@@ -108,6 +110,9 @@ class _Table:
         self.user_values: dict[int, tuple[torch.Tensor, set]] = {}
         self.closed = 0
         self.version = 0
+        self.restores = 0  # checkpoints worker 0 restored into the table (load_state)
+        self.restored_version = 0  # the table's version right after the last restore
+        self.restore_waiters: list = []  # (restores awaited, future) of workers waiting in `restored`
         self.slice_versions = [0] * len(self.params)
         self.base: dict[int, int] = {}  # worker group -> version of the values it computes on
         self.computing: set[int] = set()  # groups that are computing (no push waiting here)
@@ -610,7 +615,27 @@ def load_state(session: int, entries: dict) -> int:
     table = _me().table(session)
     with table.lock:
         table.load(entries)
-        return table.version
+        table.restores += 1
+        version = table.restored_version = table.version
+        ready = [f for count, f in table.restore_waiters if count <= table.restores]
+        table.restore_waiters = [(count, f) for count, f in table.restore_waiters if count > table.restores]
+    for future in ready:
+        future.set_result(version)
+    return version
+
+
+@_async_execution
+def restored(session: int, count: int) -> torch.futures.Future:
+    """Answers with the table's version right after the restore, once worker 0 has restored it `count` times."""
+    table = _me().table(session)
+    future = torch.futures.Future()
+    with table.lock:
+        if table.restores < count:
+            table.restore_waiters.append((count, future))
+            return future
+        version = table.restored_version
+    future.set_result(version)
+    return future
 
 
 def close_table(session: int, group: int, proc: int | None = None, steps: int | None = None) -> None:

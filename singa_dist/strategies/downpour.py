@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 
-from .. import primitives, runtime
+from .. import runtime
 from ..environment import server_checkpoint_defaults
 from ..functions import allreduce_gradients_, broadcast_flat_
 from ..ps import client as ps_client
@@ -93,13 +93,17 @@ class Downpour(ParameterServerStrategy):
         self.leader = self.group_ranks[0]
         self.group_pg = runtime.group_process_group()
         transport.join()  # every process joins the RPC group, leaders or not
+        session = ps_client.next_session()  # on every worker, so that the n-th table has one id everywhere
         if runtime.proc_rank() == self.leader:
             self.client = ps_client.ParameterClient(
-                optimizer, self.named, group=self.group, replicas=1, staleness=self.staleness,
+                optimizer, self.named, group=self.group, session=session, replicas=1, staleness=self.staleness,
                 clients=topo.nworker_groups, create=runtime.rank() == 0 and not runtime.is_replacement(),
                 compression=self.compression, staleness_lr=self.staleness_lr,
                 momentum_correction=self.momentum_correction, checkpoint=self.checkpoint,
                 warmup_steps=self.warmup_steps, dana=self.dana, relative_clip=self.relative_clip)
+        # The other workers of the group read and restore the servers' state through the same table, alone.
+        self.table = self.client if self.client is not None else ps_client.ServerTable(
+            self.named, group=self.group, session=session, value_dtype=ps_client.value_dtype(self.compression))
         self._broadcast_in_group()
         self._start_messages(self.group_pg, len(self.group_ranks), runtime.proc_rank() == self.leader)
         runtime.on_shutdown(self.close)
@@ -162,18 +166,15 @@ class Downpour(ParameterServerStrategy):
         return list(self.client.staleness_seen) if self.client else []
 
     def state_dict(self) -> dict:
+        """The servers' state (values, optimizer state, versions) read from them by this worker alone, with the
+        group's step count (and the first worker's compression residual, which only it keeps)."""
         if self.local:
             return {}
-        # Any process may read the servers; reading through a one-off client keeps non-leaders simple.
-        if self.client is not None:
-            state = self.client.state_dict()
-        else:
-            state = None
-        state = primitives.broadcast_object(state, 0, f"the servers' state in worker group {self.group}",
-                                            group=self.group_pg)
-        return {**state, "steps": self.steps}
+        return {**self.table.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Rank 0 restores the servers; every other worker that loads waits on the servers for that restore and
+        takes the checkpoint's values, without waiting for the others (rank 0 alone may load it and broadcast)."""
         if self.local:
             if state:
                 raise ValueError("this downpour strategy runs in one process and keeps no server state")
@@ -181,11 +182,14 @@ class Downpour(ParameterServerStrategy):
         if not state:
             return
         self.steps = state.get("steps", 0)
-        if self.client is not None:
-            self.client.load_state_dict(state)
-        elif not runtime.is_replacement():
-            primitives.barrier("restoring the parameter servers from a checkpoint")  # matches the client's
-        self._broadcast_in_group()
+        if runtime.is_replacement():
+            # The group replaces a lost one: its first worker reads the servers' current state, newer than any
+            # checkpoint, and hands it to the group (the whole group starts together).
+            if self.client is not None:
+                self.client.load_state_dict(state)
+            self._broadcast_in_group()
+            return
+        self.table.load_state_dict(state)
 
     def close(self) -> None:
         if self.client is not None:

@@ -37,7 +37,8 @@ class Sandblaster(ParameterServerStrategy):
         topo = runtime.topology()
         transport.join()
         self.client = ps_client.ParameterClient(
-            optimizer, self.named, group=0, replicas=topo.nworkers_per_group, staleness=None,
+            optimizer, self.named, group=0, session=ps_client.next_session(), replicas=topo.nworkers_per_group,
+            staleness=None,
             clients=topo.nworkers, create=runtime.rank() == 0, compression=self.compression)
         self._start_messages(None, runtime.size(), runtime.rank() == 0)
         runtime.on_shutdown(self.close)
