@@ -204,6 +204,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         raise ValueError("this optimizer is already a DistributedOptimizer")
     strategy = _make_strategy(strategy, op, backward_passes_per_step, gradient_predivide_factor, num_groups,
                               groups, sparse_as_dense, process_set)
+    if strategy.name == "adasum" and op is Average:
+        op = Adasum  # the default op under `singa-launch --strategy adasum` (or strategy="adasum"): Adasum is its op
     base = type(optimizer)
     cls = _classes.get(base)
     if cls is None:
