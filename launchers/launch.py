@@ -15,9 +15,10 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
 
-from .config import UsageError, parse_args, python_with_torch
+from .stopping import StopSignals, stopped_line
 
 # horovodrun's --log-level names as Python's levels (TRACE: everything)
 LOG_LEVELS = {"TRACE": 1, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
@@ -47,7 +48,10 @@ def _verbose(cfg) -> None:
     sys.stderr.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, signals: StopSignals | None = None) -> int:
+    """singa-launch with `argv`; `signals`: the stop signals recorded since the command started (the console's)."""
+    signals = signals if signals is not None else StopSignals()
+    from .config import UsageError, parse_args, python_with_torch
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         cfg.command, replaced = python_with_torch(cfg.command)
@@ -57,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(level=LOG_LEVELS[cfg.horovod.log_level])
         if cfg.verbose:
             _verbose(cfg)
+        if signals.received:  # while torch loaded or the flags were read
+            print(stopped_line(signals.first), file=sys.stderr)
+            return 128 + signals.first
+        if cfg.mpi or cfg.hosts or (cfg.elastic is not None and not cfg.dry_run):
+            signals.restore()  # these take signals their own way
         if cfg.mpi:
             from .mpi import run_mpi
             return _merge_timeline(cfg, run_mpi(cfg))
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.rank_from_rendezvous:
         from .watchdog import take_node_rank
+        signals.restore()  # a Ctrl-C ends the wait for node 0 at once (KeyboardInterrupt, see console())
         try:
             cfg.node_rank = take_node_rank(cfg.master_addr, cfg.master_port, cfg.nnodes, cfg.run_id,
                                            cfg.rendezvous_timeout)
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"singa-launch: node {cfg.node_rank} of {cfg.nnodes} (c10d rendezvous at {cfg.master_addr}:"
               f"{cfg.master_port})", file=sys.stderr)
     from .local import run_node
-    return _merge_timeline(cfg, run_node(cfg))
+    return _merge_timeline(cfg, run_node(cfg, signals))
 
 
 def _merge_timeline(cfg, status: int) -> int:
@@ -105,8 +115,15 @@ def _merge_timeline(cfg, status: int) -> int:
 
 def console() -> None:
     """The singa-launch command: main(), then out without the interpreter's teardown, which takes about 0.4 s here
-    (torch's modules) and which the end of every job would wait for. Everything main() wrote is closed by then."""
-    code = main()
+    (torch's modules) and which the end of every job would wait for. Everything main() wrote is closed by then.
+    A Ctrl-C before the job has started (while torch loads, say) ends with one line too, as one after."""
+    signals = StopSignals()
+    signals.install()  # before torch loads (see launchers.stopping)
+    try:
+        code = main(signals=signals)
+    except KeyboardInterrupt:  # where Python's handler is back: elastic jobs, the wait for node 0's rendezvous
+        print(stopped_line(signal.SIGINT), file=sys.stderr)
+        code = 128 + signal.SIGINT
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,12 +29,15 @@ from singa_dist.environment import free_port
 from singa_dist.topology import strategy_kind
 
 from .config import LaunchConfig, ProcessSpec
+from .stopping import StopSignals, stopped_line
 from .tag_output import LineSplitter
 from .watchdog import NodeWatch
 
 POLL_S = 0.05
 # How long servers may take to finish on their own once every worker has succeeded.
 SERVER_DRAIN_S = 10.0
+# How long a process may take to be reaped after SIGKILL before the launcher says it could not stop it.
+KILL_WAIT_S = 10.0
 
 # The elastic API logs every signal it sends; the launcher reports failures itself, once, by rank.
 logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
@@ -133,6 +137,13 @@ class OutputPump:
             pass
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group has ended already
+
+
 @dataclass
 class Outcome:
     """How one attempt of the job ended."""
@@ -186,8 +197,9 @@ def describe_exit(code: int) -> str:
 class LocalJob:
     """One attempt: this node's processes, started and watched."""
 
-    def __init__(self, cfg: LaunchConfig, attempt: int, restarts_used: int = 0):
+    def __init__(self, cfg: LaunchConfig, attempt: int, restarts_used: int = 0, signals: StopSignals | None = None):
         self.cfg = cfg
+        self.signals = signals if signals is not None else StopSignals()
         self.attempt = attempt
         self.restarts_used = restarts_used  # restarts of the job and replacements of groups before this attempt
         self.replaced = 0  # worker groups replaced so far in this attempt
@@ -222,6 +234,8 @@ class LocalJob:
         if self.pump is not None:
             self.pump.start()
         for role, specs in by_role.items():
+            if self.signals.received:
+                break  # told to stop: wait() says so at once
             self._start(role, specs, self._file_names(specs))
 
     def _file_names(self, specs: list[ProcessSpec], generation: int = 0) -> list[str]:
@@ -240,14 +254,24 @@ class LocalJob:
         """Start `specs` (one context; output files named `names`), their output copied to the console."""
         # Each process starts through launchers.lifeline, so that it dies with this launcher even when the
         # launcher is killed outright (SIGKILL runs none of the cleanup below).
-        ctx = start_processes(
-            name=role, entrypoint=sys.executable,
-            args={i: ("-m", "launchers.lifeline", *s.argv) for i, s in enumerate(specs)},
-            envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid()), "SINGA_FAILURE_DIR": self.folder,
-                      **({"TORCHELASTIC_USE_AGENT_STORE": "True", "SINGA_LAUNCHER_STORE": "1"}
-                         if self.watch is not None else {}), **(env or {})}
-                  for i, s in enumerate(specs)},
-            logs_specs=_RankFiles(self.folder, names, folders=bool(self.cfg.output_filename)))
+        # From the main thread, though torch puts its raising signal handlers in meanwhile: a process started from a
+        # helper thread would get its death signal (launchers.lifeline) when that thread ended.
+        try:
+            ctx = start_processes(
+                name=role, entrypoint=sys.executable,
+                args={i: ("-m", "launchers.lifeline", *s.argv) for i, s in enumerate(specs)},
+                envs={i: {**s.env, "SINGA_LAUNCHER_PID": str(os.getpid()), "SINGA_FAILURE_DIR": self.folder,
+                          **({"TORCHELASTIC_USE_AGENT_STORE": "True", "SINGA_LAUNCHER_STORE": "1"}
+                             if self.watch is not None else {}), **(env or {})}
+                      for i, s in enumerate(specs)},
+                logs_specs=_RankFiles(self.folder, names, folders=bool(self.cfg.output_filename)))
+        except SignalException as exc:
+            # torch's handler, in place while it starts the processes. Those it started die with the launcher,
+            # which stops now (launchers.lifeline).
+            self.signals.received.append(int(exc.sigval))
+            return
+        finally:
+            self.signals.install()  # torch's handlers out again
         self.contexts.append((ctx, specs))
         if self.pump is not None:
             tee = self.cfg.tee if self.cfg.log_dir else 3
@@ -303,6 +327,8 @@ class LocalJob:
         servers_done_by = None
         checked: set = set()  # processes that ended well and were checked for a note
         while True:
+            if self.signals.received:
+                return Outcome(False, [], signal=self.signals.first)
             if self.watch is not None and self.watch.problem:
                 return Outcome(False, [], lost=self.watch.problem)
             codes = self._codes()
@@ -417,20 +443,29 @@ class LocalJob:
         self.lost.difference_update(ranks)
 
     def stop(self, grace: float) -> None:
-        """SIGTERM every process group still running, SIGKILL after `grace` seconds, then tidy up."""
-        closers = [threading.Thread(target=ctx.close, kwargs={"death_sig": signal.SIGTERM, "timeout": grace})
-                   for ctx, _ in self.contexts]
-        for t in closers:
-            t.start()
-        for t in closers:
-            t.join()
-        # A process that exited may have left children in its group; the group id cannot be reused while they live.
+        """SIGTERM every process group still running, SIGKILL after `grace` seconds (at once when another stop
+        signal comes meanwhile), then tidy up."""
+        told = len(self.signals.received)
+        handlers = [(spec, ctx.subprocess_handlers[i]) for ctx, specs in self.contexts for i, spec in enumerate(specs)]
+        running = [(spec, h) for spec, h in handlers if h.proc.poll() is None]
+        for _, h in running:
+            _signal_group(h.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while running and time.monotonic() < deadline and len(self.signals.received) == told:
+            time.sleep(POLL_S)
+            running = [(spec, h) for spec, h in running if h.proc.poll() is None]
+        # Every group, ended processes' too: one that exited may have left children in its group, whose id cannot be
+        # reused while they live.
+        for _, h in handlers:
+            _signal_group(h.proc.pid, signal.SIGKILL)
+        for spec, h in running:
+            try:
+                h.proc.wait(KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                say(f"{spec.title} (pid {h.proc.pid}) did not end {KILL_WAIT_S:g} s after SIGKILL")
         for ctx, _ in self.contexts:
-            for handler in ctx.subprocess_handlers.values():
-                try:
-                    os.killpg(handler.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            if all(h.proc.poll() is not None for h in ctx.subprocess_handlers.values()):
+                ctx.close(death_sig=signal.SIGKILL, timeout=0)  # torch's own tidying; it has no process to signal
         if self.pump is not None:
             self.pump.stop()
         if self.watch is not None:
@@ -455,41 +490,45 @@ def say(message: str) -> None:
     print(f"singa-launch: {message}", file=sys.stderr, flush=True)
 
 
-def run_node(cfg: LaunchConfig) -> int:
-    """Run this node's share of the job to the end; return the launcher's exit status."""
+def run_node(cfg: LaunchConfig, signals: StopSignals | None = None) -> int:
+    """Run this node's share of the job to the end; return the launcher's exit status. `signals`: the stop
+    signals recorded since the launcher started (by default, from now)."""
+    signals = signals if signals is not None else StopSignals()
+    signals.install()
+    try:
+        return _run_attempts(cfg, signals)
+    finally:
+        signals.restore()
+
+
+def _run_attempts(cfg: LaunchConfig, signals: StopSignals) -> int:
     if cfg.exit_on_stdin_close:
         _watch_stdin()
     attempt = 0
     replaced = 0  # lost worker groups replaced in earlier attempts (each counts as a restart)
     while True:
-        job = LocalJob(cfg, attempt, restarts_used=attempt + replaced)
+        job = LocalJob(cfg, attempt, restarts_used=attempt + replaced, signals=signals)
         try:
             job.start()
             outcome = job.wait()
-        except SignalException as exc:
-            outcome = Outcome(False, [], signal=int(exc.sigval))
-        except KeyboardInterrupt:
-            outcome = Outcome(False, [], signal=int(signal.SIGINT))
         except OSError as exc:  # a program that cannot be executed after all
             job.stop(0)
             say(f"could not start the job: {exc}")
             return 1
-        try:
-            if job.watch is not None:
-                job.watch.finish(outcome.ok)
-            others = sum(1 for _, code in job._codes() if code is None)
-            if not outcome.ok and outcome.signal is None and others:
-                which = "this node's" if outcome.lost else "the other"
-                say(f"{outcome.describe()}; stopping {which} {others} process(es)")
-            job.stop(cfg.grace_period)
-        except SignalException as exc:  # a second signal while stopping: stop at once
-            job.stop(0)
-            outcome = Outcome(False, [], signal=int(exc.sigval))
+        if job.watch is not None:
+            job.watch.finish(outcome.ok, stopped=lambda: bool(signals.received))
+        others = sum(1 for _, code in job._codes() if code is None)
+        if not outcome.ok and outcome.signal is None and others:
+            which = "this node's" if outcome.lost else "the other"
+            say(f"{outcome.describe()}; stopping {which} {others} process(es)")
+        job.stop(cfg.grace_period)
+        if not outcome.ok and signals.received:  # told to stop while the job was failing
+            outcome = Outcome(False, [], signal=signals.first)
         replaced += job.replaced
         if outcome.ok:
             return 0
         if outcome.signal is not None:
-            say(f"stopped by signal {signal.Signals(outcome.signal).name}")
+            print(stopped_line(outcome.signal), file=sys.stderr, flush=True)
             return outcome.exit_code
         if attempt + replaced >= cfg.max_restarts:
             restarts = f" after {attempt + replaced} restart(s)" if attempt + replaced else ""

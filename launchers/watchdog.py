@@ -193,9 +193,9 @@ class NodeWatch:
         except Exception:
             pass
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, ok: bool, stopped=lambda: False) -> None:
         """This node's processes have ended (well when `ok`). Node 0 keeps the store up while other nodes still
-        run; every node stops beating."""
+        run, unless `stopped()` says the launcher was told to stop; every node stops beating."""
         store = self._store
         if store is not None and ok and self.problem is None:
             try:
@@ -203,16 +203,16 @@ class NodeWatch:
             except Exception:
                 pass
             if self.node == 0:
-                self._wait_for_others(store)
+                self._wait_for_others(store, stopped)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=OP_TIMEOUT_S + 1)
 
-    def _wait_for_others(self, store) -> None:
+    def _wait_for_others(self, store, stopped) -> None:
         """Until every other node is done, or stopped beating for STALE_S."""
         pending = set(range(1, self.nnodes))
         seen: dict = {}
-        while pending and self.problem is None:
+        while pending and self.problem is None and not stopped():
             for node in sorted(pending):
                 try:
                     if store.check([self._key("done", node)]) or self._heartbeat_age(store, node, seen)[1] > STALE_S:

@@ -2,7 +2,10 @@
 import importlib
 import inspect
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 import singa_dist as sd
 import singa_dist.horovod as hvd
 from launchers.launch import main as launch_main
-from tests.dist_harness import run_command
+from tests.dist_harness import kill_session, run_command
 
 
 # 1. named_parameters=model.parameters() (no names) says what is expected, as Horovod does.
@@ -135,3 +138,60 @@ def test_servers_zero_with_allreduce_is_no_servers(tmp_path):
     from singa_dist.topology import ClusterTopology
 
     assert ClusterTopology.for_strategy("allreduce", 2, servers=0).nprocs == 2
+
+
+# 5. Ctrl-C of singa-launch ends with one line, whenever it comes: before the ranks are up, while they run, and
+# a second one while they stop (which SIGKILLs them at once).
+STOPPING_RANK = """
+import os, signal, sys, time
+def stop(*_):
+    time.sleep(float(os.environ["STOP_S"]))  # a rank that takes a while to stop
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+open(os.path.join(sys.argv[1], "pid" + os.environ["RANK"]), "w").write(str(os.getpid()))
+while True:
+    time.sleep(0.01)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent has ended too
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("when", ["starting", "running", "twice"])
+def test_ctrl_c_ends_with_one_line(tmp_path, when):
+    script = tmp_path / "rank.py"
+    script.write_text(STOPPING_RANK)
+    stop_s = {"starting": 0.2, "running": 0.5, "twice": 30}[when]
+    grace = ["--grace-period", "60"] if when == "twice" else []
+    proc = subprocess.Popen(LAUNCH + ["-np", "2", *grace, str(script), str(tmp_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **ENV, "STOP_S": str(stop_s)})
+    try:
+        if when == "starting":
+            time.sleep(0.3)  # the launcher is still loading torch, or just starting the ranks
+        else:
+            deadline = time.monotonic() + 30
+            while not all((tmp_path / f"pid{r}").exists() for r in range(2)):
+                assert time.monotonic() < deadline and proc.poll() is None, "ranks did not start"
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        if when == "twice":
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)  # the ranks would take 30 s: the second Ctrl-C stops them now
+        second = time.monotonic()
+        _, err = proc.communicate(timeout=40)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert when != "twice" or time.monotonic() - second < 15
+    assert err.splitlines() == ["singa-launch: stopped by signal SIGINT"], err
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2) if (tmp_path / f"pid{r}").exists()]
+    assert all(_gone(pid) for pid in pids)
