@@ -30,8 +30,8 @@ import native_layers as nl
 import singa_dist as sd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from datasets import augment, fit_images, image_data, mean_image  # noqa: E402
-from training import EpochLog, evaluate, step_schedule, train_loader  # noqa: E402
+from datasets import augment, fit_images, image_data, mean_image, stand_in_note  # noqa: E402
+from training import EpochLog, evaluate, run, step_schedule, train_loader  # noqa: E402
 
 
 def build_model(num_classes: int = 10, channels: int = 3, image_size: int = 32) -> torch.nn.Sequential:
@@ -97,11 +97,13 @@ def main(argv=None) -> float:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
+    train_set, test_set = image_data(args.data, args.image_size, verbose=False)  # before sd.init(): see run()
     sd.init()
     torch.manual_seed(args.seed)
     device = sd.device()
     rank, size = sd.rank(), sd.size()
-    train_set, test_set = image_data(args.data, args.image_size, verbose=rank == 0)
+    if rank == 0 and args.data is None:
+        print(stand_in_note(args.image_size), flush=True)
     mean = fit_images(mean_image(train_set)[None], args.image_size, 3).to(device)
 
     def prepare(x):  # uint8 images -> pixel values minus the mean image, as SINGA's RGBImage layer
@@ -169,4 +171,4 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

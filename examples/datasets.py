@@ -319,8 +319,7 @@ def image_data(data_dir: str | None, image_size: int = 32, channels: int = 3, ve
     image_size x image_size, and one line saying so."""
     if data_dir is None:
         if verbose:
-            print(f"no --data DIR given: training on a stand-in, the scikit-learn digits resized to "
-                  f"{image_size}x{image_size} (see docs/zoo.md for the real datasets)", flush=True)
+            print(stand_in_note(image_size), flush=True)
         return digit_images(image_size, channels)
     root = Path(data_dir)
     if not root.is_dir():
@@ -339,6 +338,12 @@ def image_data(data_dir: str | None, image_size: int = 32, channels: int = 3, ve
         return train, ImageFolder(test_dir, image_size, classes=train.class_names)
     raise DatasetError(f"--data {data_dir}: found none of CIFAR-10 (test_batch.bin), CIFAR-100 (test.bin), MNIST "
                        f"(train-images-idx3-ubyte[.gz]) or train/ + val/ image folders")
+
+
+def stand_in_note(image_size: int) -> str:
+    """What image_data() says when no --data folder is given."""
+    return (f"no --data DIR given: training on a stand-in, the scikit-learn digits resized to "
+            f"{image_size}x{image_size} (see docs/zoo.md for the real datasets)")
 
 
 def fit_images(x: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import singa_dist as sd
+from singa_dist.environment import DATA_ERROR_STATUS
 
-from datasets import EvalShard
+from datasets import DatasetError, EvalShard
+
+
+def run(main) -> None:
+    """The zoo scripts' entry point: main(), where a DatasetError (a missing, damaged or empty --data) ends the
+    process with one line and status DATA_ERROR_STATUS (65) instead of a traceback. Under a launcher that collects
+    the processes' errors (TORCHELASTIC_ERROR_FILE: singa-launch, torchrun) the line goes to it, and singa-launch
+    says it once for all the ranks that failed so; elsewhere it is printed. The scripts read their data before
+    sd.init(), so that every rank fails alike, none left waiting for another at init."""
+    try:
+        main()
+    except DatasetError as exc:
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            ErrorHandler().record_exception(exc)
+        else:
+            print(f"{os.path.basename(sys.argv[0])}: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(DATA_ERROR_STATUS)  # at once, as singa_dist ends a script dying of an error after init
 
 
 def train_loader(train_set: Dataset, per_rank: int, seed: int, workers: int = 0) -> DataLoader:

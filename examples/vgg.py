@@ -29,8 +29,8 @@ import native_layers as nl
 import singa_dist as sd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from datasets import augment, channel_stats, fit_images, image_data  # noqa: E402
-from training import EpochLog, evaluate, load_torchvision_weights, step_schedule, train_loader  # noqa: E402
+from datasets import augment, channel_stats, fit_images, image_data, stand_in_note  # noqa: E402
+from training import EpochLog, evaluate, load_torchvision_weights, run, step_schedule, train_loader  # noqa: E402
 
 CONFIGS = {  # torchvision's: output channels of each 3x3 convolution, "M" for a 2x2 max pooling
     "vgg11_bn": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -109,13 +109,15 @@ def main(argv=None) -> float:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
+    folders = args.data is not None and os.path.isdir(os.path.join(args.data, "train"))
+    image_size = args.image_size or (224 if folders else 32)
+    train_set, test_set = image_data(args.data, image_size, verbose=False)  # before sd.init(): see run()
     sd.init()
     torch.manual_seed(args.seed)
     device = sd.device()
     rank, size = sd.rank(), sd.size()
-    folders = args.data is not None and os.path.isdir(os.path.join(args.data, "train"))
-    image_size = args.image_size or (224 if folders else 32)
-    train_set, test_set = image_data(args.data, image_size, verbose=rank == 0)
+    if rank == 0 and args.data is None:
+        print(stand_in_note(image_size), flush=True)
     mean, std = (t.view(1, -1, 1, 1).to(device) for t in channel_stats(train_set))
 
     def prepare(x):  # uint8 images -> normalised per channel
@@ -180,4 +182,4 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

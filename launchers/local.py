@@ -11,6 +11,7 @@ workers run the script from its start and take the current values from the serve
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, SignalException, start_processes
 
-from singa_dist.environment import free_port
+from singa_dist.environment import DATA_ERROR_STATUS, free_port
 from singa_dist.topology import strategy_kind
 
 from .config import LaunchConfig, ProcessSpec
@@ -38,6 +39,9 @@ POLL_S = 0.05
 SERVER_DRAIN_S = 10.0
 # How long a process may take to be reaped after SIGKILL before the launcher says it could not stop it.
 KILL_WAIT_S = 10.0
+# How long the other workers may take to end on their own after one ended on a data error (DATA_ERROR_STATUS):
+# they read the same data, and an error they share is then said once.
+DATA_ERROR_WAIT_S = 10.0
 
 # The elastic API logs every signal it sends; the launcher reports failures itself, once, by rank.
 logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
@@ -64,6 +68,11 @@ class _RankFiles(LogsSpecs):
         else:
             path = lambda i, ext: os.path.join(self._folder, f"{self._names[i]}.{ext}")  # noqa: E731
         n = range(len(self._names))
+        for i in n:
+            # torch's error file (its @record and ErrorHandler write it), from this attempt only
+            envs[i]["TORCHELASTIC_ERROR_FILE"] = path(i, "error.json")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path(i, "error.json"))
         return LogsDest(stdouts={i: path(i, "out") for i in n}, stderrs={i: path(i, "err") for i in n},
                         tee_stdouts={}, tee_stderrs={}, error_files={i: path(i, "error.json") for i in n})
 
@@ -137,6 +146,18 @@ class OutputPump:
             pass
 
 
+def _recorded_error(path: str) -> str | None:
+    """The first line of the message a process left in its error file (torch's format, TORCHELASTIC_ERROR_FILE)."""
+    try:
+        with open(path) as f:
+            message = json.load(f)["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(message, dict):
+        message = message.get("message")
+    return message.strip().splitlines()[0] if isinstance(message, str) and message.strip() else None
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -155,11 +176,12 @@ class Outcome:
     # went wrong (different numbers of steps) without making those processes the cause
     causes: list = field(default_factory=list)
     lost: str | None = None  # another node's launcher is gone (see launchers.watchdog)
+    errors: dict = field(default_factory=dict)  # process rank -> the error a failed process recorded
 
     def describe(self) -> str:
         if self.lost:
             return self.lost
-        said = "; ".join(f"{spec.title} {describe_exit(code)}" for spec, code in self.failed)
+        said = self._said()
         if self.failed and all(code == 0 for _, code in self.failed) and self.causes:
             # A process that ended well but could not leave the job with the others (singa_dist.shutdown()).
             blamed = ", ".join(spec.title for spec, _, _ in self.causes)
@@ -171,6 +193,17 @@ class Outcome:
             return f"{said}: {self.causes[0][1]}"
         blamed = ", ".join(spec.title for spec, _, _ in self.causes)
         return f"{self.causes[0][1]} ({blamed}), so {said}"
+
+    def _said(self) -> str:
+        """How the failed processes ended, with the errors they recorded; once for all when they failed alike."""
+        errors = {self.errors.get(spec.proc_rank) for spec, _ in self.failed}
+        codes = {code for _, code in self.failed}
+        if len(self.failed) > 1 and len(codes) == 1 and len(errors) == 1 and None not in errors:
+            titles = [spec.title for spec, _ in self.failed]
+            return f"{', '.join(titles[:-1])} and {titles[-1]} {describe_exit(codes.pop())}: {errors.pop()}"
+        return "; ".join(f"{spec.title} {describe_exit(code)}" + (f": {self.errors[spec.proc_rank]}"
+                                                                  if spec.proc_rank in self.errors else "")
+                         for spec, code in self.failed)
 
     @property
     def exit_code(self) -> int:
@@ -323,8 +356,16 @@ class LocalJob:
                 for ctx, specs in self.contexts for i, spec in enumerate(specs)
                 if id(ctx.subprocess_handlers[i]) not in self.retired]
 
+    def _errors(self, failed: list) -> dict[int, str]:
+        """The errors the failed processes recorded (see _recorded_error), by process rank."""
+        files = {spec.proc_rank: ctx.error_files[i] for ctx, specs in self.contexts for i, spec in enumerate(specs)}
+        errors = {spec.proc_rank: _recorded_error(files[spec.proc_rank]) for spec, _ in failed
+                  if spec.proc_rank in files}
+        return {proc: error for proc, error in errors.items() if error}
+
     def wait(self) -> Outcome:
         servers_done_by = None
+        data_error_wait = None  # until when the others may end on their own after a data error
         checked: set = set()  # processes that ended well and were checked for a note
         while True:
             if self.signals.received:
@@ -333,13 +374,19 @@ class LocalJob:
                 return Outcome(False, [], lost=self.watch.problem)
             codes = self._codes()
             failed = [(spec, code) for spec, code in codes if code not in (None, 0)]
+            if any(code == DATA_ERROR_STATUS for _, code in failed) and \
+                    any(code is None and spec.role == "worker" for spec, code in codes):
+                data_error_wait = data_error_wait or time.monotonic() + DATA_ERROR_WAIT_S
+                if time.monotonic() < data_error_wait:
+                    time.sleep(POLL_S)
+                    continue
             if failed and self.asynchronous and not self._blames_others(failed) and self._lose_groups(failed):
                 continue
             if failed:
                 time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
                 notes = self._notes(failed)
                 failed = self.first_causes_first(failed, notes)
-                return Outcome(False, failed, causes=self.causes(failed, notes))
+                return Outcome(False, failed, causes=self.causes(failed, notes), errors=self._errors(failed))
             # A process that ended well but left a note could not meet the others at singa_dist.shutdown()
             # (they hang, or ran more steps): waiting for them would be waiting forever.
             stranded = [(spec, 0) for spec, code in codes if code == 0 and spec.proc_rank not in checked

@@ -56,6 +56,10 @@ SERVER_CHECKPOINT_EVERY_VARIABLE = "SINGA_SERVER_CHECKPOINT_EVERY"
 CHECKPOINTED_STRATEGIES = ("downpour", "hybrid")
 # The strategies that tune something then: AllReduce its bucket size, the others their messages per server.
 AUTOTUNED_STRATEGIES = ("allreduce", "sandblaster", "downpour", "hybrid")
+# The exit status of a process whose input data is wrong (sysexits.h's EX_DATAERR), as the model zoo's scripts
+# end on a dataset error: the other ranks read the same data, and singa-launch lets them end on their own and
+# says the error once.
+DATA_ERROR_STATUS = 65
 
 
 def server_checkpoint_defaults() -> tuple[str | None, int]:

@@ -13,6 +13,7 @@ import torch
 import singa_dist as sd
 import singa_dist.horovod as hvd
 from launchers.launch import main as launch_main
+from singa_dist.environment import DATA_ERROR_STATUS
 from tests.dist_harness import kill_session, run_command
 
 
@@ -195,3 +196,52 @@ def test_ctrl_c_ends_with_one_line(tmp_path, when):
     assert err.splitlines() == ["singa-launch: stopped by signal SIGINT"], err
     pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2) if (tmp_path / f"pid{r}").exists()]
     assert all(_gone(pid) for pid in pids)
+
+
+# 6. A dataset error in a zoo script is one line, said once, with its own exit status.
+def test_missing_data_under_singa_launch_is_one_line(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    res = run_command(LAUNCH + ["-np", "2", os.path.join(EXAMPLES, "cifar10_convnet.py"), "--data", str(missing),
+                                "--epochs", "1"], timeout=120, env=ENV)
+    assert res.returncode == DATA_ERROR_STATUS, res.stderr
+    assert res.stderr.splitlines() == [f"singa-launch: job failed: rank 0 and rank 1 exited with status 65: "
+                                       f"DatasetError: --data {missing}: no such folder"], res.stderr
+    assert "Traceback" not in res.stdout
+
+
+@pytest.mark.parametrize("launched", [False, True], ids=["alone", "error-file"])
+def test_zoo_entry_point_turns_a_dataset_error_into_one_line(tmp_path, monkeypatch, capsys, launched):
+    from examples.training import DatasetError, run  # (the class training.py catches: `datasets` on its path)
+
+    error_file = tmp_path / "error.json"
+    if launched:
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    else:
+        monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["vgg.py"])
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+
+    def main():
+        raise DatasetError("--data /x: no such folder")
+    with pytest.raises(SystemExit) as exit_:
+        run(main)
+    assert exit_.value.code == DATA_ERROR_STATUS
+    err = capsys.readouterr().err
+    if launched:
+        assert err == "" and "DatasetError: --data /x: no such folder" in error_file.read_text()
+    else:
+        assert err == "vgg.py: --data /x: no such folder\n" and not error_file.exists()
+
+
+def test_failures_alike_are_said_once():
+    from launchers.config import ProcessSpec
+    from launchers.local import Outcome
+
+    ranks = [ProcessSpec(proc_rank=r, local_rank=r, role="worker", index=r, argv=[], env={}) for r in range(3)]
+    same = Outcome(False, [(s, 65) for s in ranks], errors={r: "DatasetError: bad" for r in range(3)})
+    assert same.describe() == "rank 0, rank 1 and rank 2 exited with status 65: DatasetError: bad"
+    assert same.exit_code == 65
+    mixed = Outcome(False, [(ranks[0], 65), (ranks[1], 1)], errors={0: "DatasetError: bad"})
+    assert mixed.describe() == "rank 0 exited with status 65: DatasetError: bad; rank 1 exited with status 1"
+    plain = Outcome(False, [(ranks[0], 1), (ranks[1], 1)])
+    assert plain.describe() == "rank 0 exited with status 1; rank 1 exited with status 1"
