@@ -68,7 +68,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="CIFAR-10/100 or MNIST binary files, or train/ and val/ image folders")
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, split across the workers")

@@ -46,7 +46,7 @@ def detach(h):
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cell", choices=sorted(CELLS), default="gru", help="recurrent layer (SINGA's is the GRU)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--unroll", type=int, default=50)

@@ -79,7 +79,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="folder with CIFAR-10's (or CIFAR-100's, MNIST's) binary files")
     parser.add_argument("--epochs", type=int, default=90, help="SINGA's 70,000 steps of 64 are about 90 epochs")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across the workers")

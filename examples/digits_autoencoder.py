@@ -112,7 +112,7 @@ def save_png(path: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
 
 
 def main(argv=None) -> tuple[float, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,80,40,20,8", help="units per layer, the input's first")
     parser.add_argument("--pretrain-epochs", type=int, default=20, help="CD epochs per RBM")
     parser.add_argument("--finetune-epochs", type=int, default=40)

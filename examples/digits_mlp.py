@@ -46,7 +46,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across the workers")
     parser.add_argument("--lr", type=float, default=0.05)

@@ -27,7 +27,7 @@ from datasets import digits  # noqa: E402
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--cd-k", type=int, default=1)
     # Downpour and Hogwild apply each worker group's update in turn; twice this step sometimes diverged there.

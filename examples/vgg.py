@@ -90,7 +90,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, epochs: int):
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="CIFAR-10/100 or MNIST binary files, or train/ and val/ image folders")
     parser.add_argument("--arch", default="vgg16_bn", choices=list(CONFIGS))
     parser.add_argument("--epochs", type=int, default=160)

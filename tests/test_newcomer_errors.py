@@ -245,3 +245,16 @@ def test_failures_alike_are_said_once():
     assert mixed.describe() == "rank 0 exited with status 65: DatasetError: bad; rank 1 exited with status 1"
     plain = Outcome(False, [(ranks[0], 1), (ranks[1], 1)])
     assert plain.describe() == "rank 0 exited with status 1; rank 1 exited with status 1"
+
+
+# 7. Every example's --help describes it in whole sentences: its docstring's first paragraph, not its first line.
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_describes_the_script_in_whole_sentences(name, capsys):
+    module = importlib.import_module(f"examples.{name}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    description = " ".join(out.split("\n\n")[1].split())  # usage, then the description
+    assert description.endswith("."), description
+    assert description == " ".join(module.__doc__.split("\n\n")[0].split())
