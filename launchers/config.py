@@ -16,14 +16,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from singa_dist.environment import free_port
+from singa_dist.environment import MIN_SECRET_CHARS, NO_SECRET_ADVICE, SECRET_VARIABLE, free_port, make_secret
 from singa_dist.environment import (AUTOTUNE_VARIABLE, AUTOTUNED_STRATEGIES, CHECKPOINTED_STRATEGIES,
                                     SERVER_CHECKPOINT_DIR_VARIABLE, SERVER_CHECKPOINT_EVERY_VARIABLE)
 from singa_dist.metrics import FILE_VARIABLE as METRICS_FILE_VARIABLE
 from singa_dist.metrics import VARIABLE as METRICS_VARIABLE
 from singa_dist.metrics import parse_interval
 from singa_dist.timeline import check_writable
-from singa_dist.topology import STRATEGIES, ClusterTopology, TopologyError
+from singa_dist.topology import STRATEGIES, ClusterTopology, TopologyError, strategy_kind
 
 from . import horovodrun
 from .horovodrun import HorovodKnobs
@@ -168,6 +168,27 @@ class LaunchConfig:
     @property
     def local_nprocs(self) -> int:
         return self.node_procs[self.node_rank]
+
+    def ensure_secret(self) -> str | None:
+        """Put the job's secret (SINGA_SECRET, docs/security.md) in this launcher's environment, which every process
+        it starts here inherits; over ssh it travels on standard input. Never on a command line, in the store or in a
+        file. The user's if set, else a new one; nodes started one by one (--nnodes without --hosts) cannot share one
+        made here, so they take the user's only. Returns a note to print when the job then has none and needs it."""
+        given = os.environ.get(SECRET_VARIABLE)
+        if given:
+            if len(given) < MIN_SECRET_CHARS:
+                raise UsageError(f"{SECRET_VARIABLE} has {len(given)} characters; a secret needs at least "
+                                 f"{MIN_SECRET_CHARS}")
+            return None
+        if self.nnodes == 1 or self.hosts or self.mpi:
+            os.environ[SECRET_VARIABLE] = make_secret()
+            return None
+        topo = self.topology
+        if self.max_restarts and topo.nworker_groups > 1 and strategy_kind(topo.strategy).asynchronous:
+            return (f"{SECRET_VARIABLE} is not set, so a worker group this job loses cannot be replaced (its "
+                    f"replacement reaches the others through their doors, which need the job's secret): "
+                    f"{NO_SECRET_ADVICE}")
+        return None
 
     def server_command(self) -> list[str]:
         # SINGA_SERVER_COMMAND: a testing/debugging hook that replaces the parameter-server program.
@@ -926,8 +947,9 @@ def _fill_hosts(hosts: list[Host], nprocs: int) -> list[int]:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The part of this environment a remote node needs (paths, and singa/torch/NCCL/Gloo settings)."""
+    """The part of this environment a remote node needs (paths, and singa/torch/NCCL/Gloo settings); the job's
+    secret goes on standard input instead (launchers.lifeline.take_secret_from_stdin)."""
     return {k: v for k, v in os.environ.items()
-            if k in FORWARDED_NAMES or k.startswith(FORWARDED_PREFIXES)}
+            if (k in FORWARDED_NAMES or k.startswith(FORWARDED_PREFIXES)) and k != SECRET_VARIABLE}
 
 

@@ -45,8 +45,10 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 import singa_dist.rendezvous as rendezvous
+from singa_dist.environment import SECRET_VARIABLE
 
 from .config import LaunchConfig, UsageError, _check_port_free
+from .lifeline import SECRET_FROM_STDIN
 from .local import describe_exit, say
 from .tag_output import copy_tagged
 from .watchdog import is_this_host as _is_local
@@ -67,11 +69,18 @@ class _Worker:
     released: bool = False
 
 
-def _start(wid: int, host: str, argv: list[str], env: dict) -> _Worker:
+def _start(wid: int, host: str, argv: list[str], env: dict, secret: str | None = None) -> _Worker:
     """A worker process of this host (or the ssh client that runs it elsewhere), its output copied to this console
-    tagged with its id."""
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    tagged with its id. `secret`: the job's secret, the one line of its input (an ssh client's: see
+    launchers.lifeline.take_secret_from_stdin)."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    if secret is not None:
+        try:
+            proc.stdin.write(secret.encode() + b"\n")
+            proc.stdin.close()
+        except OSError:  # it ended already: its end is reported as any other's
+            pass
     worker = _Worker(wid, host, proc)
     for pipe, out in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer)):
         t = threading.Thread(target=copy_tagged, args=(pipe, out, str(wid)), daemon=True)
@@ -283,8 +292,10 @@ class ElasticDriver:
         elif self.spec.agents or _is_local(host):
             worker = _start(wid, host, argv, {**os.environ, **env})
         else:
+            # The job's secret travels on the worker's input, read there by launchers.lifeline, never in the command.
             remote = ["cd", shlex.quote(os.getcwd()), "&&", "env",
                       *[f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k != "SINGA_LAUNCHER_PID"],
+                      f"{SECRET_FROM_STDIN}=1", shlex.quote(sys.executable), "-m", "launchers.lifeline",
                       *map(shlex.quote, self.cfg.command)]
             ssh = list(self.cfg.ssh_command)
             if self.cfg.ssh_port:
@@ -292,7 +303,8 @@ class ElasticDriver:
             if self.cfg.ssh_identity:
                 ssh += ["-i", self.cfg.ssh_identity]
             worker = _start(wid, host, [sys.executable, "-m", "launchers.lifeline", *ssh, host, " ".join(remote)],
-                            {**os.environ, "SINGA_LAUNCHER_PID": str(os.getpid())})
+                            {**os.environ, "SINGA_LAUNCHER_PID": str(os.getpid())},
+                            secret=os.environ.get(SECRET_VARIABLE, ""))
         worker.slot = slot
         self.workers[wid] = worker
         return worker

@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 
+from .lifeline import take_secret_from_stdin
 from .stopping import StopSignals, stopped_line
 
 # horovodrun's --log-level names as Python's levels (TRACE: everything)
@@ -51,6 +52,7 @@ def _verbose(cfg) -> None:
 def main(argv: list[str] | None = None, signals: StopSignals | None = None) -> int:
     """singa-launch with `argv`; `signals`: the stop signals recorded since the command started (the console's)."""
     signals = signals if signals is not None else StopSignals()
+    take_secret_from_stdin()  # a node's launcher that --hosts started over ssh
     from .config import UsageError, parse_args, python_with_torch
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None, signals: StopSignals | None = None) -> i
         if signals.received:  # while torch loaded or the flags were read
             print(stopped_line(signals.first), file=sys.stderr)
             return 128 + signals.first
+        if not cfg.dry_run:
+            note = cfg.ensure_secret()
+            if note:
+                print(f"singa-launch: {note}", file=sys.stderr)
         if cfg.mpi or cfg.hosts or (cfg.elastic is not None and not cfg.dry_run):
             signals.restore()  # these take signals their own way
         if cfg.mpi:

@@ -4,8 +4,9 @@
 
 asks Linux to SIGKILL this process when the process that started it ends (prctl PR_SET_PDEATHSIG), then
 replaces itself with PROGRAM: the request survives the exec, so PROGRAM dies with the launcher. singa-launch
-starts every worker and server this way, and the ssh clients and mpirun wrappers it runs ask the same. It
-imports nothing heavy: it runs once per process.
+starts every worker and server this way, and the ssh clients and mpirun wrappers it runs ask the same. An
+elastic worker started over ssh takes the job's secret from its standard input here first. It imports nothing
+heavy: it runs once per process.
 """
 from __future__ import annotations
 
@@ -14,6 +15,27 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+SECRET_FROM_STDIN = "SINGA_SECRET_FROM_STDIN"  # 1: the job's secret is the first line of standard input
+
+
+def take_secret_from_stdin() -> None:
+    """A process started over ssh with SINGA_SECRET_FROM_STDIN=1 (a node's singa-launch, an elastic worker) takes the
+    job's secret (SINGA_SECRET) from the first line of its standard input, so that it appears on no command line
+    (docs/security.md). It reads that line alone, byte by byte: the rest of the input is the process's."""
+    if os.environ.pop(SECRET_FROM_STDIN, None) != "1":
+        return
+    line = bytearray()
+    while not line.endswith(b"\n") and len(line) < 4096:
+        try:
+            byte = os.read(0, 1)
+        except OSError:
+            break
+        if not byte:
+            break
+        line += byte
+    secret = line.decode(errors="replace").strip()
+    if secret:
+        os.environ["SINGA_SECRET"] = secret
 
 
 def die_with_parent(parent: int | None = None) -> None:
@@ -36,6 +58,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     parent = os.environ.get("SINGA_LAUNCHER_PID")
     die_with_parent(int(parent) if parent and parent.isdigit() else None)
+    take_secret_from_stdin()
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 
+from singa_dist.environment import SECRET_VARIABLE
+
 from .config import LaunchConfig, UsageError, _cores
 
 OPENMPI, MPICH = "openmpi", "mpich"
@@ -126,7 +128,9 @@ def run_mpi(cfg: LaunchConfig) -> int:
     mpirun = find_mpirun()
     flavor = detect_flavor(mpirun)
     env = mpi_env(cfg)
-    command = mpirun_command(cfg, flavor, mpirun, sorted(env))
+    # The job's secret by name only: mpirun hands its value to the ranks from this environment.
+    secret = [SECRET_VARIABLE] if os.environ.get(SECRET_VARIABLE) else []
+    command = mpirun_command(cfg, flavor, mpirun, sorted(env) + secret)
     if cfg.dry_run:
         print(f"# {flavor} mpirun, {cfg.topology.nprocs} processes:")
         print("  " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))

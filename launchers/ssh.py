@@ -1,7 +1,8 @@
 """--hosts / --hostfile: start one singa-launch per host over ssh, each running its share of the job.
 
 Every host runs `python -m launchers.launch --node-rank i ...` (the per-node launcher, as with --nnodes),
-so rank prefixes, failure reports and restarts work the same on every host. This launcher watches the
+so rank prefixes, failure reports and restarts work the same on every host. The job's secret (SINGA_SECRET) is
+the first line each node's launcher reads from its input, never part of the command. This launcher watches the
 ssh connections: when one node fails it closes the others' stdin (their launchers stop their processes
 on end of input) and ends their sessions.
 """
@@ -16,11 +17,11 @@ import sys
 import threading
 import time
 
-from singa_dist.environment import (AUTOTUNE_VARIABLE, SERVER_CHECKPOINT_DIR_VARIABLE,
+from singa_dist.environment import (AUTOTUNE_VARIABLE, SECRET_VARIABLE, SERVER_CHECKPOINT_DIR_VARIABLE,
                                     SERVER_CHECKPOINT_EVERY_VARIABLE)
 
 from .config import LaunchConfig, UsageError, forwarded_env
-from .lifeline import die_with_parent
+from .lifeline import SECRET_FROM_STDIN, die_with_parent
 from .local import POLL_S, describe_exit, say
 
 REACH_TIMEOUT_S = 15.0
@@ -51,6 +52,7 @@ def node_command(cfg: LaunchConfig, node: int) -> str:
     """The shell command that runs node `node`'s launcher on its host (same directory, same Python)."""
     env = forwarded_env()
     env.update(cfg.extra_env)
+    env[SECRET_FROM_STDIN] = "1"  # the job's secret: the first line run_hosts writes to its input
     args = [sys.executable, "-m", "launchers.launch",
             "--node-slots", ",".join(map(str, cfg.node_procs)), "--node-rank", str(node),
             "--master-addr", cfg.master_addr, "--master-port", str(cfg.master_port),
@@ -144,6 +146,11 @@ def run_hosts(cfg: LaunchConfig) -> int:
             # The ssh client dies with this launcher; its node's launcher then sees its stdin close and stops.
             procs.append(subprocess.Popen(host_argv(cfg, node), stdin=subprocess.PIPE, start_new_session=True,
                                           preexec_fn=die_with_parent))
+            try:
+                procs[-1].stdin.write(os.environ.get(SECRET_VARIABLE, "").encode() + b"\n")
+                procs[-1].stdin.flush()
+            except OSError:  # it ended already: the loop below reports it
+                pass
         while True:
             codes = [p.poll() for p in procs]
             failed = [(n, c) for n, c in enumerate(codes) if c not in (None, 0)]

@@ -14,6 +14,7 @@ Nothing here talks to other processes except `rendezvous_address` under mpirun (
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from typing import NamedTuple
 
@@ -245,12 +246,39 @@ def free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
-def _interface_address(ifname: str) -> str:
+def interface_address(ifname: str) -> str:
+    """The IPv4 address of network interface `ifname` (Linux); OSError if it has none."""
     import fcntl
     import struct
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
     return socket.inet_ntoa(packed[20:24])
+
+
+# ---- the job's secret (docs/security.md) ----
+SECRET_VARIABLE = "SINGA_SECRET"
+MIN_SECRET_CHARS = 16
+NO_SECRET_ADVICE = (f"singa-launch and singa_dist.run make one for every job; a job started otherwise (torchrun, "
+                    f"mpirun, SLURM, or singa-launch on each node by hand) takes it from the environment: give every "
+                    f"process the same {SECRET_VARIABLE}, e.g. export {SECRET_VARIABLE}=$(python -c \"import "
+                    f"secrets; print(secrets.token_hex(32))\")")
+
+
+def make_secret() -> str:
+    """A new secret for a job: 32 random bytes as hex."""
+    return secrets.token_hex(32)
+
+
+def job_secret() -> bytes | None:
+    """The job's secret (SINGA_SECRET), which the processes of the job prove they share on every call through
+    singa_dist.ps.sockets; None when it is not set. ValueError when it is too short to be a secret."""
+    value = os.environ.get(SECRET_VARIABLE)
+    if not value:
+        return None
+    if len(value) < MIN_SECRET_CHARS:
+        raise ValueError(f"{SECRET_VARIABLE} has {len(value)} characters; a secret needs at least "
+                         f"{MIN_SECRET_CHARS} ({NO_SECRET_ADVICE})")
+    return value.encode()
 
 
 def _routed_address() -> str:
@@ -283,7 +311,7 @@ def rendezvous_address(launcher: str, rank: int) -> None:
     address = None
     if rank == 0:
         ifname = os.environ.get("GLOO_SOCKET_IFNAME")  # the interface the job was told to use
-        address = (_interface_address(ifname) if ifname else _routed_address(), free_port())
+        address = (interface_address(ifname) if ifname else _routed_address(), free_port())
     address = MPI.COMM_WORLD.bcast(address, root=0)
     os.environ.setdefault("MASTER_ADDR", address[0])
     os.environ.setdefault("MASTER_PORT", str(address[1]))

@@ -30,7 +30,7 @@ import time
 
 import cloudpickle
 
-from .environment import free_port
+from .environment import SECRET_VARIABLE, free_port, make_secret
 
 # After a rank fails, the others get this long to report (those waiting for it in a collective fail too).
 FAILURE_GRACE_S = 5.0
@@ -124,9 +124,11 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
 
 def _child_env(more: dict) -> dict:
     """The environment of a process this module starts: this one's, one intra-op thread, this process's import
-    path (the function may live in a module only it can find), and its pid for the lifeline; then `more`."""
+    path (the function may live in a module only it can find), its pid for the lifeline and the job's secret (this
+    environment's, else a new one for this run; docs/security.md); then `more`."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-            "SINGA_LAUNCHER_PID": str(os.getpid()), **more}
+            "SINGA_LAUNCHER_PID": str(os.getpid()), SECRET_VARIABLE: os.environ.get(SECRET_VARIABLE) or make_secret(),
+            **more}
 
 
 def _write_task(folder: str, fn, args, kwargs) -> None:

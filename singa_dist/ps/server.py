@@ -36,7 +36,7 @@ import torch.distributed.rpc as rpc
 from .. import runtime, timeline
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..topology import strategy_kind
-from . import transport, wire
+from . import sockets, transport, wire
 
 _server: "ParameterServer | None" = None
 LOST_POLL_S = 0.5  # how often a server of an asynchronous job looks for worker groups singa-launch lost
@@ -495,7 +495,8 @@ def _complete(done: list) -> None:
             f.set_result(answer)
 
 
-# ---- RPC handlers (run on the server) ----------------------------------------------------------------
+# ---- handlers (run on the server; through torch RPC, or ps.sockets from a replacement) ------------------------
+@sockets.handler
 @_async_execution
 def open_table(session: int, spec: dict | None, group: int, layout: list | None = None) -> torch.futures.Future:
     """`layout`: the (name, start, end) of the client's slices here, checked against the table's (a replacement
@@ -559,6 +560,7 @@ def _answer_parts(whole: torch.futures.Future, waiters: list) -> None:
     whole.add_done_callback(split)
 
 
+@sockets.handler
 @_async_execution
 def push(session: int, group: int, packet: tuple, options: list, want: bool, average: bool, values=None,
          proc: int | None = None, part: tuple | None = None):
@@ -586,6 +588,7 @@ def push(session: int, group: int, packet: tuple, options: list, want: bool, ave
     return future
 
 
+@sockets.handler
 def pushed(session: int, group: int) -> list:
     """The workers whose pushes for the group's next update this server holds (the others are awaited)."""
     table = _me().table(session)
@@ -593,6 +596,7 @@ def pushed(session: int, group: int) -> list:
         return [p[4] for p in table.gathering.get(group, [])]
 
 
+@sockets.handler
 def pull(session: int, group: int | None):
     t0 = timeline.now() if timeline.on else 0
     table = _me().table(session)
@@ -605,12 +609,14 @@ def pull(session: int, group: int | None):
     return answer
 
 
+@sockets.handler
 def fetch_state(session: int) -> dict:
     table = _me().table(session)
     with table.lock:
         return table.state()
 
 
+@sockets.handler
 def load_state(session: int, entries: dict) -> int:
     table = _me().table(session)
     with table.lock:
@@ -624,6 +630,7 @@ def load_state(session: int, entries: dict) -> int:
     return version
 
 
+@sockets.handler
 @_async_execution
 def restored(session: int, count: int) -> torch.futures.Future:
     """Answers with the table's version right after the restore, once worker 0 has restored it `count` times."""
@@ -638,6 +645,7 @@ def restored(session: int, count: int) -> torch.futures.Future:
     return future
 
 
+@sockets.handler
 def close_table(session: int, group: int, proc: int | None = None, steps: int | None = None) -> None:
     server = _me()
     table = server.tables.get(session)

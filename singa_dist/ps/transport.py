@@ -17,6 +17,7 @@ Hogwild's masters are groups never lost. Joining, it tells every separate server
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import queue
 import threading
@@ -26,7 +27,10 @@ import torch
 import torch.distributed.rpc as rpc
 
 from .. import metrics, runtime
+from ..environment import NO_SECRET_ADVICE, SECRET_VARIABLE, interface_address, job_secret
 from . import sockets
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _joined = False
@@ -150,26 +154,50 @@ def _door_key(proc: int) -> str:
     return f"{runtime.job_key('door')}{proc}"
 
 
+def door_host() -> str:
+    """Where this process's door listens: on the interface the job's torch traffic is told to use (singa-launch
+    --network-interface, TP_SOCKET_IFNAME / GLOO_SOCKET_IFNAME; loopback for a job on one host), else at the address
+    the job's other hosts reach this one by, seen from the way to the store's host."""
+    for name in (os.environ.get("TP_SOCKET_IFNAME"), (os.environ.get("GLOO_SOCKET_IFNAME") or "").split(",")[0]):
+        if name:
+            try:
+                return interface_address(name)
+            except OSError:
+                pass
+    return sockets.local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+
+
 def listen() -> None:
     """Take calls through ps.sockets too (servers and Hogwild workers of an asynchronous job), at an address the
-    job's store gives."""
+    job's store gives. Without the job's secret no door opens: the job runs, but a lost worker group cannot be
+    replaced (said once, on this process's log)."""
     global _door
     if _door is not None:
         return
-    # Bound to the address the job's other hosts reach this one by (only loopback when the job is on one host).
-    host = sockets.local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    _door = sockets.Listener(host)
+    key = job_secret()
+    if key is None:
+        log.warning("%s opens no door for replacement worker groups: %s is not set, so a worker group lost in "
+                    "this job cannot be replaced (%s)", describe(runtime.proc_rank()), SECRET_VARIABLE,
+                    NO_SECRET_ADVICE)
+        return
+    host = door_host()
+    _door = sockets.Listener(host, key)
     runtime.job_store().set(_door_key(runtime.proc_rank()), f"{host} {_door.port}")
 
 
 def _door_call(proc: int, fn, args: tuple, timeout: float) -> torch.futures.Future:
     conn = _doors.get(proc)
     if conn is None or conn.broken is not None:
+        key = job_secret()
+        if key is None:
+            raise RuntimeError(f"a replacement worker group calls the others through ps.sockets, which needs the "
+                               f"job's secret, and {SECRET_VARIABLE} is not set ({NO_SECRET_ADVICE})")
         store = runtime.job_store()
-        key = _door_key(proc)
-        store.wait([key], datetime.timedelta(seconds=timeout))
-        host, port = store.get(key).decode().split()
-        conn = _doors[proc] = sockets.Connection((host, int(port)), describe(proc), connect_timeout=min(timeout, 30.0))
+        name = _door_key(proc)
+        store.wait([name], datetime.timedelta(seconds=timeout))
+        host, port = store.get(name).decode().split()
+        conn = _doors[proc] = sockets.Connection((host, int(port)), describe(proc),
+                                                 connect_timeout=min(timeout, 30.0), key=key)
     return conn.call(fn, args, timeout)
 
 
@@ -263,6 +291,7 @@ def on_goodbye(callback) -> None:
     _goodbye_callback = callback
 
 
+@sockets.handler
 def goodbye(worker_proc: int) -> None:
     """RPC handler (runs on a server): worker `worker_proc` has left the job."""
     if _goodbye_callback is None:
@@ -279,6 +308,7 @@ def on_readmit(callback) -> None:
     _readmit_callback = callback
 
 
+@sockets.handler
 def readmit(worker_proc: int, generation: int) -> None:
     """Handler (runs on a server): the `generation`-th replacement of worker `worker_proc` has joined the job."""
     if _readmit_callback is None:

@@ -30,7 +30,7 @@ import torch
 from .. import primitives, runtime
 from ..functions import broadcast_flat_
 from ..ps import client as ps_client
-from ..ps import transport, wire
+from ..ps import sockets, transport, wire
 from ..ps.server import asynchronous_step, relative_clip_factor
 from ..ps.slicing import slice_params
 from .base import ParameterServerStrategy, check_relative_clip, check_remedies
@@ -47,6 +47,7 @@ def _table(session: int) -> "Hogwild":
     return me
 
 
+@sockets.handler
 def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torch.Tensor]:
     """On a slice's master: add another group's deltas; answer with the fresh values (runs on the master)."""
     me = _table(session)
@@ -62,6 +63,7 @@ def merge_deltas(session: int, slice_ids: list[int], packet: tuple) -> list[torc
     return fresh
 
 
+@sockets.handler
 def master_values(session: int, slice_ids: list[int]) -> list[torch.Tensor]:
     """On a slice's master: the slices' current values, the deltas received for them included (what a group that
     replaces a lost one starts from)."""
