@@ -16,7 +16,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from singa_dist.environment import MIN_SECRET_CHARS, NO_SECRET_ADVICE, SECRET_VARIABLE, free_port, make_secret
+from singa_dist.environment import (MIN_SECRET_CHARS, NO_SECRET_ADVICE, SECRET_VARIABLE, free_port, loopback_only,
+                                    make_secret)
 from singa_dist.environment import (AUTOTUNE_VARIABLE, AUTOTUNED_STRATEGIES, CHECKPOINTED_STRATEGIES,
                                     SERVER_CHECKPOINT_DIR_VARIABLE, SERVER_CHECKPOINT_EVERY_VARIABLE)
 from singa_dist.metrics import FILE_VARIABLE as METRICS_FILE_VARIABLE
@@ -234,6 +235,9 @@ class LaunchConfig:
             env["NCCL_SOCKET_IFNAME"] = self.network_interface
             env["TP_SOCKET_IFNAME"] = first  # torch RPC's TensorPipe (the parameter servers) takes one
             env["HOROVOD_GLOO_IFACE"] = first  # (as horovodrun sets it)
+        elif self.nnodes == 1 and self.elastic is None:
+            # Every process on this host: torch's listeners on loopback, out of the network's reach (docs/security.md).
+            env.update(loopback_only())
         if self.timeline:
             env["SINGA_TIMELINE"] = self.timeline
         if self.metrics is not None:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 import singa_dist.rendezvous as rendezvous
-from singa_dist.environment import SECRET_VARIABLE
+from singa_dist.environment import SECRET_VARIABLE, store_listen_fd
 
 from .config import LaunchConfig, UsageError, _check_port_free
 from .lifeline import SECRET_FROM_STDIN
@@ -201,7 +201,8 @@ class ElasticDriver:
         self.update = 0  # and the hosts did so (HostUpdateResult bits, announced with the next round)
         self.resets = 0  # rounds published after the first (horovodrun's reset count)
         self.store = dist.TCPStore(cfg.master_addr, cfg.master_port, is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=30))
+                                   timeout=datetime.timedelta(seconds=30),
+                                   master_listen_fd=store_listen_fd(cfg.master_addr, cfg.master_port))
         self._next_discovery = 0.0
         self._slots: dict[str, int] = {}
         self.label = f"{socket.gethostname()}/0" if self.spec.agents else "localhost"

@@ -25,7 +25,7 @@ import time
 
 import torch.distributed as dist
 
-from singa_dist.environment import LOST_KEY_PREFIX, init_key
+from singa_dist.environment import LOST_KEY_PREFIX, init_key, store_listen_fd
 
 HEARTBEAT_S = 1.0
 STALE_S = 10.0  # a launcher whose heartbeat stood still this long is gone
@@ -57,7 +57,8 @@ def take_node_rank(addr: str, port: int, nnodes: int, run_id: str, timeout_s: fl
     wait = datetime.timedelta(seconds=timeout_s)
     if is_this_host(addr):
         try:
-            store = dist.TCPStore(addr, port, is_master=True, wait_for_workers=False, timeout=wait)
+            store = dist.TCPStore(addr, port, is_master=True, wait_for_workers=False, timeout=wait,
+                                  master_listen_fd=store_listen_fd(addr, port))
         except Exception:  # another launcher of this host hosts it: this one is not node 0
             store = None
         if store is not None:
@@ -99,8 +100,10 @@ class NodeWatch:
             self._store.set_timeout(datetime.timedelta(seconds=OP_TIMEOUT_S))
         elif node == 0:
             try:
+                # Listening at the job's address alone (loopback for a job on one host), not on every interface.
                 self._store = dist.TCPStore(master_addr, master_port, is_master=True, wait_for_workers=False,
-                                            timeout=datetime.timedelta(seconds=OP_TIMEOUT_S))
+                                            timeout=datetime.timedelta(seconds=OP_TIMEOUT_S),
+                                            master_listen_fd=store_listen_fd(master_addr, master_port))
             except Exception as exc:
                 raise OSError(f"cannot host the job's store at port {master_port} on node 0: "
                               f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from exc

@@ -13,6 +13,7 @@ Nothing here talks to other processes except `rendezvous_address` under mpirun (
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import socket
@@ -253,6 +254,56 @@ def interface_address(ifname: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
     return socket.inet_ntoa(packed[20:24])
+
+
+def loopback_interface() -> str | None:
+    """The name of this host's loopback interface ("lo" on Linux), or None."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def loopback_only() -> dict[str, str]:
+    """The variables that keep torch's Gloo and TensorPipe listeners on loopback, for a job whose processes all run
+    on this host (singa-launch on one node, singa_dist.run); those the user set stay as they are."""
+    name = loopback_interface()
+    if name is None:
+        return {}
+    return {var: name for var in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME") if var not in os.environ}
+
+
+def store_listen_fd(host: str, port: int) -> int | None:
+    """A listening socket for the TCPStore server of a job whose processes reach it at `host` (MASTER_ADDR), bound
+    to that address alone where it names this host by address (loopback for a job on one host), as a descriptor to
+    hand to `TCPStore(..., master_listen_fd=)`, which owns it from then on. torch's own server listens on every
+    interface. None for a host name other than localhost (a name may resolve to loopback here and to the network's
+    address elsewhere, as Debian maps a host's own name): torch's default then. OSError when the port is taken."""
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_unspecified:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    if not ip.is_loopback:
+        try:
+            with socket.socket(family) as probe:
+                probe.bind((host, 0))  # only an address of this host can be bound
+        except OSError:
+            return None
+    listener = socket.socket(family)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as torch's: a restart may reuse the port)
+        listener.bind((host, port))
+        listener.listen(socket.SOMAXCONN)
+    except OSError:
+        listener.close()
+        raise
+    return listener.detach()
 
 
 # ---- the job's secret (docs/security.md) ----

@@ -30,7 +30,7 @@ import time
 
 import cloudpickle
 
-from .environment import SECRET_VARIABLE, free_port, make_secret
+from .environment import SECRET_VARIABLE, free_port, loopback_only, make_secret
 
 # After a rank fails, the others get this long to report (those waiting for it in a collective fail too).
 FAILURE_GRACE_S = 5.0
@@ -96,7 +96,7 @@ def run(fn, np: int | None = None, args: tuple = (), kwargs: dict | None = None,
         raise ValueError(f"np must be at least 1, got {np}")
     child_env = _child_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")),
                             "WORLD_SIZE": str(np), "LOCAL_WORLD_SIZE": str(np), "GROUP_RANK": "0",
-                            "GROUP_WORLD_SIZE": "1", **(env or {})})
+                            "GROUP_WORLD_SIZE": "1", **loopback_only(), **(env or {})})
     if output_dir is not None:
         child_env[OUTPUT_VARIABLE] = os.path.abspath(output_dir)
     folder = tempfile.mkdtemp(prefix="singa-run-")

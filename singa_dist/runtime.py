@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from . import rendezvous, timeline
 from .environment import (LOST_KEY_PREFIX, detect_launcher, env_flag, init_key, job_topology, layout_from_slurm,
-                          node_key, ranks_within, rendezvous_address, stall_shutdown_s)
+                          node_key, ranks_within, rendezvous_address, stall_shutdown_s, store_listen_fd)
 from .topology import ClusterTopology, ProcessRole, strategy_kind
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -389,9 +389,10 @@ def _join_process_group(backend: str, rank: int, size: int, wait: datetime.timed
         # (a rank's client could connect to the server that is about to close).
         store = _tcp_stores.get((host, port, rank == 0 and not hosted))
         if store is None:
+            # Process 0's server listens at the job's address alone (loopback for a job on one host).
             store = _tcp_stores[(host, port, rank == 0 and not hosted)] = dist.TCPStore(
                 host, port, size, is_master=rank == 0 and not hosted, timeout=wait, wait_for_workers=False,
-                multi_tenant=True)
+                multi_tenant=True, master_listen_fd=store_listen_fd(host, port) if rank == 0 and not hosted else None)
     except Exception as exc:
         if hosted:
             raise RuntimeError(
