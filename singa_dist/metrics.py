@@ -235,8 +235,8 @@ def _count_timed(change: int) -> None:
 
 def _open_csv(path: str):
     """The CSV, opened to append (a restarted job adds to it), with the header when it is new."""
-    try:
-        f = open(path, "a", newline="")
+    try:  # a new file is readable by the job's user only, as every file of the job (docs/security.md)
+        f = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", newline="")
     except OSError as exc:
         raise OSError(f"cannot write the metrics file {path} ({FILE_VARIABLE}): {exc.strerror}") from None
     if f.tell() == 0:

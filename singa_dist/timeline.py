@@ -55,7 +55,10 @@ class _Recording:
         self.offset_ns = time.time_ns() - now()  # wall clock = perf_counter + offset
         self.lanes: dict[str, int] = {}  # lane -> its number in the part (the trace's tid)
         self.kinds: dict[tuple, int] = {}  # (name, cat, tensor) -> its number in the part
-        self.file = open(self.part, "w")
+        # Readable by the job's user only, as every file of the job (docs/security.md).
+        fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        self.file = os.fdopen(fd, "w")
         self.file.write(json.dumps({"singa_timeline": 1, "proc": proc, "name": name, "token": token}) + "\n")
         self.file.flush()
 
