@@ -42,6 +42,9 @@ KILL_WAIT_S = 10.0
 # How long the other workers may take to end on their own after one ended on a data error (DATA_ERROR_STATUS):
 # they read the same data, and an error they share is then said once.
 DATA_ERROR_WAIT_S = 10.0
+# How long a process that a failed one names as its cause (it is exiting: its script ended or called sys.exit()
+# while the others still trained) may take to end on its own, so that its own exit status is reported.
+BLAMED_EXIT_WAIT_S = 5.0
 
 # The elastic API logs every signal it sends; the launcher reports failures itself, once, by rank.
 logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
@@ -332,7 +335,14 @@ class LocalJob:
         is not neutral), then one killed by a signal (nothing in the job sends one before the launcher does),
         then the rest as they are. `notes`: the failed processes' notes, when already read."""
         notes = self._notes(failed) if notes is None else notes
-        blamed = {proc for note in notes.values() if not note.get("neutral") for proc in note.get("blames", [])}
+        accusers = {proc: note for proc, note in notes.items() if not note.get("neutral")}
+        blamed = set()
+        for proc, note in accusers.items():
+            # A process leaving at its exit (its script ended or called sys.exit() without shutdown()) that blames
+            # those it left waiting, who blame it in turn: theirs is the word that counts.
+            if note.get("at_exit") and any(proc in other.get("blames", []) for other in accusers.values()):
+                continue
+            blamed.update(note.get("blames", []))
         return sorted(failed, key=lambda item: (item[0].proc_rank not in blamed, item[1] >= 0))
 
     def causes(self, failed: list, notes: dict[int, dict] | None = None) -> list:
@@ -366,6 +376,7 @@ class LocalJob:
     def wait(self) -> Outcome:
         servers_done_by = None
         data_error_wait = None  # until when the others may end on their own after a data error
+        blamed_wait = None  # until when the processes a failed one blames may end on their own
         checked: set = set()  # processes that ended well and were checked for a note
         while True:
             if self.signals.received:
@@ -380,6 +391,16 @@ class LocalJob:
                 if time.monotonic() < data_error_wait:
                     time.sleep(POLL_S)
                     continue
+            if failed and blamed_wait is None:
+                time.sleep(POLL_S)  # a note a failed process wrote as it ended is on disk by now
+                running = {spec.proc_rank for spec, code in self._codes() if code is None}
+                blamed = {proc for note in self._notes(failed).values() if not note.get("neutral")
+                          for proc in note.get("blames", [])}
+                blamed_wait = time.monotonic() + (BLAMED_EXIT_WAIT_S if blamed & running else 0.0)
+            if failed and time.monotonic() < blamed_wait and \
+                    any(code is None for spec, code in codes if spec.proc_rank in blamed):
+                time.sleep(POLL_S)
+                continue
             if failed and self.asynchronous and not self._blames_others(failed) and self._lose_groups(failed):
                 continue
             if failed:

@@ -156,6 +156,17 @@ def _scale(t: torch.Tensor, factor: float) -> None:
         t.copy_((t.double() * factor).to(t.dtype))
 
 
+def _divide(t: torch.Tensor, n: int) -> None:
+    """Average's division of a sum by the number of ranks, in place: a division, not a product with 1/n (which
+    rounds twice: 2a * fl(1/3) is not always fl(2a / 3)); integers truncated toward zero."""
+    if n == 1:
+        return
+    if t.is_floating_point() or t.is_complex():
+        t.div_(n)
+    else:
+        t.copy_(torch.div(t, n, rounding_mode="trunc"))
+
+
 def _identity(op_name: str, dtype: torch.dtype) -> float | int:
     """What a joined rank contributes: the op's neutral element."""
     if op_name in ("Min", "Max"):
@@ -236,12 +247,15 @@ class _Allreduce(Request):
         for buf in self.fused.buffers:
             _scale(buf, self.prescale)
         handle = _reduce_buffers(engine, self.fused.buffers, self.op, self.name)
-        post = self.postscale / (self.size if self.op is Average else 1)
+        average = self.op is Average and self.postscale == 1.0
 
         def finish():
             handle.wait()
             for buf in self.fused.buffers:
-                _scale(buf, post)
+                if average:
+                    _divide(buf, self.size)
+                else:
+                    _scale(buf, self.postscale / (self.size if self.op is Average else 1))
             return self.fused.results()
         return Handle([handle], finish, self.name)
 

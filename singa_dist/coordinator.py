@@ -642,6 +642,11 @@ class _Engine:
                 del self.mine[decision.key]
                 if entry.t0 and not entry.t1:
                     _negotiated(entry)
+            elif decision.key is not None and decision.key[1]:
+                # The others' unnamed collective, settled without one of this rank's (it has joined): this rank's
+                # next unnamed one of that kind takes the place after it, as theirs do.
+                match, place = decision.key
+                self.ordinals[match] = max(self.ordinals.get(match, 0), place)
             try:
                 getattr(self, "_run_" + decision.what)(decision, entry)
             except Exception as exc:
@@ -689,9 +694,6 @@ class _Engine:
                 # Take part with zeros, without waiting: a gradient round's data comes only once the others finish
                 # their backward pass, which may need this rank in collectives negotiated after this one.
                 self.shadows.append(_kinds[active["kind"]].shadow(self, active, self._rows(pending)))
-            match, place = decision.key
-            if place:
-                self.ordinals[match] = max(self.ordinals.get(match, 0), place)
             return
         if problem is not None:
             raise CollectiveMismatchError(f"rank {runtime.rank()}: {entry.request.name}: {problem}")
@@ -716,6 +718,8 @@ class _Engine:
             stuck = self.mine.pop(key, None)
             if stuck is not None:
                 self._fail(stuck, error)
+            elif key[1]:  # (as _run_ready: the places of unnamed collectives stay aligned)
+                self.ordinals[key[0]] = max(self.ordinals.get(key[0], 0), key[1])
 
     def _run_joined_all(self, decision: _Decision, entry: _Entry | None) -> None:
         """Every member has joined: join() returns the rank that joined last (the highest rank among those that
@@ -743,14 +747,16 @@ class _Engine:
         if now - self.left_checked < LEFT_CHECK_S:
             return
         self.left_checked = now
-        done = {}
+        done, exited = {}, set()
         for member in self.members:
             if member != runtime.rank():
                 where = runtime.where_is(member, wait_s=0.0)
-                if where and where["where"] == "singa_dist.shutdown()":
+                if where and where["where"] in (runtime.WHERE_SHUTDOWN, runtime.WHERE_EXIT):
                     done[member] = where["steps"]
+                    if where["where"] == runtime.WHERE_EXIT:
+                        exited.add(member)
         if done:
-            raise primitives.ended_early(done, self._waiting_label() + self.describe_set())
+            raise primitives.ended_early(done, self._waiting_label() + self.describe_set(), exited=exited)
 
     def _warn_stall(self) -> None:
         """Horovod's stall check: once a collective of this rank has waited HOROVOD_STALL_CHECK_TIME_SECONDS for

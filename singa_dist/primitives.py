@@ -104,9 +104,11 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
         names = ", ".join(str(r) for r in missing)
         # A missing rank that is in shutdown() ran fewer steps than this one: say so, and where each is.
         elsewhere = {r: runtime.where_is(r, wait_s=1.0) for r in missing}
-        done = {r: w["steps"] for r, w in elsewhere.items() if w and w["where"] == "singa_dist.shutdown()"}
+        done = {r: w["steps"] for r, w in elsewhere.items()
+                if w and w["where"] in (runtime.WHERE_SHUTDOWN, runtime.WHERE_EXIT)}
         if done:
-            return ended_early(done, what, error)
+            return ended_early(done, what, error, exited={r for r, w in elsewhere.items()
+                                                          if w and w["where"] == runtime.WHERE_EXIT})
         runtime.blame(missing, f"rank{'s' if len(missing) > 1 else ''} {names} did not reach {what}")
         if set(missing) <= set(ended):
             return CollectiveError(
@@ -125,21 +127,28 @@ def collective_failure(what: str, error: BaseException, group=None) -> Collectiv
         f"collectives ({doing}), so they do not run the same sequence of communication. Cause: {error}")
 
 
-def ended_early(done: dict[int, int], what: str, error: BaseException | None = None) -> CollectiveError:
-    """The error of a rank waiting in `what` for ranks that are in shutdown() already (done: rank -> its
-    optimizer steps): the ranks ran different numbers of steps. The launcher is told (a neutral note)."""
+def ended_early(done: dict[int, int], what: str, error: BaseException | None = None,
+                exited=()) -> CollectiveError:
+    """The error of a rank waiting in `what` for ranks that left the job already (done: rank -> its optimizer
+    steps; `exited`: those of them that left because their process exits, without calling shutdown()): the ranks
+    ran different numbers of steps. Ranks in shutdown() are not the cause (a neutral note for the launcher); ranks
+    whose process exits are (the launcher names them, and waits a little for their exit status)."""
     me = runtime.proc_rank()
     plural = lambda n: f"{n} step{'s' if n != 1 else ''}"  # noqa: E731
     finished = ", ".join(f"rank {r} finished after {plural(steps)}" for r, steps in sorted(done.items()))
     here = f"rank {me} is at step {runtime.steps() + 1}"
-    runtime.blame(list(done), f"the ranks ran different numbers of steps ({finished}; {here}, waiting in {what})",
-                  neutral=True)
+    quitting = sorted(r for r in done if r in exited)
+    how = "the ranks that finished are in singa_dist.shutdown()"
+    if quitting:
+        how = (f"{', '.join(f'rank {r}' for r in quitting)} exit{'s' if len(quitting) == 1 else ''} without "
+               "singa_dist.shutdown(): the script ended, or called sys.exit()")
+    runtime.blame(quitting or list(done), f"the ranks ran different numbers of steps ({finished}; {here}, waiting "
+                                          f"in {what})", neutral=not quitting)
     cause = f" Cause: {error}" if error is not None else ""
     return CollectiveError(
-        f"rank {me}: the ranks ran different numbers of steps: {finished}, {here} (waiting in {what}; the ranks "
-        f"that finished are in singa_dist.shutdown()). Give every rank the same number of batches, or let the "
-        f"ranks that run out of data take part with zeros: `with sd.join(model, optimizer):` around the training "
-        f"loop (hvd.join() in Horovod scripts).{cause}")
+        f"rank {me}: the ranks ran different numbers of steps: {finished}, {here} (waiting in {what}; {how}). Give "
+        f"every rank the same number of batches, or let the ranks that run out of data take part with zeros: `with "
+        f"sd.join(model, optimizer):` around the training loop (hvd.join() in Horovod scripts).{cause}")
 
 
 @contextlib.contextmanager

@@ -41,6 +41,10 @@ from .topology import ClusterTopology, ProcessRole, strategy_kind
 DEFAULT_TIMEOUT_S = 300.0
 # How long a process that exits without shutdown() waits at exit for the others to arrive.
 EXIT_MEETING_S = 30.0
+# Where a process that leaves the job says it is (publish_where): in shutdown(), or leaving because its script ended
+# (or called sys.exit()) without calling it. Peers still waiting for it are told either way.
+WHERE_SHUTDOWN = "singa_dist.shutdown()"
+WHERE_EXIT = "its exit (the script ended, or called sys.exit(), without singa_dist.shutdown())"
 
 
 @dataclass
@@ -361,15 +365,16 @@ def blame(procs: list[int], what: str, neutral: bool = False) -> None:
     """Leave a note for the launcher: this process fails because of processes `procs` (what: e.g. "they never
     reached init()"), so that the launcher names them as the cause rather than this process, which merely
     failed first. `neutral`: the note says what went wrong (the ranks ran different numbers of steps) but the
-    other processes are not its cause. Written where singa-launch says (SINGA_FAILURE_DIR); nothing happens
-    elsewhere."""
+    other processes are not its cause. The note also says whether this process is leaving at its exit (without
+    shutdown()). Written where singa-launch says (SINGA_FAILURE_DIR); nothing happens elsewhere."""
     folder = os.environ.get("SINGA_FAILURE_DIR")
     if not folder or not procs:
         return
     me = _state.proc_rank if _state.initialized else int(os.environ.get("SINGA_PROC_RANK", os.environ.get("RANK", -1)))
     try:
         with open(os.path.join(folder, f"blame.{me}"), "w") as f:
-            json.dump({"proc": me, "blames": sorted(set(procs)), "what": what, "neutral": neutral}, f)
+            json.dump({"proc": me, "blames": sorted(set(procs)), "what": what, "neutral": neutral,
+                       "at_exit": _leaving_at_exit}, f)
     except OSError:
         pass
 
@@ -769,7 +774,7 @@ def _leave_now(meeting_s: float | None, strict: bool, errors: list) -> None:
         if meeting_s != 0.0:
             waited = _state.timeout_s if meeting_s is None else min(meeting_s, _state.timeout_s)
             bound = max(_leave_deadline - time.monotonic(), 0.001) if _leave_deadline is not None else waited
-            publish_where("singa_dist.shutdown()")
+            publish_where(WHERE_EXIT if _leaving_at_exit else WHERE_SHUTDOWN)
             missing = _meet(bound)
             if _state.proc_rank == 0:  # every process that came has written its part
                 for path in sorted(_timeline_paths):
@@ -1199,6 +1204,7 @@ _leave_deadline: float | None = None  # while shutdown() runs: when its meetings
 
 
 _dying: BaseException | None = None  # the uncaught exception the script is dying of
+_leaving_at_exit = False
 
 
 on_shutdown(_abandon_timeline, phase=_ABANDON, persistent=True)
@@ -1231,7 +1237,14 @@ def _leave_at_exit() -> None:
         if _dying is not None:  # the script's uncaught exception (not an earlier error pytest or a shell kept)
             _die_of(_dying)
         return
+    global _leaving_at_exit
+    _leaving_at_exit = True
     _leave(meeting_s=EXIT_MEETING_S, strict=False)
+
+
+def leaving_at_exit() -> bool:
+    """Whether this process is leaving the job because it exits (shutdown() at exit, not called by the script)."""
+    return _leaving_at_exit
 
 
 def _die_of(error: BaseException) -> None:

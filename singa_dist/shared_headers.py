@@ -11,7 +11,8 @@ member reads every block. Two channels carry the rounds:
   compete with the backward pass.
 
 A member's file: META int64 fields (magic, pid, the last round it has read from every member, whether it has
-opened every member's file, and how it left: 0 while it takes part, else its optimizer steps + 1), then SLOTS
+opened every member's file, how it left: 0 while it takes part, else its optimizer steps + 1, the last round it
+posted, and whether it left because its process exits without having called shutdown()), then SLOTS
 slots of (block, checksum). Round r goes into slot r % SLOTS; a reader takes a slot only when it holds round r
 and its checksum matches (a half-written slot never passes), and a writer reuses a slot only once every member
 has read it. Members find each other's files through the job's store, under keys that are new for every
@@ -36,8 +37,8 @@ import torch
 from . import primitives, runtime
 
 SLOTS = 8  # a member is never more than two rounds ahead of another's reading (a round needs every block)
-META = 6
-MAGIC, PID, READ, ATTACHED, LEFT, POSTED = range(META)
+META = 7
+MAGIC, PID, READ, ATTACHED, LEFT, POSTED, AT_EXIT = range(META)
 MAGIC_VALUE = 0x534E47524E44  # "SNGRND"
 FILE_PREFIX = "singa-negotiation-"
 TICK_S = 0.05  # how often a waiting member checks on the others
@@ -328,10 +329,10 @@ class SharedRounds:
         if dead:
             names = ", ".join(map(str, dead))
             raise MembersEnded(f"rank{'s' if len(dead) > 1 else ''} {names} ended without reaching {what}", dead)
-        left = {self.members[j]: self.files[j][LEFT] - 1 for j in missing
-                if self.files[j] is not None and self.files[j][LEFT]}
+        left = [j for j in missing if self.files[j] is not None and self.files[j][LEFT]]
         if left:
-            raise primitives.ended_early(left, what)
+            raise primitives.ended_early({self.members[j]: self.files[j][LEFT] - 1 for j in left}, what,
+                                         exited={self.members[j] for j in left if self.files[j][AT_EXIT]})
         if time.monotonic() > deadline:
             names = ", ".join(str(self.members[j]) for j in missing)
             raise RuntimeError(f"rank{'s' if len(missing) > 1 else ''} {names} did not reach {what} within "
@@ -350,6 +351,7 @@ class SharedRounds:
             return
         self.closed = True
         _open.discard(self)
+        self.mine[AT_EXIT] = int(runtime.leaving_at_exit())
         self.mine[LEFT] = runtime.steps() + 1 if runtime.is_initialized() else 1
         if self.unlinked:
             return
