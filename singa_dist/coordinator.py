@@ -56,6 +56,7 @@ BLOCK = ROUND_FIELDS + MAX_REQUESTS * HEADER
 # block, the rank waits for a collective, and has waited for a while with no news.
 JOINED, WAITING, STUCK = 1, 2, 4
 JOINABLE = ("allreduce", "grouped_allreduce", "barrier", "gradients")  # what runs while ranks have joined (Horovod)
+_JOINED_ROW = [JOINED if i == FLAGS else 0 for i in range(HEADER)]
 LEFT_CHECK_S = 0.5  # how often a rank waiting for an all-gather round asks whether the others are in shutdown()
 
 KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join", "gradients",
@@ -437,8 +438,8 @@ class _Engine:
         if header_pg is not None:
             if shared_headers.wanted(self.n):
                 self.channel = shared_headers.SharedRounds(
-                    self.members, self.index, BLOCK, f"{runtime.job_key('negotiation')}{header_pg.group_name}/",
-                    group=header_pg)
+                    self.members, self.index, BLOCK, HEADER,
+                    f"{runtime.job_key('negotiation')}{header_pg.group_name}/", group=header_pg)
             else:
                 self.channel = shared_headers.GatheredRounds(self.n, BLOCK, header_pg)
 
@@ -657,13 +658,7 @@ class _Engine:
 
     def _rows(self, pending: _Pending) -> torch.Tensor:
         """Every member's header as an n x HEADER tensor; a member that has joined gets a row flagged JOINED."""
-        rows = torch.zeros(self.n, HEADER, dtype=torch.int64)
-        for i, r in enumerate(pending.rows):
-            if r is None:
-                rows[i, FLAGS] = JOINED
-            else:
-                rows[i] = torch.tensor(r, dtype=torch.int64)
-        return rows
+        return torch.tensor([r if r is not None else _JOINED_ROW for r in pending.rows], dtype=torch.int64)
 
     def _run_fast(self, decision: _Decision, entry: _Entry | None) -> None:
         if entry is not None:

@@ -183,6 +183,9 @@ def track(work) -> None:
     _outstanding.append(work)
 
 
+_track = track  # (Handle's argument of that name hides it there)
+
+
 def untrack(work) -> None:
     """`work` has finished (or failed and was reported): shutdown() need not wait for it."""
     for i, w in enumerate(_outstanding):
@@ -209,15 +212,15 @@ class Handle:
 
     timeline_what = None  # what the timeline calls a wait for it, when not `what`
 
-    def __init__(self, works, finish, what: str, group=None):
+    def __init__(self, works, finish, what: str, group=None, track: bool = True):
         self._works = [w for w in works if w is not None]
         self._finish = finish
         self._what = what
         self._group = group
         self._result = None
         self._done = False
-        if self._works:
-            track(self)
+        if self._works and track:
+            _track(self)
 
     def is_completed(self) -> bool:
         return self._done or all(w.is_completed() for w in self._works)

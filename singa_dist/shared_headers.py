@@ -10,10 +10,10 @@ member reads every block. Two channels carry the rounds:
   /dev/shm and reads the others' files: a round costs microseconds instead of a collective whose threads
   compete with the backward pass.
 
-A member's file: META int64 fields (magic, pid, the last round it has read from every member, whether it has
+A block is (round, flags, count, then count headers). A member's file: META int64 fields (magic, pid, the last round it has read from every member, whether it has
 opened every member's file, how it left: 0 while it takes part, else its optimizer steps + 1, the last round it
 posted, and whether it left because its process exits without having called shutdown()), then SLOTS
-slots of (block, checksum). Round r goes into slot r % SLOTS; a reader takes a slot only when it holds round r
+slots of (block, padding to the largest block, checksum of the block). Round r goes into slot r % SLOTS; a reader takes a slot only when it holds round r
 and its checksum matches (a half-written slot never passes), and a writer reuses a slot only once every member
 has read it. Members find each other's files through the job's store, under keys that are new for every
 process set's channel. A file's name is removed once every member has it open, or, if some member never
@@ -186,9 +186,9 @@ class SharedRounds:
 
     shared = True
 
-    def __init__(self, members: list[int], index: int, block_len: int, key: str, group=None):
+    def __init__(self, members: list[int], index: int, block_len: int, header_len: int, key: str, group=None):
         self.members, self.index, self.n = members, index, len(members)
-        self.block_len = block_len
+        self.block_len, self.header_len = block_len, header_len
         self.slot = block_len + 1
         self.key, self.group = key, group
         self.store = runtime.job_store()
@@ -261,15 +261,15 @@ class SharedRounds:
             self._wait_for_readers(r - SLOTS, what)
         base = self._base(r)
         mine = self.mine
-        padded = block + [0] * (self.block_len - len(block))
-        # The fields, then r, then the checksum: a reader that sees r and a matching checksum sees the fields.
-        mine[base + 1:base + self.block_len] = memoryview(array.array("q", padded[1:]))
+        # The fields, then r, then the checksum of the block (the slot's used part): a reader that sees r and a
+        # matching checksum sees the fields.
+        mine[base + 1:base + len(block)] = memoryview(array.array("q", block[1:]))
         mine[base] = r
-        mine[base + self.block_len] = hash(tuple(padded))
+        mine[base + self.block_len] = hash(tuple(block))
         mine[POSTED] = r
-        self.work = _RoundWork(self, r)
-        self.handle = primitives.Handle([self.work], lambda: self.work.rows, what, self.group)
-        primitives.untrack(self.handle)  # the engine waits for it; shutdown need not
+        self.work = work = _RoundWork(self, r)
+        # (not tracked: the engine waits for it, shutdown need not)
+        self.handle = primitives.Handle([work], lambda: work.rows, what, self.group, track=False)
 
     def _wait_for_readers(self, r: int, what: str) -> None:
         """Slot r is reused next: wait until every member has read round r."""
@@ -304,14 +304,15 @@ class SharedRounds:
         """Every member's block of round r, or None while one is missing."""
         rows = []
         base = self._base(r)
-        end = base + self.slot
         for j in range(self.n):
             view = self._file(j)
             if view is None or view[base] != r:
                 return None
-            slot = view[base:end].tolist()
-            block = slot[:-1]
-            if hash(tuple(block)) != slot[-1]:
+            used = 3 + view[base + 2] * self.header_len  # (round, flags, count, then count headers)
+            if not 3 <= used <= self.block_len:
+                return None  # being written
+            block = view[base:base + used].tolist()
+            if hash(tuple(block)) != view[base + self.block_len]:
                 return None
             rows.append(block)
         self.mine[READ] = r
