@@ -268,7 +268,7 @@ def test_strangers_neither_block_nor_slow_the_door(peer, caplog, monkeypatch):
     assert during < max(5 * before, 0.05), (before, during)
     messages = " | ".join(r.getMessage() for r in caplog.records)
     assert "still to prove they belong to the job" in messages and "does not greet as a door" in messages \
-        and "still missing after" in messages and "tag does not match" in messages, messages
+        and "still missing when the time to greet ran out" in messages and "tag does not match" in messages, messages
     fresh = sockets.Connection(address, "process 7", connect_timeout=5, key=KEY)
     assert fresh.call(add, (2, 2), 5).wait() == 4
     fresh.close()

@@ -180,7 +180,8 @@ def _read_exactly(sock: socket.socket, n: int, deadline: float | None = None) ->
                 sock.settimeout(max(deadline - time.monotonic(), 1e-3))
             k = sock.recv_into(view[got:], n - got)
         except TimeoutError:
-            within = f"still missing after {GREETING_S:g} s" if deadline is not None else f"not sent in {FRAME_S:g} s"
+            within = "still missing when the time to greet ran out" if deadline is not None else \
+                f"not sent within {FRAME_S:g} s"
             raise FrameError(f"{n - got} of {n} bytes {within}") from None
         if k == 0:
             raise ConnectionError("the connection closed" + (" in the middle of a frame" if got else ""))
@@ -207,6 +208,7 @@ class Channel:
         self.sock = sock
         self.verified = False  # a frame from the peer has passed its checks
         self._send_lock = threading.Lock()
+        self._broken: BaseException | None = None
         self._sent = 0
         self._received = 0
         mine = os.urandom(_NONCE)
@@ -233,7 +235,8 @@ class Channel:
         return mac.digest()
 
     def send(self, message) -> None:
-        """Send `message` as one frame (it is pickled first: a message that cannot be pickled sends nothing)."""
+        """Send `message` as one frame (it is pickled first: a message that cannot be pickled sends nothing, and the
+        connection goes on). ConnectionError when the connection broke (then for good)."""
         buffers: list = []
         stream = io.BytesIO()
         _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(message)
@@ -241,11 +244,21 @@ class Channel:
         body = stream.getbuffer()
         lengths = struct.pack(f"!{len(raws)}Q", *(r.nbytes for r in raws))
         with self._send_lock:
+            if self._broken is not None:
+                raise ConnectionError(f"the connection broke in the middle of a frame: {self._broken}")
             head = _HEAD.pack(self._sent, len(raws), body.nbytes, sum(r.nbytes for r in raws))
             head_tag = self._tag(self._out, b"h", head)
             body_tag = self._tag(self._out, b"b", head_tag, lengths, body)
             self._sent += 1
-            _send_all(self.sock, [head, head_tag, lengths, body, body_tag, *raws])
+            try:
+                _send_all(self.sock, [head, head_tag, lengths, body, body_tag, *raws])
+            except OSError as exc:  # part of a frame may have gone: nothing more can follow it
+                self._broken = exc
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                raise ConnectionError(f"the connection broke in the middle of a frame: {exc}") from None
 
     def receive(self, deadline: float | None = None):
         """The next message. With `deadline`, the whole frame must have come by then (a peer not yet trusted);
