@@ -420,6 +420,11 @@ class LocalJob:
             if not workers_running:
                 if all(code is not None for _, code in codes):
                     return Outcome(True, [])
+                # A node of servers alone (--hosts h1:2,h2:1) sees no worker of its own end: its servers end when
+                # every worker of the job has said goodbye (or the job's end stops them), not 10 s after they start.
+                if not any(spec.role == "worker" for spec in self.specs):
+                    time.sleep(POLL_S)
+                    continue
                 # Every worker finished well: servers get a moment to finish, then they are stopped.
                 if servers_done_by is None:
                     servers_done_by = time.monotonic() + SERVER_DRAIN_S

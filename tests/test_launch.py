@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from launchers import local
 from launchers.launch import main as launch_main
 from singa_dist.environment import free_port
 from tests.dist_harness import kill_session, run_command, session_alive
@@ -325,6 +326,34 @@ def test_dry_run_prints_commands_and_environment(capsys, tmp_path):
     assert " RANK=" not in lines[6] and "SINGA_PROC_RANK=5 " in lines[6] and "HOROVOD_RANK" not in lines[6]
     assert lines[6].endswith(f"{sys.executable} -m singa_dist.ps")
     assert not list(tmp_path.glob("pid*"))
+
+
+SERVER_AFTER_A_WHILE = textwrap.dedent("""
+    import sys, time
+    import torch
+    import singa_dist as sd
+    sd.init()
+    time.sleep(float(sys.argv[1]))  # longer than the servers' drain after their node's workers ended
+    model = torch.nn.Linear(4, 2)
+    opt = sd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+    print(f"rank {sd.rank()} stepped", flush=True)
+    sd.shutdown()
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_node_of_servers_alone_serves_until_the_workers_are_done(tmp_path):
+    """The second host runs the server alone: it saw no worker of its own end, so it must not stop its server after
+    the drain that follows its own workers' end (a replacement then found the server's door shut, and the job hung)."""
+    script = _write(tmp_path, "late.py", SERVER_AFTER_A_WHILE)
+    res = run_command(LAUNCH + ["--hosts", "localhost:2,127.0.0.1:1", "-np", "2", "--strategy", "sandblaster",
+                                "--servers", "1", script, str(local.SERVER_DRAIN_S + 2)], timeout=100, env=ENV)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[0] rank 0 stepped" in res.stdout and "[1] rank 1 stepped" in res.stdout
 
 
 def test_dry_run_over_ssh_prints_each_host(capsys, tmp_path):
