@@ -293,11 +293,12 @@ class ElasticDriver:
         elif self.spec.agents or _is_local(host):
             worker = _start(wid, host, argv, {**os.environ, **env})
         else:
-            # The job's secret travels on the worker's input, read there by launchers.lifeline, never in the command.
+            # The job's secret travels on the worker's input, read there by launchers.lifeline, never in the command
+            # (which dies with its parent there: this launcher is none of its ancestors on that host).
             remote = ["cd", shlex.quote(os.getcwd()), "&&", "env",
                       *[f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k != "SINGA_LAUNCHER_PID"],
-                      f"{SECRET_FROM_STDIN}=1", shlex.quote(sys.executable), "-m", "launchers.lifeline",
-                      *map(shlex.quote, self.cfg.command)]
+                      "SINGA_LAUNCHER_PID=", f"{SECRET_FROM_STDIN}=1", shlex.quote(sys.executable), "-m",
+                      "launchers.lifeline", *map(shlex.quote, self.cfg.command)]
             ssh = list(self.cfg.ssh_command)
             if self.cfg.ssh_port:
                 ssh += ["-p", str(self.cfg.ssh_port)]
