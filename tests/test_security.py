@@ -285,7 +285,9 @@ def test_strangers_at_every_door_and_port_leave_the_job_unharmed(knocked_jobs, n
     assert not os.path.exists(marker)
     ends = sorted((float(when), float(acc)) for acc, when in
                   re.findall(r"rank \d+ steps 88 accuracy ([\d.]+) pulled at ([\d.]+)", out))
-    assert len(ends) == workers and ends[-1][1] > 90.0, out  # the servers' final values (Hogwild: every replica's)
+    # Every step, and the servers' final values (Hogwild: every replica's) learned as an unknocked run's do: 2
+    # asynchronous epochs end between 85% and 97% (chance: 10%).
+    assert len(ends) == workers and ends[-1][1] > 80.0, out
     if name == "hogwild":
         assert len({acc for _, acc in ends}) == 1, out  # the last exchange gives every replica the masters' values
     assert "lost" not in err and "terminate called" not in err, err
