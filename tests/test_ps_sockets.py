@@ -281,3 +281,21 @@ def _median_call_s(conn, calls: int = 20) -> float:
         assert conn.call(add, (i, 1), 5).wait() == i + 1
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.timeout(60)
+def test_a_member_may_idle_between_frames_but_not_inside_one(peer, caplog, monkeypatch):
+    listener, _ = peer
+    caplog.set_level(logging.WARNING, logger="singa_dist.ps.sockets")
+    monkeypatch.setattr(sockets, "FRAME_S", 0.5)
+    sock = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+    channel = sockets.Channel(sock, KEY, "client", 5)
+    channel.send(("call", 0, sockets.handler_name(add), (1, 2)))
+    assert channel.receive() == ("ok", 0, 3)
+    time.sleep(1.5)  # three times FRAME_S without a frame: a member's connection waits
+    channel.send(("call", 1, sockets.handler_name(add), (2, 2)))
+    assert channel.receive() == ("ok", 1, 4)
+    sock.sendall(bytes(10))  # a tenth of the next frame's head, then nothing
+    assert _closed_by_the_door(sock)
+    (drop,) = _drops(caplog)
+    assert "half a frame's head, then nothing for 0.5 s" in drop, drop

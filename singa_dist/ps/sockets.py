@@ -168,9 +168,20 @@ class _Pickler(pickle.Pickler):
 
 
 # ---- frames -------------------------------------------------------------------------------------------------------
+def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking reads and writes that fail after `seconds` without progress (SO_RCVTIMEO, SO_SNDTIMEO): the kernel
+    keeps the time, so a large frame moves in as few system calls as a socket without a timeout (Python's own
+    timeouts poll before every call and make a blocked send return to Python at each partial write)."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
 def _read_exactly(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     """n bytes; with a deadline (time.monotonic()) they must all come by then, else each read within the socket's
-    timeout."""
+    timeout (FRAME_S, see _kernel_timeouts)."""
     out = bytearray(n)
     view = memoryview(out)
     got = 0
@@ -179,7 +190,7 @@ def _read_exactly(sock: socket.socket, n: int, deadline: float | None = None) ->
             if deadline is not None:
                 sock.settimeout(max(deadline - time.monotonic(), 1e-3))
             k = sock.recv_into(view[got:], n - got)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # (BlockingIOError: the kernel's timeout ran out)
             within = "still missing when the time to greet ran out" if deadline is not None else \
                 f"not sent within {FRAME_S:g} s"
             raise FrameError(f"{n - got} of {n} bytes {within}") from None
@@ -225,7 +236,7 @@ class Channel:
         self._out.update(b"c" if side == "client" else b"s")
         self._in = session.copy()
         self._in.update(b"s" if side == "client" else b"c")
-        sock.settimeout(FRAME_S)
+        _kernel_timeouts(sock, FRAME_S)
 
     @staticmethod
     def _tag(base, *parts) -> bytes:
@@ -273,7 +284,7 @@ class Channel:
             while got < first:
                 try:
                     k = sock.recv_into(view[got:], first - got)
-                except TimeoutError:
+                except (TimeoutError, BlockingIOError):
                     if got:
                         raise FrameError(f"half a frame's head, then nothing for {FRAME_S:g} s") from None
                     continue  # idle between frames
@@ -298,7 +309,7 @@ class Channel:
             raise FrameError("a frame whose buffers do not add up to its head's count")
         buffers = [_read_exactly(sock, n, deadline) for n in lengths]
         if deadline is not None:
-            sock.settimeout(FRAME_S)
+            sock.settimeout(None)  # back to blocking, with the kernel's timeouts
         self._received += 1
         self.verified = True
         try:
