@@ -255,6 +255,7 @@ class AllReduce(Strategy):
         self.named = [(n, p) for n, p in named if not is_feature_split(p)]
         self.feature_split = {id(p): p for _, p in named if is_feature_split(p)}
         self.sparse: dict[int, str] = {}  # parameters whose gradients are sparse -> their names
+        self.dense_seen: set[int] = set()  # parameters seen with a dense gradient
         self.sparse_handles: dict[int, object] = {}
         self._plan()
         if self.autotune and self.active:
@@ -351,13 +352,22 @@ class AllReduce(Strategy):
         self.counts[key] = count
         if count < self.passes:
             return
-        if key in self.sparse or (param.grad is not None and param.grad.is_sparse and not self.sparse_as_dense):
+        if key in self.sparse or (key not in self.dense_seen and self._first_sparse(key, param)):
             self._sparse_ready(name, param)
             return
         bucket = self.bucket_of[key]
         bucket.pending -= 1
         if bucket.pending == 0 and bucket.index == self.next_launch:
             self._launch_ready()
+
+    def _first_sparse(self, key: int, param) -> bool:
+        """Whether a parameter's gradient is sparse (and travels so); a parameter once seen with a dense gradient
+        is not asked again (its layout does not change from step to step)."""
+        if param.grad is not None and param.grad.is_sparse and not self.sparse_as_dense:
+            return True
+        if param.grad is not None and not param.grad.is_sparse:
+            self.dense_seen.add(key)
+        return False
 
     def _too_many_passes(self, name: str, count: int) -> None:
         raise AssertionError(
