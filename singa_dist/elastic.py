@@ -227,11 +227,11 @@ class StateHandler:
         self.save()
 
 
-class ModelStateHandler(StateHandler):
-    """An nn.Module: its state_dict copied in memory; rank 0's parameters and buffers at sync."""
+class _StateDictHandler(StateHandler):
+    """An object with state_dict()/load_state_dict(): its state_dict copied in memory at commit."""
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, value):
+        super().__init__(value)
         self.save()
 
     def save(self) -> None:
@@ -239,23 +239,17 @@ class ModelStateHandler(StateHandler):
 
     def restore(self) -> None:
         self.value.load_state_dict(self._saved)
+
+
+class ModelStateHandler(_StateDictHandler):
+    """An nn.Module: rank 0's parameters and buffers at sync."""
 
     def sync(self) -> None:
         broadcast_parameters(self.value.state_dict(), root_rank=0)
 
 
-class OptimizerStateHandler(StateHandler):
-    """A torch optimizer (or singa_dist's DistributedOptimizer): its state_dict; rank 0's state at sync."""
-
-    def __init__(self, optimizer):
-        super().__init__(optimizer)
-        self.save()
-
-    def save(self) -> None:
-        self._saved = copy.deepcopy(self.value.state_dict())
-
-    def restore(self) -> None:
-        self.value.load_state_dict(self._saved)
+class OptimizerStateHandler(_StateDictHandler):
+    """A torch optimizer (or singa_dist's DistributedOptimizer): rank 0's state at sync."""
 
     def sync(self) -> None:
         broadcast_optimizer_state(self.value, root_rank=0)
